@@ -1,0 +1,294 @@
+"""Job configuration: TOML files validated against one declared schema.
+
+Every key the project reads is declared in :data:`SCHEMA` with its type, default and meaning, so an
+unknown key, a wrong type or a missing required key stops a job *before Spark starts*, with a message
+naming the key and the file. Values can be overridden on the command line with
+``--set section.key=value`` (the value is parsed as TOML, falling back to a plain string).
+
+Config parsing lives here and nowhere else; library functions take plain values, never this dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mf_spark.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key.
+
+    ``type`` is one of ``str, int, float, bool, list[int], list[str], table``; ``choices`` restricts
+    strings; ``required`` keys have no default.
+    """
+
+    type: str
+    default: Any = None
+    doc: str = ""
+    required: bool = False
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+
+
+@dataclass(frozen=True)
+class MapOf:
+    """A table whose keys are free (event types, Spark properties) and whose values share a schema.
+
+    ``value`` is either a type name (``str``, ``float``, ``scalar``) or a dict of :class:`Key` for
+    tables of records (``[ingest.event_types.purchase]``).
+    """
+
+    value: str | dict[str, Key]
+    default: dict[str, Any] = field(default_factory=dict)
+    doc: str = ""
+
+
+SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
+    "input": {
+        "path": Key("str", required=True, doc="raw event table (file or directory; relative to the config file's repo root or absolute)"),
+        "format": Key("str", "parquet", "reader format", choices=("parquet", "csv", "json")),
+        "columns": {
+            "user_id": Key("str", "user_id", "raw column holding the user id"),
+            "item_id": Key("str", "item_id", "raw column holding the item id"),
+            "event_type": Key("str", "event_type", "raw column holding the event type"),
+            "event_ts": Key("str", "event_ts", "raw column holding the event timestamp"),
+            "value": Key("str", "value", "raw column holding the event value (play count, quantity, dwell); may be absent"),
+        },
+        "options": MapOf("str", {}, "reader options passed to Spark, e.g. header = \"true\" for CSV"),
+    },
+    "output": {
+        "root": Key("str", required=True, doc="root directory of all outputs (runs/, id_maps/, latest.json)"),
+    },
+    "spark": MapOf("scalar", {}, "Spark properties without the 'spark.' prefix, passed to the session"),
+    "ingest": {
+        "lookback_days": Key("int", 365, "events with event date in [D - lookback + 1, D] are used", minimum=1),
+        "half_life_days": Key("float", 0.0, "exponential time decay half-life in days relative to the run date; 0 = off", minimum=0),
+        "max_id_length": Key("int", 256, "ids longer than this are rejected", minimum=1),
+        "min_events_per_user": Key("int", 1, "users with fewer accepted (user,item) pairs are dropped", minimum=1),
+        "min_events_per_item": Key("int", 1, "items with fewer accepted (user,item) pairs are dropped", minimum=1),
+        "k_core": Key("bool", False, "iterate the two minimum filters until both hold (k-core)"),
+        "max_events_per_user_day": Key("int", 0, "bot rule: users above this many events on any day are rejected whole; 0 = off", minimum=0),
+        "max_reject_fraction": Key("float", 0.05, "fail the run when rejected / read exceeds this", minimum=0),
+        "event_types": MapOf(
+            {
+                "weight": Key("float", 1.0, "weight of one event of this type; negative = confident dislike"),
+                "use_value": Key("bool", False, "multiply the weight by the event's value (null counts as 1)"),
+                "value_cap": Key("float", 0.0, "cap on the value before multiplying; 0 = no cap", minimum=0),
+            },
+            {},
+            "event types accepted and their weights; any other type is rejected as unknown_event_type",
+        ),
+    },
+    "train": {
+        "rank": Key("int", 32, "number of latent factors", minimum=1),
+        "max_iter": Key("int", 10, "iterations of a cold start", minimum=1),
+        "reg_param": Key("float", 0.1, "regularisation lambda", minimum=0),
+        "alpha": Key("float", 10.0, "confidence scale: c = 1 + alpha * |r|", minimum=0),
+        "solver": Key("str", "cg", "least-squares solver", choices=("cg", "cholesky")),
+        "cg_steps": Key("int", 3, "conjugate gradient steps per half-iteration", minimum=1),
+        "regularization": Key("str", "count", "lambda scaling", choices=("count", "constant", "frequency")),
+        "confidence": Key("str", "linear", "confidence function of the strength", choices=("linear", "log")),
+        "confidence_epsilon": Key("float", 1.0, "epsilon of the log confidence", minimum=0),
+        "frequency_alpha0": Key("float", 0.1, "alpha0 of frequency regularisation", minimum=0),
+        "frequency_nu": Key("float", 1.0, "exponent nu of frequency regularisation", minimum=0),
+        "num_user_blocks": Key("int", 4, "user blocks", minimum=1),
+        "num_item_blocks": Key("int", 4, "item blocks", minimum=1),
+        "checkpoint_interval": Key("int", 5, "checkpoint the factors every N iterations; -1 = never"),
+        "seed": Key("int", 42, "random seed of the initial factors"),
+        "warm_start": Key("bool", True, "warm-start from the last published model when one exists"),
+        "warm_start_iterations": Key("int", 5, "iterations when warm-started", minimum=1),
+    },
+    "recommend": {
+        "top_n": Key("int", 100, "recommendations per user", minimum=1),
+        "similar_n": Key("int", 20, "similar items per item", minimum=1),
+        "exclude_seen": Key("bool", True, "exclude items the user interacted with in the training window"),
+        "fold_in_new_users": Key("bool", True, "solve factors for users with history but no factors"),
+        "item_filter_path": Key("str", "", "optional Parquet table of item_id to remove for everyone"),
+        "allow_list_path": Key("str", "", "optional Parquet table of item_id; only these are recommended"),
+        "user_block_size": Key("int", 4096, "users scored together in one block", minimum=1),
+        "item_chunk_size": Key("int", 50000, "items scored together in one chunk", minimum=1),
+    },
+    "evaluate": {
+        "enabled": Key("bool", True, "run the holdout evaluation and the quality gate in the nightly"),
+        "split": Key("str", "user_temporal", "split protocol", choices=("user_temporal", "global_temporal", "user_random", "strong_generalization")),
+        "test_fraction": Key("float", 0.2, "fraction of each user's interactions held out", minimum=0),
+        "test_n": Key("int", 0, "hold out each user's last n instead of a fraction; 0 = use test_fraction", minimum=0),
+        "cutoff_date": Key("str", "", "global_temporal: test = interactions after this date"),
+        "holdout_users": Key("int", 100, "strong_generalization: number of held-out users", minimum=1),
+        "seed": Key("int", 7, "seed of random splits"),
+        "ks": Key("list[int]", [10, 20, 50, 100], "cut-offs K of every metric"),
+        "models": Key("list[str]", ["implicit_als"], "models compared: implicit_als, implicit_als_cholesky, mllib_als, popular, random"),
+        "gate": {
+            "enabled": Key("bool", True, "stop publishing when the gate fails"),
+            "metric": Key("str", "ndcg@20", "metric the gate checks, name@K"),
+            "min_value": Key("float", 0.0, "minimum value of the metric", minimum=0),
+            "max_relative_drop": Key("float", 0.5, "maximum relative drop against the previous published run", minimum=0),
+        },
+    },
+    "publish": {
+        "keep_runs": Key("int", 7, "published runs kept; the one latest.json names is never deleted", minimum=1),
+    },
+}
+
+_TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+               "list[int]": "a list of integers", "list[str]": "a list of strings", "scalar": "a string, number or boolean"}
+
+
+def _check_value(key: Key | str, value: Any, where: str) -> Any:
+    type_name = key.type if isinstance(key, Key) else key
+    ok: bool
+    if type_name == "str":
+        ok = isinstance(value, str)
+    elif type_name == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif type_name == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            value = float(value)
+    elif type_name == "bool":
+        ok = isinstance(value, bool)
+    elif type_name == "list[int]":
+        ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif type_name == "list[str]":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif type_name == "scalar":
+        ok = isinstance(value, (str, int, float, bool))
+    else:  # pragma: no cover - schema bug
+        raise AssertionError(type_name)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_TYPE_NAMES[type_name]}, got {value!r} ({type(value).__name__})")
+    if isinstance(key, Key):
+        if key.choices and value not in key.choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(key.choices)}")
+        if key.minimum is not None and value < key.minimum:
+            raise ConfigError(f"{where}: {value!r} is below the minimum {key.minimum:g}")
+    return value
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for name, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _validate_table(schema: dict[str, Any], raw: dict[str, Any], path: str, source: str) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name in raw:
+        if name not in schema:
+            known = ", ".join(sorted(schema))
+            raise ConfigError(f"{source}: unknown key '{path}{name}' (known keys here: {known})")
+    for name, spec in schema.items():
+        where = f"{source}: key '{path}{name}'"
+        present = name in raw
+        value = raw.get(name)
+        if isinstance(spec, Key):
+            if not present:
+                if spec.required:
+                    raise ConfigError(f"{source}: missing required key '{path}{name}' ({spec.doc})")
+                result[name] = copy.deepcopy(spec.default)
+            else:
+                result[name] = _check_value(spec, value, where)
+        elif isinstance(spec, MapOf):
+            value = copy.deepcopy(spec.default) if not present else value
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a table, got {value!r}")
+            if isinstance(spec.value, dict):
+                result[name] = {
+                    sub: _validate_table(spec.value, _as_table(v, f"{where}.{sub}"), f"{path}{name}.{sub}.", source)
+                    for sub, v in value.items()
+                }
+            else:
+                flat = _flatten(value)
+                result[name] = {sub: _check_value(spec.value, v, f"{source}: key '{path}{name}.{sub}'") for sub, v in flat.items()}
+        else:
+            value = {} if not present else value
+            result[name] = _validate_table(spec, _as_table(value, where), f"{path}{name}.", source)
+    return result
+
+
+def _as_table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a table, got {value!r}")
+    return value
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    dotted, raw_value = text.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set {text!r}: the key must name a section and a key, e.g. train.rank=64")
+    if parts[0] == "spark":  # Spark properties contain dots themselves
+        parts = ["spark", ".".join(parts[1:])]
+    try:
+        value = tomllib.loads(f"v = {raw_value}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw_value
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``section.key=value`` override applied."""
+    merged = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = _parse_override(text)
+        table = merged
+        for part in parts[:-1]:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {text!r}: '{part}' is not a table")
+        table[parts[-1]] = value
+    return merged
+
+
+def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
+    """Validate a raw config dict against :data:`SCHEMA` and fill in the defaults."""
+    return _validate_table(SCHEMA, raw, "", source)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read, override and validate a TOML config file.
+
+    Relative ``input.path``, ``output.root``, ``recommend.item_filter_path`` and
+    ``recommend.allow_list_path`` are resolved against the current directory so that jobs
+    started from the repository root find the embedded sample.
+
+    Raises
+    ------
+    ConfigError
+        With a message naming the file and the key.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    cfg = validate(apply_overrides(raw, overrides or []), source + (" (with --set overrides)" if overrides else ""))
+    for section, key in (("input", "path"), ("output", "root"), ("recommend", "item_filter_path"), ("recommend", "allow_list_path")):
+        value = cfg[section][key]
+        if value and "://" not in value:
+            cfg[section][key] = str(Path(value).expanduser().resolve())
+    cfg["_source"] = source
+    return cfg
+
+
+def spark_properties(cfg: dict[str, Any]) -> dict[str, str]:
+    """The ``[spark]`` table as full Spark property names (``spark.`` prefix added) and string values."""
+    props = {}
+    for name, value in cfg["spark"].items():
+        props[f"spark.{name}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    return props

@@ -1,0 +1,43 @@
+"""Errors a job reports to its operator, each with its own exit code.
+
+A job catches :class:`PipelineError`, prints its message (no stack trace) and exits with ``exit_code``;
+anything else is a bug and exits 1 with the traceback. The README's operations section lists the codes.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of the errors an operator can act on."""
+
+    exit_code = 1
+
+
+class ConfigError(PipelineError, ValueError):
+    """Bad configuration: an unknown key, a wrong type, a missing required key (names key and file)."""
+
+    exit_code = 2
+
+
+class InputDataError(PipelineError, ValueError):
+    """Bad or missing input data: a missing column or file, an uncastable type, no events for the date."""
+
+    exit_code = 3
+
+
+class RejectThresholdError(PipelineError):
+    """Too many input rows were rejected; nothing was published."""
+
+    exit_code = 4
+
+
+class QualityGateError(PipelineError):
+    """The evaluation quality gate failed; nothing was published."""
+
+    exit_code = 5
+
+
+class LockHeldError(PipelineError):
+    """Another run holds the output root's lock."""
+
+    exit_code = 6
