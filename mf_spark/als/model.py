@@ -1,0 +1,188 @@
+"""``ImplicitALSModel``: factor tables, scoring, top-k for all, persistence in MLlib's layout."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pyspark.ml import Model
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import HasBlockSize, HasPredictionCol
+from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+
+class _ImplicitALSModelParams(HasPredictionCol, HasBlockSize):
+    """Params shared by the estimator and the model (as MLlib's ``_ALSModelParams``)."""
+
+    userCol: Param[str] = Param(Params._dummy(), "userCol", "column name for user ids; ids must be within the integer value range",
+                                typeConverter=TypeConverters.toString)
+    itemCol: Param[str] = Param(Params._dummy(), "itemCol", "column name for item ids; ids must be within the integer value range",
+                                typeConverter=TypeConverters.toString)
+    coldStartStrategy: Param[str] = Param(
+        Params._dummy(), "coldStartStrategy",
+        "strategy for unknown or unseen ids at prediction time: 'nan' (NaN prediction) or 'drop' (drop the rows)",
+        typeConverter=TypeConverters.toString)
+
+    def __init__(self, *args: Any):
+        super().__init__(*args)
+        self._setDefault(userCol="user", itemCol="item", coldStartStrategy="nan", blockSize=4096)
+
+    def getUserCol(self) -> str:
+        return self.getOrDefault(self.userCol)
+
+    def getItemCol(self) -> str:
+        return self.getOrDefault(self.itemCol)
+
+    def getColdStartStrategy(self) -> str:
+        return self.getOrDefault(self.coldStartStrategy)
+
+
+class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
+    """A fitted :class:`~mf_spark.als.estimator.ImplicitALS` model.
+
+    Attributes
+    ----------
+    userFactors, itemFactors : DataFrame
+        ``id`` int, ``features`` array<float> (MLlib's layout).
+    rank : int
+    trainingLoss : list of float
+        The exact objective after each iteration (data term over all user-item pairs, computed with the
+        Gramian trick, plus the regularisation terms).
+    """
+
+    def __init__(self, rank: int = 0, userFactors: DataFrame | None = None, itemFactors: DataFrame | None = None,
+                 trainingLoss: list[float] | None = None, iterationSeconds: list[float] | None = None):
+        super().__init__()
+        self._rank = rank
+        self._user_factors = userFactors
+        self._item_factors = itemFactors
+        self.trainingLoss = list(trainingLoss or [])
+        self.iterationSeconds = list(iterationSeconds or [])
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def userFactors(self) -> DataFrame:
+        assert self._user_factors is not None
+        return self._user_factors
+
+    @property
+    def itemFactors(self) -> DataFrame:
+        assert self._item_factors is not None
+        return self._item_factors
+
+    def setUserCol(self, value: str) -> ImplicitALSModel:
+        return self._set(userCol=value)
+
+    def setItemCol(self, value: str) -> ImplicitALSModel:
+        return self._set(itemCol=value)
+
+    def setColdStartStrategy(self, value: str) -> ImplicitALSModel:
+        return self._set(coldStartStrategy=value)
+
+    def setPredictionCol(self, value: str) -> ImplicitALSModel:
+        return self._set(predictionCol=value)
+
+    def setBlockSize(self, value: int) -> ImplicitALSModel:
+        return self._set(blockSize=value)
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        user_col, item_col, pred_col = self.getUserCol(), self.getItemCol(), self.getPredictionCol()
+        users = self.userFactors.select(F.col("id").alias("__uid"), F.col("features").alias("__uf"))
+        items = self.itemFactors.select(F.col("id").alias("__iid"), F.col("features").alias("__if"))
+        joined = (
+            dataset.join(users, F.col(user_col).cast("int") == F.col("__uid"), "left")
+            .join(items, F.col(item_col).cast("int") == F.col("__iid"), "left")
+        )
+        dot = F.aggregate(F.zip_with("__uf", "__if", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
+        prediction = F.when(F.col("__uf").isNull() | F.col("__if").isNull(), F.lit(float("nan"))).otherwise(dot)
+        out = joined.withColumn(pred_col, prediction.cast("float")).drop("__uid", "__uf", "__iid", "__if")
+        if self.getColdStartStrategy() == "drop":
+            out = out.na.drop(subset=[pred_col])
+        return out
+
+    def _recommend(self, src: DataFrame, dst: DataFrame, k: int, src_name: str, dst_name: str) -> DataFrame:
+        from mf_spark.recommend import recommend_top_k
+
+        block = self.getOrDefault(self.blockSize)
+        recs = recommend_top_k(src, dst, k, src_block_size=block)
+        nested = recs.groupBy("src").agg(
+            F.sort_array(F.collect_list(F.struct("rank", "dst", "score"))).alias("ranked")
+        )
+        return nested.select(
+            F.col("src").alias(src_name),
+            F.transform("ranked", lambda r: F.struct(r["dst"].alias(dst_name), r["score"].alias("rating"))).alias(
+                "recommendations"
+            ),
+        )
+
+    def recommendForAllUsers(self, numItems: int) -> DataFrame:
+        """Top ``numItems`` items per user: ``user, recommendations array<struct<item, rating>>``.
+
+        As MLlib's, items the user already has are *not* excluded here; use
+        :func:`mf_spark.recommend.recommend_top_k` with ``seen=`` for that.
+        """
+        return self._recommend(self.userFactors, self.itemFactors, numItems, self.getUserCol(), self.getItemCol())
+
+    def recommendForAllItems(self, numUsers: int) -> DataFrame:
+        """Top ``numUsers`` users per item: ``item, recommendations array<struct<user, rating>>``."""
+        return self._recommend(self.itemFactors, self.userFactors, numUsers, self.getItemCol(), self.getUserCol())
+
+    def recommendForUserSubset(self, dataset: DataFrame, numItems: int) -> DataFrame:
+        """As :meth:`recommendForAllUsers` for the distinct users of ``dataset[userCol]``."""
+        subset = self.userFactors.join(dataset.select(F.col(self.getUserCol()).alias("id")).distinct(), "id", "left_semi")
+        return self._recommend(subset, self.itemFactors, numItems, self.getUserCol(), self.getItemCol())
+
+    def recommendForItemSubset(self, dataset: DataFrame, numUsers: int) -> DataFrame:
+        """As :meth:`recommendForAllItems` for the distinct items of ``dataset[itemCol]``."""
+        subset = self.itemFactors.join(dataset.select(F.col(self.getItemCol()).alias("id")).distinct(), "id", "left_semi")
+        return self._recommend(subset, self.userFactors, numUsers, self.getItemCol(), self.getUserCol())
+
+    # -- persistence ------------------------------------------------------------------------------
+    def write(self) -> MLWriter:
+        return _ImplicitALSModelWriter(self)
+
+    @classmethod
+    def read(cls) -> MLReader:
+        return _ImplicitALSModelReader(cls)
+
+
+class _ImplicitALSModelWriter(MLWriter):
+    """Writes ``metadata/`` (params, rank, loss) and ``userFactors/``, ``itemFactors/`` Parquet."""
+
+    def __init__(self, instance: ImplicitALSModel):
+        super().__init__()
+        self.instance = instance
+
+    def saveImpl(self, path: str) -> None:
+        extra = {"rank": self.instance.rank, "trainingLoss": self.instance.trainingLoss,
+                 "iterationSeconds": self.instance.iterationSeconds}
+        DefaultParamsWriter.saveMetadata(self.instance, path, self.sparkSession.sparkContext, extraMetadata=extra)
+        self.instance.userFactors.write.parquet(os.path.join(path, "userFactors"))
+        self.instance.itemFactors.write.parquet(os.path.join(path, "itemFactors"))
+
+
+class _ImplicitALSModelReader(MLReader):
+    def __init__(self, cls: type):
+        super().__init__()
+        self.cls = cls
+
+    def load(self, path: str) -> ImplicitALSModel:
+        spark = SparkSession.active()
+        metadata = DefaultParamsReader.loadMetadata(path, spark.sparkContext)
+        model = ImplicitALSModel(
+            rank=int(metadata["rank"]),
+            userFactors=spark.read.parquet(os.path.join(path, "userFactors")),
+            itemFactors=spark.read.parquet(os.path.join(path, "itemFactors")),
+            trainingLoss=[float(x) for x in metadata.get("trainingLoss", [])],
+            iterationSeconds=[float(x) for x in metadata.get("iterationSeconds", [])],
+        )
+        model._resetUid(metadata["uid"])
+        DefaultParamsReader.getAndSetParams(model, metadata)
+        return model
+

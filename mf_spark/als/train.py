@@ -1,0 +1,374 @@
+"""The ALS iteration loop on Spark: initialise, alternate half-steps, checkpoint, report the loss.
+
+Mirrors ``ALS.train`` of Spark MLlib's ``ALS.scala``: rating blocks are built once and cached
+(:mod:`mf_spark.als.blocks`); each half-step computes the Gramian of the fixed side once, routes every
+fixed factor at most once to each block that needs it (one shuffle) or broadcasts the fixed side when
+it is small, and solves every block with the vectorised kernels of :mod:`mf_spark.als.solve`.
+
+References
+----------
+Hu, Koren and Volinsky, "Collaborative Filtering for Implicit Feedback Datasets", ICDM 2008.
+Takacs, Pilaszy and Tikk, "Applications of the Conjugate Gradient Method for Implicit Feedback
+Collaborative Filtering", RecSys 2011 (the ``cg`` solver).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from pyspark import RDD, Broadcast, StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from mf_spark.als import solve
+from mf_spark.als.blocks import InBlock, block_partition, make_in_blocks, make_out_blocks
+from mf_spark.als.params import SolveParams
+
+log = logging.getLogger(__name__)
+
+USER_SIDE, ITEM_SIDE = 0, 1
+
+
+@dataclass
+class FactorBlock:
+    """Factors of one block: ``ids`` (n,) int32 sorted, ``factors`` (n, rank) float32, and the loss
+    terms of the half-step that produced them (``data_loss`` only on the user side)."""
+
+    ids: np.ndarray
+    factors: np.ndarray
+    data_loss: float = 0.0
+    reg_loss: float = 0.0
+
+
+@dataclass
+class TrainSettings:
+    """Everything :func:`train_implicit` needs, as plain values."""
+
+    rank: int = 10
+    max_iter: int = 10
+    solve: SolveParams = field(default_factory=SolveParams)
+    num_user_blocks: int = 10
+    num_item_blocks: int = 10
+    seed: int = 0
+    checkpoint_interval: int = 10
+    intermediate_storage: StorageLevel = StorageLevel.MEMORY_AND_DISK
+    broadcast_threshold_bytes: int = 64 * 1024 * 1024
+    compute_loss: bool = True
+
+
+@dataclass
+class TrainResult:
+    user_factors: RDD
+    item_factors: RDD
+    training_loss: list[float]
+    iteration_seconds: list[float]
+
+
+def random_factors(n: int, rank: int, seed: int, side: int, block: int) -> np.ndarray:
+    """Unit-norm Gaussian rows, seeded per (seed, side, block), as MLlib's ``initialize``."""
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, side, block])
+    factors = rng.standard_normal((n, rank))
+    factors /= np.linalg.norm(factors, axis=1, keepdims=True)
+    return factors.astype(np.float32)
+
+
+def factor_frame_to_blocks(factors: DataFrame, num_blocks: int, rank: int) -> RDD:
+    """``(id int, features array<float>)`` -> ``RDD[(block, FactorBlock)]`` (for warm starts)."""
+    schema = T.StructType([T.StructField("block", T.IntegerType()), T.StructField("payload", T.BinaryType())])
+
+    def pack(table: pa.Table) -> pa.Table:
+        ids = table.column("id").to_numpy().astype(np.int32)
+        flat = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        matrix = np.asarray(flat, dtype=np.float32).reshape(len(ids), -1)
+        if matrix.shape[1] != rank:
+            raise ValueError(f"initial model has rank {matrix.shape[1]}, expected {rank}")
+        order = np.argsort(ids, kind="stable")
+        payload = pickle.dumps(FactorBlock(ids[order], matrix[order]), protocol=5)
+        return pa.table({"block": pa.array([int(table.column("block")[0].as_py())], pa.int32()),
+                         "payload": pa.array([payload], pa.binary())})
+
+    packed = (
+        factors.select(F.col("id").cast("int"), "features")
+        .withColumn("block", F.pmod("id", F.lit(num_blocks)).cast("int"))
+        .groupBy("block")
+        .applyInArrow(pack, schema)
+    )
+    return packed.rdd.map(lambda row: (row[0], pickle.loads(row[1]))).partitionBy(num_blocks, block_partition)
+
+
+def initialize(in_blocks: RDD, rank: int, seed: int, side: int, initial: RDD | None) -> RDD:
+    """Initial factors for every dst entity of ``in_blocks``.
+
+    Known ids of ``initial`` (a warm start) keep their factors; the others get random ones. The random
+    draw does not depend on which ids are known, so adding a model never changes the new ids' start.
+    """
+
+    def init_partition(records):
+        in_block, known = None, None
+        for block_id, value in records:
+            if isinstance(value, InBlock):
+                in_block, block = value, block_id
+            else:
+                known = value
+        if in_block is None:
+            return
+        factors = random_factors(in_block.dst_ids.shape[0], rank, seed, side, block)
+        if known is not None and known.ids.shape[0]:
+            pos = np.searchsorted(known.ids, in_block.dst_ids)
+            pos = np.minimum(pos, known.ids.shape[0] - 1)
+            hit = known.ids[pos] == in_block.dst_ids
+            factors[hit] = known.factors[pos[hit]]
+        yield block, FactorBlock(in_block.dst_ids, factors)
+
+    source = in_blocks if initial is None else in_blocks.union(initial)
+    return source.mapPartitions(init_partition, preservesPartitioning=True)
+
+
+def _fixed_side_lookup(blocks: list[tuple[int, FactorBlock]]) -> tuple[np.ndarray | None, np.ndarray]:
+    """Driver-side table of all fixed factors: dense by id when ids are dense, else sorted by id."""
+    ids = np.concatenate([b.ids for _, b in blocks])
+    factors = np.concatenate([b.factors for _, b in blocks])
+    if ids.shape[0] and ids.min() >= 0 and ids.max() < 2 * ids.shape[0] + 1024:
+        dense = np.zeros((int(ids.max()) + 1, factors.shape[1]), dtype=np.float32)
+        dense[ids] = factors
+        return None, dense
+    order = np.argsort(ids, kind="stable")
+    return ids[order], factors[order]
+
+
+def half_step(
+    dst_in_blocks: RDD,
+    src_out_blocks: RDD,
+    src_factors: RDD,
+    prev_dst_factors: RDD,
+    num_dst_blocks: int,
+    src_gramian: np.ndarray,
+    n_src_total: int,
+    params: SolveParams,
+    compute_data_loss: bool,
+    broadcast_src: Broadcast | None,
+) -> RDD:
+    """Solve every dst block against the fixed src factors; returns ``RDD[(block, FactorBlock)]``.
+
+    With ``broadcast_src`` the fixed side comes from a broadcast; otherwise each src block sends only
+    the factors a dst block needs (its out-block), one message per (src block, dst block) pair.
+    """
+
+    def solve_partition(records):
+        in_block, prev, messages = None, None, []
+        for block_id, value in records:
+            if isinstance(value, InBlock):
+                in_block, block = value, block_id
+            elif isinstance(value, FactorBlock):
+                prev = value
+            else:
+                messages.append(value)
+        if in_block is None:
+            return
+        if broadcast_src is not None:
+            sorted_ids, table = broadcast_src.value
+            rows = in_block.src_ids if sorted_ids is None else np.searchsorted(sorted_ids, in_block.src_ids)
+            src_local = table[rows]
+        else:
+            messages.sort(key=lambda m: m[0])
+            src_local = np.concatenate([m[1] for m in messages]) if messages else np.zeros((0, src_gramian.shape[0]), np.float32)
+        factors = solve.solve_block(in_block.indptr, in_block.indices, in_block.ratings, src_local, src_gramian,
+                                    n_src_total, params, init=prev.factors)
+        if compute_data_loss:
+            data_loss, reg_loss = solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, factors,
+                                                   src_local, src_gramian, n_src_total, params)
+        else:
+            data_loss = 0.0
+            reg_loss = solve.regularization_loss(in_block.n_positive, factors, n_src_total, params)
+        yield block, FactorBlock(in_block.dst_ids, factors, float(data_loss), float(reg_loss))
+
+    parts = [dst_in_blocks, prev_dst_factors]
+    if broadcast_src is None:
+
+        def route(records):
+            out_block, factor_block = None, None
+            for block_id, value in records:
+                if isinstance(value, FactorBlock):
+                    factor_block, src_block = value, block_id
+                else:
+                    out_block = value
+            if factor_block is None or out_block is None:
+                return
+            for dst_block, positions in out_block.items():
+                yield dst_block, (src_block, factor_block.factors[positions])
+
+        messages = (
+            src_out_blocks.union(src_factors)
+            .mapPartitions(route)
+            .partitionBy(num_dst_blocks, block_partition)
+        )
+        parts.append(messages)
+    merged = parts[0]
+    for part in parts[1:]:
+        merged = merged.union(part)
+    return merged.mapPartitions(solve_partition, preservesPartitioning=True)
+
+
+@dataclass
+class _SideStats:
+    gramian: np.ndarray
+    count: int
+    data_loss: float
+    reg_loss: float
+    blocks: list[tuple[int, FactorBlock]] | None
+
+
+def _materialize(factors: RDD, rank: int, collect_factors: bool) -> _SideStats:
+    """Run the half-step (one action) and gather what the next half-step needs.
+
+    Sums run in block order on the driver, so the Gramian and the loss do not depend on task timing.
+    """
+    if collect_factors:
+        blocks = sorted(factors.collect(), key=lambda kv: kv[0])
+        stats = [(b, solve.gramian(fb.factors), fb.ids.shape[0], fb.data_loss, fb.reg_loss) for b, fb in blocks]
+    else:
+        blocks = None
+        stats = sorted(
+            factors.map(lambda kv: (kv[0], solve.gramian(kv[1].factors), kv[1].ids.shape[0],
+                                    kv[1].data_loss, kv[1].reg_loss)).collect(),
+            key=lambda s: s[0],
+        )
+    gram = np.zeros((rank, rank), dtype=np.float64)
+    for s in stats:
+        gram += s[1]
+    return _SideStats(gram, sum(s[2] for s in stats), sum(s[3] for s in stats), sum(s[4] for s in stats), blocks)
+
+
+def train_implicit(
+    spark: SparkSession,
+    ratings: DataFrame,
+    settings: TrainSettings,
+    initial_user_factors: DataFrame | None = None,
+    initial_item_factors: DataFrame | None = None,
+    callback: Callable[[int, float, float], None] | None = None,
+) -> TrainResult:
+    """Fit implicit ALS on validated ratings (columns ``user``, ``item``, ``rating``, no duplicates).
+
+    Parameters
+    ----------
+    ratings : DataFrame
+        Output of :func:`mf_spark.als.blocks.validate_ratings`.
+    settings : TrainSettings
+    initial_user_factors, initial_item_factors : DataFrame, optional
+        ``(id, features)`` tables of a previous model: a warm start.
+    callback : callable, optional
+        Called as ``callback(iteration, seconds, loss)`` after each iteration.
+
+    Returns
+    -------
+    TrainResult
+        Factor RDDs ``RDD[(block, FactorBlock)]`` (persisted) and the objective after each iteration.
+    """
+    sc = spark.sparkContext
+    level = settings.intermediate_storage
+    rank, nub, nib = settings.rank, settings.num_user_blocks, settings.num_item_blocks
+    if not sc.getCheckpointDir() and settings.checkpoint_interval > 0:
+        import tempfile
+
+        ckpt = tempfile.mkdtemp(prefix="mf-spark-als-ckpt-")
+        log.warning("no checkpoint dir set; checkpointing ALS factors to %s (set spark.checkpoint.dir on a cluster)", ckpt)
+        sc.setCheckpointDir(ckpt)
+
+    started = time.perf_counter()
+    ratings = ratings.persist(level)
+    user_in = make_in_blocks(ratings, "user", "item", nub, nib, level).setName("als user in-blocks")
+    item_in = make_in_blocks(ratings, "item", "user", nib, nub, level).setName("als item in-blocks")
+    user_out = make_out_blocks(item_in, user_in, nub, level).setName("als user out-blocks")
+    item_out = make_out_blocks(user_in, item_in, nib, level).setName("als item out-blocks")
+    nnz = user_in.map(lambda kv: kv[1].nnz).sum()
+    item_out.count()
+    user_out.count()
+    ratings.unpersist()
+    log.info("ALS blocks built: %d ratings, %dx%d blocks, %.1fs", nnz, nub, nib, time.perf_counter() - started)
+
+    init_users = None if initial_user_factors is None else factor_frame_to_blocks(initial_user_factors, nub, rank)
+    init_items = None if initial_item_factors is None else factor_frame_to_blocks(initial_item_factors, nib, rank)
+    user_factors = initialize(user_in, rank, settings.seed, USER_SIDE, init_users).persist(level)
+    item_factors = initialize(item_in, rank, settings.seed, ITEM_SIDE, init_items).persist(level)
+    threshold = settings.broadcast_threshold_bytes
+    user_stats = _materialize(user_factors, rank, collect_factors=True)
+    broadcast_users = user_stats.count * rank * 4 <= threshold
+    if not broadcast_users:
+        user_stats.blocks = None
+    item_factors.count()
+
+    losses: list[float] = []
+    seconds: list[float] = []
+    broadcasts: list[Broadcast] = []
+
+    def broadcast_of(stats: _SideStats) -> Broadcast | None:
+        if stats.blocks is None:
+            return None
+        bc = sc.broadcast(_fixed_side_lookup(stats.blocks))
+        broadcasts.append(bc)
+        return bc
+
+    for iteration in range(1, settings.max_iter + 1):
+        t0 = time.perf_counter()
+        checkpoint = settings.checkpoint_interval > 0 and iteration % settings.checkpoint_interval == 0
+        # items from users (MLlib's implicit order), then users from the new items
+        new_items = half_step(item_in, user_out, user_factors, item_factors, nib, user_stats.gramian,
+                              user_stats.count, settings.solve, False, broadcast_of(user_stats)).persist(level)
+        if checkpoint:
+            new_items.checkpoint()
+        item_stats = _materialize(new_items, rank, collect_factors=True)
+        if item_stats.count * rank * 4 > threshold:
+            item_stats.blocks = None
+        item_factors.unpersist()
+        item_factors = new_items
+
+        new_users = half_step(user_in, item_out, item_factors, user_factors, nub, item_stats.gramian,
+                              item_stats.count, settings.solve, settings.compute_loss,
+                              broadcast_of(item_stats)).persist(level)
+        if checkpoint:
+            new_users.checkpoint()
+        user_stats = _materialize(new_users, rank, collect_factors=broadcast_users)
+        user_factors.unpersist()
+        user_factors = new_users
+        if checkpoint:
+            # the checkpoint cut the lineage: older broadcasts are no longer needed for recovery
+            for bc in broadcasts[:-2]:
+                bc.unpersist()
+            broadcasts = broadcasts[-2:]
+
+        loss = user_stats.data_loss + user_stats.reg_loss + item_stats.reg_loss
+        elapsed = time.perf_counter() - t0
+        losses.append(loss if settings.compute_loss else float("nan"))
+        seconds.append(elapsed)
+        log.info("ALS iteration %d/%d loss=%.6e seconds=%.2f", iteration, settings.max_iter, loss, elapsed)
+        if callback is not None:
+            callback(iteration, elapsed, losses[-1])
+
+    for rdd in (user_in, item_in, user_out, item_out):
+        rdd.unpersist()
+    for bc in broadcasts:
+        bc.unpersist()
+    log.info("ALS fit: %d iterations in %.1fs", settings.max_iter, time.perf_counter() - started)
+    return TrainResult(user_factors, item_factors, losses, seconds)
+
+
+FACTOR_SCHEMA = T.StructType(
+    [T.StructField("id", T.IntegerType(), False), T.StructField("features", T.ArrayType(T.FloatType(), False), False)]
+)
+
+
+def factors_to_frame(spark: SparkSession, factors: RDD) -> DataFrame:
+    """``RDD[(block, FactorBlock)]`` -> DataFrame ``id int, features array<float>`` sorted by id per block."""
+
+    def rows(kv):
+        fb = kv[1]
+        return zip(fb.ids.tolist(), fb.factors.tolist())
+
+    return spark.createDataFrame(factors.flatMap(rows), FACTOR_SCHEMA)
