@@ -41,3 +41,10 @@ class LockHeldError(PipelineError):
     """Another run holds the output root's lock."""
 
     exit_code = 6
+
+
+class PublishError(PipelineError):
+    """The output root's publication state forbids the action: no such run to roll back to, a corrupt
+    latest.json or manifest."""
+
+    exit_code = 7
