@@ -1,0 +1,244 @@
+"""Top-K ranking metrics of recommendation lists against held-out interactions, computed in Spark.
+
+Definitions (per user ``u`` with held-out set ``T_u`` and list ``L_u``, ranks 1-based, ``hit_r = 1`` when
+the item at rank ``r`` is in ``T_u``; every metric is the mean over the evaluated users):
+
+- ``precision@K = sum_{r<=K} hit_r / K`` (a list shorter than K still divides by K);
+- ``recall@K = sum_{r<=K} hit_r / |T_u|``;
+- ``capped_recall@K = sum_{r<=K} hit_r / min(K, |T_u|)`` (the "recall" of Liang et al. 2018 and of the iALS
+  papers; 1 is reachable for every user);
+- ``map@K = sum_{r<=K} hit_r * precision@r / min(K, |T_u|)``;
+- ``ndcg@K = DCG@K / IDCG@K`` with binary gains, ``DCG@K = sum_{r<=K} hit_r / log2(r + 1)`` and IDCG the
+  DCG of ``min(K, |T_u|)`` hits at the top;
+- ``hit_rate@K = 1`` when some ``hit_r = 1`` with ``r <= K``;
+- ``mrr@K = 1 / (rank of the first hit)`` when that rank is ``<= K``, else 0;
+- ``coverage@K`` = distinct items in all top-K lists / catalogue size (not a per-user mean);
+- ``popularity@K`` = mean popularity percentile of the recommended items at ranks ``<= K`` over all list
+  entries, where an item's percentile is the fraction of catalogue items whose training interaction
+  count is ``<=`` its own (1.0 = the most popular item).
+
+The first four of precision, recall, MAP and NDCG coincide with
+:class:`pyspark.ml.evaluation.RankingEvaluator` (``precisionAtK``, ``recallAtK``,
+``meanAveragePrecisionAtK``, ``ndcgAtK``); the tests check the agreement. The evaluated users are
+exactly the users of the test table: a user without a list (or with an empty one) scores 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+log = logging.getLogger(__name__)
+
+PER_USER_METRICS = ("precision", "recall", "capped_recall", "map", "ndcg", "hit_rate", "mrr")
+LIST_METRICS = ("coverage", "popularity")
+METRICS = PER_USER_METRICS + LIST_METRICS
+
+
+def metric_name(metric: str, k: int) -> str:
+    """``"ndcg", 20 -> "ndcg@20"``, the key used in every metrics dict."""
+    return f"{metric}@{k}"
+
+
+def parse_metric_name(name: str) -> tuple[str, int]:
+    """``"ndcg@20" -> ("ndcg", 20)``; raises ``ValueError`` on an unknown metric or a bad K."""
+    metric, sep, k_text = name.partition("@")
+    if not sep or metric not in METRICS or not k_text.isdigit() or int(k_text) < 1:
+        raise ValueError(f"metric must be name@K with name one of {', '.join(METRICS)}, got {name!r}")
+    return metric, int(k_text)
+
+
+def _ideal_dcg_table(max_k: int) -> Column:
+    """Literal array whose element ``n`` (1-based) is the DCG of ``n`` hits at the top."""
+    cumulative, total = [], 0.0
+    for rank in range(1, max_k + 1):
+        total += 1.0 / math.log2(rank + 1)
+        cumulative.append(total)
+    return F.array(*[F.lit(v) for v in cumulative])
+
+
+def item_popularity_percentile(train: DataFrame, item_col: str = "item_idx") -> DataFrame:
+    """Popularity percentile of every training item.
+
+    Parameters
+    ----------
+    train
+        Interactions with ``item_col``; one row per user-item pair.
+
+    Returns
+    -------
+    DataFrame
+        ``item_col`` int, ``n_users`` long (training rows of the item), ``percentile`` double in (0, 1]:
+        the fraction of catalogue items with ``n_users`` at most this item's.
+    """
+    counts = train.groupBy(item_col).agg(F.count(F.lit(1)).alias("n_users"))
+    # the catalogue is small next to the interactions; one ordered window over it is cheap
+    return counts.withColumn("percentile", F.cume_dist().over(Window.orderBy("n_users")))
+
+
+def per_user_metrics(
+    recommendations: DataFrame,
+    test: DataFrame,
+    ks: Sequence[int],
+    *,
+    user_col: str = "user_idx",
+    item_col: str = "item_idx",
+    rank_col: str = "rank",
+) -> DataFrame:
+    """Per-user metric values at each K.
+
+    Parameters
+    ----------
+    recommendations
+        ``user_col``, ``rank_col`` (1-based int), ``item_col``; at most one row per user and rank.
+    test
+        Held-out ``user_col``, ``item_col`` pairs (duplicates are ignored).
+    ks
+        Cut-offs.
+
+    Returns
+    -------
+    DataFrame
+        One row per test user: ``user_col``, ``n_test`` and one double column per metric and K,
+        named ``precision@10`` and so on (``PER_USER_METRICS``).
+    """
+    ks = sorted(set(int(k) for k in ks))
+    max_k = ks[-1]
+    relevant = test.select(user_col, item_col).distinct()
+    test_sizes = relevant.groupBy(user_col).agg(F.count(F.lit(1)).alias("n_test"))
+    hits = (
+        recommendations.where(F.col(rank_col) <= max_k)
+        .select(user_col, item_col, F.col(rank_col).cast("int").alias("rank"))
+        .join(relevant.withColumn("hit", F.lit(1)), [user_col, item_col], "left")
+        .withColumn("hit", F.coalesce("hit", F.lit(0)))
+        .withColumn(
+            "hits_so_far",
+            F.sum("hit").over(
+                Window.partitionBy(user_col).orderBy("rank").rowsBetween(Window.unboundedPreceding, 0)
+            ),
+        )
+    )
+    sums = []
+    for k in ks:
+        within = F.col("rank") <= k
+        sums += [
+            F.sum(F.when(within, F.col("hit")).otherwise(0)).alias(f"_hits{k}"),
+            F.sum(F.when(within, F.col("hit") / F.log2(F.col("rank") + 1)).otherwise(0.0)).alias(f"_dcg{k}"),
+            F.sum(F.when(within & (F.col("hit") == 1), F.col("hits_so_far") / F.col("rank")).otherwise(0.0))
+            .alias(f"_ap{k}"),
+        ]
+    sums.append(F.min(F.when(F.col("hit") == 1, F.col("rank"))).alias("_first_hit"))
+    per_user_sums = hits.groupBy(user_col).agg(*sums)
+
+    ideal = _ideal_dcg_table(max_k)
+    joined = test_sizes.join(per_user_sums, user_col, "left")
+    columns = [F.col(user_col), F.col("n_test")]
+    for k in ks:
+        hit_count = F.coalesce(F.col(f"_hits{k}"), F.lit(0)).cast("double")
+        capped = F.least(F.lit(k), F.col("n_test"))
+        columns += [
+            (hit_count / k).alias(metric_name("precision", k)),
+            (hit_count / F.col("n_test")).alias(metric_name("recall", k)),
+            (hit_count / capped).alias(metric_name("capped_recall", k)),
+            (F.coalesce(F.col(f"_ap{k}"), F.lit(0.0)) / capped).alias(metric_name("map", k)),
+            (F.coalesce(F.col(f"_dcg{k}"), F.lit(0.0)) / F.element_at(ideal, capped.cast("int")))
+            .alias(metric_name("ndcg", k)),
+            (hit_count > 0).cast("double").alias(metric_name("hit_rate", k)),
+            F.when(F.col("_first_hit") <= k, 1.0 / F.col("_first_hit")).otherwise(0.0).alias(metric_name("mrr", k)),
+        ]
+    return joined.select(*columns)
+
+
+def list_metrics(
+    recommendations: DataFrame,
+    popularity: DataFrame,
+    ks: Sequence[int],
+    *,
+    item_col: str = "item_idx",
+    rank_col: str = "rank",
+    catalogue_size: int | None = None,
+) -> dict[str, float]:
+    """Catalogue coverage and mean popularity percentile of the lists at each K.
+
+    Parameters
+    ----------
+    recommendations
+        ``item_col``, ``rank_col`` (1-based) for the evaluated users.
+    popularity
+        Output of :func:`item_popularity_percentile` on the training data (``item_col``, ``percentile``).
+    catalogue_size
+        Denominator of the coverage; defaults to the number of rows of ``popularity``.
+
+    Returns
+    -------
+    dict
+        ``coverage@K`` and ``popularity@K`` for each K (0.0 when there are no lists).
+    """
+    ks = sorted(set(int(k) for k in ks))
+    n_catalogue = catalogue_size if catalogue_size is not None else popularity.count()
+    scored = recommendations.select(item_col, rank_col).join(popularity.select(item_col, "percentile"), item_col, "left")
+    aggregates = []
+    for k in ks:
+        within = F.col(rank_col) <= k
+        aggregates += [
+            F.count_distinct(F.when(within, F.col(item_col))).alias(metric_name("coverage", k)),
+            F.avg(F.when(within, F.coalesce("percentile", F.lit(0.0)))).alias(metric_name("popularity", k)),
+        ]
+    row = scored.agg(*aggregates).first()
+    result: dict[str, float] = {}
+    for k in ks:
+        covered = row[metric_name("coverage", k)] or 0
+        result[metric_name("coverage", k)] = covered / n_catalogue if n_catalogue else 0.0
+        result[metric_name("popularity", k)] = float(row[metric_name("popularity", k)] or 0.0)
+    return result
+
+
+def ranking_metrics(
+    recommendations: DataFrame,
+    test: DataFrame,
+    ks: Sequence[int],
+    *,
+    popularity: DataFrame | None = None,
+    catalogue_size: int | None = None,
+    user_col: str = "user_idx",
+    item_col: str = "item_idx",
+    rank_col: str = "rank",
+) -> dict[str, float]:
+    """All metrics at every K, averaged over the users of ``test``.
+
+    Parameters
+    ----------
+    recommendations
+        ``user_col``, ``rank_col`` (1-based), ``item_col``: the lists, already without training items.
+    test
+        Held-out ``user_col``, ``item_col`` pairs; its users are the evaluated users.
+    popularity
+        :func:`item_popularity_percentile` of the training data; without it coverage and popularity are
+        left out.
+    catalogue_size
+        Coverage denominator; defaults to the rows of ``popularity``.
+
+    Returns
+    -------
+    dict
+        ``"<metric>@<K>" -> float`` plus ``"n_users"``, the number of evaluated users.
+    """
+    ks = sorted(set(int(k) for k in ks))
+    per_user = per_user_metrics(recommendations, test, ks, user_col=user_col, item_col=item_col, rank_col=rank_col)
+    names = [metric_name(m, k) for k in ks for m in PER_USER_METRICS]
+    row = per_user.agg(F.count(F.lit(1)).alias("n_users"), *[F.avg(F.col(f"`{n}`")).alias(n) for n in names]).first()
+    result: dict[str, float] = {"n_users": int(row["n_users"])}
+    for name in names:
+        result[name] = float(row[name] or 0.0)
+    if popularity is not None:
+        test_users = test.select(user_col).distinct()
+        evaluated_lists = recommendations.join(test_users, user_col, "left_semi")
+        result.update(
+            list_metrics(evaluated_lists, popularity, ks, item_col=item_col, rank_col=rank_col,
+                         catalogue_size=catalogue_size)
+        )
+    return result

@@ -1,0 +1,113 @@
+"""Ranking metrics: hand-computed tiny cases and agreement with RankingEvaluator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from pyspark.ml.evaluation import RankingEvaluator
+from pyspark.sql import functions as F
+
+from mf_spark.evaluate.metrics import (
+    item_popularity_percentile,
+    parse_metric_name,
+    per_user_metrics,
+    ranking_metrics,
+)
+
+
+def _recs(spark, lists: dict[int, list[int]]):
+    rows = [(u, r, i) for u, items in lists.items() for r, i in enumerate(items, start=1)]
+    return spark.createDataFrame(rows, "user_idx int, rank int, item_idx int")
+
+
+def _test(spark, sets: dict[int, list[int]]):
+    return spark.createDataFrame([(u, i) for u, items in sets.items() for i in items], "user_idx int, item_idx int")
+
+
+@pytest.fixture(scope="module")
+def tiny(spark):
+    # user 1: hits at ranks 2 and 4, one test item never recommended; user 2: a list shorter than K;
+    # user 3: no list at all (an empty list scores 0, it is not dropped)
+    recs = _recs(spark, {1: [10, 11, 12, 13], 2: [20], 4: [40]})
+    test = _test(spark, {1: [11, 13, 99], 2: [20], 3: [30, 31]})
+    return recs, test
+
+
+def test_hand_computed_values(spark, tiny):
+    recs, test = tiny
+    by_user = {r["user_idx"]: r.asDict() for r in per_user_metrics(recs, test, [2, 4]).collect()}
+    assert set(by_user) == {1, 2, 3}, "users without test items are not evaluated; users without lists are"
+    u1, u2, u3 = by_user[1], by_user[2], by_user[3]
+    d1, d2, d3, d4 = (1 / math.log2(r + 1) for r in (1, 2, 3, 4))  # discounts of ranks 1..4
+    expected_u1 = {
+        "precision@2": 0.5, "recall@2": 1 / 3, "capped_recall@2": 0.5, "map@2": 0.5 / 2,
+        "ndcg@2": d2 / (d1 + d2), "hit_rate@2": 1.0, "mrr@2": 0.5,
+        "precision@4": 0.5, "recall@4": 2 / 3, "capped_recall@4": 2 / 3, "map@4": (1 / 2 + 2 / 4) / 3,
+        "ndcg@4": (d2 + d4) / (d1 + d2 + d3), "hit_rate@4": 1.0, "mrr@4": 0.5,
+    }
+    for name, value in expected_u1.items():
+        assert u1[name] == pytest.approx(value), name
+    expected_u2 = {"precision@2": 0.5, "precision@4": 0.25, "recall@4": 1.0, "capped_recall@4": 1.0,
+                   "map@4": 1.0, "ndcg@4": 1.0, "hit_rate@2": 1.0, "mrr@4": 1.0}
+    for name, value in expected_u2.items():
+        assert u2[name] == pytest.approx(value), name
+    assert all(u3[n] == 0.0 for n in u3 if "@" in n)
+    assert u3["n_test"] == 2
+
+
+def test_averages_over_test_users(spark, tiny):
+    recs, test = tiny
+    metrics = ranking_metrics(recs, test, [4, 2])
+    assert metrics["n_users"] == 3
+    assert metrics["precision@2"] == pytest.approx((0.5 + 0.5 + 0.0) / 3)
+    assert metrics["recall@4"] == pytest.approx((2 / 3 + 1.0 + 0.0) / 3)
+    assert metrics["mrr@2"] == pytest.approx((0.5 + 1.0) / 3)
+
+
+def test_no_lists_at_all_scores_zero(spark, tiny):
+    _, test = tiny
+    empty = spark.createDataFrame([], "user_idx int, rank int, item_idx int")
+    metrics = ranking_metrics(empty, test, [2])
+    assert metrics["n_users"] == 3
+    assert all(v == 0.0 for k, v in metrics.items() if "@" in k)
+
+
+def test_coverage_and_popularity(spark):
+    # item 1 in 3 users' training rows, item 2 in 2, item 3 in 1, item 4 in 1: cume_dist 1, .75, .5, .5
+    train = _test(spark, {1: [1, 2, 3], 2: [1, 2, 4], 3: [1]})
+    popularity = {r["item_idx"]: r["percentile"] for r in item_popularity_percentile(train).collect()}
+    assert popularity == pytest.approx({1: 1.0, 2: 0.75, 3: 0.5, 4: 0.5})
+    recs = _recs(spark, {1: [4, 1], 2: [3, 1], 9: [2, 2]})  # user 9 has no test rows: not counted
+    test = _test(spark, {1: [5], 2: [6]})
+    metrics = ranking_metrics(recs, test, [1, 2], popularity=item_popularity_percentile(train))
+    assert metrics["coverage@1"] == pytest.approx(2 / 4)
+    assert metrics["coverage@2"] == pytest.approx(3 / 4)
+    assert metrics["popularity@1"] == pytest.approx((0.5 + 0.5) / 2)
+    assert metrics["popularity@2"] == pytest.approx((0.5 + 1.0 + 0.5 + 1.0) / 4)
+
+
+def test_agrees_with_ranking_evaluator(spark):
+    lists = {u: [(u * 7 + j * 3) % 23 for j in range(12)] for u in range(1, 30)}
+    lists = {u: list(dict.fromkeys(items)) for u, items in lists.items()}  # distinct, order kept
+    relevant = {u: [(u * 5 + j) % 23 for j in range(1 + u % 9)] for u in range(1, 30)}
+    recs, test = _recs(spark, lists), _test(spark, relevant)
+    ks = [1, 3, 5, 10, 20]
+    ours = ranking_metrics(recs, test, ks)
+    as_arrays = (
+        recs.groupBy("user_idx").agg(F.sort_array(F.collect_list(F.struct("rank", "item_idx"))).alias("ranked"))
+        .select("user_idx", F.transform("ranked", lambda s: s["item_idx"].cast("double")).alias("prediction"))
+        .join(test.groupBy("user_idx").agg(F.collect_set(F.col("item_idx").cast("double")).alias("label")), "user_idx")
+    )
+    names = {"precisionAtK": "precision", "recallAtK": "recall", "ndcgAtK": "ndcg", "meanAveragePrecisionAtK": "map"}
+    for spark_name, our_name in names.items():
+        for k in ks:
+            theirs = RankingEvaluator(metricName=spark_name, k=k).evaluate(as_arrays)
+            assert ours[f"{our_name}@{k}"] == pytest.approx(theirs, abs=1e-12), (spark_name, k)
+
+
+def test_parse_metric_name():
+    assert parse_metric_name("ndcg@20") == ("ndcg", 20)
+    for bad in ("ndcg", "ndcg@0", "auc@10", "ndcg@x"):
+        with pytest.raises(ValueError):
+            parse_metric_name(bad)
