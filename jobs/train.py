@@ -1,0 +1,25 @@
+"""Train ImplicitALS on an interaction table and save the model (MLlib's layout).
+
+    ./spark-submit.sh jobs/train.py --config conf/local.toml --interactions DIR --model-out DIR
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mf_spark.cli import run_job
+
+
+def add_arguments(parser):
+    parser.add_argument("--interactions", required=True, help="Parquet: user_idx, item_idx, strength")
+    parser.add_argument("--model-out", required=True, help="directory to save the ImplicitALSModel to")
+
+
+def body(spark, cfg, args):
+    from mf_spark.pipeline import train_and_save
+
+    train_and_save(spark, cfg["train"], args.interactions, args.model_out)
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("mf-spark-train", __doc__, body, add_arguments))

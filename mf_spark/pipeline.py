@@ -1,0 +1,288 @@
+"""The nightly batch: ingest -> train -> recommend -> evaluate (gate) -> publish, one direction.
+
+Library code: takes a session, the validated config and a date; the thin ``jobs/nightly.py`` parses
+arguments and builds the session. Every run writes only inside its own run directory; a consumer sees
+a run only after ``latest.json`` names it (:mod:`mf_spark.publish`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mf_spark import publish
+from mf_spark.als.params import SolveParams
+from mf_spark.errors import PipelineError, QualityGateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds per named stage, in order."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        log.info("stage %s: start", name)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 3)
+            log.info("stage %s: %.1fs", name, self.seconds[name])
+
+    def table(self) -> str:
+        width = max((len(n) for n in self.seconds), default=5)
+        lines = [f"{'stage':<{width}}  seconds", f"{'-' * width}  -------"]
+        lines += [f"{n:<{width}}  {s:7.1f}" for n, s in self.seconds.items()]
+        lines.append(f"{'total':<{width}}  {sum(self.seconds.values()):7.1f}")
+        return "\n".join(lines)
+
+
+@dataclass
+class NightlyResult:
+    run_dir: str
+    manifest: dict[str, Any]
+    published: bool
+
+
+def solve_params_from(train: dict[str, Any]) -> SolveParams:
+    return SolveParams(
+        alpha=train["alpha"], reg_param=train["reg_param"], regularization=train["regularization"],
+        confidence=train["confidence"], confidence_epsilon=train["confidence_epsilon"],
+        frequency_alpha0=train["frequency_alpha0"], frequency_nu=train["frequency_nu"], solver="cholesky",
+    )
+
+
+def build_estimator(train: dict[str, Any], max_iter: int):
+    from mf_spark import ImplicitALS
+
+    return ImplicitALS(
+        rank=train["rank"], maxIter=max_iter, regParam=train["reg_param"], alpha=train["alpha"],
+        userCol="user_idx", itemCol="item_idx", ratingCol="strength", numUserBlocks=train["num_user_blocks"],
+        numItemBlocks=train["num_item_blocks"], seed=train["seed"], checkpointInterval=train["checkpoint_interval"],
+        solver=train["solver"], cgSteps=train["cg_steps"], regularization=train["regularization"],
+        confidence=train["confidence"], confidenceEpsilon=train["confidence_epsilon"],
+        frequencyAlpha0=train["frequency_alpha0"], frequencyNu=train["frequency_nu"],
+    )
+
+
+def load_warm_start(spark: SparkSession, root: str, rank: int):
+    """The last published model's factors as an ``ImplicitALSModel``, or None.
+
+    Factor ids are ID-map indices, which never change meaning between runs, so yesterday's factors
+    are valid starting points today.
+    """
+    from mf_spark.als.model import ImplicitALSModel
+
+    previous = publish.previous_published(root)
+    if not previous:
+        return None, None
+    run_path = os.path.join(root, previous["run_path"]) if "run_path" in previous else previous.get("run_dir")
+    if not run_path:
+        return None, None
+    users = os.path.join(run_path, "user_factors")
+    items = os.path.join(run_path, "item_factors")
+    if not (os.path.isdir(users) and os.path.isdir(items)):
+        return None, None
+    prev_rank = previous.get("parameters", {}).get("train", {}).get("rank")
+    if prev_rank is not None and prev_rank != rank:
+        log.warning("previous run has rank %s, this run %s: cold start", prev_rank, rank)
+        return None, None
+    model = ImplicitALSModel(
+        rank=rank,
+        userFactors=spark.read.parquet(users).select("id", "features"),
+        itemFactors=spark.read.parquet(items).select("id", "features"),
+    )
+    return model, previous
+
+
+def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: str) -> DataFrame:
+    return factors.join(dim.select(F.col(idx_col).alias("id"), id_col), "id", "left").select("id", id_col, "features")
+
+
+def _read_id_table(spark: SparkSession, path: str, dim_item: DataFrame) -> DataFrame | None:
+    if not path:
+        return None
+    if not os.path.exists(path):
+        raise PipelineError(f"recommend: table not found: {path}")
+    table = spark.read.parquet(path)
+    if "item_id" not in table.columns:
+        raise PipelineError(f"recommend: table {path} has no column 'item_id'")
+    return table.select(F.col("item_id").cast("string")).join(dim_item, "item_id").select(F.col("item_idx").alias("id"))
+
+
+def run_nightly(
+    spark: SparkSession,
+    cfg: dict[str, Any],
+    run_date: dt.date,
+    *,
+    break_stale_lock: bool = False,
+    print_summary: bool = True,
+) -> NightlyResult:
+    """Run the whole nightly for ``run_date`` and publish it when the quality gate passes.
+
+    Raises a :class:`~mf_spark.errors.PipelineError` subclass (and publishes nothing) on bad input,
+    too many rejects, a failed gate or a held lock.
+    """
+    from mf_spark.evaluate import evaluate_gate, evaluate_holdout
+    from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
+    from mf_spark.recommend import recommend_top_k, similar_items, similar_to_string_ids, to_string_ids
+
+    root = cfg["output"]["root"]
+    os.makedirs(root, exist_ok=True)
+    timer = StageTimer()
+    train_cfg, rec_cfg, eval_cfg = cfg["train"], cfg["recommend"], cfg["evaluate"]
+    with publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock):
+        run = publish.begin_run(root, run_date)
+        log.info("run %s for %s in %s", run.run_id, run_date, run.path)
+        manifest: dict[str, Any] = publish.manifest_base(
+            run, config_file=cfg.get("_source", ""), parameters={k: v for k, v in cfg.items() if not k.startswith("_")},
+        )
+        manifest["status"] = "running"
+        try:
+            with timer.stage("ingest"):
+                ingested = run_ingest(
+                    spark, input_path=cfg["input"]["path"], input_format=cfg["input"]["format"],
+                    columns=cfg["input"]["columns"], reader_options=cfg["input"]["options"],
+                    settings=IngestSettings.from_config(cfg["ingest"]), run_date=run_date,
+                    id_map_root=os.path.join(root, "id_maps"), run_id=run.run_id,
+                )
+                ingested.interactions.write.parquet(run.sub("interactions"))
+                ingested.rejects.write.parquet(run.sub("rejects"))
+                interactions = spark.read.parquet(run.sub("interactions"))
+                dim_user, dim_item = ingested.dim_user, ingested.dim_item
+                manifest["ingest"] = ingested.report
+                if print_summary:
+                    print(format_report_table(ingested.report))
+
+            with timer.stage("train"):
+                initial, previous = (None, None)
+                if train_cfg["warm_start"]:
+                    initial, previous = load_warm_start(spark, root, train_cfg["rank"])
+                max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
+                estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
+                model = estimator.fit(interactions)
+                _with_string_ids(model.userFactors, dim_user, "user_idx", "user_id").write.parquet(run.sub("user_factors"))
+                _with_string_ids(model.itemFactors, dim_item, "item_idx", "item_id").write.parquet(run.sub("item_factors"))
+                manifest["train"] = {
+                    "warm_start_from": None if previous is None else previous.get("run_id"),
+                    "iterations": max_iter, "training_loss": model.trainingLoss,
+                    "iteration_seconds": model.iterationSeconds,
+                }
+
+            with timer.stage("recommend"):
+                user_factors = spark.read.parquet(run.sub("user_factors")).select("id", "features")
+                item_factors = spark.read.parquet(run.sub("item_factors")).select("id", "features")
+                recs = recommend_top_k(
+                    user_factors, item_factors, rec_cfg["top_n"],
+                    seen=interactions if rec_cfg["exclude_seen"] else None,
+                    exclude_dst=_read_id_table(spark, rec_cfg["item_filter_path"], dim_item),
+                    allow_dst=_read_id_table(spark, rec_cfg["allow_list_path"], dim_item),
+                    src_block_size=rec_cfg["user_block_size"], dst_chunk_size=rec_cfg["item_chunk_size"],
+                )
+                to_string_ids(recs, dim_user, dim_item).write.parquet(run.sub("recommendations"))
+                sims = similar_items(item_factors, rec_cfg["similar_n"], src_block_size=rec_cfg["user_block_size"],
+                                     dst_chunk_size=rec_cfg["item_chunk_size"])
+                similar_to_string_ids(sims, dim_item).write.parquet(run.sub("similar_items"))
+
+            with timer.stage("evaluate"):
+                metrics = None
+                if eval_cfg["enabled"]:
+                    metrics = evaluate_holdout(
+                        spark, interactions, split=eval_cfg["split"], test_fraction=eval_cfg["test_fraction"],
+                        test_n=eval_cfg["test_n"], cutoff_date=eval_cfg["cutoff_date"],
+                        holdout_users=eval_cfg["holdout_users"], seed=eval_cfg["seed"], ks=eval_cfg["ks"],
+                        models=eval_cfg["models"], train_params=train_cfg, out_dir=run.sub("evaluation"),
+                    )
+                    manifest["metrics"] = metrics
+                    gate_cfg = eval_cfg["gate"]
+                    if gate_cfg["enabled"]:
+                        previous_manifest = publish.previous_published(root)
+                        gate = evaluate_gate(
+                            metrics, None if previous_manifest is None else previous_manifest.get("metrics"),
+                            metric=gate_cfg["metric"], min_value=gate_cfg["min_value"],
+                            max_relative_drop=gate_cfg["max_relative_drop"],
+                        )
+                        manifest["gate"] = {"passed": gate.passed, "reason": gate.reason}
+                        if not gate.passed:
+                            raise QualityGateError(f"quality gate failed: {gate.reason}")
+
+            manifest["outputs"] = {
+                name: spark.read.parquet(run.sub(name)).count()
+                for name in ("interactions", "rejects", "user_factors", "item_factors", "recommendations", "similar_items")
+            }
+            manifest["id_maps"] = {"users": dim_user.count(), "items": dim_item.count()}
+            manifest["timings"] = timer.seconds
+            with timer.stage("publish"):
+                publish.publish_run(run, manifest)
+            manifest["timings"] = timer.seconds
+        except PipelineError as exc:
+            manifest["status"] = "failed"
+            manifest["error"] = str(exc)
+            manifest["timings"] = timer.seconds
+            publish.write_failed_manifest(run, manifest)
+            raise
+
+    if print_summary:
+        print_run_summary(spark, root, run, timer)
+    return NightlyResult(run.path, manifest, True)
+
+
+def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTimer) -> None:
+    print()
+    print(timer.table())
+    print()
+    print(f"published run: {run.path}")
+    print(f"latest:        {os.path.join(root, 'latest.json')}")
+    for name in ("recommendations", "similar_items", "user_factors", "item_factors", "interactions", "rejects", "evaluation"):
+        print(f"  {name:<16} {run.sub(name)}")
+    print()
+    print("top-N sample (first 3 users, top 5 each):")
+    recs = spark.read.parquet(run.sub("recommendations"))
+    users = [r.user_id for r in recs.select("user_id").distinct().orderBy("user_id").limit(3).collect()]
+    rows = recs.where(F.col("user_id").isin(users) & (F.col("rank") <= 5)).orderBy("user_id", "rank").collect()
+    for r in rows:
+        print(f"  user {r.user_id:>8}  #{r.rank}  item {r.item_id:<10} score {r.score:.4f}")
+
+
+def run_backfill(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: dt.date, *,
+                 break_stale_lock: bool = False) -> list[NightlyResult]:
+    """Run the nightly for each date from ``start`` to ``end`` in order, each warm-started from the
+    previous one; stop at the first failure with a message naming the date to resume from."""
+    if end < start:
+        raise PipelineError(f"backfill: --to {end} is before --from {start}")
+    results = []
+    day = start
+    while day <= end:
+        try:
+            results.append(run_nightly(spark, cfg, day, break_stale_lock=break_stale_lock))
+        except PipelineError as exc:
+            exc.args = (f"backfill stopped at {day}: {exc}. Resume with --from {day} --to {end}",)
+            raise
+        day += dt.timedelta(days=1)
+    return results
+
+
+def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path: str, model_out: str) -> None:
+    """Fit on a stored interaction table and save the model; prints the loss per iteration."""
+    from mf_spark.errors import InputDataError
+
+    if not os.path.exists(interactions_path):
+        raise InputDataError(f"train: interactions not found: {interactions_path}")
+    interactions = spark.read.parquet(interactions_path)
+    model = build_estimator(train, train["max_iter"]).fit(interactions)
+    model.write().overwrite().save(model_out)
+    for i, (loss, sec) in enumerate(zip(model.trainingLoss, model.iterationSeconds), 1):
+        print(f"iteration {i:3d}  loss {loss:.6e}  {sec:6.2f}s")
+    print(f"model saved to {model_out}")
