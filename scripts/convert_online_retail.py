@@ -212,8 +212,12 @@ def convert_directory(source: Path, dest: Path, days: Sequence[str] | None = Non
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help=f"by-day CSV directory (default {DEFAULT_SOURCE})")
-    parser.add_argument("--dest", type=Path, default=DEFAULT_DEST, help=f"output directory (default {DEFAULT_DEST})")
+    parser.add_argument(
+        "--source", type=Path, default=DEFAULT_SOURCE, help=f"by-day CSV directory (default {DEFAULT_SOURCE})"
+    )
+    parser.add_argument(
+        "--dest", type=Path, default=DEFAULT_DEST, help=f"output directory (default {DEFAULT_DEST})"
+    )
     args = parser.parse_args(argv)
     try:
         summary = convert_directory(args.source, args.dest)
