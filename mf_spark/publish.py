@@ -1,0 +1,734 @@
+"""Run directories, the output-root lock, atomic publication, retention and rollback.
+
+Layout under ``output.root`` (a POSIX path the driver can rename in; see docs/operations.md)::
+
+    _LOCK                                   JSON: host, pid, start time, run date of the active run
+    latest.json                             names the published run consumers read
+    runs/dt=2011-12-09/run_id=R/            one directory per run, written only by that run
+        user_factors/ item_factors/ recommendations/ ...   tables (Parquet, written by Spark)
+        manifest.json                       what the run read, did and measured; status
+        _PUBLISHED                          marker: the run is complete and was published
+        _SUPERSEDED                         marker: a later run of the same date replaced it
+
+A run is *published* when ``_PUBLISHED`` exists, *failed* when its manifest says
+``"status": "failed"`` (kept for inspection), otherwise *partial* (a crashed run, removed by the next
+:func:`begin_run`). Every file a consumer reads is written to a temporary name, fsynced and renamed
+into place, so a crash at any point (SIGKILL included) leaves ``latest.json`` and the run it names
+untouched.
+
+Test-only fault injection: when the environment variable ``MF_SPARK_FAULT`` equals the name passed to
+:func:`fault_point`, the process SIGKILLs itself there. Publication honours ``before_manifest``,
+``before_published_marker``, ``before_latest`` and ``after_latest``. Never set it in production.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mf_spark.errors import LockHeldError, PublishError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "_LOCK"
+LATEST_NAME = "latest.json"
+MANIFEST_NAME = "manifest.json"
+PUBLISHED_MARKER = "_PUBLISHED"
+SUPERSEDED_MARKER = "_SUPERSEDED"
+RUNS_DIR = "runs"
+FAULT_ENV = "MF_SPARK_FAULT"
+
+# Directories being deleted are first renamed to this prefix so that a crash mid-delete never leaves a
+# half-deleted run that still looks published; the next begin_run finishes the job.
+_TRASH_PREFIX = ".deleting-"
+_RUN_ID_PATTERN = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
+_DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+# --------------------------------------------------------------------------------------------------
+# small file-system helpers
+
+
+def fault_point(name: str) -> None:
+    """SIGKILL this process when ``MF_SPARK_FAULT == name`` (test-only crash injection)."""
+    if os.environ.get(FAULT_ENV) == name:
+        log.warning("%s=%s: killing this process (pid %d) with SIGKILL", FAULT_ENV, name, os.getpid())
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _json_ready(value: Any) -> Any:
+    """Plain JSON values: dates as ISO strings, numpy scalars as Python numbers, NaN/inf as null."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted(_json_ready(v) for v in value)
+    if isinstance(value, (dt.date, dt.datetime)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        value = value.item()  # numpy scalar
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` so that readers see the old file or the new one, never a mix.
+
+    The text goes to a temporary file in the same directory, is fsynced, renamed over ``path`` with
+    :func:`os.replace` (atomic on POSIX) and the directory entry is fsynced too.
+    """
+    path = Path(path)
+    text = json.dumps(_json_ready(payload), indent=2, sort_keys=True) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise PublishError(f"{path}: not valid JSON ({exc}); fix or remove it by hand") from None
+    if not isinstance(value, dict):
+        raise PublishError(f"{path}: expected a JSON object")
+    return value
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory crash-safely: rename it to a hidden trash name first, then remove it."""
+    trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{secrets.token_hex(3)}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _iso(ts: dt.datetime) -> str:
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --------------------------------------------------------------------------------------------------
+# the lock
+
+
+def _process_start_ticks(pid: int) -> int | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), to detect pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[19])  # field 22 of stat(5); fields[0] is field 3 (state)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _process_state(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
+    """Whether process ``pid`` on this host is running (zombies and reused pids count as gone)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    if _process_state(pid) in ("Z", "X"):
+        return False
+    if start_ticks is not None:
+        current = _process_start_ticks(pid)
+        if current is not None and current != start_ticks:
+            return False
+    return True
+
+
+def describe_holder(info: dict[str, Any]) -> str:
+    return (f"host {info.get('host', '?')} pid {info.get('pid', '?')} since {info.get('started_at', '?')}"
+            f" (run date {info.get('run_date', '?')}"
+            + (f", run_id {info['run_id']}" if info.get("run_id") else "") + ")")
+
+
+class RunLock:
+    """Exclusive lock on an output root: ``<root>/_LOCK``, created with ``O_CREAT | O_EXCL``.
+
+    Use as a context manager around a whole run (or backfill)::
+
+        with RunLock(root, run_date, break_stale=args.break_stale_lock):
+            run = begin_run(root, run_date)
+            ...
+            publish_run(run, manifest)
+
+    Parameters
+    ----------
+    root : str
+        Output root.
+    run_date : date
+        Recorded in the lock so that the holder can be named.
+    break_stale : bool
+        Break a lock whose owner is gone: same host and the pid is not running (or was reused). A live
+        owner's lock is never broken, nor is a lock from another host (the error says how to remove it
+        by hand).
+
+    Raises
+    ------
+    LockHeldError
+        On entry, when another run holds the lock; the message names host, pid, start time and run date.
+    """
+
+    def __init__(self, root: str, run_date: dt.date, break_stale: bool = False) -> None:
+        self.root = Path(root)
+        self.path = self.root / LOCK_NAME
+        self.run_date = run_date
+        self.break_stale = break_stale
+        self.info: dict[str, Any] = {}
+        self._held = False
+
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "pid_start_ticks": _process_start_ticks(os.getpid()),
+            "started_at": _iso(_utc_now()),
+            "run_date": self.run_date.isoformat(),
+            "token": secrets.token_hex(8),
+            "argv": sys.argv,
+        }
+
+    def _try_create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        self.info = self._payload()
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.info, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(self.root)
+        return True
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return _read_json(self.path)
+        except FileNotFoundError:
+            return None
+        except PublishError:
+            # A lock file cut short by a crash between create and write: nobody can be named.
+            return {"host": "?", "pid": -1, "started_at": "?", "run_date": "?", "unreadable": True}
+
+    def _is_stale(self, holder: dict[str, Any]) -> bool:
+        if holder.get("unreadable"):
+            # Cut short by a crash between create and write; give a creator that is still writing a minute.
+            stat = self.path.stat()
+            return stat.st_size == 0 and stat.st_mtime < dt.datetime.now().timestamp() - 60
+        if holder.get("host") != socket.gethostname():
+            return False
+        return not pid_alive(int(holder.get("pid", -1)), holder.get("pid_start_ticks"))
+
+    def _break(self, holder: dict[str, Any]) -> bool:
+        """Move the stale lock aside; undo if another process replaced it meanwhile."""
+        aside = self.root / f"{LOCK_NAME}.stale-{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return True
+        try:
+            moved = _read_json(aside)
+        except PublishError:
+            moved = {"unreadable": True}
+        if moved.get("token") != holder.get("token"):
+            # Someone took the lock between our read and our rename: put theirs back untouched.
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink()
+            return False
+        aside.unlink()
+        log.warning("broke the stale lock of %s", describe_holder(holder))
+        return True
+
+    def acquire(self) -> RunLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            if self._try_create():
+                self._held = True
+                log.info("took the lock %s", self.path)
+                return self
+            holder = self._holder()
+            if holder is None:
+                continue  # released between our create and our read
+            if self.break_stale and self._is_stale(holder):
+                self._break(holder)
+                continue
+            raise LockHeldError(self._held_message(holder))
+        raise LockHeldError(f"{self.path}: could not take the lock after 3 attempts (another run is racing)")
+
+    def _held_message(self, holder: dict[str, Any]) -> str:
+        message = f"output root {self.root} is locked by {describe_holder(holder)}; lock file {self.path}."
+        if holder.get("host") not in (socket.gethostname(), "?"):
+            return (message + " The lock was taken on another host, so it is never broken automatically: "
+                    f"check that no run is active on {holder.get('host')}, then delete {self.path} by hand.")
+        if self._is_stale(holder):
+            return message + " Its process is gone: rerun with --break-stale-lock to break it."
+        return message + " That process is still running; wait for it to finish."
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.info.get("token"):
+            self.path.unlink()
+            log.info("released the lock %s", self.path)
+        else:
+            log.warning("lock %s is no longer ours (now: %s); leaving it", self.path, holder)
+        self._held = False
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+def read_lock(root: str) -> dict[str, Any] | None:
+    """The current lock holder's record, or None when the root is not locked."""
+    try:
+        return _read_json(Path(root) / LOCK_NAME)
+    except FileNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# run directories
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run's directory ``<root>/runs/dt=<run_date>/run_id=<run_id>``."""
+
+    root: str
+    run_date: dt.date
+    run_id: str
+
+    @property
+    def relative_path(self) -> str:
+        return f"{RUNS_DIR}/dt={self.run_date.isoformat()}/run_id={self.run_id}"
+
+    @property
+    def path(self) -> str:
+        return str(Path(self.root) / self.relative_path)
+
+    def sub(self, name: str) -> str:
+        """Path of a table or file inside the run, e.g. ``run.sub("recommendations")``."""
+        if not name or "/" in name or name in (".", ".."):
+            raise ValueError(f"not a plain table name: {name!r}")
+        return str(Path(self.path) / name)
+
+    @property
+    def manifest_path(self) -> str:
+        return self.sub(MANIFEST_NAME)
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """A run id that sorts by start time: UTC timestamp to the microsecond plus a short random suffix."""
+    now = now or _utc_now()
+    return now.strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+
+
+def _iter_run_dirs(root: Path) -> list[RunDir]:
+    runs_root = root / RUNS_DIR
+    found = []
+    if not runs_root.is_dir():
+        return found
+    for date_dir in runs_root.iterdir():
+        if not date_dir.name.startswith("dt=") or not date_dir.is_dir():
+            continue
+        try:
+            run_date = dt.date.fromisoformat(date_dir.name[3:])
+        except ValueError:
+            continue
+        for run_dir in date_dir.iterdir():
+            if run_dir.name.startswith("run_id=") and run_dir.is_dir():
+                found.append(RunDir(str(root), run_date, run_dir.name[len("run_id="):]))
+    return sorted(found, key=lambda r: (r.run_date, r.run_id))
+
+
+def run_status(run: RunDir) -> str:
+    """``published``, ``superseded``, ``failed`` or ``partial`` (see the module docstring)."""
+    path = Path(run.path)
+    if (path / PUBLISHED_MARKER).exists():
+        return "superseded" if (path / SUPERSEDED_MARKER).exists() else "published"
+    manifest = path / MANIFEST_NAME
+    if manifest.exists():
+        try:
+            if _read_json(manifest).get("status") == "failed":
+                return "failed"
+        except PublishError:
+            pass
+    return "partial"
+
+
+def list_runs(root: str) -> list[dict[str, Any]]:
+    """Every run under ``root``, oldest first: run_date, run_id, path (relative), status, is_latest."""
+    latest = read_latest(root)
+    rows = []
+    for run in _iter_run_dirs(Path(root)):
+        rows.append({
+            "run_date": run.run_date.isoformat(),
+            "run_id": run.run_id,
+            "path": run.relative_path,
+            "status": run_status(run),
+            "is_latest": bool(latest) and latest.get("run_id") == run.run_id,
+        })
+    return rows
+
+
+def _record_run_id_in_lock(root: Path, run_id: str) -> dict[str, Any] | None:
+    """When this process holds the lock, add the run id to it; return the lock record (or None)."""
+    lock_path = root / LOCK_NAME
+    try:
+        holder = _read_json(lock_path)
+    except (FileNotFoundError, PublishError):
+        return None
+    if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
+        holder["run_id"] = run_id
+        write_json_atomic(lock_path, holder)
+    return holder
+
+
+def clean_partial_runs(root: str, keep_run_id: str | None = None) -> list[str]:
+    """Remove partial run directories (crashed runs) and leftovers of interrupted deletions.
+
+    A directory named by a live lock holder other than this process is kept. Returns the removed
+    paths relative to ``root``.
+    """
+    root_path = Path(root)
+    holder = read_lock(root) if (root_path / LOCK_NAME).exists() else None
+    other_live_holder = (
+        holder is not None
+        and not (holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid())
+        and (holder.get("host") != socket.gethostname()
+             or pid_alive(int(holder.get("pid", -1)), holder.get("pid_start_ticks")))
+    )
+    if other_live_holder and not holder.get("run_id"):
+        log.warning("another run holds %s without naming its run dir yet; not cleaning partial runs",
+                    root_path / LOCK_NAME)
+        return []
+    protected = {keep_run_id, holder.get("run_id") if other_live_holder else None} - {None}
+    removed = []
+    runs_root = root_path / RUNS_DIR
+    if runs_root.is_dir():
+        for trash in runs_root.glob(f"dt=*/{_TRASH_PREFIX}*"):
+            shutil.rmtree(trash, ignore_errors=True)
+    for run in _iter_run_dirs(root_path):
+        if run.run_id in protected or run_status(run) != "partial":
+            continue
+        log.warning("removing partial run directory %s left by a crashed run", run.path)
+        _remove_tree(Path(run.path))
+        removed.append(run.relative_path)
+    _remove_empty_date_dirs(root_path)
+    return removed
+
+
+def _remove_empty_date_dirs(root: Path) -> None:
+    runs_root = root / RUNS_DIR
+    if not runs_root.is_dir():
+        return
+    for date_dir in runs_root.glob("dt=*"):
+        try:
+            date_dir.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
+
+
+def begin_run(root: str, run_date: dt.date, run_id: str | None = None) -> RunDir:
+    """Clean up partial runs, then create and return a fresh run directory for ``run_date``.
+
+    Call it while holding :class:`RunLock`; the run id is then recorded in the lock so that a
+    concurrent cleanup never removes this run's directory.
+    """
+    run_id = run_id or new_run_id()
+    if not _RUN_ID_PATTERN.match(run_id):
+        raise ValueError(f"run_id {run_id!r} must be letters, digits, '.', '_' or '-'")
+    root_path = Path(root)
+    root_path.mkdir(parents=True, exist_ok=True)
+    _record_run_id_in_lock(root_path, run_id)
+    clean_partial_runs(root, keep_run_id=run_id)
+    run = RunDir(str(root_path), run_date, run_id)
+    Path(run.path).mkdir(parents=True, exist_ok=False)
+    log.info("run directory %s", run.path)
+    return run
+
+
+# --------------------------------------------------------------------------------------------------
+# manifests and publication
+
+
+def write_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` inside the run directory atomically (no publication)."""
+    write_json_atomic(run.manifest_path, manifest)
+
+
+def fail_run(run: RunDir, manifest: dict[str, Any], reason: str) -> None:
+    """Record a failed run: manifest with ``status: failed`` and the reason; nothing is published.
+
+    Failed runs are kept for inspection (retention removes them once they are older than every kept
+    published run) and are never cleaned as partial.
+    """
+    payload = {**manifest, "status": "failed", "error": reason, "failed_at": _iso(_utc_now()),
+               "run": {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}}
+    write_manifest(run, payload)
+    log.error("run %s failed, nothing published: %s", run.relative_path, reason)
+
+
+def read_latest(root: str) -> dict[str, Any] | None:
+    """The content of ``<root>/latest.json`` (run_date, run_id, path, published_at), or None."""
+    try:
+        return _read_json(Path(root) / LATEST_NAME)
+    except FileNotFoundError:
+        return None
+
+
+def _read_manifest(root: str, relative_path: str) -> dict[str, Any] | None:
+    path = Path(root) / relative_path / MANIFEST_NAME
+    try:
+        manifest = _read_json(path)
+    except FileNotFoundError:
+        log.warning("%s is missing; ignoring that run", path)
+        return None
+    manifest["run_dir"] = str(Path(root) / relative_path)
+    return manifest
+
+
+def previous_published(root: str, before: dt.date | None = None) -> dict[str, Any] | None:
+    """The manifest of the run to warm-start from and to compare the quality gate against.
+
+    Without ``before``: the run ``latest.json`` names. With ``before`` (the date being run): the run
+    ``latest.json`` names if its date is earlier than ``before``, otherwise the newest published
+    (not superseded) run dated before ``before`` - so a rerun of date D starts from the same model
+    as the first run of D did, and gives the same tables.
+
+    The returned dict is the manifest plus ``run_dir``, the run directory's absolute path. None when
+    nothing suitable was published.
+    """
+    latest = read_latest(root)
+    if latest and (before is None or dt.date.fromisoformat(latest["run_date"]) < before):
+        return _read_manifest(root, latest["path"])
+    if before is None:
+        return None
+    candidates = [r for r in _iter_run_dirs(Path(root)) if r.run_date < before and run_status(r) == "published"]
+    return _read_manifest(root, candidates[-1].relative_path) if candidates else None
+
+
+def _latest_entry(run: RunDir, published_at: str, **extra: Any) -> dict[str, Any]:
+    return {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path,
+            "manifest": f"{run.relative_path}/{MANIFEST_NAME}", "published_at": published_at, **extra}
+
+
+def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = None) -> None:
+    """Publish a complete run.
+
+    Order (each step atomic, so a crash between any two leaves the previous publication valid):
+    ``manifest.json`` with ``status: published``; the ``_PUBLISHED`` marker; ``latest.json`` replaced
+    to name this run - unless it already names a *later* date (a rerun of an old date does not move
+    consumers back in time; use :func:`rollback` for that); retention when ``keep_runs`` is given;
+    finally older runs of the same date are marked superseded.
+    """
+    published_at = _iso(_utc_now())
+    payload = {**manifest, "status": "published", "published_at": published_at,
+               "run": {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}}
+    fault_point("before_manifest")
+    write_manifest(run, payload)
+    fault_point("before_published_marker")
+    write_json_atomic(Path(run.path) / PUBLISHED_MARKER, {"published_at": published_at})
+    fault_point("before_latest")
+    latest = read_latest(run.root)
+    if latest and dt.date.fromisoformat(latest["run_date"]) > run.run_date:
+        log.warning("published %s but left latest.json on the later date %s (%s)",
+                    run.relative_path, latest["run_date"], latest["run_id"])
+    else:
+        write_json_atomic(Path(run.root) / LATEST_NAME, _latest_entry(run, published_at))
+        log.info("latest.json now names %s", run.relative_path)
+    fault_point("after_latest")
+    if keep_runs is not None:
+        apply_retention(run.root, keep_runs)
+    for older in _iter_run_dirs(Path(run.root)):
+        if older.run_date == run.run_date and older.run_id < run.run_id and run_status(older) == "published":
+            write_json_atomic(Path(older.path) / SUPERSEDED_MARKER,
+                              {"superseded_by": run.run_id, "superseded_at": published_at})
+            log.info("run %s superseded by %s", older.relative_path, run.run_id)
+
+
+def apply_retention(root: str, keep_runs: int) -> list[str]:
+    """Keep the newest ``keep_runs`` published runs (superseded ones included), delete older ones.
+
+    The run ``latest.json`` names is never deleted, whatever its age. Failed runs older than the
+    oldest kept published run go too. Returns the removed paths relative to ``root``.
+    """
+    if keep_runs < 1:
+        raise ValueError(f"keep_runs must be at least 1, got {keep_runs}")
+    latest = read_latest(root)
+    latest_id = latest.get("run_id") if latest else None
+    runs = _iter_run_dirs(Path(root))
+    published = [r for r in runs if run_status(r) in ("published", "superseded")]
+    kept = published[-keep_runs:]
+    if not kept:
+        return []
+    oldest_kept = (kept[0].run_date, kept[0].run_id)
+    removed = []
+    for run in runs:
+        status = run_status(run)
+        doomed = (
+            (status in ("published", "superseded") and run not in kept)
+            or (status == "failed" and (run.run_date, run.run_id) < oldest_kept)
+        )
+        if doomed and run.run_id != latest_id:
+            _remove_tree(Path(run.path))
+            removed.append(run.relative_path)
+            log.info("retention: removed %s (%s)", run.relative_path, status)
+    _remove_empty_date_dirs(Path(root))
+    return removed
+
+
+def rollback(root: str, target: str) -> dict[str, Any]:
+    """Point ``latest.json`` at an older published run and return the new ``latest.json`` content.
+
+    ``target`` is a run id, or a date ``YYYY-MM-DD`` meaning that date's newest published run.
+    Nothing is deleted; the next nightly publishes as usual.
+
+    Raises
+    ------
+    PublishError
+        When no published run matches ``target``.
+    """
+    runs = [r for r in _iter_run_dirs(Path(root)) if run_status(r) in ("published", "superseded")]
+    if _DATE_PATTERN.match(target):
+        matches = [r for r in runs if r.run_date.isoformat() == target]
+    else:
+        matches = [r for r in runs if r.run_id == target]
+    if not matches:
+        known = ", ".join(f"{r.run_date} {r.run_id}" for r in runs) or "none"
+        raise PublishError(f"{root}: no published run matches {target!r} (published runs: {known})")
+    run = matches[-1]
+    previous = read_latest(root)
+    entry = _latest_entry(run, _iso(_utc_now()), rolled_back_from=(previous or {}).get("run_id"))
+    write_json_atomic(Path(root) / LATEST_NAME, entry)
+    log.warning("rolled back: latest.json now names %s (was %s)", run.relative_path,
+                (previous or {}).get("path"))
+    return entry
+
+
+# --------------------------------------------------------------------------------------------------
+# provenance
+
+
+def _package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_commit() -> str:
+    """The commit the code came from.
+
+    ``spark-submit.sh`` stamps it into the shipped zip as ``mf_spark/_build_info.json`` (the driver
+    may run far from the checkout, e.g. YARN cluster mode); otherwise ``git rev-parse HEAD`` in the
+    package's checkout; otherwise ``"unknown"``.
+    """
+    import pkgutil
+
+    try:
+        data = pkgutil.get_data("mf_spark", "_build_info.json")
+    except OSError:
+        data = None
+    if data:
+        try:
+            return str(json.loads(data)["git_commit"])
+        except (ValueError, KeyError):
+            pass
+    package_dir = Path(__file__).resolve().parent
+    if package_dir.is_dir():
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True,
+                                 text=True, timeout=10, check=True)
+            return out.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return "unknown"
+
+
+def manifest_base(spark_version: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Provenance every manifest carries: versions, git commit, host, pid, the command line.
+
+    Parameters
+    ----------
+    spark_version : str, optional
+        ``spark.version`` of the running session (the JVM's version, which can differ from the
+        pyspark package's).
+    **extra
+        Merged in at the top level.
+    """
+    import mf_spark
+
+    return {
+        "versions": {
+            "spark": spark_version or "unknown",
+            "pyspark": _package_version("pyspark"),
+            "python": platform.python_version(),
+            "mf_spark": getattr(mf_spark, "__version__", "unknown"),
+            **{name: _package_version(name) for name in ("numpy", "pandas", "pyarrow", "scipy")},
+        },
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "argv": sys.argv,
+        **extra,
+    }

@@ -1,0 +1,374 @@
+"""Publication layer: lock, run directories, atomic publish, crash safety, retention, rollback.
+
+No Spark here: the layer works on plain files. Crashes are real: a subprocess SIGKILLs itself at a
+chosen point through the test-only ``MF_SPARK_FAULT`` hook.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mf_spark import publish
+from mf_spark.errors import LockHeldError, PublishError
+from mf_spark.publish import (
+    RunDir,
+    RunLock,
+    apply_retention,
+    begin_run,
+    fail_run,
+    list_runs,
+    manifest_base,
+    previous_published,
+    publish_run,
+    read_latest,
+    rollback,
+    run_status,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+D1, D2, D3, D4 = (dt.date(2011, 12, d) for d in (6, 7, 8, 9))
+
+
+def fake_tables(run: RunDir, marker: str = "x") -> None:
+    """Stand-ins for the Spark tables a run writes."""
+    for name in ("user_factors", "item_factors", "recommendations"):
+        Path(run.sub(name)).mkdir()
+        Path(run.sub(name), "part-0.parquet").write_text(marker)
+
+
+def published(root: Path, run_date: dt.date, marker: str = "x", keep_runs: int | None = None) -> RunDir:
+    run = begin_run(str(root), run_date)
+    fake_tables(run, marker)
+    publish_run(run, {"metrics": {"ndcg@20": 0.1}, "marker": marker}, keep_runs=keep_runs)
+    return run
+
+
+def test_run_ids_sort_by_start_time_and_are_unique():
+    early = publish.new_run_id(dt.datetime(2025, 1, 1, 23, 59, 59, 999999, tzinfo=dt.timezone.utc))
+    late = publish.new_run_id(dt.datetime(2025, 1, 2, 0, 0, 0, 1, tzinfo=dt.timezone.utc))
+    assert early < late
+    assert re.fullmatch(r"20250101T235959999999Z-[0-9a-f]{6}", early)
+    assert len({publish.new_run_id() for _ in range(200)}) == 200
+
+
+def test_begin_run_makes_the_run_directory_and_names_tables(tmp_path):
+    run = begin_run(str(tmp_path), D1, run_id="r1")
+    assert Path(run.path) == tmp_path / "runs" / "dt=2011-12-06" / "run_id=r1"
+    assert Path(run.path).is_dir()
+    assert run.sub("recommendations") == str(Path(run.path) / "recommendations")
+    with pytest.raises(ValueError):
+        run.sub("../elsewhere")
+    with pytest.raises(ValueError):
+        begin_run(str(tmp_path), D1, run_id="bad/id")
+
+
+def test_publish_writes_manifest_marker_and_latest(tmp_path):
+    run = published(tmp_path, D1)
+    manifest = json.loads(Path(run.manifest_path).read_text())
+    assert manifest["status"] == "published"
+    assert manifest["run"] == {"run_date": "2011-12-06", "run_id": run.run_id, "path": run.relative_path}
+    assert (Path(run.path) / "_PUBLISHED").exists()
+    latest = read_latest(str(tmp_path))
+    assert latest["run_id"] == run.run_id
+    assert latest["run_date"] == "2011-12-06"
+    assert latest["path"] == run.relative_path
+    assert (tmp_path / latest["manifest"]).exists()
+    assert latest["published_at"] == manifest["published_at"]
+    previous = previous_published(str(tmp_path))
+    assert previous["run_dir"] == run.path
+    assert previous["marker"] == "x"
+    # no temporary files are left next to the published ones
+    assert not list(tmp_path.rglob(".*.tmp-*"))
+
+
+def test_nothing_published_means_no_latest(tmp_path):
+    assert read_latest(str(tmp_path)) is None
+    assert previous_published(str(tmp_path)) is None
+    assert previous_published(str(tmp_path), before=D1) is None
+
+
+def test_rerun_replaces_only_that_dates_publication(tmp_path):
+    day1 = published(tmp_path, D1, "day1")
+    first = published(tmp_path, D2, "first")
+    second = published(tmp_path, D2, "second")
+    assert read_latest(str(tmp_path))["run_id"] == second.run_id
+    assert run_status(first) == "superseded"
+    assert json.loads((Path(first.path) / "_SUPERSEDED").read_text())["superseded_by"] == second.run_id
+    assert run_status(day1) == "published"
+    assert run_status(second) == "published"
+    # the superseded run is intact until retention removes it (a reader may still be on it)
+    assert Path(first.sub("recommendations"), "part-0.parquet").read_text() == "first"
+
+
+def test_rerun_warm_starts_from_the_previous_date_not_from_itself(tmp_path):
+    day1 = published(tmp_path, D1, "day1")
+    published(tmp_path, D2, "day2")
+    assert previous_published(str(tmp_path))["marker"] == "day2"
+    # rerunning D2 must start from the same model the first D2 run started from
+    assert previous_published(str(tmp_path), before=D2)["run_dir"] == day1.path
+    assert previous_published(str(tmp_path), before=D3)["marker"] == "day2"
+    assert previous_published(str(tmp_path), before=D1) is None
+
+
+def test_publishing_an_older_date_does_not_move_latest_back(tmp_path):
+    later = published(tmp_path, D3)
+    older = published(tmp_path, D1)
+    assert run_status(older) == "published"
+    assert read_latest(str(tmp_path))["run_id"] == later.run_id
+
+
+def test_failed_run_is_recorded_not_published(tmp_path):
+    good = published(tmp_path, D1)
+    run = begin_run(str(tmp_path), D2)
+    fail_run(run, {"metrics": {"ndcg@20": 0.0}}, "quality gate: ndcg@20 = 0 < 0.5")
+    manifest = json.loads(Path(run.manifest_path).read_text())
+    assert manifest["status"] == "failed"
+    assert "ndcg@20" in manifest["error"]
+    assert not (Path(run.path) / "_PUBLISHED").exists()
+    assert run_status(run) == "failed"
+    assert read_latest(str(tmp_path))["run_id"] == good.run_id
+    # a failed run is kept for inspection by the next run's cleanup
+    begin_run(str(tmp_path), D2)
+    assert Path(run.path).is_dir()
+
+
+def test_begin_run_cleans_partial_runs_only(tmp_path):
+    good = published(tmp_path, D1)
+    crashed = RunDir(str(tmp_path), D2, "20111207T000000000000Z-dead00")
+    Path(crashed.sub("recommendations")).mkdir(parents=True)
+    failed = begin_run(str(tmp_path), D2)
+    fail_run(failed, {}, "boom")
+    trash = tmp_path / "runs" / "dt=2011-12-06" / ".deleting-run_id=old-abc123"
+    trash.mkdir()
+    fresh = begin_run(str(tmp_path), D2)
+    assert not Path(crashed.path).exists()
+    assert not trash.exists()
+    assert Path(good.path).is_dir() and Path(failed.path).is_dir() and Path(fresh.path).is_dir()
+
+
+def test_cleanup_spares_the_run_of_a_live_lock_holder(tmp_path):
+    live_run = RunDir(str(tmp_path), D2, "20111207T000000000000Z-live00")
+    Path(live_run.path).mkdir(parents=True)
+    holder = {"host": socket.gethostname(), "pid": os.getppid(), "started_at": "now", "run_date": "2011-12-07",
+              "token": "t", "run_id": live_run.run_id}
+    (tmp_path / "_LOCK").write_text(json.dumps(holder))
+    assert publish.clean_partial_runs(str(tmp_path)) == []
+    assert Path(live_run.path).is_dir()
+    # without a run id in the lock the live holder's directory cannot be told apart: clean nothing
+    del holder["run_id"]
+    (tmp_path / "_LOCK").write_text(json.dumps(holder))
+    assert publish.clean_partial_runs(str(tmp_path)) == []
+
+
+def test_lock_blocks_a_second_run_and_names_the_holder(tmp_path):
+    with RunLock(str(tmp_path), D1) as lock:
+        info = json.loads((tmp_path / "_LOCK").read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        assert info["run_date"] == "2011-12-06"
+        with pytest.raises(LockHeldError) as err:
+            RunLock(str(tmp_path), D2).acquire()
+        message = str(err.value)
+        assert f"pid {os.getpid()}" in message and socket.gethostname() in message
+        assert info["started_at"] in message and "2011-12-06" in message
+        assert "still running" in message
+        # break_stale never breaks a live owner's lock
+        with pytest.raises(LockHeldError):
+            RunLock(str(tmp_path), D2, break_stale=True).acquire()
+        run = begin_run(str(tmp_path), D1)
+        assert json.loads((tmp_path / "_LOCK").read_text())["run_id"] == run.run_id
+        assert lock.path.exists()
+    assert not (tmp_path / "_LOCK").exists()
+
+
+def test_lock_is_released_when_the_run_raises(tmp_path):
+    with pytest.raises(RuntimeError):
+        with RunLock(str(tmp_path), D1):
+            raise RuntimeError("stage failed")
+    assert not (tmp_path / "_LOCK").exists()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def write_lock(root: Path, **fields) -> None:
+    info = {"host": socket.gethostname(), "pid": dead_pid(), "started_at": "2011-12-06T03:00:00Z",
+            "run_date": "2011-12-06", "token": "old"}
+    info.update(fields)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "_LOCK").write_text(json.dumps(info))
+
+
+def test_stale_lock_needs_break_stale(tmp_path):
+    write_lock(tmp_path)
+    with pytest.raises(LockHeldError, match="--break-stale-lock"):
+        RunLock(str(tmp_path), D2).acquire()
+    with RunLock(str(tmp_path), D2, break_stale=True):
+        assert json.loads((tmp_path / "_LOCK").read_text())["pid"] == os.getpid()
+    assert not list(tmp_path.glob("_LOCK*"))
+
+
+def test_reused_pid_counts_as_gone(tmp_path):
+    # our own pid is alive, but with another start time it is a different process
+    write_lock(tmp_path, pid=os.getpid(), pid_start_ticks=1)
+    with RunLock(str(tmp_path), D2, break_stale=True):
+        pass
+
+
+def test_lock_from_another_host_is_never_broken_automatically(tmp_path):
+    write_lock(tmp_path, host="other-host.example", pid=12345)
+    with pytest.raises(LockHeldError) as err:
+        RunLock(str(tmp_path), D2, break_stale=True).acquire()
+    assert "other-host.example" in str(err.value) and "by hand" in str(err.value)
+    assert (tmp_path / "_LOCK").exists()
+
+
+def test_retention_keeps_the_newest_runs_and_the_latest(tmp_path):
+    runs = [published(tmp_path, day) for day in (D1, D2, D3)]
+    failed_old = RunDir(str(tmp_path), D1, "00000000T000000000000Z-failed")
+    Path(failed_old.path).mkdir(parents=True)
+    fail_run(failed_old, {}, "boom")
+    rollback(str(tmp_path), runs[0].run_id)  # consumers now read the oldest run
+    fourth = published(tmp_path, D4, keep_runs=2)
+    # publishing D4 moved latest to D4; retention kept D3 and D4 and removed D1, D2 and the old failure
+    assert read_latest(str(tmp_path))["run_id"] == fourth.run_id
+    assert [r["run_date"] for r in list_runs(str(tmp_path))] == ["2011-12-08", "2011-12-09"]
+    # retention never deletes the run latest.json names, however old
+    rollback(str(tmp_path), "2011-12-08")
+    fifth = published(tmp_path, D1)  # an older date: latest stays on D3
+    assert apply_retention(str(tmp_path), 1) == [fifth.relative_path]
+    remaining = {r["run_date"]: r for r in list_runs(str(tmp_path))}
+    assert set(remaining) == {"2011-12-08", "2011-12-09"}
+    assert remaining["2011-12-08"]["is_latest"]
+    with pytest.raises(ValueError):
+        apply_retention(str(tmp_path), 0)
+
+
+def test_rollback_by_run_id_and_by_date(tmp_path):
+    day1 = published(tmp_path, D1)
+    day2_first = published(tmp_path, D2)
+    day2_second = published(tmp_path, D2)
+    entry = rollback(str(tmp_path), day1.run_id)
+    assert read_latest(str(tmp_path)) == entry
+    assert entry["run_id"] == day1.run_id and entry["rolled_back_from"] == day2_second.run_id
+    assert previous_published(str(tmp_path))["run_dir"] == day1.path
+    assert rollback(str(tmp_path), "2011-12-07")["run_id"] == day2_second.run_id
+    # a superseded run is complete, so it is a valid target by id
+    assert rollback(str(tmp_path), day2_first.run_id)["run_id"] == day2_first.run_id
+
+
+def test_rollback_refuses_unknown_failed_and_partial_runs(tmp_path):
+    published(tmp_path, D1)
+    failed = begin_run(str(tmp_path), D2)
+    fail_run(failed, {}, "boom")
+    partial = RunDir(str(tmp_path), D3, "20111208T000000000000Z-part00")
+    Path(partial.path).mkdir(parents=True)
+    for target in ("2011-12-31", "nope", failed.run_id, partial.run_id, "2011-12-07"):
+        with pytest.raises(PublishError, match="no published run matches"):
+            rollback(str(tmp_path), target)
+
+
+def test_corrupt_latest_is_a_clear_error(tmp_path):
+    (tmp_path / "latest.json").write_text("{not json")
+    with pytest.raises(PublishError, match="latest.json: not valid JSON"):
+        read_latest(str(tmp_path))
+
+
+def test_json_payloads_are_plain_json(tmp_path):
+    path = tmp_path / "m.json"
+    publish.write_json_atomic(path, {"d": D1, "nan": float("nan"), "np": np.float32(0.5), "n": np.int64(3),
+                                     "s": {"b", "a"}, "p": tmp_path})
+    assert json.loads(path.read_text()) == {"d": "2011-12-06", "nan": None, "np": 0.5, "n": 3, "s": ["a", "b"],
+                                            "p": str(tmp_path)}
+
+
+def test_manifest_base_names_versions_commit_and_host():
+    base = manifest_base("4.3.0", stage="x")
+    assert base["versions"]["spark"] == "4.3.0"
+    assert base["versions"]["pyspark"] == "4.3.0"
+    assert base["versions"]["numpy"] == np.__version__
+    assert base["host"] == socket.gethostname()
+    assert base["stage"] == "x"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
+    expected = head.stdout.strip() if head.returncode == 0 else "unknown"
+    assert base["git_commit"] == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# real crashes: a subprocess publishes and SIGKILLs itself at a chosen point
+
+CRASHING_RUN = textwrap.dedent(
+    """
+    import datetime as dt, sys
+    from pathlib import Path
+    from mf_spark.publish import RunLock, begin_run, publish_run
+    root, day = sys.argv[1], dt.date.fromisoformat(sys.argv[2])
+    with RunLock(root, day, break_stale=True):
+        run = begin_run(root, day)
+        for name in ("user_factors", "recommendations"):
+            Path(run.sub(name)).mkdir()
+            Path(run.sub(name), "part-0.parquet").write_text("new")
+        publish_run(run, {"marker": "new"}, keep_runs=1)
+    """
+)
+
+
+def run_crashing(root: Path, day: dt.date, fault: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MF_SPARK_FAULT": fault, "PYTHONPATH": str(REPO_ROOT)}
+    return subprocess.run([sys.executable, "-c", CRASHING_RUN, str(root), day.isoformat()], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("fault", ["before_manifest", "before_published_marker", "before_latest"])
+def test_sigkill_before_latest_leaves_the_previous_publication(tmp_path, fault):
+    old = published(tmp_path, D1, "old")
+    latest_before = (tmp_path / "latest.json").read_bytes()
+    result = run_crashing(tmp_path, D2, fault)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert (tmp_path / "latest.json").read_bytes() == latest_before
+    assert previous_published(str(tmp_path))["marker"] == "old"
+    assert Path(old.sub("recommendations"), "part-0.parquet").read_text() == "old"
+    assert (tmp_path / "_LOCK").exists()  # the dead run's lock stays until broken
+    statuses = {r["run_id"]: r["status"] for r in list_runs(str(tmp_path))}
+    crashed = [rid for rid in statuses if rid != old.run_id]
+    assert len(crashed) == 1
+    # once the marker is written the run is complete, just not promoted; before that it is partial
+    assert statuses[crashed[0]] == ("published" if fault == "before_latest" else "partial")
+
+    # the next run breaks the dead run's lock, cleans the partial directory and publishes
+    with pytest.raises(LockHeldError, match="--break-stale-lock"):
+        RunLock(str(tmp_path), D2).acquire()
+    result = run_crashing(tmp_path, D2, "")
+    assert result.returncode == 0, result.stderr
+    latest = read_latest(str(tmp_path))
+    assert latest["run_date"] == "2011-12-07"
+    assert previous_published(str(tmp_path))["marker"] == "new"
+    remaining = {r["run_id"]: r["status"] for r in list_runs(str(tmp_path))}
+    assert remaining[latest["run_id"]] == "published"
+    assert "partial" not in remaining.values()
+    assert not (tmp_path / "_LOCK").exists()
+
+
+def test_sigkill_after_latest_leaves_the_new_publication_complete(tmp_path):
+    published(tmp_path, D1, "old")
+    result = run_crashing(tmp_path, D2, "after_latest")
+    assert result.returncode == -signal.SIGKILL
+    assert previous_published(str(tmp_path))["marker"] == "new"
+    run_dir = Path(previous_published(str(tmp_path))["run_dir"])
+    assert (run_dir / "recommendations" / "part-0.parquet").read_text() == "new"
+    # retention had not run yet: the old run is still there
+    assert len(list_runs(str(tmp_path))) == 2
