@@ -1,0 +1,329 @@
+"""ImplicitALS on Spark: closed-form half-steps, agreement with MLlib, CG vs Cholesky, warm start,
+determinism, routing vs broadcast, input validation, persistence and the MLlib-compatible API."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pyspark.ml import Pipeline
+from pyspark.sql import functions as F
+
+from mf_spark import ImplicitALS, ImplicitALSModel
+from mf_spark.errors import InputDataError
+
+# --- dense numpy reference (Hu, Koren and Volinsky 2008, MLlib's conventions) ----------------------
+
+
+def reg_weights(n_pos, n_other, reg, mode, alpha0=0.1, nu=1.0):
+    if mode == "count":
+        return reg * n_pos
+    if mode == "constant":
+        return np.full(n_pos.shape, reg, dtype=np.float64)
+    return reg * (n_pos + alpha0 * n_other) ** nu
+
+
+def confidence(r, alpha, mode, eps=1.0):
+    return 1 + alpha * (np.abs(r) if mode == "linear" else np.log1p(np.abs(r) / eps))
+
+
+def dense_half_step(R, fixed, alpha, reg, reg_mode="count", conf_mode="linear"):
+    """Solve every row of R (n_rows, n_cols; 0 = unobserved) against fixed column factors."""
+    k = fixed.shape[1]
+    gram = fixed.T @ fixed
+    n_pos = (R > 0).sum(1)
+    lam = reg_weights(n_pos, R.shape[1], reg, reg_mode)
+    out = np.zeros((R.shape[0], k))
+    for u in range(R.shape[0]):
+        obs = np.nonzero(R[u])[0]
+        if obs.size == 0:
+            continue
+        c = confidence(R[u, obs], alpha, conf_mode)
+        y = fixed[obs]
+        a = gram + (y.T * (c - 1)) @ y + lam[u] * np.eye(k)
+        b = (y.T * (c * (R[u, obs] > 0))).sum(1)
+        out[u] = np.linalg.solve(a, b)
+    return out
+
+
+def dense_objective(R, X, Y, alpha, reg, reg_mode="count", conf_mode="linear"):
+    """sum_{u,i} c (p - x.y)^2 + sum_u lambda_u |x_u|^2 + sum_i lambda_i |y_i|^2 over all pairs."""
+    S = X @ Y.T
+    C = np.where(R != 0, confidence(R, alpha, conf_mode), 1.0)
+    P = (R > 0).astype(float)
+    lam_u = reg_weights((R > 0).sum(1), R.shape[1], reg, reg_mode)
+    lam_i = reg_weights((R > 0).sum(0), R.shape[0], reg, reg_mode)
+    return float((C * (P - S) ** 2).sum() + (lam_u * (X**2).sum(1)).sum() + (lam_i * (Y**2).sum(1)).sum())
+
+
+def factors_matrix(df, n):
+    rows = df.collect()
+    k = len(rows[0]["features"])
+    m = np.zeros((n, k))
+    for r in rows:
+        m[r["id"]] = r["features"]
+    return m
+
+
+def random_ratings(n_users, n_items, density, seed, negative_share=0.05):
+    rng = np.random.default_rng(seed)
+    R = np.zeros((n_users, n_items))
+    mask = rng.random((n_users, n_items)) < density
+    R[mask] = rng.integers(1, 6, mask.sum()).astype(float)
+    neg = mask & (rng.random((n_users, n_items)) < negative_share)
+    R[neg] = -1.0
+    for u in range(n_users):  # every user and item has at least one rating
+        if not mask[u].any():
+            R[u, rng.integers(n_items)] = 1.0
+    for i in range(n_items):
+        if not (R[:, i] != 0).any():
+            R[rng.integers(n_users), i] = 1.0
+    return R
+
+
+def to_frame(spark, R, user_col="user", item_col="item"):
+    u, i = np.nonzero(R)
+    rows = [(int(a), int(b), float(R[a, b])) for a, b in zip(u, i)]
+    return spark.createDataFrame(rows, f"{user_col} int, {item_col} int, rating float")
+
+
+def factor_frame(spark, M):
+    return spark.createDataFrame([(i, [float(v) for v in row]) for i, row in enumerate(M)], "id int, features array<float>")
+
+
+@pytest.fixture(scope="module")
+def small(spark):
+    R = random_ratings(40, 30, 0.15, seed=1)
+    return R, to_frame(spark, R)
+
+
+# --- 1. one half-step equals the dense closed form ---------------------------------------------
+
+
+@pytest.mark.parametrize("reg_mode", ["count", "constant", "frequency"])
+@pytest.mark.parametrize("conf_mode", ["linear", "log"])
+def test_first_iteration_equals_dense_closed_form(spark, small, reg_mode, conf_mode):
+    R, ratings = small
+    rank, alpha, reg = 4, 3.0, 0.2
+    rng = np.random.default_rng(5)
+    X0 = rng.standard_normal((R.shape[0], rank)).astype(np.float32)
+    Y0 = rng.standard_normal((R.shape[1], rank)).astype(np.float32)
+    init = ImplicitALSModel(rank, factor_frame(spark, X0), factor_frame(spark, Y0))
+    model = ImplicitALS(rank=rank, maxIter=1, alpha=alpha, regParam=reg, regularization=reg_mode,
+                        confidence=conf_mode, solver="cholesky", numUserBlocks=3, numItemBlocks=2,
+                        initialModel=init).fit(ratings)
+    Y1 = dense_half_step(R.T, X0.astype(np.float64), alpha, reg, reg_mode, conf_mode)
+    X1 = dense_half_step(R, Y1.astype(np.float32).astype(np.float64), alpha, reg, reg_mode, conf_mode)
+    np.testing.assert_allclose(factors_matrix(model.itemFactors, R.shape[1]), Y1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(factors_matrix(model.userFactors, R.shape[0]), X1, rtol=1e-4, atol=1e-5)
+
+
+def test_training_loss_is_the_exact_objective(spark, small):
+    R, ratings = small
+    model = ImplicitALS(rank=5, maxIter=3, alpha=2.0, regParam=0.1, solver="cholesky", numUserBlocks=2,
+                        numItemBlocks=2, seed=3).fit(ratings)
+    X = factors_matrix(model.userFactors, R.shape[0])
+    Y = factors_matrix(model.itemFactors, R.shape[1])
+    assert len(model.trainingLoss) == 3
+    assert model.trainingLoss[-1] == pytest.approx(dense_objective(R, X, Y, 2.0, 0.1), rel=1e-4)
+    assert model.trainingLoss[0] >= model.trainingLoss[1] >= model.trainingLoss[2]
+
+
+def test_routing_equals_broadcast(spark, small):
+    R, ratings = small
+    common = dict(rank=4, maxIter=2, alpha=2.0, solver="cg", numUserBlocks=3, numItemBlocks=2, seed=11)
+    routed = ImplicitALS(broadcastThreshold=0, **common).fit(ratings)
+    broadcast = ImplicitALS(**common).fit(ratings)
+    np.testing.assert_allclose(factors_matrix(routed.userFactors, R.shape[0]),
+                               factors_matrix(broadcast.userFactors, R.shape[0]), rtol=1e-5, atol=1e-6)
+    assert routed.trainingLoss == pytest.approx(broadcast.trainingLoss, rel=1e-6)
+
+
+def test_same_seed_and_blocks_give_same_factors(spark, small):
+    R, ratings = small
+    a = ImplicitALS(rank=4, maxIter=2, numUserBlocks=2, numItemBlocks=3, seed=9).fit(ratings)
+    b = ImplicitALS(rank=4, maxIter=2, numUserBlocks=2, numItemBlocks=3, seed=9).fit(ratings.repartition(3))
+    assert factors_matrix(a.userFactors, R.shape[0]).tolist() == factors_matrix(b.userFactors, R.shape[0]).tolist()
+    c = ImplicitALS(rank=4, maxIter=2, numUserBlocks=2, numItemBlocks=3, seed=10).fit(ratings)
+    assert factors_matrix(a.userFactors, R.shape[0]).tolist() != factors_matrix(c.userFactors, R.shape[0]).tolist()
+
+
+def test_duplicates_are_summed(spark):
+    dup = spark.createDataFrame([(0, 0, 1.0), (0, 0, 2.0), (0, 1, 1.0), (1, 1, 4.0), (1, 0, 1.0)], "user int, item int, rating float")
+    summed = spark.createDataFrame([(0, 0, 3.0), (0, 1, 1.0), (1, 1, 4.0), (1, 0, 1.0)], "user int, item int, rating float")
+    kw = dict(rank=2, maxIter=2, numUserBlocks=1, numItemBlocks=1, seed=1, solver="cholesky")
+    a = ImplicitALS(**kw).fit(dup)
+    b = ImplicitALS(**kw).fit(summed)
+    assert factors_matrix(a.userFactors, 2).tolist() == factors_matrix(b.userFactors, 2).tolist()
+
+
+# --- 2. agreement with MLlib ------------------------------------------------------------------
+
+
+def precision_at_10(R_train, R_test, X, Y):
+    scores = X @ Y.T
+    scores[R_train != 0] = -np.inf
+    top = np.argsort(-scores, axis=1)[:, :10]
+    users = np.nonzero((R_test > 0).any(1))[0]
+    return float(np.mean([(R_test[u, top[u]] > 0).sum() / 10 for u in users]))
+
+
+def test_cholesky_matches_mllib_objective_and_precision(spark):
+    from pyspark.ml.recommendation import ALS
+
+    R = random_ratings(150, 80, 0.08, seed=21, negative_share=0.0)
+    # structured data so that precision is meaningful: two taste groups
+    rng = np.random.default_rng(2)
+    R[:75, :40] += (rng.random((75, 40)) < 0.25) * 2
+    R[75:, 40:] += (rng.random((75, 40)) < 0.25) * 2
+    mask = (R != 0) & (rng.random(R.shape) < 0.2)
+    R_test, R_train = np.where(mask, R, 0), np.where(mask, 0, R)
+    train = to_frame(spark, R_train)
+    kw = dict(rank=8, maxIter=10, regParam=0.1, alpha=5.0, seed=0, numUserBlocks=2, numItemBlocks=2)
+    ours = ImplicitALS(solver="cholesky", **kw).fit(train)
+    mllib = ALS(implicitPrefs=True, userCol="user", itemCol="item", ratingCol="rating", **kw).fit(train)
+    n_u, n_i = R.shape
+    obj_ours = dense_objective(R_train, factors_matrix(ours.userFactors, n_u), factors_matrix(ours.itemFactors, n_i), 5.0, 0.1)
+    obj_mllib = dense_objective(R_train, factors_matrix(mllib.userFactors, n_u), factors_matrix(mllib.itemFactors, n_i), 5.0, 0.1)
+    assert obj_ours <= obj_mllib * 1.01
+    p_ours = precision_at_10(R_train, R_test, factors_matrix(ours.userFactors, n_u), factors_matrix(ours.itemFactors, n_i))
+    p_mllib = precision_at_10(R_train, R_test, factors_matrix(mllib.userFactors, n_u), factors_matrix(mllib.itemFactors, n_i))
+    assert p_ours >= p_mllib * 0.98
+
+
+# --- 3. CG vs Cholesky; 4. warm start -------------------------------------------------------------
+
+
+def test_cg_reaches_cholesky_objective(spark):
+    R = random_ratings(120, 90, 0.08, seed=4)
+    ratings = to_frame(spark, R)
+    kw = dict(rank=8, maxIter=15, alpha=5.0, regParam=0.1, seed=2, numUserBlocks=2, numItemBlocks=2)
+    cg = ImplicitALS(solver="cg", cgSteps=3, **kw).fit(ratings)
+    chol = ImplicitALS(solver="cholesky", **kw).fit(ratings)
+    assert cg.trainingLoss[-1] <= chol.trainingLoss[-1] * 1.01
+
+
+def test_warm_start_converges_in_fewer_iterations(spark):
+    R = random_ratings(100, 60, 0.1, seed=8)
+    ratings = to_frame(spark, R)
+    kw = dict(rank=6, alpha=5.0, regParam=0.1, seed=2, numUserBlocks=2, numItemBlocks=2, solver="cholesky")
+    cold = ImplicitALS(maxIter=12, **kw).fit(ratings)
+    target = cold.trainingLoss[-1] * 1.001
+    cold_iters = next(i for i, v in enumerate(cold.trainingLoss, 1) if v <= target)
+    # yesterday's model, then a day with a few more interactions
+    base = ImplicitALS(maxIter=12, **kw).fit(ratings)
+    R2 = R.copy()
+    R2[0, 1] = R2[0, 1] or 2.0
+    R2[5, 7] = R2[5, 7] or 1.0
+    ratings2 = to_frame(spark, R2)
+    cold2 = ImplicitALS(maxIter=12, **kw).fit(ratings2)
+    warm2 = ImplicitALS(maxIter=12, initialModel=base, **kw).fit(ratings2)
+    target2 = cold2.trainingLoss[-1] * 1.001
+    cold2_iters = next(i for i, v in enumerate(cold2.trainingLoss, 1) if v <= target2)
+    warm2_iters = next(i for i, v in enumerate(warm2.trainingLoss, 1) if v <= target2)
+    assert cold_iters > 1
+    assert warm2_iters < cold2_iters
+
+
+def test_warm_start_new_ids_get_factors(spark, small):
+    R, ratings = small
+    base = ImplicitALS(rank=4, maxIter=2, seed=1, numUserBlocks=2, numItemBlocks=2).fit(ratings.where("user < 30"))
+    grown = ImplicitALS(rank=4, maxIter=1, seed=1, numUserBlocks=2, numItemBlocks=2, initialModel=base).fit(ratings)
+    assert grown.userFactors.count() == R.shape[0]
+    with pytest.raises(ValueError, match="rank"):
+        ImplicitALS(rank=5, maxIter=1, initialModel=base).fit(ratings)
+
+
+def test_many_iterations_with_checkpointing(spark, small):
+    _, ratings = small
+    model = ImplicitALS(rank=3, maxIter=30, checkpointInterval=3, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+    assert len(model.trainingLoss) == 30
+    assert np.isfinite(model.trainingLoss).all()
+
+
+# --- input validation ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rows, schema, message",
+    [
+        ([(2**31, 1, 1.0)], "user long, item int, rating float", "'user'.*Int range"),
+        ([(None, 1, 1.0), (1, 1, 1.0)], "user int, item int, rating float", "'user'"),
+        ([(1, 1, float("nan"))], "user int, item int, rating float", "'rating'.*NaN"),
+        ([(1, None, 1.0)], "user int, item long, rating float", "'item'"),
+        ([(1.5, 1, 1.0)], "user double, item int, rating float", "'user'"),
+    ],
+)
+def test_bad_input_is_rejected_with_the_column_named(spark, rows, schema, message):
+    with pytest.raises(InputDataError, match=message):
+        ImplicitALS(rank=2, maxIter=1).fit(spark.createDataFrame(rows, schema))
+
+
+def test_missing_column_and_string_ids(spark):
+    df = spark.createDataFrame([("a", 1, 1.0)], "user string, item int, rating float")
+    with pytest.raises(InputDataError, match="'user'"):
+        ImplicitALS(rank=2, maxIter=1).fit(df)
+    with pytest.raises(InputDataError, match="no column 'score'"):
+        ImplicitALS(rank=2, maxIter=1, ratingCol="score").fit(df)
+
+
+def test_mllib_only_modes_are_refused(spark, small):
+    _, ratings = small
+    with pytest.raises(ValueError, match="implicitPrefs"):
+        ImplicitALS(implicitPrefs=False).fit(ratings)
+    with pytest.raises(ValueError, match="nonnegative"):
+        ImplicitALS(nonnegative=True).fit(ratings)
+
+
+# --- the model API ----------------------------------------------------------------------------
+
+
+def test_transform_cold_start_and_persistence(spark, small, tmp_path):
+    R, ratings = small
+    model = ImplicitALS(rank=3, maxIter=2, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+    queries = spark.createDataFrame([(0, 0), (0, 999), (999, 0)], "user int, item int")
+    scored = {(r.user, r.item): r.prediction for r in model.transform(queries).collect()}
+    X = factors_matrix(model.userFactors, R.shape[0])
+    Y = factors_matrix(model.itemFactors, R.shape[1])
+    assert scored[(0, 0)] == pytest.approx(float(X[0] @ Y[0]), rel=1e-5)
+    assert np.isnan(scored[(0, 999)]) and np.isnan(scored[(999, 0)])
+    assert model.setColdStartStrategy("drop").transform(queries).count() == 1
+    assert dict(model.transform(queries).dtypes)["prediction"] == "float"
+
+    path = str(tmp_path / "model")
+    model.write().overwrite().save(path)
+    loaded = ImplicitALSModel.load(path)
+    assert loaded.rank == 3 and loaded.trainingLoss == model.trainingLoss
+    assert loaded.getColdStartStrategy() == "drop"
+    assert factors_matrix(loaded.userFactors, R.shape[0]).tolist() == X.tolist()
+
+    est = ImplicitALS(rank=7, solver="cholesky", regularization="frequency")
+    est.write().overwrite().save(str(tmp_path / "est"))
+    est2 = ImplicitALS.load(str(tmp_path / "est"))
+    assert est2.getOrDefault("rank") == 7 and est2.getOrDefault("regularization") == "frequency"
+
+
+def test_recommend_for_all_has_mllib_schema(spark, small):
+    R, ratings = small
+    model = ImplicitALS(rank=3, maxIter=2, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+    recs = model.recommendForAllUsers(5)
+    assert recs.schema.simpleString() == "struct<user:int,recommendations:array<struct<item:int,rating:float>>>"
+    X = factors_matrix(model.userFactors, R.shape[0])
+    Y = factors_matrix(model.itemFactors, R.shape[1])
+    row = recs.where("user = 3").first()
+    expected = np.argsort(-(X[3] @ Y.T), kind="stable")[:5]
+    assert [r.item for r in row.recommendations] == expected.tolist()
+    items = model.recommendForAllItems(4)
+    assert items.schema.simpleString() == "struct<item:int,recommendations:array<struct<user:int,rating:float>>>"
+    subset = model.recommendForUserSubset(spark.createDataFrame([(1,), (2,), (2,)], "user int"), 3)
+    assert sorted(r.user for r in subset.collect()) == [1, 2]
+    assert model.recommendForItemSubset(spark.createDataFrame([(0,)], "item int"), 3).count() == 1
+
+
+def test_works_in_a_pipeline_with_custom_columns(spark, small):
+    R, _ = small
+    df = to_frame(spark, R, "account", "sku").withColumnRenamed("rating", "clicks")
+    als = ImplicitALS(rank=3, maxIter=2, userCol="account", itemCol="sku", ratingCol="clicks",
+                      numUserBlocks=2, numItemBlocks=2)
+    model = Pipeline(stages=[als]).fit(df)
+    out = model.transform(df.limit(5))
+    assert out.where(F.isnan("prediction")).count() == 0
