@@ -516,16 +516,18 @@ def write_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
     write_json_atomic(run.manifest_path, manifest)
 
 
-def fail_run(run: RunDir, manifest: dict[str, Any], reason: str) -> None:
-    """Record a failed run: manifest with ``status: failed`` and the reason; nothing is published.
+def write_failed_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
+    """Record a failed run: its manifest with ``status: failed``; nothing is published.
 
-    Failed runs are kept for inspection (retention removes them once they are older than every kept
-    published run) and are never cleaned as partial.
+    ``manifest["error"]`` should say why (the pipeline puts the error message there). Failed runs are
+    kept for inspection - the next run's cleanup leaves them, retention removes them once they are
+    older than every kept published run.
     """
-    payload = {**manifest, "status": "failed", "error": reason, "failed_at": _iso(_utc_now()),
+    payload = {**manifest, "status": "failed", "failed_at": _iso(_utc_now()),
                "run": {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}}
+    payload.setdefault("error", "unknown")
     write_manifest(run, payload)
-    log.error("run %s failed, nothing published: %s", run.relative_path, reason)
+    log.error("run %s failed, nothing published: %s", run.relative_path, payload["error"])
 
 
 def read_latest(root: str) -> dict[str, Any] | None:
@@ -705,22 +707,33 @@ def git_commit() -> str:
     return "unknown"
 
 
-def manifest_base(spark_version: str | None = None, **extra: Any) -> dict[str, Any]:
-    """Provenance every manifest carries: versions, git commit, host, pid, the command line.
+def _spark_version() -> str:
+    """The running JVM's Spark version when a context exists (it can differ from the pyspark package's)."""
+    context_module = sys.modules.get("pyspark.core.context") or sys.modules.get("pyspark.context")
+    context = getattr(getattr(context_module, "SparkContext", None), "_active_spark_context", None)
+    if context is not None:
+        return str(context.version)
+    return _package_version("pyspark")
+
+
+def manifest_base(run: RunDir | None = None, **extra: Any) -> dict[str, Any]:
+    """Provenance every manifest starts from: the run, versions, git commit, host, pid, command line.
 
     Parameters
     ----------
-    spark_version : str, optional
-        ``spark.version`` of the running session (the JVM's version, which can differ from the
-        pyspark package's).
+    run : RunDir, optional
+        Recorded as ``run`` (run_date, run_id, path relative to the root).
     **extra
-        Merged in at the top level.
+        Merged in at the top level (``config_file``, ``parameters``...).
     """
     import mf_spark
 
-    return {
+    base: dict[str, Any] = {}
+    if run is not None:
+        base["run"] = {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}
+    base.update({
         "versions": {
-            "spark": spark_version or "unknown",
+            "spark": _spark_version(),
             "pyspark": _package_version("pyspark"),
             "python": platform.python_version(),
             "mf_spark": getattr(mf_spark, "__version__", "unknown"),
@@ -730,5 +743,7 @@ def manifest_base(spark_version: str | None = None, **extra: Any) -> dict[str, A
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "argv": sys.argv,
-        **extra,
-    }
+        "started_at": _iso(_utc_now()),
+    })
+    base.update(extra)
+    return base

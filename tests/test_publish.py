@@ -27,7 +27,6 @@ from mf_spark.publish import (
     RunLock,
     apply_retention,
     begin_run,
-    fail_run,
     list_runs,
     manifest_base,
     previous_published,
@@ -35,6 +34,7 @@ from mf_spark.publish import (
     read_latest,
     rollback,
     run_status,
+    write_failed_manifest,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +132,7 @@ def test_publishing_an_older_date_does_not_move_latest_back(tmp_path):
 def test_failed_run_is_recorded_not_published(tmp_path):
     good = published(tmp_path, D1)
     run = begin_run(str(tmp_path), D2)
-    fail_run(run, {"metrics": {"ndcg@20": 0.0}}, "quality gate: ndcg@20 = 0 < 0.5")
+    write_failed_manifest(run, {"metrics": {"ndcg@20": 0.0}, "error": "quality gate: ndcg@20 = 0 < 0.5"})
     manifest = json.loads(Path(run.manifest_path).read_text())
     assert manifest["status"] == "failed"
     assert "ndcg@20" in manifest["error"]
@@ -149,7 +149,7 @@ def test_begin_run_cleans_partial_runs_only(tmp_path):
     crashed = RunDir(str(tmp_path), D2, "20111207T000000000000Z-dead00")
     Path(crashed.sub("recommendations")).mkdir(parents=True)
     failed = begin_run(str(tmp_path), D2)
-    fail_run(failed, {}, "boom")
+    write_failed_manifest(failed, {"error": "boom"})
     trash = tmp_path / "runs" / "dt=2011-12-06" / ".deleting-run_id=old-abc123"
     trash.mkdir()
     fresh = begin_run(str(tmp_path), D2)
@@ -241,7 +241,7 @@ def test_retention_keeps_the_newest_runs_and_the_latest(tmp_path):
     runs = [published(tmp_path, day) for day in (D1, D2, D3)]
     failed_old = RunDir(str(tmp_path), D1, "00000000T000000000000Z-failed")
     Path(failed_old.path).mkdir(parents=True)
-    fail_run(failed_old, {}, "boom")
+    write_failed_manifest(failed_old, {"error": "boom"})
     rollback(str(tmp_path), runs[0].run_id)  # consumers now read the oldest run
     fourth = published(tmp_path, D4, keep_runs=2)
     # publishing D4 moved latest to D4; retention kept D3 and D4 and removed D1, D2 and the old failure
@@ -274,7 +274,7 @@ def test_rollback_by_run_id_and_by_date(tmp_path):
 def test_rollback_refuses_unknown_failed_and_partial_runs(tmp_path):
     published(tmp_path, D1)
     failed = begin_run(str(tmp_path), D2)
-    fail_run(failed, {}, "boom")
+    write_failed_manifest(failed, {"error": "boom"})
     partial = RunDir(str(tmp_path), D3, "20111208T000000000000Z-part00")
     Path(partial.path).mkdir(parents=True)
     for target in ("2011-12-31", "nope", failed.run_id, partial.run_id, "2011-12-07"):
@@ -296,8 +296,10 @@ def test_json_payloads_are_plain_json(tmp_path):
                                             "p": str(tmp_path)}
 
 
-def test_manifest_base_names_versions_commit_and_host():
-    base = manifest_base("4.3.0", stage="x")
+def test_manifest_base_names_run_versions_commit_and_host(tmp_path):
+    run = RunDir(str(tmp_path), D1, "r1")
+    base = manifest_base(run, stage="x")
+    assert base["run"] == {"run_date": "2011-12-06", "run_id": "r1", "path": "runs/dt=2011-12-06/run_id=r1"}
     assert base["versions"]["spark"] == "4.3.0"
     assert base["versions"]["pyspark"] == "4.3.0"
     assert base["versions"]["numpy"] == np.__version__
