@@ -77,7 +77,7 @@ def build_estimator(train: dict[str, Any], max_iter: int):
     )
 
 
-def load_warm_start(spark: SparkSession, root: str, rank: int):
+def load_warm_start(spark: SparkSession, root: str, rank: int, before: dt.date | None = None):
     """The last published model's factors as an ``ImplicitALSModel``, or None.
 
     Factor ids are ID-map indices, which never change meaning between runs, so yesterday's factors
@@ -85,7 +85,7 @@ def load_warm_start(spark: SparkSession, root: str, rank: int):
     """
     from mf_spark.als.model import ImplicitALSModel
 
-    previous = publish.previous_published(root)
+    previous = publish.previous_published(root, before=before)
     if not previous:
         return None, None
     run_path = os.path.join(root, previous["run_path"]) if "run_path" in previous else previous.get("run_dir")
@@ -169,7 +169,7 @@ def run_nightly(
             with timer.stage("train"):
                 initial, previous = (None, None)
                 if train_cfg["warm_start"]:
-                    initial, previous = load_warm_start(spark, root, train_cfg["rank"])
+                    initial, previous = load_warm_start(spark, root, train_cfg["rank"], before=run_date)
                 max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
                 estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
                 model = estimator.fit(interactions)
@@ -208,7 +208,7 @@ def run_nightly(
                     manifest["metrics"] = metrics
                     gate_cfg = eval_cfg["gate"]
                     if gate_cfg["enabled"]:
-                        previous_manifest = publish.previous_published(root)
+                        previous_manifest = publish.previous_published(root, before=run_date)
                         gate = evaluate_gate(
                             metrics, None if previous_manifest is None else previous_manifest.get("metrics"),
                             metric=gate_cfg["metric"], min_value=gate_cfg["min_value"],
@@ -225,7 +225,7 @@ def run_nightly(
             manifest["id_maps"] = {"users": dim_user.count(), "items": dim_item.count()}
             manifest["timings"] = timer.seconds
             with timer.stage("publish"):
-                publish.publish_run(run, manifest)
+                publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
             manifest["timings"] = timer.seconds
         except PipelineError as exc:
             manifest["status"] = "failed"
