@@ -1,0 +1,112 @@
+"""Config errors stop a job before Spark starts, with a message naming the key and the file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mf_spark.config import ConfigError, load_config, spark_properties
+
+REPO = Path(__file__).resolve().parents[1]
+MINIMAL = '[input]\npath = "data/sample/events"\n[output]\nroot = "out"\n'
+
+
+def write(tmp_path, text, name="job.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_shipped_configs_are_valid():
+    for name in ("local.toml", "cluster.toml"):
+        cfg = load_config(REPO / "conf" / name)
+        assert cfg["train"]["rank"] >= 1
+
+
+def test_defaults_are_filled_and_relative_paths_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write(tmp_path, MINIMAL))
+    assert cfg["input"]["format"] == "parquet"
+    assert cfg["input"]["columns"]["user_id"] == "user_id"
+    assert cfg["train"]["solver"] == "cg"
+    assert cfg["output"]["root"] == str(tmp_path / "out")
+    assert cfg["evaluate"]["gate"]["metric"] == "ndcg@20"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("[train]\nrnak = 3\n", r"unknown key 'train\.rnak'"),
+        ("[trian]\nrank = 3\n", r"unknown key 'trian'"),
+        ("[train]\nrank = \"big\"\n", r"key 'train\.rank': expected an integer"),
+        ("[train]\nreg_param = true\n", r"key 'train\.reg_param': expected a number"),
+        ("[train]\nsolver = \"lu\"\n", r"key 'train\.solver': 'lu' is not one of cg, cholesky"),
+        ("[train]\nrank = 0\n", r"key 'train\.rank': 0 is below the minimum 1"),
+        ("[input.columns]\nuser = \"u\"\n", r"unknown key 'input\.columns\.user'"),
+        ("[ingest.event_types.view]\nweigth = 1.0\n", r"unknown key 'ingest\.event_types\.view\.weigth'"),
+        ("[ingest.event_types.view]\nweight = \"x\"\n", r"key 'ingest\.event_types\.view\.weight': expected a number"),
+        ("[evaluate]\nks = [10, \"20\"]\n", r"key 'evaluate\.ks': expected a list of integers"),
+        ("[spark]\n\"sql.shuffle.partitions\" = [1]\n", r"key 'spark\.sql\.shuffle\.partitions'"),
+    ],
+)
+def test_each_kind_of_error_names_key_and_file(tmp_path, extra, message):
+    path = write(tmp_path, MINIMAL + extra)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_required_key(tmp_path):
+    path = write(tmp_path, '[input]\npath = "x"\n')
+    with pytest.raises(ConfigError, match=r"missing required key 'output\.root'"):
+        load_config(path)
+
+
+def test_missing_file_and_bad_toml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[input\npath = 1"))
+
+
+def test_overrides(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["train.rank=64", "train.solver=cholesky", "spark.sql.shuffle.partitions=8",
+                             "ingest.event_types.view.weight=2", "evaluate.ks=[5, 10]"])
+    assert cfg["train"]["rank"] == 64 and cfg["train"]["solver"] == "cholesky"
+    assert spark_properties(cfg)["spark.sql.shuffle.partitions"] == "8"
+    assert cfg["ingest"]["event_types"]["view"]["weight"] == 2.0
+    assert cfg["evaluate"]["ks"] == [5, 10]
+    with pytest.raises(ConfigError, match=r"with --set overrides.*train\.rank.*expected an integer"):
+        load_config(path, ["train.rank=lots"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(path, ["train.rank"])
+
+
+def test_spark_tables_are_flattened(tmp_path):
+    cfg = load_config(write(tmp_path, MINIMAL + "[spark]\nsql.shuffle.partitions = 3\n\"ui.enabled\" = false\n"))
+    props = spark_properties(cfg)
+    assert props["spark.sql.shuffle.partitions"] == "3"
+    assert props["spark.ui.enabled"] == "false"
+
+
+@pytest.mark.parametrize("job", ["jobs/nightly.py", "jobs/train.py"])
+def test_job_exits_with_clear_message_and_no_traceback(tmp_path, job):
+    path = write(tmp_path, MINIMAL + "[train]\nrank = -1\n")
+    args = [sys.executable, job, "--config", str(path)]
+    args += ["--date", "2011-12-09"] if "nightly" in job else ["--interactions", "x", "--model-out", "y"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2
+    assert "config error" in proc.stderr and "train.rank" in proc.stderr and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_nightly_needs_a_date_or_a_range(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    proc = subprocess.run([sys.executable, "jobs/nightly.py", "--config", str(path), "--from", "2011-12-01"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "--date" in proc.stderr and "Traceback" not in proc.stderr
