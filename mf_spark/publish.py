@@ -189,7 +189,7 @@ def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
 
 
 def describe_holder(info: dict[str, Any]) -> str:
-    return (f"host {info.get('host', '?')} pid {info.get('pid', '?')} since {info.get('started_at', '?')}"
+    return (f"{info.get('purpose', 'nightly')} run on host {info.get('host', '?')} pid {info.get('pid', '?')} since {info.get('started_at', '?')}"
             f" (run date {info.get('run_date', '?')}"
             + (f", run_id {info['run_id']}" if info.get("run_id") else "") + ")")
 
@@ -210,6 +210,8 @@ class RunLock:
         Output root.
     run_date : date
         Recorded in the lock so that the holder can be named.
+    purpose : str
+        What the holder is doing (``nightly``, ``rollback``), recorded and shown to whoever waits.
     break_stale : bool
         Break a lock whose owner is gone: same host and the pid is not running (or was reused). A live
         owner's lock is never broken, nor is a lock from another host (the error says how to remove it
@@ -221,10 +223,11 @@ class RunLock:
         On entry, when another run holds the lock; the message names host, pid, start time and run date.
     """
 
-    def __init__(self, root: str, run_date: dt.date, break_stale: bool = False) -> None:
+    def __init__(self, root: str, run_date: dt.date, break_stale: bool = False, purpose: str = "nightly") -> None:
         self.root = Path(root)
         self.path = self.root / LOCK_NAME
         self.run_date = run_date
+        self.purpose = purpose
         self.break_stale = break_stale
         self.info: dict[str, Any] = {}
         self._held = False
@@ -236,6 +239,7 @@ class RunLock:
             "pid_start_ticks": _process_start_ticks(os.getpid()),
             "started_at": _iso(_utc_now()),
             "run_date": self.run_date.isoformat(),
+            "purpose": self.purpose,
             "token": secrets.token_hex(8),
             "argv": sys.argv,
         }
@@ -428,6 +432,17 @@ def list_runs(root: str) -> list[dict[str, Any]]:
             "is_latest": bool(latest) and latest.get("run_id") == run.run_id,
         })
     return rows
+
+
+def format_runs(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`list_runs` as a text table; ``*`` marks the run latest.json names."""
+    if not rows:
+        return "no runs"
+    lines = [f"  {'run_date':<10}  {'run_id':<30}  status"]
+    for row in rows:
+        mark = "*" if row["is_latest"] else " "
+        lines.append(f"{mark} {row['run_date']:<10}  {row['run_id']:<30}  {row['status']}")
+    return "\n".join(lines)
 
 
 def _record_run_id_in_lock(root: Path, run_id: str) -> dict[str, Any] | None:

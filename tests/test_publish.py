@@ -374,3 +374,43 @@ def test_sigkill_after_latest_leaves_the_new_publication_complete(tmp_path):
     assert (run_dir / "recommendations" / "part-0.parquet").read_text() == "new"
     # retention had not run yet: the old run is still there
     assert len(list_runs(str(tmp_path))) == 2
+
+
+def run_rollback_job(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "rollback.py"), "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+def test_rollback_command(tmp_path):
+    root = tmp_path / "out"
+    config = tmp_path / "job.toml"
+    config.write_text(f'[input]\npath = "{tmp_path}/events"\n[output]\nroot = "{root}"\n')
+    day1 = published(root, D1)
+    day2 = published(root, D2)
+    listing = run_rollback_job(config, "--list")
+    assert listing.returncode == 0, listing.stderr
+    assert re.search(rf"\* 2011-12-07\s+{day2.run_id}\s+published", listing.stdout)
+    assert re.search(rf"  2011-12-06\s+{day1.run_id}\s+published", listing.stdout)
+
+    done = run_rollback_job(config, "--date", "2011-12-06")
+    assert done.returncode == 0, done.stderr
+    assert day1.relative_path in done.stdout and day2.run_id in done.stdout
+    assert read_latest(str(root))["run_id"] == day1.run_id
+    assert not (root / "_LOCK").exists()
+
+    assert run_rollback_job(config, "--to", day2.run_id).returncode == 0
+    assert read_latest(str(root))["run_id"] == day2.run_id
+
+    missing = run_rollback_job(config, "--to", "no-such-run")
+    assert missing.returncode == PublishError.exit_code
+    assert "no published run matches 'no-such-run'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    with RunLock(str(root), D3):
+        held = run_rollback_job(config, "--date", "2011-12-06")
+    assert held.returncode == LockHeldError.exit_code
+    assert f"pid {os.getpid()}" in held.stderr
+    assert read_latest(str(root))["run_id"] == day2.run_id
+
+    assert run_rollback_job(config).returncode == 2  # one of --to/--date/--list is required

@@ -1,0 +1,48 @@
+"""Point latest.json at an older published run, or list the runs under output.root.
+
+    python jobs/rollback.py --config conf/local.toml --list
+    python jobs/rollback.py --config conf/local.toml --date 2011-12-08      # that date's newest published run
+    python jobs/rollback.py --config conf/local.toml --to 20111209T031502123456Z-a1b2c3
+
+No Spark is started: this only rewrites latest.json (atomically, holding the output root's lock).
+Nothing is deleted; the next nightly publishes as usual and moves latest.json forward again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+
+from mf_spark.cli import base_parser, setup_logging
+from mf_spark.config import load_config
+from mf_spark.errors import PipelineError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", metavar="RUN_ID", help="run id to publish again")
+    target.add_argument("--date", metavar="YYYY-MM-DD", help="publish that date's newest published run")
+    target.add_argument("--list", action="store_true", help="list the runs and their status")
+    parser.add_argument("--break-stale-lock", action="store_true", help="break a lock whose owner process is gone")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+
+    from mf_spark import publish
+
+    try:
+        root = load_config(args.config, args.overrides)["output"]["root"]
+        if args.list:
+            print(publish.format_runs(publish.list_runs(root)))
+            return 0
+        with publish.RunLock(root, dt.date.today(), break_stale=args.break_stale_lock, purpose="rollback"):
+            entry = publish.rollback(root, args.to or args.date)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"latest.json now names {entry['path']} (run date {entry['run_date']}, was {entry['rolled_back_from']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
