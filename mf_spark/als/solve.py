@@ -166,10 +166,16 @@ def solve_block(
     block = _Block.build(indptr, indices, ratings, src_factors, src_gramian, n_src_total, params, init)
     solved = np.zeros((block.n_dst, block.rank), dtype=np.float32)
     if params.solver == "cholesky":
+        # Systems are formed per length class but factored in full batches: the solve's cost per call
+        # (a Python loop over k) is then shared by many systems even where a length class is small.
+        pending = _PendingSystems(block.rank, solved)
         for rows, length in block.batches():
-            solved[rows] = _spd_solve(*block.normal_equations(rows, length))
+            matrices, rhs = pending.reserve(rows)
+            block.normal_equations(rows, length, matrices, rhs)
         for row in block.long_rows:
-            solved[row] = _spd_solve(*block.long_normal_equations(row))[0]
+            matrices, rhs = pending.reserve(np.array([row]))
+            matrices[0], rhs[0] = block.long_normal_equations(row)
+        pending.flush()
     else:
         for rows, length in block.batches(dense_systems=False):
             gathered = block.gather(rows, length)
@@ -180,7 +186,7 @@ def solve_block(
         for row in block.long_rows:
             matrix, rhs = block.long_normal_equations(row)
             solved[row] = _conjugate_gradient(
-                lambda v, m=matrix: v @ m[0], rhs, block.init[[row]], params.cg_steps
+                lambda v, m=matrix: v @ m, rhs[None], block.init[[row]], params.cg_steps
             )[0]
     return solved
 
@@ -481,20 +487,20 @@ class _Block:
         factors = self.src.take(self.indices[positions], axis=0)
         return _Gathered(factors, extra, positive_weights)
 
-    def normal_equations(self, rows: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """``A`` (nb, k, k) and ``b`` (nb, k) of ``rows`` in float64, eq. 4 of Hu, Koren and Volinsky."""
+    def normal_equations(self, rows: np.ndarray, length: int, matrices: np.ndarray, rhs: np.ndarray) -> None:
+        """Write ``A`` (nb, k, k) and ``b`` (nb, k) of ``rows`` (float64, eq. 4 of Hu, Koren and Volinsky)
+        into ``matrices`` and ``rhs``."""
         gathered = self.gather(rows, length)
-        rhs = _batched_rmatvec(gathered.factors, gathered.positive_weights)
+        rhs[:] = _batched_rmatvec(gathered.factors, gathered.positive_weights)
         weighted = gathered.factors
         weighted *= np.sqrt(gathered.extra_confidence)[:, :, None]
         # G^T G of one buffer with itself: numpy's matmul runs BLAS syrk per system.
-        matrix = np.matmul(weighted.transpose(0, 2, 1), weighted)
-        matrix += self.gramian
-        matrix.reshape(len(rows), -1)[:, :: self.rank + 1] += self.lam[rows, None]
-        return matrix, rhs
+        np.matmul(weighted.transpose(0, 2, 1), weighted, out=matrices)
+        matrices += self.gramian
+        matrices.reshape(len(rows), -1)[:, :: self.rank + 1] += self.lam[rows, None]
 
     def long_normal_equations(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """``A`` (1, k, k) and ``b`` (1, k) of one row too long to gather at once, chunk by chunk."""
+        """``A`` (k, k) and ``b`` (k,) of one row too long to gather at once, chunk by chunk."""
         matrix = self.gramian + self.lam[row] * np.eye(self.rank)
         rhs = np.zeros(self.rank)
         for lo in range(int(self.indptr[row]), int(self.indptr[row + 1]), self.max_gather_length):
@@ -503,7 +509,7 @@ class _Block:
             rhs += self.positive_weights[lo:hi] @ factors
             weighted = factors * np.sqrt(self.extra[lo:hi])[:, None]
             matrix += weighted.T @ weighted
-        return matrix[None], rhs[None]
+        return matrix, rhs
 
     def implicit_operator(self, rows: np.ndarray, gathered: _Gathered) -> Callable[[np.ndarray], np.ndarray]:
         """``v -> A v`` for the batch's systems (nb, k) -> (nb, k), without forming ``A``:
@@ -520,6 +526,36 @@ class _Block:
             return out
 
         return apply
+
+
+class _PendingSystems:
+    """Formed normal equations waiting for a batched solve; solved when full and on :meth:`flush`,
+    the solutions written as float32 into ``solved`` (n_dst, k)."""
+
+    def __init__(self, rank: int, solved: np.ndarray):
+        capacity = max(1, _BATCH_BYTES // (8 * rank * rank))
+        self.matrices = np.empty((capacity, rank, rank))
+        self.rhs = np.empty((capacity, rank))
+        self.rows = np.empty(capacity, dtype=np.int64)
+        self.filled = 0
+        self.solved = solved
+
+    def reserve(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Slots ``(matrices (nb, k, k), rhs (nb, k))`` for the systems of ``rows``, to be filled in."""
+        if self.filled + len(rows) > len(self.rows):
+            self.flush()
+        if len(rows) > len(self.rows):
+            raise ValueError(f"a batch of {len(rows)} systems exceeds the solve capacity {len(self.rows)}")
+        lo, hi = self.filled, self.filled + len(rows)
+        self.rows[lo:hi] = rows
+        self.filled = hi
+        return self.matrices[lo:hi], self.rhs[lo:hi]
+
+    def flush(self) -> None:
+        if self.filled:
+            count = self.filled
+            self.solved[self.rows[:count]] = _spd_solve(self.matrices[:count], self.rhs[:count])
+            self.filled = 0
 
 
 # Below this padded length numpy's einsum beats one BLAS gemv call per system.
@@ -564,17 +600,20 @@ def _spd_solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 def _cholesky_substitution(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve ``L L^T x = rhs`` for a batch: forward then back substitution, vectorised over the batch.
 
-    ``lower`` (nb, k, k), ``rhs`` (nb, k) -> (nb, k). numpy has no batched triangular solve; the loop
-    runs over the k columns, each step a vector operation over the whole batch.
+    ``lower`` (nb, k, k), ``rhs`` (nb, k) -> (nb, k). numpy has no batched triangular solve; the loops
+    run over the k columns, each step a vector operation over the whole batch. Both passes read rows of
+    ``L`` (contiguous), the forward pass as dot products, the backward pass (rows of ``L`` are columns of
+    ``L^T``) as updates.
     """
     rank = lower.shape[1]
     x = rhs.copy()
-    diagonal = np.diagonal(lower, axis1=1, axis2=2)
+    inverse_diagonal = 1.0 / np.diagonal(lower, axis1=1, axis2=2)
     for i in range(rank):
-        x[:, i] /= diagonal[:, i]
-        x[:, i + 1 :] -= lower[:, i + 1 :, i] * x[:, i, None]
+        if i:
+            x[:, i] -= np.einsum("bj,bj->b", lower[:, i, :i], x[:, :i])
+        x[:, i] *= inverse_diagonal[:, i]
     for i in range(rank - 1, -1, -1):
-        x[:, i] /= diagonal[:, i]
+        x[:, i] *= inverse_diagonal[:, i]
         x[:, :i] -= lower[:, i, :i] * x[:, i, None]
     return x
 
