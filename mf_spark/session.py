@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 
@@ -46,6 +47,10 @@ def build_session(
         JVM log level after start-up.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # Python workers must have numpy/pyarrow: default them to this interpreter. Clusters whose
+    # executors run another Python set PYSPARK_PYTHON (e.g. ./environment/bin/python of a packed venv).
+    if "PYSPARK_PYTHON" not in os.environ and not (properties or {}).get("spark.pyspark.python"):
+        os.environ["PYSPARK_PYTHON"] = sys.executable
     builder = SparkSession.builder.appName(app_name)
     if master:
         builder = builder.master(master)

@@ -58,7 +58,7 @@ class TrainSettings:
     num_item_blocks: int = 10
     seed: int = 0
     checkpoint_interval: int = 10
-    intermediate_storage: StorageLevel = StorageLevel.MEMORY_AND_DISK
+    intermediate_storage: StorageLevel = field(default_factory=lambda: StorageLevel.MEMORY_AND_DISK)
     broadcast_threshold_bytes: int = 64 * 1024 * 1024
     compute_loss: bool = True
 
