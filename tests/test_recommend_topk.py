@@ -1,0 +1,138 @@
+"""The numpy top-k kernels against a brute-force full sort (no Spark)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mf_spark.recommend.topk import (
+    block_top_k,
+    csr_from_pairs,
+    decode_keys,
+    merge_top_k,
+    normalize_rows,
+    score_keys,
+)
+
+
+def brute_force(src_ids, src, dst_ids, dst, k, masked=frozenset()):
+    """Every pair scored, masked pairs dropped, full sort by (-score, dst id), first k per src."""
+    scores = src.astype(np.float32) @ dst.astype(np.float32).T
+    expected = []
+    for row, s in enumerate(src_ids):
+        cands = [(-float(scores[row, col]), int(d)) for col, d in enumerate(dst_ids)
+                 if (int(s), int(d)) not in masked and np.isfinite(scores[row, col])]
+        for rank, (neg, d) in enumerate(sorted(cands)[:k], start=1):
+            expected.append((int(s), rank, d, -neg))
+    return expected
+
+
+def as_rows(result):
+    return list(zip(result.src.tolist(), result.rank.tolist(), result.dst.tolist(), result.score.tolist()))
+
+
+def assert_same(result, expected):
+    got = as_rows(result)
+    assert [g[:3] for g in got] == [e[:3] for e in expected]
+    np.testing.assert_allclose([g[3] for g in got], [e[3] for e in expected], rtol=1e-5, atol=1e-5)
+
+
+def seen_csr(src_ids, pairs):
+    src_of = np.array([p[0] for p in pairs], dtype=np.int64)
+    dst_of = np.array([p[1] for p in pairs], dtype=np.int64)
+    order = np.argsort(src_ids)
+    indptr, grouped = csr_from_pairs(np.asarray(src_ids)[order], src_of, dst_of)
+    return order, indptr, grouped
+
+
+def test_score_keys_order_is_score_then_lower_column_and_decodes_exactly():
+    scores = np.array([1.5, -2.0, 1.5, -0.0, 0.0, -np.inf, 3e38, -1e-30], dtype=np.float32)
+    cols = np.arange(len(scores))
+    keys = score_keys(scores, cols)
+    by_key = sorted(range(len(scores)), key=lambda i: keys[i], reverse=True)
+    expected = sorted(range(len(scores)), key=lambda i: (-(float(scores[i]) + 0.0), cols[i]))
+    assert by_key == expected
+    decoded, decoded_cols = decode_keys(keys)
+    np.testing.assert_array_equal(decoded, scores + np.float32(0.0))
+    np.testing.assert_array_equal(decoded_cols, cols)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 40])
+@pytest.mark.parametrize("tiles", [(1 << 21, 50000), (7, 3), (64, 5)])
+def test_block_top_k_equals_brute_force(k, tiles):
+    rng = np.random.default_rng(k)
+    src_ids = rng.permutation(100)[:23].astype(np.int32)  # unsorted, non-contiguous ids
+    dst_ids = np.sort(rng.choice(1000, 31, replace=False)).astype(np.int32)
+    src, dst = rng.normal(size=(23, 5)).astype(np.float32), rng.normal(size=(31, 5)).astype(np.float32)
+    tile_elements, max_cols = tiles
+    result = block_top_k(src_ids, src, dst_ids, dst, k, tile_elements=tile_elements, max_tile_columns=max_cols)
+    assert_same(result, brute_force(src_ids, src, dst_ids, dst, k))
+
+
+@pytest.mark.parametrize("tiles", [(1 << 21, 50000), (5, 2)])
+def test_seen_pairs_and_self_are_masked_before_the_top_k(tiles):
+    rng = np.random.default_rng(3)
+    ids = np.arange(20, dtype=np.int32)
+    src, dst = rng.normal(size=(20, 4)).astype(np.float32), rng.normal(size=(20, 4)).astype(np.float32)
+    pairs = {(int(u), int(i)) for u in ids for i in rng.choice(20, 6, replace=False)}
+    pairs |= {(3, 99)}  # a seen id absent from the catalogue is ignored
+    order, indptr, grouped = seen_csr(ids, sorted(pairs))
+    result = block_top_k(ids[order], src[order], ids, dst, 5, seen_indptr=indptr, seen_dst=grouped, exclude_self=True,
+                         tile_elements=tiles[0], max_tile_columns=tiles[1])
+    masked = pairs | {(int(i), int(i)) for i in ids}
+    assert_same(result, brute_force(ids[order], src[order], ids, dst, 5, masked))
+
+
+def test_fewer_candidates_than_k_gives_fewer_rows():
+    ids = np.arange(4, dtype=np.int32)
+    rng = np.random.default_rng(0)
+    src, dst = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(4, 3)).astype(np.float32)
+    pairs = [(0, 0), (0, 1), (0, 2), (1, 0)]  # src 0 has one candidate left, src 1 three
+    _, indptr, grouped = seen_csr(ids[:2], pairs)
+    result = block_top_k(ids[:2], src, ids, dst, 10, seen_indptr=indptr, seen_dst=grouped, tile_elements=2,
+                         max_tile_columns=1)
+    assert result.src.tolist() == [0, 1, 1, 1] and result.rank.tolist() == [1, 1, 2, 3]
+    assert_same(result, brute_force(ids[:2], src, ids, dst, 10, set(pairs)))
+
+
+def test_ties_are_broken_by_lower_dst_id_across_tiles():
+    # Integer factors: exact float32 scores, many equal ones, including +0.0 and -0.0.
+    rng = np.random.default_rng(5)
+    src = rng.integers(-1, 2, size=(16, 3)).astype(np.float32)
+    dst = rng.integers(-1, 2, size=(40, 3)).astype(np.float32)
+    src[0] = 0.0  # every score of src 0 is a zero of some sign: all tie
+    dst_ids = np.arange(0, 80, 2, dtype=np.int32)
+    src_ids = np.arange(16, dtype=np.int32)
+    expected = brute_force(src_ids, src, dst_ids, dst, 7)
+    for tile_elements, max_cols in [(1 << 21, 50000), (3, 2), (16, 7)]:
+        assert as_rows(block_top_k(src_ids, src, dst_ids, dst, 7, tile_elements=tile_elements,
+                                   max_tile_columns=max_cols)) == expected
+    assert [e[2] for e in expected if e[0] == 0] == [0, 2, 4, 6, 8, 10, 12]
+
+
+def test_non_finite_factors_are_skipped():
+    ids = np.arange(3, dtype=np.int32)
+    src = np.array([[1, 0], [np.nan, 1], [0, 1]], dtype=np.float32)
+    dst = np.array([[1, 1], [np.inf, 0], [0, 2]], dtype=np.float32)
+    result = block_top_k(ids, src, ids, dst, 3)
+    assert as_rows(result) == [(0, 1, 0, 1.0), (0, 2, 2, 0.0), (2, 1, 2, 2.0), (2, 2, 0, 1.0)]
+
+
+def test_unsorted_dst_ids_are_rejected():
+    with pytest.raises(ValueError, match="sorted"):
+        block_top_k(np.arange(2), np.ones((2, 2), np.float32), np.array([3, 1]), np.ones((2, 2), np.float32), 1)
+
+
+def test_merge_top_k_is_exact_over_chunks():
+    rng = np.random.default_rng(9)
+    ids = np.arange(12, dtype=np.int32)
+    src, dst = rng.integers(-2, 3, size=(12, 2)).astype(np.float32), rng.integers(-2, 3, size=(30, 2)).astype(np.float32)
+    dst_ids = np.arange(30, dtype=np.int32)
+    parts = [block_top_k(ids, src, dst_ids[c::3], dst[c::3], 4) for c in range(3)]
+    merged = merge_top_k(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("src", "dst", "score")), 4)
+    assert as_rows(merged) == brute_force(ids, src, dst_ids, dst, 4)
+
+
+def test_normalize_rows_keeps_zero_rows():
+    out = normalize_rows(np.array([[3, 4], [0, 0]], dtype=np.float32))
+    np.testing.assert_allclose(out, [[0.6, 0.8], [0, 0]])
