@@ -57,7 +57,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
             "item_id": Key("str", "item_id", "raw column holding the item id"),
             "event_type": Key("str", "event_type", "raw column holding the event type"),
             "event_ts": Key("str", "event_ts", "raw column holding the event timestamp"),
-            "value": Key("str", "value", "raw column holding the event value (play count, quantity, dwell); may be absent"),
+            "value": Key("str", "value", "raw column holding the event value (play count, quantity, dwell); may be absent when no event type uses values"),
+            "event_date": Key("str", "event_date", "Hive partition column (event_date=YYYY-MM-DD directories) used to prune the window; ignored when the input is not partitioned by it"),
         },
         "options": MapOf("str", {}, "reader options passed to Spark, e.g. header = \"true\" for CSV"),
     },
@@ -79,9 +80,15 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
                 "weight": Key("float", 1.0, "weight of one event of this type; negative = confident dislike"),
                 "use_value": Key("bool", False, "multiply the weight by the event's value (null counts as 1)"),
                 "value_cap": Key("float", 0.0, "cap on the value before multiplying; 0 = no cap", minimum=0),
+                "absolute_value": Key("bool", False, "use |value| (sources storing returns as negative quantities); a negative value is then not rejected"),
             },
-            {},
-            "event types accepted and their weights; any other type is rejected as unknown_event_type",
+            # Defaults suit the embedded Online Retail sample: quantity-weighted purchases capped at 50
+            # units (the 98th percentile), returns stored with negative quantities subtracting the same.
+            {
+                "purchase": {"weight": 1.0, "use_value": True, "value_cap": 50.0},
+                "return": {"weight": -1.0, "use_value": True, "value_cap": 50.0, "absolute_value": True},
+            },
+            "event types accepted and their weights; any other type is rejected as unknown_event_type; a config table replaces these defaults as a whole",
         ),
     },
     "train": {
@@ -111,7 +118,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "item_filter_path": Key("str", "", "optional Parquet table of item_id to remove for everyone"),
         "allow_list_path": Key("str", "", "optional Parquet table of item_id; only these are recommended"),
         "user_block_size": Key("int", 4096, "users scored together in one block", minimum=1),
-        "item_chunk_size": Key("int", 50000, "items scored together in one chunk", minimum=1),
+        "item_chunk_size": Key("int", 50000, "items per chunk when the item matrix is crossed instead of broadcast; widest score tile", minimum=1),
+        "broadcast_max_mb": Key("int", 128, "broadcast the item factors to every task when they take at most this many MiB (float32)", minimum=0),
     },
     "evaluate": {
         "enabled": Key("bool", True, "run the holdout evaluation and the quality gate in the nightly"),

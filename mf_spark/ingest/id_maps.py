@@ -1,0 +1,259 @@
+"""Stable string id -> dense int index maps (``dim_user``, ``dim_item``), versioned on disk.
+
+Layout under ``root`` (the pipeline passes ``<output.root>/id_maps``)::
+
+    CURRENT.json                        pointer: which version of each map is current, and its size
+    dim_user/version=<run_id>/*.parquet user_id string, user_idx int
+    dim_item/version=<run_id>/*.parquet item_id string, item_idx int
+
+A run writes a new map version into its own directory, then replaces ``CURRENT.json`` atomically
+(temporary file + ``os.replace``). Readers only follow the pointer, so a crash at any point leaves the
+previous maps current. Indices are append-only: an id keeps its index forever, new ids get the next
+indices in the sorted order of the id string. The pointer needs a POSIX rename, so ``root`` must be a
+local (or NFS) path.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from mf_spark.errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+POINTER_FILE = "CURRENT.json"
+POINTER_FORMAT = 1
+#: Largest index an int column can hold (the ALS and MLlib use Int ids).
+MAX_INDEX = 2**31 - 1
+#: Map versions kept per dimension (the current one always among them); older ones are deleted.
+KEEP_VERSIONS = 5
+
+#: dimension name -> (id column, index column)
+DIMENSIONS = {"dim_user": ("user_id", "user_idx"), "dim_item": ("item_id", "item_idx")}
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]*$")
+
+
+@dataclass(frozen=True)
+class IdMapUpdate:
+    """The maps after a run, and how many ids this run added."""
+
+    dim_user: DataFrame
+    dim_item: DataFrame
+    new_users: int
+    new_items: int
+    pointer: dict[str, Any]
+
+
+def local_root(root: str) -> Path:
+    """``root`` as a local path; raises InputDataError for a non-local URL."""
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    elif "://" in root:
+        raise InputDataError(
+            f"id map root {root} is not a local path: the atomic pointer swap needs a local or NFS "
+            "filesystem (set output.root to a local path)"
+        )
+    return Path(root)
+
+
+def read_pointer(root: str) -> dict[str, Any] | None:
+    """The current pointer, or None when no map has been written yet."""
+    path = local_root(root) / POINTER_FILE
+    try:
+        with path.open() as f:
+            pointer = json.load(f)
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:  # os.replace never leaves a half-written pointer; a person did
+        raise InputDataError(f"id map pointer {path} is not valid JSON: {exc}") from None
+    if pointer.get("format") != POINTER_FORMAT:
+        raise InputDataError(f"id map pointer {path} has unknown format {pointer.get('format')!r}")
+    return pointer
+
+
+def _schema(name: str) -> T.StructType:
+    id_col, idx_col = DIMENSIONS[name]
+    return T.StructType([T.StructField(id_col, T.StringType(), False), T.StructField(idx_col, T.IntegerType(), False)])
+
+
+def load_id_map(spark: SparkSession, root: str, name: str) -> DataFrame:
+    """The current map ``name`` (``dim_user`` or ``dim_item``); an empty frame when none exists yet."""
+    pointer = read_pointer(root)
+    if pointer is None or name not in pointer["maps"]:
+        return spark.createDataFrame([], _schema(name))
+    path = local_root(root) / pointer["maps"][name]["path"]
+    return spark.read.schema(_schema(name)).parquet(str(path))
+
+
+def _checked_size(existing: DataFrame, name: str, size: int, where: Path) -> None:
+    """Fail when the stored map is not the dense ``0..size-1`` the pointer promises."""
+    _, idx_col = DIMENSIONS[name]
+    row = existing.agg(F.count(F.lit(1)).alias("n"), F.min(idx_col).alias("lo"), F.max(idx_col).alias("hi")).first()
+    ok = row["n"] == size and (size == 0 or (row["lo"] == 0 and row["hi"] == size - 1))
+    if not ok:
+        raise InputDataError(
+            f"id map {where} is damaged: the pointer says {size} dense indices, the files hold {row['n']} "
+            f"rows with indices {row['lo']}..{row['hi']}"
+        )
+
+
+def append_new_ids(existing: DataFrame, existing_size: int, ids: DataFrame, name: str) -> tuple[DataFrame, int]:
+    """Extend a map with the ids it lacks.
+
+    Parameters
+    ----------
+    existing : DataFrame
+        The current map (``<id> string, <idx> int``), dense ``0..existing_size-1``.
+    existing_size : int
+        Its number of rows.
+    ids : DataFrame
+        One column named like the map's id column; duplicates allowed.
+    name : str
+        ``dim_user`` or ``dim_item``.
+
+    Returns
+    -------
+    (DataFrame, int)
+        The extended map (old rows unchanged, new ids numbered from ``existing_size`` in sorted id order)
+        and the number of new ids.
+
+    Raises
+    ------
+    InputDataError
+        When the new indices would pass :data:`MAX_INDEX`.
+    """
+    id_col, idx_col = DIMENSIONS[name]
+    new_ids = ids.select(id_col).distinct().join(existing.select(id_col), id_col, "left_anti")
+    n_new = new_ids.count()
+    if existing_size + n_new - 1 > MAX_INDEX:
+        raise InputDataError(
+            f"{name}: {existing_size} ids + {n_new} new ids exceed the int index range ({MAX_INDEX + 1} ids)"
+        )
+    # A single ordered window: the new ids of one night are few, and a global order makes indices
+    # independent of partitioning.
+    numbered = new_ids.select(
+        id_col,
+        (F.row_number().over(Window.orderBy(id_col)) - 1 + F.lit(existing_size)).cast("int").alias(idx_col),
+    )
+    return existing.unionByName(numbered), n_new
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_pointer(root: Path, pointer: dict[str, Any]) -> None:
+    """Atomically make ``pointer`` current: write a temporary file, fsync, ``os.replace``."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{POINTER_FILE}.", dir=root)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(pointer, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / POINTER_FILE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(root)
+
+
+def _version_dir(root: Path, name: str, run_id: str, current: str | None) -> Path:
+    """A directory for this run's version that is not the current one (a rerun with the same run id)."""
+    base = f"{name}/version={run_id}"
+    candidate, n = base, 0
+    while candidate == current:
+        n += 1
+        candidate = f"{base}.{n}"
+    path = root / candidate
+    if path.exists():  # left over by a run that crashed before its pointer swap: never current
+        shutil.rmtree(path)
+    return path
+
+
+def _prune_versions(root: Path, name: str, current: str, keep: int) -> None:
+    versions = sorted((p for p in (root / name).glob("version=*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    current_path = root / current
+    stale = [p for p in versions if p != current_path][: max(0, len(versions) - keep)]
+    for path in stale:
+        log.info("deleting old id map version %s", path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def update_id_maps(
+    spark: SparkSession, root: str, run_id: str, users: DataFrame, items: DataFrame, keep_versions: int = KEEP_VERSIONS
+) -> IdMapUpdate:
+    """Append this run's new user and item ids to the persisted maps and return the maps after the run.
+
+    Parameters
+    ----------
+    root : str
+        Local directory of the maps (``<output.root>/id_maps``); created when absent.
+    run_id : str
+        Names the new version directories (letters, digits, ``_.:+-``).
+    users, items : DataFrame
+        Column ``user_id`` / ``item_id`` (string) of the ids that must have an index.
+
+    Nothing is written when no id is new. Otherwise each changed map is written to
+    ``<name>/version=<run_id>/`` and then the pointer is swapped; a failure before the swap leaves the
+    previous maps current.
+    """
+    if not _RUN_ID.match(run_id):
+        raise ValueError(f"run_id {run_id!r} must be letters, digits and _.:+- only")
+    root_path = local_root(root)
+    pointer = read_pointer(root) or {"format": POINTER_FORMAT, "maps": {}}
+    extended: dict[str, tuple[DataFrame, int, int]] = {}
+    for name, ids in (("dim_user", users), ("dim_item", items)):
+        entry = pointer["maps"].get(name)
+        size = int(entry["size"]) if entry else 0
+        existing = load_id_map(spark, root, name)
+        if entry:
+            _checked_size(existing, name, size, root_path / entry["path"])
+        new_map, n_new = append_new_ids(existing, size, ids, name)
+        extended[name] = (new_map, size, n_new)
+
+    if any(n_new for _, _, n_new in extended.values()):
+        new_pointer: dict[str, Any] = {
+            "format": POINTER_FORMAT,
+            "run_id": run_id,
+            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "maps": dict(pointer["maps"]),
+        }
+        for name, (new_map, size, n_new) in extended.items():
+            if n_new == 0:
+                continue
+            current = pointer["maps"].get(name, {}).get("path")
+            target = _version_dir(root_path, name, run_id, current)
+            _, idx_col = DIMENSIONS[name]
+            new_map.orderBy(idx_col).write.mode("errorifexists").parquet(str(target))
+            new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
+            log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
+        swap_pointer(root_path, new_pointer)
+        for name in extended:
+            _prune_versions(root_path, name, new_pointer["maps"][name]["path"], keep_versions)
+        pointer = new_pointer
+    return IdMapUpdate(
+        dim_user=load_id_map(spark, root, "dim_user"),
+        dim_item=load_id_map(spark, root, "dim_item"),
+        new_users=extended["dim_user"][2],
+        new_items=extended["dim_item"][2],
+        pointer=pointer,
+    )

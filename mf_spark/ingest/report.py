@@ -1,0 +1,102 @@
+"""The ingest run report: counts, the conservation check, the reject threshold, JSON and a short table."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mf_spark.errors import RejectThresholdError
+from mf_spark.ingest.rules import NOT_COUNTED_IN_REJECT_FRACTION, REJECT_REASONS
+
+
+class ConservationError(AssertionError):
+    """accepted + rejected + deduplicated != rows read: a bug in the ingest code, never bad data."""
+
+
+def check_conservation(report: dict[str, Any]) -> None:
+    """Raise :class:`ConservationError` unless every row read is accounted for exactly once."""
+    accounted = report["accepted_events"] + report["rejected"] + report["deduplicated"]
+    by_reason = sum(report["rejected_by_reason"].values())
+    if accounted != report["rows_read"] or by_reason != report["rejected"]:
+        raise ConservationError(
+            f"ingest lost or invented rows: accepted {report['accepted_events']} + rejected {report['rejected']} "
+            f"+ deduplicated {report['deduplicated']} = {accounted}, rows read {report['rows_read']}; "
+            f"rejects by reason sum to {by_reason}"
+        )
+
+
+def reject_fraction(rows_read: int, rejected_by_reason: dict[str, int]) -> float:
+    """Rejected rows over rows read, both without :data:`NOT_COUNTED_IN_REJECT_FRACTION` reasons.
+
+    Rows outside the window are not bad data (an unpartitioned log holds every day), and the support
+    filters are a modelling choice, so neither counts; ``future_timestamp`` and ``bot_user`` do.
+    """
+    outside = rejected_by_reason.get("outside_window", 0)
+    counted = sum(n for reason, n in rejected_by_reason.items() if reason not in NOT_COUNTED_IN_REJECT_FRACTION)
+    denominator = rows_read - outside
+    return counted / denominator if denominator > 0 else 0.0
+
+
+def _format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason}={n:,}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def check_reject_threshold(
+    rows_read: int, rejected_by_reason: dict[str, int], max_reject_fraction: float, input_path: str
+) -> float:
+    """Return the reject fraction; raise :class:`RejectThresholdError` when it exceeds the maximum."""
+    fraction = reject_fraction(rows_read, rejected_by_reason)
+    if fraction > max_reject_fraction:
+        counted = {r: n for r, n in rejected_by_reason.items() if r not in NOT_COUNTED_IN_REJECT_FRACTION and n}
+        raise RejectThresholdError(
+            f"{fraction:.2%} of the rows read from {input_path} were rejected, above "
+            f"ingest.max_reject_fraction = {max_reject_fraction:.2%} (rows read in the window: "
+            f"{rows_read - rejected_by_reason.get('outside_window', 0):,}); rejects by reason: "
+            f"{_format_counts(counted)}. Nothing was published."
+        )
+    return fraction
+
+
+def ordered_reasons(counts: dict[str, int]) -> dict[str, int]:
+    """Counts in the documented reason order, zero counts dropped."""
+    return {reason: int(counts[reason]) for reason in REJECT_REASONS if counts.get(reason)}
+
+
+def format_report_table(report: dict[str, Any]) -> str:
+    """The short table printed at the end of an ingest run."""
+    rows: list[tuple[str, str]] = [
+        ("window", f"{report['window'][0]} .. {report['window'][1]}"),
+        ("rows read", f"{report['rows_read']:,}"),
+        ("accepted events", f"{report['accepted_events']:,}"),
+        ("deduplicated", f"{report['deduplicated']:,}"),
+        ("rejected", f"{report['rejected']:,} ({report.get('reject_fraction', 0.0):.2%} counted)"),
+    ]
+    rows += [(f"  {reason}", f"{n:,}") for reason, n in report["rejected_by_reason"].items()]
+    rows += [
+        ("users", f"{report['users']:,} ({report['new_users']:,} new)"),
+        ("items", f"{report['items']:,} ({report['new_items']:,} new)"),
+        ("interactions", f"{report['interactions']:,}"),
+    ]
+    width = max(len(label) for label, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    lines = [f"{label:<{width}}  {value:>{value_width}}" for label, value in rows]
+    rule = "-" * (width + 2 + value_width)
+    return "\n".join(["ingest report", rule, *lines, rule])
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write the report as JSON (temporary file + rename, so a reader never sees half a file)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,224 @@
+"""The ingest stage: raw events -> interactions, rejects, ID maps and a report (see docs/ingest.md)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mf_spark.errors import InputDataError
+from mf_spark.ingest.id_maps import update_id_maps
+from mf_spark.ingest.read import (
+    PARTITION_FIELD,
+    event_window,
+    partition_column,
+    prune_to_window,
+    read_raw,
+    to_canonical,
+)
+from mf_spark.ingest.report import check_conservation, check_reject_threshold, ordered_reasons
+from mf_spark.ingest.rules import (
+    BELOW_MIN_SUPPORT,
+    BOT_USER,
+    REJECT_COLUMNS,
+    aggregate_pairs,
+    bot_users,
+    classify_rows,
+    deduplicate,
+    filter_support,
+    with_contribution,
+)
+from mf_spark.ingest.settings import IngestSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestResult:
+    """What one ingest run produces.
+
+    Attributes
+    ----------
+    interactions : DataFrame
+        One row per (user, item): ``user_idx`` int, ``item_idx`` int, ``strength`` float, ``n_events``
+        long, ``first_ts`` timestamp, ``last_ts`` timestamp. Persisted (``MEMORY_AND_DISK``) and
+        materialised; call ``unpersist()`` when done.
+    rejects : DataFrame
+        ``user_id, item_id, event_type, event_ts, value`` (raw values as strings), ``reason``,
+        ``source_file``. Lazy: evaluating it reads the input again.
+    dim_user, dim_item : DataFrame
+        The full maps after this run: ``user_id`` string, ``user_idx`` int (``item_id``, ``item_idx``).
+    report : dict
+        Counts of the run, see :func:`run_ingest`.
+    """
+
+    interactions: DataFrame
+    rejects: DataFrame
+    dim_user: DataFrame
+    dim_item: DataFrame
+    report: dict[str, Any]
+
+
+def _rejects(frame: DataFrame, reason: Any) -> DataFrame:
+    return frame.select(
+        "user_id",
+        "item_id",
+        "event_type",
+        F.col("raw_event_ts").alias("event_ts"),
+        F.col("raw_value").alias("value"),
+        (F.lit(reason) if isinstance(reason, str) else reason).alias("reason"),
+        "source_file",
+    ).select(*REJECT_COLUMNS)
+
+
+def run_ingest(
+    spark: SparkSession,
+    *,
+    input_path: str,
+    input_format: str,
+    columns: dict[str, str],
+    reader_options: dict[str, str],
+    settings: IngestSettings,
+    run_date: dt.date,
+    id_map_root: str,
+    run_id: str,
+) -> IngestResult:
+    """Turn the raw events of the window ending on ``run_date`` into the interaction table.
+
+    Parameters
+    ----------
+    input_path, input_format, reader_options : str, str, dict
+        The raw event table (``input.path``, ``input.format``, ``input.options``).
+    columns : dict
+        ``input.columns``: canonical field (``user_id, item_id, event_type, event_ts, value``, and
+        ``event_date`` for the partition column) -> raw column name.
+    settings : IngestSettings
+        The rules.
+    run_date : datetime.date
+        Last day of the window.
+    id_map_root : str
+        Local directory of the ID maps (``<output.root>/id_maps``).
+    run_id : str
+        Names the ID map versions this run writes.
+
+    Returns
+    -------
+    IngestResult
+        Its ``report`` holds ``rows_read, accepted_events, deduplicated, rejected, rejected_by_reason,
+        reject_fraction, users, items, interactions, new_users, new_items, window, run_date,
+        input_path, partition_pruned``; ``accepted_events + rejected + deduplicated == rows_read``.
+
+    Raises
+    ------
+    InputDataError
+        Missing input path, missing or uncastable mapped column (naming column and path), no events in
+        the window, no interaction left after the rules.
+    RejectThresholdError
+        The reject fraction exceeds ``settings.max_reject_fraction``; no ID map is written.
+    """
+    window = event_window(run_date, settings.lookback_days)
+    raw = read_raw(spark, input_path, input_format, reader_options)
+    pruned_by = partition_column(raw, columns.get(PARTITION_FIELD, PARTITION_FIELD))
+    if pruned_by:
+        raw = prune_to_window(raw, pruned_by, window)
+    value_required = any(rule.use_value for rule in settings.event_types.values())
+    canonical = to_canonical(raw, columns, input_path, value_required, reader_options)
+
+    classified = canonical.transform(classify_rows(settings, window)).persist(StorageLevel.MEMORY_AND_DISK)
+    caches: list[DataFrame] = [classified]
+    try:
+        by_reason = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
+        valid_rows = by_reason.pop(None, 0)
+        rows_read = valid_rows + sum(by_reason.values())
+        in_window = rows_read - by_reason.get("outside_window", 0) - by_reason.get("future_timestamp", 0)
+        if rows_read == 0 or in_window == 0:
+            raise InputDataError(
+                f"no events in the window {window.start} .. {window.end} in {input_path} "
+                f"({rows_read} rows read{', partitions pruned by ' + pruned_by if pruned_by else ''})"
+            )
+
+        valid = classified.filter(F.col("reason").isNull())
+        unique_events = deduplicate(valid)
+        bots = bot_users(unique_events, settings.max_events_per_user_day).persist(StorageLevel.MEMORY_AND_DISK)
+        caches.append(bots)
+        bot_rows = valid.join(bots, "user_id", "left_semi")
+        by_reason[BOT_USER] = bot_rows.count()
+        fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path)
+
+        events = (
+            unique_events.join(bots, "user_id", "left_anti")
+            .transform(with_contribution(settings, window))
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        caches.append(events)
+        totals = events.agg(F.count(F.lit(1)).alias("unique"), F.sum("copies").alias("rows")).first()
+        deduplicated = int(totals["rows"] or 0) - int(totals["unique"])
+
+        pairs = aggregate_pairs(events).persist(StorageLevel.MEMORY_AND_DISK)
+        caches.append(pairs)
+        kept = filter_support(pairs, settings.min_events_per_user, settings.min_events_per_item, settings.k_core)
+        caches.append(kept)
+        removed = pairs.join(kept.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
+        kept_totals = kept.agg(
+            F.count(F.lit(1)).alias("pairs"),
+            F.sum("n_events").alias("events"),
+            F.countDistinct("user_id").alias("users"),
+            F.countDistinct("item_id").alias("items"),
+        ).first()
+        by_reason[BELOW_MIN_SUPPORT] = int(removed.agg(F.sum("n_events")).first()[0] or 0)
+        accepted_events = int(kept_totals["events"] or 0)
+
+        rejected_by_reason = ordered_reasons(by_reason)
+        report: dict[str, Any] = {
+            "run_date": run_date.isoformat(),
+            "window": [window.start.isoformat(), window.end.isoformat()],
+            "input_path": input_path,
+            "partition_pruned": bool(pruned_by),
+            "rows_read": rows_read,
+            "accepted_events": accepted_events,
+            "deduplicated": deduplicated,
+            "rejected": sum(rejected_by_reason.values()),
+            "rejected_by_reason": rejected_by_reason,
+            "reject_fraction": fraction,
+            "users": int(kept_totals["users"]),
+            "items": int(kept_totals["items"]),
+            "interactions": int(kept_totals["pairs"]),
+        }
+        check_conservation(report)
+        if report["interactions"] == 0:
+            raise InputDataError(
+                f"no interaction left in {input_path} for {window.start} .. {window.end} after the rules "
+                f"(min_events_per_user={settings.min_events_per_user}, "
+                f"min_events_per_item={settings.min_events_per_item}, k_core={settings.k_core}); "
+                f"rejects by reason: {rejected_by_reason}"
+            )
+
+        maps = update_id_maps(spark, id_map_root, run_id, kept.select("user_id"), kept.select("item_id"))
+        report["new_users"] = maps.new_users
+        report["new_items"] = maps.new_items
+        interactions = (
+            kept.join(maps.dim_user, "user_id")
+            .join(maps.dim_item, "item_id")
+            .select("user_idx", "item_idx", "strength", "n_events", "first_ts", "last_ts")
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        joined = interactions.count()
+        if joined != report["interactions"]:
+            raise AssertionError(f"ID map join kept {joined} of {report['interactions']} interactions")
+    finally:
+        for frame in reversed(caches):
+            frame.unpersist()
+
+    support_rejects = events.join(removed.select("user_id", "item_id"), ["user_id", "item_id"], "left_semi")
+    rejects = (
+        _rejects(classified.filter(F.col("reason").isNotNull()), F.col("reason"))
+        .unionByName(_rejects(bot_rows, BOT_USER))
+        .unionByName(_rejects(support_rejects, BELOW_MIN_SUPPORT))
+    )
+    log.info("ingest %s: %s", run_date, report)
+    return IngestResult(interactions, rejects, maps.dim_user, maps.dim_item, report)
