@@ -327,3 +327,17 @@ def test_works_in_a_pipeline_with_custom_columns(spark, small):
     model = Pipeline(stages=[als]).fit(df)
     out = model.transform(df.limit(5))
     assert out.where(F.isnan("prediction")).count() == 0
+
+
+def test_objective_scores_any_factors_exactly(spark, small):
+    from mf_spark.als.blocks import validate_ratings
+    from mf_spark.als.params import SolveParams
+    from mf_spark.als.train import objective
+
+    R, ratings = small
+    model = ImplicitALS(rank=4, maxIter=2, alpha=2.0, regParam=0.1, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+    X = factors_matrix(model.userFactors, R.shape[0])
+    Y = factors_matrix(model.itemFactors, R.shape[1])
+    value = objective(spark, validate_ratings(ratings, "user", "item", "rating"), model.userFactors,
+                      model.itemFactors, SolveParams(alpha=2.0, reg_param=0.1), num_blocks=3)
+    assert value == pytest.approx(dense_objective(R, X, Y, 2.0, 0.1), rel=1e-5)

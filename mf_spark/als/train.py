@@ -372,3 +372,65 @@ def factors_to_frame(spark: SparkSession, factors: RDD) -> DataFrame:
         return zip(fb.ids.tolist(), fb.factors.tolist())
 
     return spark.createDataFrame(factors.flatMap(rows), FACTOR_SCHEMA)
+
+
+def objective(
+    spark: SparkSession,
+    ratings: DataFrame,
+    user_factors: DataFrame,
+    item_factors: DataFrame,
+    params: SolveParams,
+    num_blocks: int = 4,
+) -> float:
+    """The exact training objective of any factor pair (ours or MLlib's) on validated ratings.
+
+    ``sum_{all u,i} c_ui (p_ui - x_u.y_i)^2 + sum_u lambda_u |x_u|^2 + sum_i lambda_i |y_i|^2``, with the
+    data term over *all* pairs computed by the Gramian trick per user block (never scoring all pairs).
+    ``ratings`` comes from :func:`mf_spark.als.blocks.validate_ratings`; every rated user and item must
+    have factors.
+    """
+    level = StorageLevel.MEMORY_AND_DISK
+    rank = len(item_factors.first()["features"])
+    user_in = make_in_blocks(ratings, "user", "item", num_blocks, 1, level)
+    item_in = make_in_blocks(ratings, "item", "user", num_blocks, 1, level)
+    users = factor_frame_to_blocks(user_factors, num_blocks, rank)
+    items = factor_frame_to_blocks(item_factors, num_blocks, rank)
+    item_blocks = sorted(items.collect(), key=lambda kv: kv[0])
+    item_gram = sum((solve.gramian(fb.factors) for _, fb in item_blocks), np.zeros((rank, rank)))
+    n_items = sum(fb.ids.shape[0] for _, fb in item_blocks)
+    n_users = users.map(lambda kv: kv[1].ids.shape[0]).sum()
+    lookup = spark.sparkContext.broadcast(_fixed_side_lookup(item_blocks))
+
+    def user_terms(records):
+        in_block, known = None, None
+        for _, value in records:
+            if isinstance(value, InBlock):
+                in_block = value
+            else:
+                known = value
+        if in_block is None:
+            return
+        sorted_ids, table = lookup.value
+        rows = in_block.src_ids if sorted_ids is None else np.searchsorted(sorted_ids, in_block.src_ids)
+        x = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
+        yield sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x, table[rows],
+                                   item_gram, n_items, params))
+
+    def item_terms(records):
+        in_block, known = None, None
+        for _, value in records:
+            if isinstance(value, InBlock):
+                in_block = value
+            else:
+                known = value
+        if in_block is None:
+            return
+        y = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
+        yield solve.regularization_loss(in_block.n_positive, y, n_users, params)
+
+    total = sum(user_in.union(users).mapPartitions(user_terms).collect())
+    total += sum(item_in.union(items).mapPartitions(item_terms).collect())
+    lookup.unpersist()
+    user_in.unpersist()
+    item_in.unpersist()
+    return float(total)
