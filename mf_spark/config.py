@@ -23,7 +23,7 @@ from mf_spark.errors import ConfigError
 class Key:
     """One configuration key.
 
-    ``type`` is one of ``str, int, float, bool, list[int], list[str], table``; ``choices`` restricts
+    ``type`` is one of ``str, int, float, bool, list[int], list[float], list[str], table``; ``choices`` restricts
     strings; ``required`` keys have no default.
     """
 
@@ -130,7 +130,18 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "holdout_users": Key("int", 100, "strong_generalization: number of held-out users", minimum=1),
         "seed": Key("int", 7, "seed of random splits"),
         "ks": Key("list[int]", [10, 20, 50, 100], "cut-offs K of every metric"),
-        "models": Key("list[str]", ["implicit_als"], "models compared: implicit_als, implicit_als_cholesky, mllib_als, popular, random"),
+        "models": Key("list[str]", ["implicit_als", "popular"],
+                      "models compared, the first is the one the gate reads: implicit_als, implicit_als_cholesky, mllib_als, popular, random"),
+        "tuning": {
+            "metric": Key("str", "ndcg@20", "metric the tuning maximises on the validation split, name@K"),
+            "mode": Key("str", "grid", "search every combination or a seeded random sample of them", choices=("grid", "random")),
+            "samples": Key("int", 8, "random mode: combinations tried per model", minimum=1),
+            "rank": Key("list[int]", [32, 64], "ranks searched"),
+            "reg_param": Key("list[float]", [0.01, 0.1], "regularisation lambdas searched"),
+            "alpha": Key("list[float]", [5.0, 20.0], "confidence scales searched"),
+            "regularization": Key("list[str]", ["count"], "lambda scalings searched (MLlib: count only)"),
+            "confidence": Key("list[str]", ["linear"], "confidence functions searched"),
+        },
         "gate": {
             "enabled": Key("bool", True, "stop publishing when the gate fails"),
             "metric": Key("str", "ndcg@20", "metric the gate checks, name@K"),
@@ -144,7 +155,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
 }
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
-               "list[int]": "a list of integers", "list[str]": "a list of strings", "scalar": "a string, number or boolean"}
+               "list[int]": "a list of integers", "list[float]": "a list of numbers", "list[str]": "a list of strings", "scalar": "a string, number or boolean"}
 
 
 def _check_value(key: Key | str, value: Any, where: str) -> Any:
@@ -162,6 +173,10 @@ def _check_value(key: Key | str, value: Any, where: str) -> Any:
         ok = isinstance(value, bool)
     elif type_name == "list[int]":
         ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    elif type_name == "list[float]":
+        ok = isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if ok:
+            value = [float(v) for v in value]
     elif type_name == "list[str]":
         ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     elif type_name == "scalar":

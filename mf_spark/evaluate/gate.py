@@ -1,0 +1,107 @@
+"""Quality gate: a run may be published only if its evaluation is good enough.
+
+Two checks on one metric of the primary model (the first model evaluated, normally ``implicit_als``):
+an absolute minimum, and a maximum relative drop against the previous published run's value.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from mf_spark.errors import QualityGateError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of the gate; ``reason`` is one sentence for the run manifest and the log."""
+
+    passed: bool
+    reason: str
+    value: float | None = None
+    previous_value: float | None = None
+
+
+def metric_value(metrics: dict[str, Any] | None, metric: str) -> float | None:
+    """``metric`` (e.g. ``"ndcg@20"``) of the primary model in an :func:`evaluate_holdout` result, or None.
+
+    A flat ``{"ndcg@20": ...}`` dict is accepted too.
+    """
+    if not metrics:
+        return None
+    if metric in metrics and isinstance(metrics[metric], (int, float)):
+        return float(metrics[metric])
+    primary = metrics.get("primary_model")
+    value = metrics.get("models", {}).get(primary, {}).get("metrics", {}).get(metric)
+    return None if value is None else float(value)
+
+
+def evaluate_gate(
+    metrics: dict[str, Any],
+    previous_metrics: dict[str, Any] | None,
+    metric: str,
+    min_value: float,
+    max_relative_drop: float,
+) -> GateResult:
+    """Check ``metric`` against ``min_value`` and against the previous run.
+
+    Parameters
+    ----------
+    metrics, previous_metrics
+        Results of :func:`mf_spark.evaluate.evaluate_holdout` (``previous_metrics`` None, or without the
+        metric, when there is no previous published run: only the minimum is checked).
+    metric
+        ``name@K``, e.g. ``"ndcg@20"``.
+    min_value
+        The metric must be at least this.
+    max_relative_drop
+        ``(previous - current) / previous`` must not exceed this (checked when previous > 0).
+
+    Raises
+    ------
+    QualityGateError
+        When ``metric`` is not in ``metrics`` (a gate on a K that was not evaluated cannot pass).
+    """
+    value = metric_value(metrics, metric)
+    if value is None:
+        available = sorted((metrics.get("models", {}).get(metrics.get("primary_model"), {}).get("metrics") or {}))
+        raise QualityGateError(
+            f"gate metric {metric!r} was not computed (computed: {', '.join(available) or 'none'}); "
+            "set evaluate.gate.metric to one of them or add its K to evaluate.ks"
+        )
+    previous = metric_value(previous_metrics, metric)
+    if value < min_value:
+        return GateResult(False, f"{metric} = {value:.5f} is below the minimum {min_value:.5f}", value, previous)
+    if previous is None:
+        return GateResult(True, f"{metric} = {value:.5f} >= minimum {min_value:.5f}; no previous run to compare with",
+                          value, None)
+    if previous > 0:
+        drop = (previous - value) / previous
+        if drop > max_relative_drop + 1e-12:  # 0.2 -> 0.15 is a 25% drop, not 25.000000000000006%
+            return GateResult(
+                False,
+                f"{metric} = {value:.5f} dropped {drop:.1%} from the previous run's {previous:.5f} "
+                f"(allowed: {max_relative_drop:.1%})",
+                value, previous,
+            )
+    return GateResult(
+        True, f"{metric} = {value:.5f} >= minimum {min_value:.5f}; previous run {previous:.5f}", value, previous
+    )
+
+
+def check_gate(
+    metrics: dict[str, Any],
+    previous_metrics: dict[str, Any] | None,
+    metric: str,
+    min_value: float,
+    max_relative_drop: float,
+) -> GateResult:
+    """:func:`evaluate_gate`, raising :class:`~mf_spark.errors.QualityGateError` when it fails."""
+    result = evaluate_gate(metrics, previous_metrics, metric, min_value, max_relative_drop)
+    if not result.passed:
+        raise QualityGateError(f"quality gate failed: {result.reason}")
+    log.info("quality gate passed: %s", result.reason)
+    return result

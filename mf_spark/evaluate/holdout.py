@@ -1,0 +1,154 @@
+"""One evaluation run: split, (optionally) tune, fit every model, score, write the report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mf_spark.evaluate.metrics import item_popularity_percentile, parse_metric_name, ranking_metrics
+from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, recommend_for_users
+from mf_spark.evaluate.report import write_report
+from mf_spark.evaluate.splits import make_split
+from mf_spark.evaluate.tuning import tune_model, validation_split
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TUNING_GRID: dict[str, list[Any]] = {
+    "rank": [32, 64],
+    "reg_param": [0.01, 0.1],
+    "alpha": [5.0, 20.0],
+}
+
+
+def evaluate_holdout(
+    spark: SparkSession,
+    interactions: DataFrame,
+    *,
+    split: str = "user_temporal",
+    test_fraction: float = 0.2,
+    test_n: int = 0,
+    cutoff_date: str | dt.date | None = None,
+    holdout_users: int = 100,
+    seed: int = 7,
+    train_params: Mapping[str, Any] | None = None,
+    ks: Sequence[int] = (10, 20, 50, 100),
+    models: Sequence[str] = ("implicit_als", "popular"),
+    out_dir: str | None = None,
+    tune: bool = False,
+    tuning_grid: Mapping[str, Sequence[Any]] | None = None,
+    tuning_metric: str = "ndcg@20",
+    tuning_mode: str = "grid",
+    tuning_samples: int = 8,
+) -> dict[str, Any]:
+    """Evaluate ``models`` side by side on one holdout split of ``interactions``.
+
+    Parameters
+    ----------
+    spark
+        The session (the job's; used only to label the Spark jobs of this evaluation).
+    interactions
+        ``user_idx`` int, ``item_idx`` int, ``strength`` float, ``last_ts`` timestamp (temporal splits),
+        one row per user-item pair.
+    split, test_fraction, test_n, cutoff_date, holdout_users, seed
+        The split protocol and its settings (see :mod:`mf_spark.evaluate.splits`).
+    train_params
+        Hyperparameters of the factor models, keys as in the ``[train]`` section (unknown keys ignored).
+    ks
+        Cut-offs of every metric.
+    models
+        Names from :data:`mf_spark.evaluate.models.MODELS`; the first is the *primary* model the gate reads.
+    out_dir
+        When given, ``metrics.json``, ``report.md`` and plots are written there.
+    tune, tuning_grid, tuning_metric, tuning_mode, tuning_samples
+        Tuning mode: each factor model searches ``tuning_grid`` (``name -> values``; names from
+        :data:`mf_spark.evaluate.tuning.TUNABLE`; default :data:`DEFAULT_TUNING_GRID`) on a validation
+        split carved from the training part, chooses by ``tuning_metric`` and is then evaluated on the test
+        part with the chosen parameters.
+
+    Returns
+    -------
+    dict
+        JSON-ready: ``primary_model``, ``ks``, ``split`` (protocol, settings, counts), ``data``,
+        ``tuning``, and ``models -> name -> {metrics, params, training_loss, fit_seconds, tuning_trials}``.
+    """
+    unknown = [m for m in models if m not in MODELS]
+    if unknown or not models:
+        raise ValueError(f"models must be a non-empty list from {', '.join(MODELS)}; unknown: {', '.join(unknown)}")
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"ks must be positive integers, got {ks}")
+    parse_metric_name(tuning_metric)
+    base = TrainParams.from_mapping(train_params)
+    spark.sparkContext.setJobDescription("evaluation")
+
+    data = interactions.agg(F.count(F.lit(1)).alias("interactions"), F.count_distinct("user_idx").alias("users"),
+                            F.count_distinct("item_idx").alias("items")).first().asDict()
+    the_split = make_split(interactions, split, test_fraction=test_fraction, test_n=test_n, cutoff_date=cutoff_date,
+                           holdout_users=holdout_users, seed=seed)
+    # the split is deterministic, so caching is only for speed: a lost block is recomputed identically
+    cached = [df.persist(StorageLevel.MEMORY_AND_DISK) for df in (the_split.train, the_split.test, the_split.fold_in)
+              if df is not None]
+    counts = the_split.counts()
+    log.info("split %s: %s", split, counts)
+    if counts["test_users"] == 0:
+        log.warning("the %s split left no test users with history; every metric is 0", split)
+    popularity = item_popularity_percentile(the_split.train).persist()
+    catalogue_size = counts["train_items"]
+    test_users = the_split.test.select("user_idx").distinct()
+
+    tuning_info: dict[str, Any] = {"enabled": bool(tune)}
+    chosen: dict[str, TrainParams] = {}
+    trials: dict[str, list[dict[str, Any]]] = {}
+    if tune:
+        grid = dict(tuning_grid or DEFAULT_TUNING_GRID)
+        validation = validation_split(the_split, test_fraction=test_fraction, holdout_users=holdout_users, seed=seed)
+        validation_cached = [df.persist() for df in (validation.train, validation.test, validation.fold_in) if df is not None]
+        tuning_info.update(metric=tuning_metric, mode=tuning_mode, samples=tuning_samples, grid=grid,
+                           validation_protocol=validation.protocol, validation_counts=validation.counts())
+        tuned_once: dict[str, Any] = {}
+        for model in models:
+            if model not in ALS_MODELS:
+                continue
+            # both ImplicitALS solvers share one search (same objective); the CG winner is reused for Cholesky
+            family = "implicit" if model.startswith("implicit_als") else model
+            if family not in tuned_once:
+                tuned_once[family] = tune_model(model, validation, base, grid, metric=tuning_metric, mode=tuning_mode,
+                                                samples=tuning_samples, seed=seed)
+            result = tuned_once[family]
+            chosen[model] = result.best
+            trials[model] = result.trials if result.model == model else []
+        for df in validation_cached:
+            df.unpersist()
+
+    runs: dict[str, Any] = {}
+    for model in models:
+        params = chosen.get(model, base)
+        run = recommend_for_users(model, the_split.train, test_users, ks[-1], params, fold_in=the_split.fold_in,
+                                  random_seed=seed)
+        recs = run.recommendations.persist()
+        metrics = ranking_metrics(recs, the_split.test, ks, popularity=popularity, catalogue_size=catalogue_size)
+        recs.unpersist()
+        runs[model] = {"metrics": metrics, "params": run.params, "training_loss": run.training_loss,
+                       "fit_seconds": round(run.fit_seconds, 3), "tuning_trials": trials.get(model)}
+        log.info("%s: %s", model, {k: round(v, 4) for k, v in metrics.items() if k.startswith(("ndcg@", "recall@"))})
+
+    for df in cached + [popularity]:
+        df.unpersist()
+    result: dict[str, Any] = {
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "primary_model": models[0],
+        "ks": ks,
+        "split": {"protocol": split, "settings": the_split.settings, "counts": counts},
+        "data": {k: int(v) for k, v in data.items()},
+        "tuning": tuning_info,
+        "models": runs,
+    }
+    if out_dir:
+        write_report(result, out_dir)
+    return result

@@ -1,0 +1,193 @@
+"""The models compared by the evaluation, each as "fit on the training part, recommend top K".
+
+Every model excludes the user's known items (training rows, or the fold-in rows under strong
+generalisation) from its lists and recommends only catalogue (training) items:
+
+- ``implicit_als`` / ``implicit_als_cholesky``: :class:`mf_spark.ImplicitALS` with the CG or the exact solver;
+- ``mllib_als``: :class:`pyspark.ml.recommendation.ALS` with ``implicitPrefs=True`` and the same
+  hyperparameters; its factors are scored by the same :func:`mf_spark.recommend.recommend_top_k` with the same
+  seen-item exclusion. MLlib has only the linear confidence and count-scaled regularisation; the ``log``
+  confidence is given to it by feeding ``log(1 + r/eps)`` as the rating (identical confidences), and a
+  non-``count`` regularisation is reported and replaced by ``count``;
+- ``popular``: most training users first, unseen only; ``random``: seeded uniform draw of unseen items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from mf_spark.als.params import SolveParams
+from mf_spark.evaluate.baselines import most_popular, random_items
+
+log = logging.getLogger(__name__)
+
+ALS_MODELS = ("implicit_als", "implicit_als_cholesky", "mllib_als")
+BASELINES = ("popular", "random")
+MODELS = ALS_MODELS + BASELINES
+USER, ITEM, STRENGTH = "user_idx", "item_idx", "strength"
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Hyperparameters shared by the factor models (names as in the ``[train]`` config section)."""
+
+    rank: int = 32
+    max_iter: int = 10
+    reg_param: float = 0.1
+    alpha: float = 10.0
+    solver: str = "cg"
+    cg_steps: int = 3
+    regularization: str = "count"
+    confidence: str = "linear"
+    confidence_epsilon: float = 1.0
+    frequency_alpha0: float = 0.1
+    frequency_nu: float = 1.0
+    num_user_blocks: int = 4
+    num_item_blocks: int = 4
+    checkpoint_interval: int = 5
+    seed: int = 42
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None) -> TrainParams:
+        """Take the known keys of ``values`` (e.g. the ``[train]`` section; others such as
+        ``warm_start`` are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (values or {}).items() if k in names})
+
+    def replace(self, **changes: Any) -> TrainParams:
+        return dataclasses.replace(self, **changes)
+
+    def solve_params(self) -> SolveParams:
+        return SolveParams(
+            alpha=self.alpha, reg_param=self.reg_param, regularization=self.regularization,
+            confidence=self.confidence, confidence_epsilon=self.confidence_epsilon,
+            frequency_alpha0=self.frequency_alpha0, frequency_nu=self.frequency_nu,
+            solver=self.solver, cg_steps=self.cg_steps,
+        )
+
+
+def params_for_model(model: str, params: TrainParams) -> TrainParams:
+    """The parameters ``model`` actually trains with (solver fixed per model; MLlib's restrictions)."""
+    if model == "implicit_als":
+        return params.replace(solver="cg")
+    if model == "implicit_als_cholesky":
+        return params.replace(solver="cholesky")
+    if model == "mllib_als":
+        if params.regularization != "count":
+            log.warning("MLlib ALS has only count-scaled regularisation; using it instead of %r", params.regularization)
+        return params.replace(solver="cholesky", regularization="count")
+    return params
+
+
+@dataclass
+class ModelRun:
+    """One model's lists and what the report says about its training.
+
+    ``recommendations``: ``user_idx`` int, ``rank`` int (1-based), ``item_idx`` int, ``score`` float.
+    """
+
+    name: str
+    recommendations: DataFrame
+    params: dict[str, Any]
+    training_loss: list[float] | None
+    fit_seconds: float
+
+
+def _mllib_ratings(train: DataFrame, params: TrainParams) -> DataFrame:
+    if params.confidence == "log":
+        return train.withColumn(STRENGTH, F.log1p(F.col(STRENGTH) / params.confidence_epsilon))
+    return train
+
+
+def _fit_factors(model: str, train: DataFrame, params: TrainParams) -> tuple[DataFrame, DataFrame, list[float] | None]:
+    """Train ``model``; returns user factors, item factors (``id`` int, ``features`` array<float>) and the loss."""
+    if model == "mllib_als":
+        from pyspark.ml.recommendation import ALS
+
+        estimator = ALS(
+            implicitPrefs=True, rank=params.rank, maxIter=params.max_iter, regParam=params.reg_param,
+            alpha=params.alpha, userCol=USER, itemCol=ITEM, ratingCol=STRENGTH, seed=params.seed,
+            numUserBlocks=params.num_user_blocks, numItemBlocks=params.num_item_blocks,
+            checkpointInterval=params.checkpoint_interval,
+        )
+        fitted = estimator.fit(_mllib_ratings(train, params))
+        return fitted.userFactors, fitted.itemFactors, None
+    from mf_spark import ImplicitALS
+
+    estimator = ImplicitALS(
+        rank=params.rank, maxIter=params.max_iter, regParam=params.reg_param, alpha=params.alpha,
+        userCol=USER, itemCol=ITEM, ratingCol=STRENGTH, numUserBlocks=params.num_user_blocks,
+        numItemBlocks=params.num_item_blocks, seed=params.seed, checkpointInterval=params.checkpoint_interval,
+        solver=params.solver, cgSteps=params.cg_steps, regularization=params.regularization,
+        confidence=params.confidence, confidenceEpsilon=params.confidence_epsilon,
+        frequencyAlpha0=params.frequency_alpha0, frequencyNu=params.frequency_nu,
+    )
+    fitted = estimator.fit(train)
+    return fitted.userFactors, fitted.itemFactors, [float(x) for x in fitted.trainingLoss]
+
+
+def recommend_for_users(
+    model: str,
+    train: DataFrame,
+    users: DataFrame,
+    k: int,
+    params: TrainParams,
+    *,
+    fold_in: DataFrame | None = None,
+    random_seed: int = 0,
+) -> ModelRun:
+    """Fit ``model`` on ``train`` and return the top ``k`` unseen catalogue items of each of ``users``.
+
+    Parameters
+    ----------
+    model
+        One of :data:`MODELS`.
+    train
+        ``user_idx``, ``item_idx``, ``strength``: the training interactions (also the catalogue and,
+        for users in it, their seen items).
+    users
+        ``user_idx`` of the users to recommend for.
+    fold_in
+        Strong generalisation: the held-out users' visible interactions. Their factors are solved
+        against the trained item factors (:func:`mf_spark.recommend.fold_in_factors`) and these rows
+        are their seen items.
+    random_seed
+        Seed of the ``random`` baseline.
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+    users = users.select(F.col(USER).cast("int").alias(USER)).distinct()
+    seen = train.select(USER, ITEM) if fold_in is None else train.select(USER, ITEM).unionByName(fold_in.select(USER, ITEM))
+    started = time.perf_counter()
+    if model == "popular":
+        recs = most_popular(train, users, k, seen=seen)
+        return ModelRun(model, recs, {}, None, time.perf_counter() - started)
+    if model == "random":
+        recs = random_items(train.select(ITEM), users, k, seen=seen, seed=random_seed)
+        return ModelRun(model, recs, {"seed": random_seed}, None, time.perf_counter() - started)
+
+    from mf_spark.recommend import fold_in_factors, recommend_top_k
+
+    used = params_for_model(model, params)
+    user_factors, item_factors, loss = _fit_factors(model, train, used)
+    if fold_in is not None:
+        ratings = _mllib_ratings(fold_in, used) if model == "mllib_als" else fold_in
+        solve = used.solve_params()
+        if model == "mllib_als":  # its ratings already carry the log; MLlib's own solve is linear
+            solve = dataclasses.replace(solve, confidence="linear")
+        user_factors = fold_in_factors(ratings, item_factors, solve, src_col=ITEM, dst_col=USER, rating_col=STRENGTH)
+    fit_seconds = time.perf_counter() - started
+    wanted = user_factors.join(users.withColumnRenamed(USER, "id"), "id", "left_semi")
+    recs = recommend_top_k(wanted, item_factors, k, seen=seen, seen_src_col=USER, seen_dst_col=ITEM).select(
+        F.col("src").cast("int").alias(USER), F.col("rank").cast("int").alias("rank"),
+        F.col("dst").cast("int").alias(ITEM), F.col("score").cast("float").alias("score"),
+    )
+    return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds)

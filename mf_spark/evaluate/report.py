@@ -1,0 +1,179 @@
+"""Files of an evaluation run: ``metrics.json``, ``report.md`` and PNG plots.
+
+Plots (matplotlib, Agg backend, no display needed): ``metric_vs_k.png`` (every model, six metrics),
+``training_loss.png`` (ImplicitALS's loss per iteration; MLlib exposes none) and, in tuning mode,
+``tuning_metric_vs_rank.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TABLE_METRICS = (
+    ("precision", "P"), ("recall", "Recall"), ("capped_recall", "Capped recall"), ("map", "MAP"),
+    ("ndcg", "NDCG"), ("hit_rate", "Hit rate"), ("mrr", "MRR"), ("coverage", "Coverage"),
+    ("popularity", "Pop. pct"),
+)
+PLOT_METRICS = ("ndcg", "recall", "capped_recall", "map", "precision", "coverage")
+PARAM_COLUMNS = ("rank", "max_iter", "reg_param", "alpha", "regularization", "confidence", "solver", "cg_steps")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """``report.md`` of an :func:`~mf_spark.evaluate.evaluate_holdout` result."""
+    split, counts = result["split"], result["split"]["counts"]
+    models = result["models"]
+    out = ["# Offline evaluation", ""]
+    settings = ", ".join(f"{k}={v}" for k, v in split["settings"].items())
+    out += [f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
+            "recommend only items seen in training. Metric definitions: docs/evaluation.md.", ""]
+    out += [_table(["count", "value"], [[k, v] for k, v in {**result["data"], **counts}.items()]), ""]
+    if counts.get("cold_test_users"):
+        out += [f"{counts['cold_test_users']} test users ({counts['cold_test_interactions']} interactions) have no "
+                "training history; they are counted here and not scored.", ""]
+    if counts.get("test_interactions_unseen_items"):
+        out += [f"{counts['test_interactions_unseen_items']} test interactions are on "
+                f"{counts['test_items_unseen_in_train']} items unseen in training: no model can recommend them, "
+                "they stay in the denominators.", ""]
+    for k in result["ks"]:
+        out += [f"## Results at K = {k}", ""]
+        rows = [[name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS] for name, run in models.items()]
+        out += [_table(["model"] + [label for _, label in TABLE_METRICS], rows), ""]
+    out += ["## Parameters", ""]
+    rows = [[name] + [run["params"].get(c) for c in PARAM_COLUMNS] + [run["fit_seconds"]] for name, run in models.items()]
+    out += [_table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]
+    out += ["## Training loss", ""]
+    for name, run in models.items():
+        loss = run.get("training_loss")
+        if loss:
+            out.append(f"- {name}: {len(loss)} iterations, loss {loss[0]:.6g} -> {loss[-1]:.6g}")
+        elif name == "mllib_als":
+            out.append("- mllib_als: MLlib ALS does not expose a training loss.")
+    out.append("")
+    tuning = result.get("tuning") or {}
+    if tuning.get("enabled"):
+        out += ["## Tuning", "", f"Chosen by {tuning['metric']} on a validation split carved from the training part "
+                f"({tuning['mode']} search); test metrics above are for the chosen parameters.", ""]
+        for name, run in models.items():
+            trials = run.get("tuning_trials")
+            if not trials:
+                continue
+            names = list(trials[0]["params"])
+            rows = [[*(t["params"][n] for n in names), t["value"], t["fit_seconds"]] for t in trials]
+            out += [f"### {name}", "", _table([*names, tuning["metric"], "fit s"], rows), ""]
+    plots = [p for p in result.get("plots", [])]
+    if plots:
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+def _plot_metric_vs_k(result: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ks = result["ks"]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), constrained_layout=True)
+    for ax, metric in zip(axes.flat, PLOT_METRICS):
+        for name, run in result["models"].items():
+            ax.plot(ks, [run["metrics"].get(f"{metric}@{k}", float("nan")) for k in ks], marker="o", label=name)
+        ax.set_title(f"{metric}@K")
+        ax.set_xlabel("K")
+        ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=9)
+    fig.suptitle(f"Ranking metrics vs K ({result['split']['protocol']} split, "
+                 f"{result['split']['counts']['test_users']} test users)")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_training_loss(result: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    without = []
+    for name, run in result["models"].items():
+        loss = run.get("training_loss")
+        if loss:
+            ax.plot(range(1, len(loss) + 1), loss, marker="o", label=name)
+        elif name in ("mllib_als",):
+            without.append(name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (objective)")
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    note = "MLlib ALS exposes no training loss" if without else ""
+    ax.set_title("Training loss per iteration" + (f"\n({note})" if note else ""))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_tuning(result: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    metric = result["tuning"]["metric"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for name, run in result["models"].items():
+        trials = run.get("tuning_trials") or []
+        if not trials:
+            continue
+        ranks = sorted({t["params"]["rank"] for t in trials})
+        best = [max(t["value"] for t in trials if t["params"]["rank"] == r) for r in ranks]
+        (line,) = ax.plot(ranks, best, marker="o", label=f"{name} (best per rank)")
+        ax.scatter([t["params"]["rank"] for t in trials], [t["value"] for t in trials], alpha=0.35,
+                   color=line.get_color(), s=18)
+    ax.set_xlabel("rank")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"Tuning: validation {metric} vs rank (dots: every trial)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Write ``metrics.json``, ``report.md`` and the plots into ``out_dir`` (created if needed).
+
+    Returns the written file names by kind; their names are also recorded in ``result["plots"]``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = ["metric_vs_k.png", "training_loss.png"]
+    _plot_metric_vs_k(result, out / plots[0])
+    _plot_training_loss(result, out / plots[1])
+    if (result.get("tuning") or {}).get("enabled"):
+        plots.append("tuning_metric_vs_rank.png")
+        _plot_tuning(result, out / plots[-1])
+    result["plots"] = plots
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    (out / "report.md").write_text(render_markdown(result))
+    log.info("evaluation report written to %s", out)
+    return {"metrics": str(out / "metrics.json"), "report": str(out / "report.md"),
+            **{p: str(out / p) for p in plots}}

@@ -1,0 +1,51 @@
+"""Quality gate: minimum value, relative drop against the previous run, no previous run."""
+
+from __future__ import annotations
+
+import pytest
+
+from mf_spark.errors import QualityGateError
+from mf_spark.evaluate import check_gate, evaluate_gate, metric_value
+
+
+def _result(ndcg20: float, model: str = "implicit_als") -> dict:
+    return {"primary_model": model,
+            "models": {model: {"metrics": {"ndcg@20": ndcg20, "recall@20": 0.3}}, "popular": {"metrics": {"ndcg@20": 0.9}}}}
+
+
+def test_reads_the_primary_model():
+    assert metric_value(_result(0.25), "ndcg@20") == 0.25
+    assert metric_value({"ndcg@20": 0.5}, "ndcg@20") == 0.5
+    assert metric_value(None, "ndcg@20") is None
+
+
+def test_minimum_value():
+    failed = evaluate_gate(_result(0.04), None, "ndcg@20", min_value=0.05, max_relative_drop=0.5)
+    assert not failed.passed and "below the minimum" in failed.reason and "ndcg@20" in failed.reason
+    assert evaluate_gate(_result(0.05), None, "ndcg@20", min_value=0.05, max_relative_drop=0.5).passed
+
+
+def test_no_previous_run_checks_only_the_minimum():
+    result = evaluate_gate(_result(0.2), None, "ndcg@20", min_value=0.0, max_relative_drop=0.0)
+    assert result.passed and "no previous run" in result.reason and result.previous_value is None
+    # a previous manifest without the metric (e.g. evaluation was off) is the same as none
+    assert evaluate_gate(_result(0.2), {"status": "published"}, "ndcg@20", 0.0, 0.0).passed
+
+
+def test_relative_drop():
+    previous = _result(0.20)
+    ok = evaluate_gate(_result(0.15), previous, "ndcg@20", min_value=0.0, max_relative_drop=0.25)
+    assert ok.passed and ok.previous_value == 0.20
+    dropped = evaluate_gate(_result(0.14), previous, "ndcg@20", min_value=0.0, max_relative_drop=0.25)
+    assert not dropped.passed and "dropped 30.0%" in dropped.reason
+    assert evaluate_gate(_result(0.5), previous, "ndcg@20", min_value=0.0, max_relative_drop=0.0).passed
+    assert evaluate_gate(_result(0.1), _result(0.0), "ndcg@20", min_value=0.0, max_relative_drop=0.0).passed
+
+
+def test_unknown_metric_and_raising_helper():
+    with pytest.raises(QualityGateError, match="evaluate.ks"):
+        evaluate_gate(_result(0.2), None, "ndcg@50", 0.0, 0.5)
+    with pytest.raises(QualityGateError, match="below the minimum") as info:
+        check_gate(_result(0.01), None, "ndcg@20", min_value=0.1, max_relative_drop=0.5)
+    assert info.value.exit_code == 5
+    assert check_gate(_result(0.3), _result(0.3), "ndcg@20", 0.1, 0.5).passed
