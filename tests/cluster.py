@@ -229,3 +229,104 @@ def run_submit(args: Sequence[str], log_file: Path, env: dict[str, str] | None =
     finally:
         kill_group(submission.process.pid, grace_seconds=0)  # stray Python workers, if any
     return code, submission.output
+
+
+# --------------------------------------------------------------------------------------------------
+# the nightly on a small window, and comparing its outputs
+
+DAY_BEFORE, DAY = "2011-12-08", "2011-12-09"
+
+# A week of the embedded sample and a small model, so that one nightly takes seconds of Spark work.
+SMALL_NIGHTLY = [
+    "--set", "ingest.lookback_days=7",
+    "--set", "train.rank=8",
+    "--set", "train.max_iter=4",
+    "--set", "train.warm_start_iterations=3",
+    "--set", "train.num_user_blocks=2",
+    "--set", "train.num_item_blocks=2",
+    "--set", "recommend.top_n=10",
+    "--set", "recommend.similar_n=5",
+    "--set", "evaluate.enabled=false",
+    "--set", "spark.sql.shuffle.partitions=2",
+    "--set", "spark.default.parallelism=2",
+    "--set", "spark.ui.enabled=false",
+]
+
+
+def nightly_args(root: Path, *extra: str, date: str | None = DAY, master: str = "local[2]") -> list[str]:
+    """``./spark-submit.sh`` arguments of a small nightly writing to ``root``."""
+    args = ["--master", master, "jobs/nightly.py", "--config", "conf/local.toml",
+            "--set", f"output.root={root}", *SMALL_NIGHTLY]
+    if date:
+        args += ["--date", date]
+    return [*args, *extra]
+
+
+def ensure_baseline(base: Path) -> Path:
+    """An output root holding DAY_BEFORE and DAY published by a local[2] backfill (built once per session).
+
+    Tests copy it (:func:`copy_root`) and rerun DAY on it: a rerun warm-starts from DAY_BEFORE as the
+    baseline's DAY did, so its tables must equal the baseline's.
+    """
+    root = base / "root"
+    if not (root / "latest.json").exists():
+        code, out = run_submit(nightly_args(root, "--from", DAY_BEFORE, "--to", DAY, date=None),
+                               base / "baseline.log")
+        assert code == 0, out[-5000:]
+    return root
+
+
+def copy_root(source: Path, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, dest, symlinks=True)
+    return dest
+
+
+def latest_run_dir(root: Path) -> Path:
+    import json
+
+    return root / json.loads((root / "latest.json").read_text())["path"]
+
+
+def manifest(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+def published_runs(root: Path) -> dict[str, list[str]]:
+    """run_date -> run ids with a _PUBLISHED marker, oldest first."""
+    runs: dict[str, list[str]] = {}
+    for marker in sorted(root.glob("runs/dt=*/run_id=*/_PUBLISHED")):
+        runs.setdefault(marker.parent.parent.name[3:], []).append(marker.parent.name[len("run_id="):])
+    return runs
+
+
+def read_table(path: Path):
+    """A Parquet table written by Spark, as pandas, read with pyarrow (no Spark needed)."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pandas()
+
+
+def assert_same_top_n(run_a: Path, run_b: Path, score_rtol: float = 1e-5) -> None:
+    """Same (user, rank, item) rows in both runs' recommendations, scores equal up to float rounding."""
+    import numpy as np
+    import pandas as pd
+
+    a = read_table(run_a / "recommendations").sort_values(["user_id", "rank"]).reset_index(drop=True)
+    b = read_table(run_b / "recommendations").sort_values(["user_id", "rank"]).reset_index(drop=True)
+    assert len(a) > 0
+    pd.testing.assert_frame_equal(a[["user_id", "rank", "item_id"]], b[["user_id", "rank", "item_id"]])
+    np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=score_rtol, atol=1e-6)
+
+
+def assert_same_factors(run_a: Path, run_b: Path, atol: float = 1e-5) -> None:
+    import numpy as np
+
+    for table in ("user_factors", "item_factors"):
+        a = read_table(run_a / table).sort_values("id").reset_index(drop=True)
+        b = read_table(run_b / table).sort_values("id").reset_index(drop=True)
+        assert a["id"].tolist() == b["id"].tolist(), table
+        np.testing.assert_allclose(np.stack(a["features"]), np.stack(b["features"]), atol=atol, err_msg=table)
