@@ -1,0 +1,205 @@
+"""The published recommendation tables: string ids joined back, and the recommend stage of a run.
+
+``recommendations``: ``user_id`` string, ``rank`` int (1..N), ``item_id`` string, ``score`` float.
+``similar_items``: ``item_id`` string, ``rank`` int, ``similar_item_id`` string, ``score`` float (cosine).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from mf_spark.als.params import SolveParams
+from mf_spark.errors import InputDataError
+from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, recommend_top_k, similar_items
+from mf_spark.recommend.fold_in import fold_in_new_users
+
+logger = logging.getLogger(__name__)
+
+
+def _require(df: DataFrame, name: str, columns: tuple[str, ...]) -> None:
+    for col in columns:
+        if col not in df.columns:
+            raise InputDataError(f"{name}: table has no column '{col}' (columns: {', '.join(df.columns)})")
+
+
+def to_string_ids(recs: DataFrame, dim_user: DataFrame, dim_item: DataFrame) -> DataFrame:
+    """Recommendations with the original ids.
+
+    Parameters
+    ----------
+    recs : DataFrame
+        ``src`` int (user_idx), ``rank`` int, ``dst`` int (item_idx), ``score`` float.
+    dim_user : DataFrame
+        ``user_id`` string, ``user_idx`` int.
+    dim_item : DataFrame
+        ``item_id`` string, ``item_idx`` int.
+
+    Returns
+    -------
+    DataFrame
+        ``user_id`` string, ``rank`` int, ``item_id`` string, ``score`` float. Rows whose index is
+        missing from a map are dropped (inner joins).
+    """
+    _require(dim_user, "dim_user", ("user_id", "user_idx"))
+    _require(dim_item, "dim_item", ("item_id", "item_idx"))
+    users = dim_user.select(F.col("user_idx").cast("int").alias("src"), F.col("user_id").cast("string"))
+    items = dim_item.select(F.col("item_idx").cast("int").alias("dst"), F.col("item_id").cast("string"))
+    return recs.join(users, "src").join(items, "dst").select("user_id", "rank", "item_id", "score")
+
+
+def similar_to_string_ids(sims: DataFrame, dim_item: DataFrame) -> DataFrame:
+    """Similar items with the original ids: ``item_id``, ``rank``, ``similar_item_id``, ``score``.
+
+    ``sims`` has the columns of :func:`~mf_spark.recommend.engine.similar_items`.
+    """
+    _require(dim_item, "dim_item", ("item_id", "item_idx"))
+    items = dim_item.select(F.col("item_idx").cast("int").alias("idx"), F.col("item_id").cast("string"))
+    return (
+        sims.join(items.withColumnRenamed("idx", "item"), "item")
+        .join(items.select(F.col("idx").alias("similar_item"), F.col("item_id").alias("similar_item_id")), "similar_item")
+        .select("item_id", "rank", "similar_item_id", "score")
+    )
+
+
+def item_ids_to_index(items: DataFrame, dim_item: DataFrame, name: str) -> DataFrame:
+    """``id`` int of the ``item_id`` values of a filter table (ids unknown to ``dim_item`` are ignored)."""
+    _require(items, name, ("item_id",))
+    return (
+        items.select(F.col("item_id").cast("string"))
+        .join(dim_item.select(F.col("item_id").cast("string"), F.col("item_idx")), "item_id")
+        .select(F.col("item_idx").cast("int").alias("id"))
+        .distinct()
+    )
+
+
+@dataclass(frozen=True)
+class RecommendSettings:
+    """Plain values of the ``[recommend]`` config section (and the training settings fold-in needs)."""
+
+    top_n: int = 100
+    similar_n: int = 20
+    exclude_seen: bool = True
+    fold_in_new_users: bool = True
+    user_block_size: int = 4096
+    item_chunk_size: int = 50000
+    max_broadcast_bytes: int = DEFAULT_MAX_BROADCAST_BYTES
+    solve_params: SolveParams = field(default_factory=SolveParams)
+
+
+@dataclass
+class RecommendationTables:
+    """Outputs of :func:`build_recommendation_tables` (lazy DataFrames)."""
+
+    recommendations: DataFrame
+    similar_items: DataFrame
+    folded_users: DataFrame | None
+
+
+def build_recommendation_tables(
+    user_factors: DataFrame,
+    item_factors: DataFrame,
+    interactions: DataFrame,
+    dim_user: DataFrame,
+    dim_item: DataFrame,
+    settings: RecommendSettings,
+    *,
+    item_filter: DataFrame | None = None,
+    allow_list: DataFrame | None = None,
+) -> RecommendationTables:
+    """Top-N per user (seen excluded, new users folded in) and similar items, with string ids.
+
+    Parameters
+    ----------
+    user_factors, item_factors : DataFrame
+        ``id`` int, ``features`` array<float>.
+    interactions : DataFrame
+        ``user_idx`` int, ``item_idx`` int, ``strength`` float: the training window.
+    dim_user, dim_item : DataFrame
+        ``user_id``/``user_idx`` and ``item_id``/``item_idx``.
+    settings : RecommendSettings
+    item_filter, allow_list : DataFrame, optional
+        ``item_id`` string: items removed for everyone / the only items recommended.
+    """
+    users = user_factors.select("id", "features")
+    folded = None
+    if settings.fold_in_new_users:
+        users, folded = fold_in_new_users(
+            users, item_factors, interactions, settings.solve_params, block_size=settings.user_block_size
+        )
+        # The user table is read more than once (sizes, then scoring): solve the new users only once.
+        folded = folded.persist()
+        users = user_factors.select("id", "features").unionByName(folded)
+    exclude = None if item_filter is None else item_ids_to_index(item_filter, dim_item, "item filter")
+    allow = None if allow_list is None else item_ids_to_index(allow_list, dim_item, "allow list")
+    recs = recommend_top_k(
+        users, item_factors, settings.top_n,
+        seen=interactions if settings.exclude_seen else None,
+        exclude_dst=exclude, allow_dst=allow,
+        src_block_size=settings.user_block_size, dst_chunk_size=settings.item_chunk_size,
+        max_broadcast_bytes=settings.max_broadcast_bytes,
+    )
+    sims = similar_items(
+        item_factors, settings.similar_n, src_block_size=settings.user_block_size,
+        dst_chunk_size=settings.item_chunk_size, max_broadcast_bytes=settings.max_broadcast_bytes,
+        exclude_dst=exclude, allow_dst=allow,
+    )
+    return RecommendationTables(to_string_ids(recs, dim_user, dim_item), similar_to_string_ids(sims, dim_item), folded)
+
+
+def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:
+    if not os.path.exists(path):
+        raise InputDataError(f"recommend: {what} not found: {path}")
+    return spark.read.parquet(path)
+
+
+def _first_existing(candidates: list[str], what: str) -> str:
+    for path in candidates:
+        if os.path.exists(path):
+            return path
+    raise InputDataError(f"recommend: {what} not found; looked in {', '.join(candidates)}")
+
+
+def run_recommend_stage(
+    spark: SparkSession,
+    run_dir: str,
+    settings: RecommendSettings,
+    *,
+    id_map_dir: str | None = None,
+    item_filter_path: str = "",
+    allow_list_path: str = "",
+) -> dict[str, int]:
+    """Read a run's factors, interactions and id maps, write ``recommendations`` and ``similar_items``.
+
+    Id maps are read from ``run_dir/dim_user`` and ``run_dir/dim_item``, else from ``id_map_dir``.
+
+    Returns
+    -------
+    dict
+        Row counts: ``recommendations``, ``similar_items``, ``folded_in_users``.
+    """
+    user_factors = _read_table(spark, os.path.join(run_dir, "user_factors"), "user factors")
+    item_factors = _read_table(spark, os.path.join(run_dir, "item_factors"), "item factors")
+    interactions = _read_table(spark, os.path.join(run_dir, "interactions"), "interactions")
+    maps = {}
+    for name in ("dim_user", "dim_item"):
+        candidates = [os.path.join(run_dir, name)] + ([os.path.join(id_map_dir, name)] if id_map_dir else [])
+        maps[name] = spark.read.parquet(_first_existing(candidates, f"id map {name}"))
+    item_filter = _read_table(spark, item_filter_path, "item filter table") if item_filter_path else None
+    allow_list = _read_table(spark, allow_list_path, "allow-list table") if allow_list_path else None
+    tables = build_recommendation_tables(
+        user_factors.select("id", "features"), item_factors.select("id", "features"), interactions,
+        maps["dim_user"], maps["dim_item"], settings, item_filter=item_filter, allow_list=allow_list,
+    )
+    counts = {}
+    for name, df in (("recommendations", tables.recommendations), ("similar_items", tables.similar_items)):
+        path = os.path.join(run_dir, name)
+        df.write.mode("overwrite").parquet(path)
+        counts[name] = spark.read.parquet(path).count()
+    counts["folded_in_users"] = 0 if tables.folded_users is None else tables.folded_users.count()
+    logger.info("recommend: wrote %s", counts)
+    return counts

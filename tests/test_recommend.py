@@ -1,0 +1,259 @@
+"""Top-N, similar items, fold-in and the published tables, against brute-force numpy on tiny data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pyspark.sql import functions as F
+
+from mf_spark.als.params import SolveParams
+from mf_spark.errors import InputDataError
+from mf_spark.recommend import (
+    fold_in_factors,
+    fold_in_new_users,
+    recommend_top_k,
+    similar_items,
+    similar_to_string_ids,
+    to_string_ids,
+)
+
+BROADCAST, CROSS = 1 << 30, 0  # max_broadcast_bytes forcing each plan
+PLANS = pytest.mark.parametrize("max_broadcast_bytes", [BROADCAST, CROSS], ids=["broadcast", "cross"])
+
+
+def factor_frame(spark, ids, matrix):
+    return spark.createDataFrame(
+        [(int(i), [float(x) for x in row]) for i, row in zip(ids, matrix)], "id int, features array<float>"
+    )
+
+
+def brute_force(src_ids, src, dst_ids, dst, k, masked=frozenset(), cosine=False):
+    """Rows (src, rank, dst, score): every pair scored in float32, full sort by (-score, dst id)."""
+    if cosine:
+        src = src / np.maximum(np.linalg.norm(src, axis=1, keepdims=True), 1e-30)
+        dst = dst / np.maximum(np.linalg.norm(dst, axis=1, keepdims=True), 1e-30)
+    scores = src.astype(np.float32) @ dst.astype(np.float32).T
+    rows = []
+    for r, s in enumerate(src_ids):
+        cands = sorted((-float(scores[r, c]), int(d)) for c, d in enumerate(dst_ids) if (int(s), int(d)) not in masked)
+        rows += [(int(s), rank, d, -neg) for rank, (neg, d) in enumerate(cands[:k], start=1)]
+    return sorted(rows)
+
+
+def collected(df, cols=("src", "rank", "dst", "score")):
+    return sorted(tuple(r) for r in df.select(*cols).collect())
+
+
+def assert_same(got, expected):
+    assert [g[:3] for g in got] == [e[:3] for e in expected]
+    np.testing.assert_allclose([g[3] for g in got], [e[3] for e in expected], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def data(spark):
+    rng = np.random.default_rng(11)
+    n_users, n_items, rank = 37, 29, 4
+    user_ids = np.arange(n_users) * 3 + 1  # sparse ids
+    item_ids = np.arange(n_items) * 2
+    users = rng.normal(size=(n_users, rank)).astype(np.float32)
+    items = rng.normal(size=(n_items, rank)).astype(np.float32)
+    seen = sorted({(int(u), int(i)) for u in user_ids for i in rng.choice(item_ids, rng.integers(0, 9))})
+    return {
+        "user_ids": user_ids, "item_ids": item_ids, "users": users, "items": items, "seen": seen,
+        "user_df": factor_frame(spark, user_ids, users), "item_df": factor_frame(spark, item_ids, items),
+        "seen_df": spark.createDataFrame(
+            [(u, i, 1.0) for u, i in seen], "user_idx int, item_idx int, strength float"
+        ),
+    }
+
+
+@PLANS
+@pytest.mark.parametrize("sizes", [(4096, 50000), (5, 4)], ids=["one-block", "many-blocks-and-chunks"])
+def test_top_k_equals_brute_force_with_seen_excluded(data, max_broadcast_bytes, sizes):
+    recs = recommend_top_k(data["user_df"], data["item_df"], 6, seen=data["seen_df"], src_block_size=sizes[0],
+                           dst_chunk_size=sizes[1], max_broadcast_bytes=max_broadcast_bytes)
+    assert recs.schema.simpleString() == "struct<src:int,rank:int,dst:int,score:float>"
+    expected = brute_force(data["user_ids"], data["users"], data["item_ids"], data["items"], 6, set(data["seen"]))
+    assert_same(collected(recs), expected)
+
+
+@PLANS
+def test_top_k_without_seen_exclusion(data, max_broadcast_bytes):
+    recs = recommend_top_k(data["user_df"], data["item_df"], 3, src_block_size=8, dst_chunk_size=10,
+                           max_broadcast_bytes=max_broadcast_bytes)
+    assert_same(collected(recs), brute_force(data["user_ids"], data["users"], data["item_ids"], data["items"], 3))
+
+
+@PLANS
+def test_exclude_and_allow_lists(spark, data, max_broadcast_bytes):
+    allow = [int(i) for i in data["item_ids"][::2]]
+    exclude = allow[:4] + [int(data["item_ids"][1])]
+    recs = recommend_top_k(
+        data["user_df"], data["item_df"], 5, seen=data["seen_df"],
+        allow_dst=spark.createDataFrame([(i,) for i in allow], "id int"),
+        exclude_dst=spark.createDataFrame([(i,) for i in exclude], "id int"),
+        src_block_size=10, dst_chunk_size=3, max_broadcast_bytes=max_broadcast_bytes,
+    )
+    keep = np.isin(data["item_ids"], allow) & ~np.isin(data["item_ids"], exclude)
+    expected = brute_force(data["user_ids"], data["users"], data["item_ids"][keep], data["items"][keep], 5,
+                           set(data["seen"]))
+    assert_same(collected(recs), expected)
+
+
+@PLANS
+def test_k_larger_than_the_catalogue_and_users_with_few_candidates(spark, data, max_broadcast_bytes):
+    items = data["item_ids"][:6]
+    item_df = factor_frame(spark, items, data["items"][:6])
+    seen = [(int(data["user_ids"][0]), int(i)) for i in items[:5]] + [(int(data["user_ids"][1]), int(i)) for i in items]
+    seen_df = spark.createDataFrame(seen, "user_idx int, item_idx int")
+    recs = recommend_top_k(data["user_df"], item_df, 50, seen=seen_df, src_block_size=6, dst_chunk_size=2,
+                           max_broadcast_bytes=max_broadcast_bytes)
+    got = collected(recs)
+    assert_same(got, brute_force(data["user_ids"], data["users"], items, data["items"][:6], 50, set(seen)))
+    per_user = {}
+    for src, *_ in got:
+        per_user[src] = per_user.get(src, 0) + 1
+    assert per_user[int(data["user_ids"][0])] == 1 and int(data["user_ids"][1]) not in per_user
+    assert per_user[int(data["user_ids"][2])] == 6
+
+
+@PLANS
+def test_ties_break_by_lower_item_id_and_reruns_are_identical(spark, max_broadcast_bytes):
+    rng = np.random.default_rng(2)
+    users = rng.integers(-1, 2, size=(25, 3)).astype(np.float32)
+    items = rng.integers(-1, 2, size=(40, 3)).astype(np.float32)
+    user_df, item_df = factor_frame(spark, range(25), users), factor_frame(spark, range(40), items)
+    runs = [
+        collected(recommend_top_k(user_df, item_df, 8, src_block_size=4, dst_chunk_size=7,
+                                  max_broadcast_bytes=max_broadcast_bytes))
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    assert runs[0] == brute_force(np.arange(25), users, np.arange(40), items, 8)  # integer scores: exact
+
+
+@PLANS
+def test_similar_items_are_cosine_neighbours_without_the_item_itself(data, max_broadcast_bytes):
+    sims = similar_items(data["item_df"], 4, src_block_size=7, dst_chunk_size=5, max_broadcast_bytes=max_broadcast_bytes)
+    assert sims.columns == ["item", "rank", "similar_item", "score"]
+    self_pairs = {(int(i), int(i)) for i in data["item_ids"]}
+    expected = brute_force(data["item_ids"], data["items"], data["item_ids"], data["items"], 4, self_pairs, cosine=True)
+    assert_same(collected(sims, ("item", "rank", "similar_item", "score")), expected)
+
+
+def test_bad_inputs_name_the_column(spark, data):
+    with pytest.raises(InputDataError, match="'features'"):
+        recommend_top_k(data["user_df"].select("id"), data["item_df"], 3)
+    with pytest.raises(InputDataError, match="'item_idx'"):
+        recommend_top_k(data["user_df"], data["item_df"], 3, seen=data["seen_df"].drop("item_idx"))
+    short = factor_frame(spark, [1], [[1.0, 2.0]])
+    with pytest.raises(InputDataError, match="rank 2"):
+        recommend_top_k(short, data["item_df"], 3)
+    ragged = spark.createDataFrame([(1, [1.0]), (2, [1.0, 2.0])], "id int, features array<float>")
+    with pytest.raises(InputDataError, match="one length"):
+        recommend_top_k(ragged, data["item_df"], 3)
+
+
+def test_empty_sides_give_an_empty_table(spark, data):
+    assert recommend_top_k(data["user_df"].limit(0), data["item_df"], 3).count() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# fold-in
+
+
+def dense_fold_in(history, items_by_id, params: SolveParams):
+    """Closed form of HKV eq. 4 for one user: x = (YtY + Y^T (C - I) Y + lambda I)^-1 Y^T C p."""
+    Y = np.array(list(items_by_id.values()), dtype=np.float64)
+    gram = Y.T @ Y
+    rank = Y.shape[1]
+    rated = np.array([items_by_id[i] for i in history], dtype=np.float64)
+    r = np.array(list(history.values()), dtype=np.float64)
+    extra = params.alpha * np.abs(r) if params.confidence == "linear" else params.alpha * np.log1p(np.abs(r) / params.confidence_epsilon)
+    positive = r > 0
+    lam = {"count": params.reg_param * positive.sum(), "constant": params.reg_param,
+           "frequency": params.reg_param * (positive.sum() + params.frequency_alpha0 * len(Y)) ** params.frequency_nu}[params.regularization]
+    A = gram + rated.T @ (extra[:, None] * rated) + lam * np.eye(rank)
+    b = rated[positive].T @ (1.0 + extra[positive])
+    return np.linalg.solve(A, b)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SolveParams(alpha=5.0, reg_param=0.1), SolveParams(alpha=2.0, reg_param=0.3, regularization="constant", confidence="log"),
+     SolveParams(alpha=1.0, reg_param=0.05, regularization="frequency", frequency_alpha0=0.2, frequency_nu=0.5, solver="cg")],
+    ids=["count-linear", "constant-log", "frequency-cg-params-still-exact"],
+)
+def test_fold_in_equals_the_dense_closed_form(spark, params):
+    rng = np.random.default_rng(4)
+    item_ids = np.arange(15) + 100
+    items = rng.normal(size=(15, 3)).astype(np.float32)
+    rows = []
+    for user in range(9):
+        for item in rng.choice(item_ids, rng.integers(1, 8), replace=False):
+            rows.append((user, int(item), float(rng.choice([-1.0, 1.0, 2.5, 4.0]))))
+    rows.append((0, int(rows[0][1]), 1.5))  # a duplicate pair: summed, as training does
+    rows.append((3, 999, 1.0))  # an item without factors: ignored
+    interactions = spark.createDataFrame(rows, "user_idx int, item_idx int, strength float")
+    solved = {r.id: np.array(r.features) for r in
+              fold_in_factors(interactions, factor_frame(spark, item_ids, items), params, block_size=4).collect()}
+    assert sorted(solved) == list(range(9))
+    items_by_id = {int(i): items[n] for n, i in enumerate(item_ids)}
+    for user in range(9):
+        history: dict[int, float] = {}
+        for u, i, s in rows:
+            if u == user and i in items_by_id:
+                history[i] = history.get(i, 0.0) + s
+        np.testing.assert_allclose(solved[user], dense_fold_in(history, items_by_id, params), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_in_new_users_solves_only_users_without_factors(spark):
+    rng = np.random.default_rng(8)
+    items = factor_frame(spark, range(6), rng.normal(size=(6, 2)))
+    known = factor_frame(spark, [0, 1], [[9.0, 9.0], [8.0, 8.0]])
+    interactions = spark.createDataFrame([(0, 1, 1.0), (2, 3, 1.0), (2, 4, 2.0), (5, 0, 1.0)],
+                                         "user_idx int, item_idx int, strength float")
+    all_users, new_users = fold_in_new_users(known, items, interactions, SolveParams(alpha=3.0))
+    assert sorted(r.id for r in new_users.collect()) == [2, 5]
+    got = {r.id: r.features for r in all_users.collect()}
+    assert sorted(got) == [0, 1, 2, 5] and got[0] == [9.0, 9.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkerboard: the withheld item comes first once seen items are excluded
+
+
+def test_checkerboard_withheld_item_is_recommended_first(spark):
+    """implicit's get_checker_board: even users like even items, odd like odd; user u never saw item u."""
+    from mf_spark.als.estimator import ImplicitALS
+
+    n = 20
+    rows = [(u, i, 1.0) for u in range(n) for i in range(n) if (u + i) % 2 == 0 and u != i]
+    interactions = spark.createDataFrame(rows, "user_idx int, item_idx int, strength float")
+    model = ImplicitALS(rank=4, maxIter=10, regParam=0.01, alpha=10.0, userCol="user_idx", itemCol="item_idx",
+                        ratingCol="strength", numUserBlocks=2, numItemBlocks=2, seed=3).fit(interactions)
+    recs = recommend_top_k(model.userFactors, model.itemFactors, 3, seen=interactions, src_block_size=6,
+                           dst_chunk_size=7)
+    top = {r.src: r.dst for r in recs.where("rank = 1").collect()}
+    assert top == {u: u for u in range(n)}
+    # without the exclusion the top item is one the user already has
+    plain = {r.src: r.dst for r in recommend_top_k(model.userFactors, model.itemFactors, 1).collect()}
+    assert any(plain[u] != u for u in range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# string ids
+
+
+def test_to_string_ids_joins_both_maps(spark):
+    recs = spark.createDataFrame([(0, 1, 1, 0.5), (0, 2, 0, 0.25), (1, 1, 0, 0.75)], "src int, rank int, dst int, score float")
+    dim_user = spark.createDataFrame([("alice", 0), ("bob", 1)], "user_id string, user_idx int")
+    dim_item = spark.createDataFrame([("apple", 0), ("pear", 1)], "item_id string, item_idx int")
+    out = to_string_ids(recs, dim_user, dim_item)
+    assert out.columns == ["user_id", "rank", "item_id", "score"]
+    assert sorted(tuple(r) for r in out.collect()) == [("alice", 1, "pear", 0.5), ("alice", 2, "apple", 0.25),
+                                                      ("bob", 1, "apple", 0.75)]
+    sims = spark.createDataFrame([(0, 1, 1, 0.9)], "item int, rank int, similar_item int, score float")
+    assert [tuple(r) for r in similar_to_string_ids(sims, dim_item).collect()] == [("apple", 1, "pear", pytest.approx(0.9))]
+    with pytest.raises(InputDataError, match="'user_id'"):
+        to_string_ids(recs, dim_user.drop("user_id"), dim_item)
