@@ -152,3 +152,83 @@ def evaluate_holdout(
     if out_dir:
         write_report(result, out_dir)
     return result
+
+
+def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> None:
+    """Check the ``[evaluate]`` values that the schema cannot (before Spark starts).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key: an unknown model or metric, a gate or tuning metric whose K is not evaluated,
+        a global temporal split without ``cutoff_date``, an unknown tuning mode value.
+    """
+    from mf_spark.als.params import CONFIDENCES, REGULARIZATIONS
+    from mf_spark.errors import ConfigError
+
+    unknown = [m for m in evaluate["models"] if m not in MODELS]
+    if unknown or not evaluate["models"]:
+        raise ConfigError(f"key 'evaluate.models': {unknown or 'empty list'} not in {', '.join(MODELS)}")
+    if not evaluate["ks"] or min(evaluate["ks"]) < 1:
+        raise ConfigError(f"key 'evaluate.ks': need positive cut-offs, got {evaluate['ks']}")
+    metrics = [("evaluate.gate.metric", evaluate["gate"]["metric"])]
+    if tune:
+        metrics.append(("evaluate.tuning.metric", evaluate["tuning"]["metric"]))
+    for key, name in metrics:
+        try:
+            _, k = parse_metric_name(name)
+        except ValueError as exc:
+            raise ConfigError(f"key '{key}': {exc}") from None
+        if key.startswith("evaluate.gate") and k not in evaluate["ks"]:
+            raise ConfigError(f"key '{key}': K={k} of {name!r} is not in evaluate.ks {evaluate['ks']}")
+    if evaluate["split"] == "global_temporal" and not evaluate["cutoff_date"]:
+        raise ConfigError("key 'evaluate.cutoff_date': the global_temporal split needs a date (YYYY-MM-DD)")
+    if evaluate["cutoff_date"]:
+        try:
+            dt.date.fromisoformat(evaluate["cutoff_date"])
+        except ValueError:
+            raise ConfigError(f"key 'evaluate.cutoff_date': not a YYYY-MM-DD date: {evaluate['cutoff_date']!r}") from None
+    for key, allowed in (("regularization", REGULARIZATIONS), ("confidence", CONFIDENCES)):
+        bad = [v for v in evaluate["tuning"][key] if v not in allowed]
+        if bad:
+            raise ConfigError(f"key 'evaluate.tuning.{key}': {bad} not in {', '.join(allowed)}")
+
+
+def published_interactions_path(root: str, run_date: dt.date) -> str:
+    """The ``interactions`` table of the run published for ``run_date`` under ``root``.
+
+    Raises
+    ------
+    InputDataError
+        When no published run has that date (names the root and the date, suggests --interactions).
+    """
+    import os
+
+    from mf_spark import publish
+    from mf_spark.errors import InputDataError
+
+    manifest = publish.previous_published(root, before=run_date + dt.timedelta(days=1))
+    if manifest is None or manifest.get("run", {}).get("run_date") != run_date.isoformat():
+        raise InputDataError(f"no run published for {run_date} under {root}; pass --interactions PATH")
+    path = os.path.join(manifest["run_dir"], "interactions")
+    if not os.path.isdir(path):
+        raise InputDataError(f"{path}: the published run has no interactions table; pass --interactions PATH")
+    return path
+
+
+def report_dir(root: str, run_date: dt.date) -> str:
+    """``<root>/evaluations/dt=<date>/<UTC time>``: a new directory per evaluation, never overwritten."""
+    import os
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return os.path.join(root, "evaluations", f"dt={run_date.isoformat()}", stamp)
+
+
+def summary_table(result: Mapping[str, Any], k: int | None = None) -> str:
+    """A Markdown table of the main metrics at ``k`` (default: 20 if evaluated, else the smallest K)."""
+    from mf_spark.evaluate.report import TABLE_METRICS, _table
+
+    ks = result["ks"]
+    k = k or (20 if 20 in ks else ks[0])
+    rows = [[name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS] for name, run in result["models"].items()]
+    return f"K = {k}\n" + _table(["model"] + [label for _, label in TABLE_METRICS], rows)

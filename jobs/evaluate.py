@@ -1,0 +1,49 @@
+"""Offline evaluation: split the interactions, train and compare the configured models, write a report.
+
+    ./spark-submit.sh jobs/evaluate.py --config conf/local.toml --date 2011-12-09
+    ./spark-submit.sh jobs/evaluate.py --config conf/local.toml --date 2011-12-09 --tune \
+        --set 'evaluate.models=["implicit_als","mllib_als","popular","random"]'
+
+Without --interactions it evaluates the interactions of the run published for --date. The report
+(metrics.json, report.md, PNG plots) goes to --out or <output.root>/evaluations/dt=<date>/<UTC time>.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mf_spark.cli import parse_date, run_job
+
+
+def add_arguments(parser):
+    parser.add_argument("--date", type=parse_date, required=True, help="run date whose interactions are evaluated")
+    parser.add_argument("--interactions", help="Parquet interactions (user_idx, item_idx, strength, last_ts) instead")
+    parser.add_argument("--tune", action="store_true", help="search [evaluate.tuning] per model on a validation split")
+    parser.add_argument("--out", help="report directory (default under output.root/evaluations)")
+
+
+def validate(args, cfg):
+    from mf_spark.evaluate.holdout import validate_settings
+
+    validate_settings(cfg["evaluate"], tune=args.tune)
+
+
+def body(spark, cfg, args):
+    from mf_spark.evaluate.holdout import evaluate_holdout, published_interactions_path, report_dir, summary_table
+
+    path = args.interactions or published_interactions_path(cfg["output"]["root"], args.date)
+    out = args.out or report_dir(cfg["output"]["root"], args.date)
+    ev, tuning = cfg["evaluate"], cfg["evaluate"]["tuning"]
+    result = evaluate_holdout(
+        spark, spark.read.parquet(path), split=ev["split"], test_fraction=ev["test_fraction"], test_n=ev["test_n"],
+        cutoff_date=ev["cutoff_date"], holdout_users=ev["holdout_users"], seed=ev["seed"], ks=ev["ks"],
+        models=ev["models"], train_params=cfg["train"], out_dir=out, tune=args.tune,
+        tuning_grid={n: tuning[n] for n in ("rank", "reg_param", "alpha", "regularization", "confidence")},
+        tuning_metric=tuning["metric"], tuning_mode=tuning["mode"], tuning_samples=tuning["samples"],
+    )
+    print(summary_table(result))
+    print(f"report: {out}/report.md")
+
+
+if __name__ == "__main__":
+    sys.exit(run_job("mf-spark-evaluate", __doc__, body, add_arguments, validate_args=validate))
