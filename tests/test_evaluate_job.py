@@ -1,0 +1,63 @@
+"""jobs/evaluate.py's checks that run before Spark starts, and where it reads and writes."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+
+import pytest
+
+from mf_spark.config import validate
+from mf_spark.errors import ConfigError, InputDataError
+from mf_spark.evaluate.holdout import published_interactions_path, report_dir, validate_settings
+from tests.conftest import REPO_ROOT
+
+
+def _evaluate(**overrides):
+    raw = {"input": {"path": "x"}, "output": {"root": "y"}, "evaluate": overrides}
+    return validate(raw)["evaluate"]
+
+
+def test_defaults_are_valid():
+    validate_settings(_evaluate(), tune=True)
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    ({"models": ["implicit_als", "lightfm"]}, "evaluate.models"),
+    ({"gate": {"metric": "ndcg@30"}}, "evaluate.gate.metric"),
+    ({"gate": {"metric": "auc@20"}}, "evaluate.gate.metric"),
+    ({"split": "global_temporal"}, "evaluate.cutoff_date"),
+    ({"cutoff_date": "2024-13-01"}, "evaluate.cutoff_date"),
+    ({"tuning": {"confidence": ["linear", "sqrt"]}}, "evaluate.tuning.confidence"),
+    ({"tuning": {"alpha": [1, "x"]}}, "evaluate.tuning.alpha"),
+])
+def test_bad_settings_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate_settings(_evaluate(**overrides), tune=True)
+
+
+def test_tuning_metric_checked_only_when_tuning():
+    settings = _evaluate(tuning={"metric": "nope@1"})
+    validate_settings(settings, tune=False)
+    with pytest.raises(ConfigError, match="evaluate.tuning.metric"):
+        validate_settings(settings, tune=True)
+
+
+def test_missing_published_run_suggests_interactions(tmp_path):
+    with pytest.raises(InputDataError, match="--interactions"):
+        published_interactions_path(str(tmp_path), dt.date(2024, 1, 2))
+
+
+def test_report_dir_is_per_date(tmp_path):
+    path = report_dir(str(tmp_path), dt.date(2024, 1, 2))
+    assert path.startswith(str(tmp_path / "evaluations" / "dt=2024-01-02"))
+
+
+def test_job_rejects_bad_gate_metric_before_spark(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[input]\npath = "x"\n[output]\nroot = "y"\n[evaluate]\nks = [10]\n')
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "evaluate.py"), "--config", str(config),
+                           "--date", "2024-01-02"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    assert done.returncode == 2
+    assert "evaluate.gate.metric" in done.stderr and "Traceback" not in done.stderr
