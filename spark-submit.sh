@@ -2,13 +2,14 @@
 # Submit one mf-spark job with spark-submit, the same way on local, standalone, YARN and Kubernetes.
 #
 #   ./spark-submit.sh [spark-submit options] jobs/<job>.py [job arguments]
+#   ./spark-submit.sh --zip-only      # only build dist/mf_spark.zip (for schedulers that call spark-submit)
 #   ./spark-submit.sh jobs/nightly.py --config conf/local.toml --date 2011-12-09 --set train.rank=16
 #   ./spark-submit.sh --master spark://10.0.0.5:7077 --conf spark.executor.memory=4g \
 #       jobs/nightly.py --config conf/cluster.toml --date 2011-12-09
 #
 # What it does (docs/operations.md has the details and one example per cluster manager):
-#   - packs mf_spark/ into dist/mf_spark.zip (a zip: spark-submit silently ignores a .whl in
-#     --py-files) with the git commit stamped in, and ships it with --py-files;
+#   - packs mf_spark/ into a zip (spark-submit silently ignores a .whl in --py-files) with the git
+#     commit stamped in, dist/mf_spark-<content hash>.zip, and ships it with --py-files;
 #   - defaults --master to local[*] when no master is given;
 #   - sets SPARK_CONF_DIR=<repo>/conf (spark-defaults.conf, log4j2.properties) unless already set;
 #   - MF_SPARK_VENV_ARCHIVE=env.tar.gz (built with venv-pack) ships a packed virtual env for
@@ -20,9 +21,15 @@ set -euo pipefail
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
-    sed -n '2,8p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
+
+zip_only=false
+if [[ "${1:-}" == --zip-only ]]; then
+    zip_only=true
+    shift
+fi
 
 # Split the arguments: spark-submit options come before the job file, job arguments after it.
 spark_opts=()
@@ -57,17 +64,17 @@ while [[ $# -gt 0 ]]; do
 done
 job_args=("$@")
 
-if [[ -z "$job_file" ]]; then
+if [[ -z "$job_file" && "$zip_only" == false ]]; then
     echo "spark-submit.sh: no job file given (e.g. jobs/nightly.py)" >&2
     usage
 fi
-if [[ ! -f "$job_file" ]]; then
+if [[ "$zip_only" == false && ! -f "$job_file" ]]; then
     echo "spark-submit.sh: job file not found: $job_file (run from the repository root, or give its path)" >&2
     exit 2
 fi
 
 SPARK_SUBMIT="$(command -v spark-submit || true)"
-if [[ -z "$SPARK_SUBMIT" ]]; then
+if [[ -z "$SPARK_SUBMIT" && "$zip_only" == false ]]; then
     cat >&2 <<EOF
 spark-submit.sh: spark-submit not found on PATH.
   With the project's virtual env: make venv && PATH="$REPO_DIR/.venv/bin:\$PATH" ./spark-submit.sh ...
@@ -81,26 +88,55 @@ if [[ -z "$PYTHON" ]]; then
     exit 127
 fi
 
-# Build the zip under a temporary name and rename it into place, so concurrent submissions never
-# ship a half-written file. The commit is stamped in because the driver may run far from this checkout.
-mkdir -p "$REPO_DIR/dist"
-zip_path="$REPO_DIR/dist/mf_spark.zip"
-tmp_zip="$REPO_DIR/dist/.mf_spark.zip.$$"
+# The zip is built in memory with fixed timestamps, so the same code gives the same bytes, and is
+# written under a content-addressed name: a job keeps importing the code it started with even when
+# the code (or the commit) changes and another submission rebuilds meanwhile. dist/mf_spark.zip is the
+# same zip under a stable name, for schedulers that call spark-submit themselves (--zip-only).
 git_commit="$(git -C "$REPO_DIR" rev-parse HEAD 2>/dev/null || echo unknown)"
 if [[ "$git_commit" != unknown ]] && [[ -n "$(git -C "$REPO_DIR" status --porcelain -- mf_spark 2>/dev/null)" ]]; then
     git_commit="$git_commit-dirty"
 fi
-"$PYTHON" - "$REPO_DIR" "$tmp_zip" "$git_commit" <<'EOF'
-import json, pathlib, sys, zipfile
+zip_path="$("$PYTHON" - "$REPO_DIR" "$git_commit" <<'EOF'
+import hashlib, io, json, os, pathlib, sys, time, zipfile
 
-repo, out, commit = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-    for path in sorted((repo / "mf_spark").rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts and path.suffix not in (".pyc", ".pyo"):
-            zf.write(path, path.relative_to(repo).as_posix())
-    zf.writestr("mf_spark/_build_info.json", json.dumps({"git_commit": commit}) + "\n")
+repo, commit = pathlib.Path(sys.argv[1]), sys.argv[2]
+dist = repo / "dist"
+dist.mkdir(exist_ok=True)
+buffer = io.BytesIO()
+with zipfile.ZipFile(buffer, "w") as zf:
+    entries = [(p.relative_to(repo).as_posix(), p.read_bytes()) for p in sorted((repo / "mf_spark").rglob("*"))
+               if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")]
+    entries.append(("mf_spark/_build_info.json", (json.dumps({"git_commit": commit}) + "\n").encode()))
+    for name, data in entries:
+        info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+        info.external_attr = 0o644 << 16
+        info.compress_type = zipfile.ZIP_DEFLATED
+        zf.writestr(info, data)
+payload = buffer.getvalue()
+
+
+def install(path):
+    if path.exists() and path.read_bytes() == payload:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(payload)
+    os.replace(tmp, path)
+
+
+snapshot = dist / f"mf_spark-{hashlib.sha256(payload).hexdigest()[:12]}.zip"
+install(snapshot)
+install(dist / "mf_spark.zip")
+os.utime(snapshot)
+for old in dist.glob("mf_spark-*.zip"):  # snapshots no submission has used for two days
+    if old.stat().st_mtime < time.time() - 2 * 86400:
+        old.unlink(missing_ok=True)
+print(snapshot)
 EOF
-mv -f "$tmp_zip" "$zip_path"
+)"
+if [[ "$zip_only" == true ]]; then
+    echo "$REPO_DIR/dist/mf_spark.zip"
+    exit 0
+fi
 
 py_files="${py_files:+$py_files,}$zip_path"
 master="${master:-local[*]}"

@@ -8,8 +8,10 @@ trains.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,7 +81,11 @@ def test_spark_submit_sh_ships_a_zip_and_passes_the_exit_code(probe_job, tmp_pat
                             "--flag", "two words"], tmp_path / "probe.log")
     assert code == 3, out[-3000:]
     assert f"SPARK_CONF_DIR={REPO_ROOT / 'conf'}" in out
-    assert f"--py-files {REPO_ROOT / 'dist' / 'mf_spark.zip'}" in out
+    shipped = re.search(r"--py-files (\S+)", out).group(1)
+    assert re.fullmatch(rf"{REPO_ROOT / 'dist'}/mf_spark-[0-9a-f]{{12}}\.zip", shipped), shipped
+    # content-addressed, and the same bytes as the stable dist/mf_spark.zip
+    assert hashlib.sha256(Path(shipped).read_bytes()).hexdigest()[:12] in shipped
+    assert Path(shipped).read_bytes() == (REPO_ROOT / "dist" / "mf_spark.zip").read_bytes()
     result = probe_result(out)
     assert result["argv"] == ["3", "--flag", "two words"]
     assert result["tz"] == "UTC"  # from conf/spark-defaults.conf
@@ -90,6 +96,15 @@ def test_spark_submit_sh_ships_a_zip_and_passes_the_exit_code(probe_job, tmp_pat
         names = set(zf.namelist())
     assert {"mf_spark/__init__.py", "mf_spark/publish.py", "mf_spark/_build_info.json"} <= names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_zip_is_reproducible():
+    build = lambda: subprocess.run(["./spark-submit.sh", "--zip-only"], cwd=REPO_ROOT, env=base_env(),  # noqa: E731
+                                   capture_output=True, text=True, timeout=60, check=True)
+    assert build().stdout.strip() == str(REPO_ROOT / "dist" / "mf_spark.zip")
+    first = (REPO_ROOT / "dist" / "mf_spark.zip").read_bytes()
+    build()
+    assert (REPO_ROOT / "dist" / "mf_spark.zip").read_bytes() == first
 
 
 def test_spark_submit_sh_explains_a_missing_spark_submit(tmp_path):
@@ -178,7 +193,7 @@ def test_packed_venv_reaches_the_executors(spark_cluster, probe_job, tmp_path):
     assert len(executors) == 2
     for executable, module_file in executors:
         assert executable.endswith("/environment/bin/python"), executable
-        assert "mf_spark.zip" in module_file, module_file
+        assert re.search(r"mf_spark-[0-9a-f]{12}\.zip/mf_spark/__init__.py$", module_file), module_file
 
 
 @pytest.mark.slow
