@@ -68,7 +68,7 @@ if [[ -z "$job_file" && "$zip_only" == false ]]; then
     echo "spark-submit.sh: no job file given (e.g. jobs/nightly.py)" >&2
     usage
 fi
-if [[ "$zip_only" == false && ! -f "$job_file" ]]; then
+if [[ "$zip_only" == false && "$job_file" != *://* && ! -f "$job_file" ]]; then
     echo "spark-submit.sh: job file not found: $job_file (run from the repository root, or give its path)" >&2
     exit 2
 fi
