@@ -257,3 +257,48 @@ def test_to_string_ids_joins_both_maps(spark):
     assert [tuple(r) for r in similar_to_string_ids(sims, dim_item).collect()] == [("apple", 1, "pear", pytest.approx(0.9))]
     with pytest.raises(InputDataError, match="'user_id'"):
         to_string_ids(recs, dim_user.drop("user_id"), dim_item)
+
+
+# ---------------------------------------------------------------------------------------------
+# the recommend stage of a run directory (what jobs/recommend.py calls)
+
+
+def test_recommend_stage_writes_both_tables_with_string_ids(spark, tmp_path):
+    from mf_spark.recommend import RecommendSettings, run_recommend_stage
+
+    rng = np.random.default_rng(6)
+    users, items = rng.normal(size=(5, 3)).astype(np.float32), rng.normal(size=(8, 3)).astype(np.float32)
+    run_dir, maps = tmp_path / "run", tmp_path / "id_maps"
+    factor_frame(spark, range(5), users).write.parquet(str(run_dir / "user_factors"))
+    factor_frame(spark, range(8), items).write.parquet(str(run_dir / "item_factors"))
+    # user 5 has history but no factors: folded in
+    history = [(u, i, 1.0) for u in range(6) for i in range(8) if (u * 3 + i) % 4 == 0]
+    spark.createDataFrame(history, "user_idx int, item_idx int, strength float").write.parquet(str(run_dir / "interactions"))
+    spark.createDataFrame([(f"u{u}", u) for u in range(6)], "user_id string, user_idx int").write.parquet(str(maps / "dim_user"))
+    spark.createDataFrame([(f"i{i}", i) for i in range(8)], "item_id string, item_idx int").write.parquet(str(maps / "dim_item"))
+    spark.createDataFrame([("i7",), ("unknown",)], "item_id string").write.parquet(str(tmp_path / "filter"))
+
+    settings = RecommendSettings(top_n=3, similar_n=2, user_block_size=2, item_chunk_size=3,
+                                 solve_params=SolveParams(alpha=2.0, reg_param=0.1))
+    counts = run_recommend_stage(spark, str(run_dir), settings, id_map_dir=str(maps),
+                                 item_filter_path=str(tmp_path / "filter"))
+    recs = spark.read.parquet(str(run_dir / "recommendations"))
+    sims = spark.read.parquet(str(run_dir / "similar_items"))
+    assert recs.columns == ["user_id", "rank", "item_id", "score"]
+    assert sims.columns == ["item_id", "rank", "similar_item_id", "score"]
+    # the filtered item i7 keeps its own neighbours but is nobody's neighbour
+    assert counts == {"recommendations": 18, "similar_items": 16, "folded_in_users": 1}
+
+    seen = {(f"u{u}", f"i{i}") for u, i, _ in history}
+    got = collected(recs, ("user_id", "rank", "item_id", "score"))
+    known = [(f"u{s}", r, f"i{d}", sc) for s, r, d, sc in
+             brute_force(np.arange(5), users, np.arange(7), items[:7], 3, {(u, i) for u, i, _ in history})]
+    assert_same([g for g in got if g[0] != "u5"], sorted(known))
+    assert [g[1] for g in got if g[0] == "u5"] == [1, 2, 3]
+    assert not any((g[0], g[2]) in seen or g[2] == "i7" for g in got)
+    cosine = brute_force(np.arange(8), items, np.arange(7), items[:7], 2, {(i, i) for i in range(7)}, cosine=True)
+    assert_same(collected(sims, ("item_id", "rank", "similar_item_id", "score")),
+                sorted((f"i{s}", r, f"i{d}", sc) for s, r, d, sc in cosine))
+
+    with pytest.raises(InputDataError, match="dim_user"):
+        run_recommend_stage(spark, str(run_dir), settings)
