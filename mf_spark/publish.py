@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -231,6 +232,7 @@ class RunLock:
         self.break_stale = break_stale
         self.info: dict[str, Any] = {}
         self._held = False
+        self._previous_sigterm: Any = None
 
     def _payload(self) -> dict[str, Any]:
         return {
@@ -303,6 +305,7 @@ class RunLock:
         for _ in range(3):
             if self._try_create():
                 self._held = True
+                self._exit_on_sigterm()
                 log.info("took the lock %s", self.path)
                 return self
             holder = self._holder()
@@ -333,6 +336,24 @@ class RunLock:
         else:
             log.warning("lock %s is no longer ours (now: %s); leaving it", self.path, holder)
         self._held = False
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+    def _exit_on_sigterm(self) -> None:
+        """Turn SIGTERM (a scheduler's timeout, ``yarn application -kill``) into SystemExit(143).
+
+        Python's default SIGTERM action ends the process without unwinding, which would leave the
+        lock behind; as an exception it unwinds through ``with RunLock(...)`` and the lock is
+        released. SIGKILL cannot be caught: that is what ``--break-stale-lock`` is for.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def exit_143(signum: int, frame: Any) -> None:
+            raise SystemExit(128 + signum)
+
+        self._previous_sigterm = signal.signal(signal.SIGTERM, exit_143)
 
     def __enter__(self) -> RunLock:
         return self.acquire()

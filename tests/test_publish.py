@@ -414,3 +414,26 @@ def test_rollback_command(tmp_path):
     assert read_latest(str(root))["run_id"] == day2.run_id
 
     assert run_rollback_job(config).returncode == 2  # one of --to/--date/--list is required
+
+
+def test_sigterm_releases_the_lock(tmp_path):
+    script = textwrap.dedent(
+        """
+        import datetime as dt, sys, time
+        from mf_spark.publish import RunLock
+        with RunLock(sys.argv[1], dt.date(2011, 12, 9)):
+            print("locked", flush=True)
+            time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        assert (tmp_path / "_LOCK").exists()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not (tmp_path / "_LOCK").exists()
