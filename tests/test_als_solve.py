@@ -74,9 +74,10 @@ ALL_MODES = list(itertools.product(("count", "constant", "frequency"), ("linear"
 
 @pytest.fixture(params=[None, 1024], ids=["default-batches", "tiny-batches"])
 def batch_bytes(request, monkeypatch):
-    """Also run with a tiny batch budget: many flushes, and rows too long to gather at once."""
+    """Also run with a tiny batch budget: many batches and solves, and rows too long to gather at once."""
     if request.param is not None:
         monkeypatch.setattr(solve, "_BATCH_BYTES", request.param)
+        monkeypatch.setattr(solve, "_SOLVE_MIN_SYSTEMS", 1)
     return request.param
 
 

@@ -44,6 +44,11 @@ logger = logging.getLogger(__name__)
 # batch in L2/L3 cache between the passes over it; larger batches only add memory traffic.
 _BATCH_BYTES = 4 << 20
 
+# Systems factored together by the Cholesky path: at least _SOLVE_MIN_SYSTEMS (large k) unless that
+# exceeds _SOLVE_MAX_BYTES.
+_SOLVE_MIN_SYSTEMS = 32
+_SOLVE_MAX_BYTES = 64 << 20
+
 # Rating counts up to this are batched at their exact length; above it, counts are rounded up to one of
 # _LENGTH_STEPS_PER_OCTAVE lengths per power of two, which bounds the padding to 1/_LENGTH_STEPS_PER_OCTAVE.
 _EXACT_LENGTH_MAX = 16
@@ -533,7 +538,11 @@ class _PendingSystems:
     the solutions written as float32 into ``solved`` (n_dst, k)."""
 
     def __init__(self, rank: int, solved: np.ndarray):
-        capacity = max(1, _BATCH_BYTES // (8 * rank * rank))
+        # The triangular solve loops over k in Python once per batch: at large k keep enough systems per
+        # batch to share that cost, within _SOLVE_MAX_BYTES.
+        system_bytes = 8 * rank * rank
+        capacity = max(_BATCH_BYTES // system_bytes, _SOLVE_MIN_SYSTEMS)
+        capacity = max(1, min(capacity, _SOLVE_MAX_BYTES // system_bytes))
         self.matrices = np.empty((capacity, rank, rank))
         self.rhs = np.empty((capacity, rank))
         self.rows = np.empty(capacity, dtype=np.int64)
