@@ -93,8 +93,8 @@ def main() -> None:
                 solve_block(indptr, indices, ratings, src, src_gramian, args.src, params, init)
                 seconds.append(time.perf_counter() - start)
             print(
-                f"k={rank:3d} {solver:9s} best {min(seconds):.3f} s  median {statistics.median(seconds):.3f} s  "
-                f"(load average {os.getloadavg()[0]:.1f})"
+                f"k={rank:3d} {solver:9s} best {min(seconds):.3f} s  "
+                f"median {statistics.median(seconds):.3f} s  (load average {os.getloadavg()[0]:.1f})"
             )
 
 

@@ -216,6 +216,8 @@ def reference_solve(
     indptr = np.asarray(indptr, dtype=np.int64)
     factors = np.asarray(src_factors, dtype=np.float64)
     n_dst, rank = len(indptr) - 1, factors.shape[1]
+    if params.solver == "cg" and init is None:
+        raise ValueError("solver 'cg' needs init, the previous dst factors (n_dst, k)")
     solved = np.zeros((n_dst, rank), dtype=np.float32)
     for u in range(n_dst):
         if indptr[u] == indptr[u + 1]:
@@ -238,7 +240,8 @@ def reference_solve(
         elif params.regularization == "constant":
             lam = params.reg_param
         else:
-            lam = params.reg_param * (n_positive + params.frequency_alpha0 * n_src_total) ** params.frequency_nu
+            frequency = n_positive + params.frequency_alpha0 * n_src_total
+            lam = params.reg_param * frequency**params.frequency_nu
         matrix += lam * np.eye(rank)
         if params.solver == "cholesky":
             try:
