@@ -151,20 +151,41 @@ def validate_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_co
     ).agg(F.sum(rating).cast("float").alias("rating"))
 
 
-_BLOCK_SCHEMA = T.StructType([T.StructField("block", T.IntegerType()), T.StructField("payload", T.BinaryType())])
+_BLOCK_SCHEMA = T.StructType([
+    T.StructField("block", T.IntegerType()),
+    T.StructField("in_block", T.BinaryType()),
+    T.StructField("out_block", T.BinaryType()),
+])
 
 
-def make_in_blocks(
+def make_out_block(in_block: InBlock, num_src_blocks: int) -> dict[int, np.ndarray]:
+    """Out-block of this block's entities when they are the *fixed* side.
+
+    ``{other block b: positions into in_block.dst_ids}`` of the entities rated together with some
+    entity of block ``b``, sorted by id: exactly what block ``b``'s :class:`InBlock` expects from us.
+    """
+    src_ids = in_block.src_ids[in_block.indices]
+    other_block = block_of(src_ids, num_src_blocks)
+    rows = np.repeat(np.arange(in_block.dst_ids.shape[0]), np.diff(in_block.indptr))
+    out = {}
+    for b in np.unique(other_block):
+        out[int(b)] = np.unique(rows[other_block == b]).astype(np.int32)
+    return out
+
+
+def make_blocks(
     ratings: DataFrame,
     dst_col: str,
     src_col: str,
     num_dst_blocks: int,
     num_src_blocks: int,
     storage_level: StorageLevel,
-) -> RDD:
-    """In-blocks of one side: ``RDD[(dst block, InBlock)]`` partitioned by :func:`block_partition`.
+) -> tuple[RDD, RDD]:
+    """In-blocks and out-blocks of one side, built in one pass over the ratings.
 
-    ``ratings`` has columns ``user``, ``item``, ``rating`` (from :func:`validate_ratings`).
+    Returns ``RDD[(block, InBlock)]`` (this side solved) and ``RDD[(block, {other block: positions})]``
+    (this side fixed), both persisted and partitioned by :func:`block_partition`. ``ratings`` has
+    columns ``user``, ``item``, ``rating`` (from :func:`validate_ratings`).
     """
 
     def build(table: pa.Table) -> pa.Table:
@@ -172,51 +193,25 @@ def make_in_blocks(
         src = table.column(src_col).to_numpy()
         vals = table.column("rating").to_numpy()
         block = int(table.column("block")[0].as_py())
-        payload = pickle.dumps(make_in_block(dst, src, vals, num_src_blocks), protocol=5)
-        return pa.table({"block": pa.array([block], pa.int32()), "payload": pa.array([payload], pa.binary())})
+        in_block = make_in_block(dst, src, vals, num_src_blocks)
+        out_block = make_out_block(in_block, num_src_blocks)
+        return pa.table({
+            "block": pa.array([block], pa.int32()),
+            "in_block": pa.array([pickle.dumps(in_block, protocol=5)], pa.binary()),
+            "out_block": pa.array([pickle.dumps(out_block, protocol=5)], pa.binary()),
+        })
 
-    blocks = (
+    packed = (
         ratings.withColumn("block", F.pmod(F.col(dst_col), F.lit(num_dst_blocks)).cast("int"))
         .groupBy("block")
         .applyInArrow(build, _BLOCK_SCHEMA)
-    )
-    return (
-        blocks.rdd.map(lambda row: (row[0], pickle.loads(row[1])))
+        .rdd.map(lambda row: (row[0], (row[1], row[2])))
         .partitionBy(num_dst_blocks, block_partition)
         .persist(storage_level)
     )
-
-
-def make_out_blocks(dst_in_blocks: RDD, src_in_blocks: RDD, num_src_blocks: int, storage_level: StorageLevel) -> RDD:
-    """Out-blocks of the src side: ``RDD[(src block j, {dst block b: positions})]``.
-
-    ``positions`` index src block ``j``'s sorted ``dst_ids`` (its factor rows) and list the entities
-    dst block ``b`` needs, in the order ``b``'s :class:`InBlock` expects them.
-    """
-
-    def requests(item):
-        dst_block, in_block = item
-        for j in range(num_src_blocks):
-            needed = in_block.needed_from(j)
-            if needed.shape[0]:
-                yield j, ("need", dst_block, needed)
-
-    def resolve(records):
-        own_ids = None
-        needs = []
-        block_id = None
-        for block_id, value in records:
-            if isinstance(value, InBlock):
-                own_ids = value.dst_ids
-            else:
-                needs.append(value)
-        if block_id is None:
-            return
-        out = {}
-        for _, dst_block, needed in sorted(needs, key=lambda v: v[1]):
-            positions = np.searchsorted(own_ids, needed)
-            out[dst_block] = positions.astype(np.int32)
-        yield block_id, out
-
-    routed = dst_in_blocks.flatMap(requests).partitionBy(num_src_blocks, block_partition)
-    return src_in_blocks.union(routed).mapPartitions(resolve, preservesPartitioning=True).persist(storage_level)
+    in_blocks = packed.mapValues(lambda v: pickle.loads(v[0])).persist(storage_level)
+    out_blocks = packed.mapValues(lambda v: pickle.loads(v[1])).persist(storage_level)
+    in_blocks.count()
+    out_blocks.count()
+    packed.unpersist()
+    return in_blocks, out_blocks

@@ -28,7 +28,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mf_spark.als import solve
-from mf_spark.als.blocks import InBlock, block_partition, make_in_blocks, make_out_blocks
+from mf_spark.als.blocks import InBlock, block_partition, make_blocks
 from mf_spark.als.params import SolveParams
 
 log = logging.getLogger(__name__)
@@ -283,13 +283,9 @@ def train_implicit(
 
     started = time.perf_counter()
     ratings = ratings.persist(level)
-    user_in = make_in_blocks(ratings, "user", "item", nub, nib, level).setName("als user in-blocks")
-    item_in = make_in_blocks(ratings, "item", "user", nib, nub, level).setName("als item in-blocks")
-    user_out = make_out_blocks(item_in, user_in, nub, level).setName("als user out-blocks")
-    item_out = make_out_blocks(user_in, item_in, nib, level).setName("als item out-blocks")
+    user_in, user_out = make_blocks(ratings, "user", "item", nub, nib, level)
+    item_in, item_out = make_blocks(ratings, "item", "user", nib, nub, level)
     nnz = user_in.map(lambda kv: kv[1].nnz).sum()
-    item_out.count()
-    user_out.count()
     ratings.unpersist()
     log.info("ALS blocks built: %d ratings, %dx%d blocks, %.1fs", nnz, nub, nib, time.perf_counter() - started)
 
@@ -362,16 +358,30 @@ def train_implicit(
 FACTOR_SCHEMA = T.StructType(
     [T.StructField("id", T.IntegerType(), False), T.StructField("features", T.ArrayType(T.FloatType(), False), False)]
 )
+_PAYLOAD_SCHEMA = T.StructType([T.StructField("block", T.IntegerType()), T.StructField("payload", T.BinaryType())])
 
 
 def factors_to_frame(spark: SparkSession, factors: RDD) -> DataFrame:
-    """``RDD[(block, FactorBlock)]`` -> DataFrame ``id int, features array<float>`` sorted by id per block."""
+    """``RDD[(block, FactorBlock)]`` -> DataFrame ``id int, features array<float>``.
 
-    def rows(kv):
-        fb = kv[1]
-        return zip(fb.ids.tolist(), fb.factors.tolist())
+    One binary row per block crosses into the JVM and ``mapInArrow`` unpacks it into Arrow batches:
+    Python touches blocks, never single rows.
+    """
 
-    return spark.createDataFrame(factors.flatMap(rows), FACTOR_SCHEMA)
+    def unpack(batches):
+        for batch in batches:
+            for payload in batch.column(1).to_pylist():
+                fb = pickle.loads(payload)
+                n, k = fb.factors.shape
+                offsets = pa.array(np.arange(0, n * k + 1, k, dtype=np.int32))
+                features = pa.ListArray.from_arrays(offsets, pa.array(fb.factors.reshape(-1)))
+                yield pa.RecordBatch.from_arrays([pa.array(fb.ids), features], schema=FACTOR_ARROW_SCHEMA)
+
+    packed = spark.createDataFrame(factors.map(lambda kv: (kv[0], pickle.dumps(kv[1], protocol=5))), _PAYLOAD_SCHEMA)
+    return packed.mapInArrow(unpack, FACTOR_SCHEMA)
+
+
+FACTOR_ARROW_SCHEMA = pa.schema([pa.field("id", pa.int32(), False), pa.field("features", pa.list_(pa.field("element", pa.float32(), False)), False)])
 
 
 def objective(
@@ -391,8 +401,8 @@ def objective(
     """
     level = StorageLevel.MEMORY_AND_DISK
     rank = len(item_factors.first()["features"])
-    user_in = make_in_blocks(ratings, "user", "item", num_blocks, 1, level)
-    item_in = make_in_blocks(ratings, "item", "user", num_blocks, 1, level)
+    user_in, user_out = make_blocks(ratings, "user", "item", num_blocks, 1, level)
+    item_in, item_out = make_blocks(ratings, "item", "user", num_blocks, 1, level)
     users = factor_frame_to_blocks(user_factors, num_blocks, rank)
     items = factor_frame_to_blocks(item_factors, num_blocks, rank)
     item_blocks = sorted(items.collect(), key=lambda kv: kv[0])
@@ -431,6 +441,6 @@ def objective(
     total = sum(user_in.union(users).mapPartitions(user_terms).collect())
     total += sum(item_in.union(items).mapPartitions(item_terms).collect())
     lookup.unpersist()
-    user_in.unpersist()
-    item_in.unpersist()
+    for rdd in (user_in, user_out, item_in, item_out):
+        rdd.unpersist()
     return float(total)
