@@ -172,7 +172,8 @@ def aggregate_pairs(events: DataFrame) -> DataFrame:
 def _support_pass(pairs: DataFrame, min_per_user: int, min_per_item: int) -> DataFrame:
     users = pairs.groupBy("user_id").count().filter(F.col("count") >= min_per_user).select("user_id")
     items = pairs.groupBy("item_id").count().filter(F.col("count") >= min_per_item).select("item_id")
-    return pairs.join(users, "user_id", "left_semi").join(items, "item_id", "left_semi")
+    kept = pairs.join(users, "user_id", "left_semi").join(items, "item_id", "left_semi")
+    return kept.select(*pairs.columns)
 
 
 def filter_support(pairs: DataFrame, min_per_user: int, min_per_item: int, k_core: bool) -> DataFrame:

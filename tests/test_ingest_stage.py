@@ -1,0 +1,257 @@
+"""run_ingest end to end on tiny hand-built event files: every reject reason, the conservation identity,
+dedup, bots, support filters, the reject threshold, the window and determinism."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from chispa import assert_df_equality
+from pyspark.sql import functions as F
+
+from mf_spark.errors import InputDataError, RejectThresholdError
+from mf_spark.ingest import EventTypeRule, IngestSettings, format_report_table, read_pointer, run_ingest
+from mf_spark.ingest.report import ConservationError, check_conservation
+
+RUN_DATE = dt.date(2024, 3, 10)
+COLUMNS = {"user_id": "user_id", "item_id": "item_id", "event_type": "event_type", "event_ts": "event_ts", "value": "value"}
+RULES = {
+    "view": EventTypeRule(weight=1.0),
+    "purchase": EventTypeRule(weight=4.0, use_value=True, value_cap=10.0),
+    "return": EventTypeRule(weight=-2.0, use_value=True, absolute_value=True),
+}
+RAW_SCHEMA = pa.schema(
+    [("user_id", pa.string()), ("item_id", pa.string()), ("event_type", pa.string()), ("event_ts", pa.string()), ("value", pa.string())]
+)
+
+
+def settings(**overrides) -> IngestSettings:
+    base = dict(lookback_days=10, max_id_length=8, max_reject_fraction=1.0, event_types=RULES)
+    base.update(overrides)
+    return IngestSettings(**base)
+
+
+def write_parquet(path: Path, rows: list[tuple], schema: pa.Schema = RAW_SCHEMA) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist([dict(zip(schema.names, r)) for r in rows], schema=schema), path)
+    return path
+
+
+def ingest(spark, path: Path, tmp_path: Path, *, fmt="parquet", options=None, run_id="r1", id_maps="id_maps", **kw):
+    return run_ingest(
+        spark,
+        input_path=str(path),
+        input_format=fmt,
+        columns=COLUMNS,
+        reader_options=options or {},
+        settings=kw.pop("rules", None) or settings(**kw),
+        run_date=RUN_DATE,
+        id_map_root=str(tmp_path / id_maps),
+        run_id=run_id,
+    )
+
+
+def ts(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc)
+
+
+def strings(df):
+    """Rejects with the source file reduced to its name (Spark gives a file: URI)."""
+    return df.withColumn("source_file", F.regexp_extract("source_file", r"([^/]+)$", 1))
+
+
+INTERACTION_SCHEMA = (
+    "user_idx int, item_idx int, strength float, n_events long, first_ts timestamp, last_ts timestamp"
+)
+REJECT_SCHEMA = "user_id string, item_id string, event_type string, event_ts string, value string, reason string, source_file string"
+
+# Every row-level reject reason once, valid events, an exact duplicate, and a bot (limit 3 a day).
+ALL_REASONS = [
+    ("u1", "i1", "view", "2024-03-10 10:00:00", None),
+    ("u1", "i1", "view", "2024-03-10T10:00:00Z", None),  # the same instant written differently: duplicate
+    ("u1", "i2", "purchase", "2024-03-09 12:00:00", "3"),  # 4 * 3
+    ("u2", "i1", "purchase", "2024-03-05 00:00:00", "20"),  # 4 * cap 10
+    ("u2", "i1", "return", "2024-03-06 00:00:00", "-5"),  # -2 * |-5|
+    ("u2", "i2", "return", "1709683200", "1"),  # epoch seconds of 2024-03-06 00:00: -2
+    (None, "i1", "view", "2024-03-10 10:00:00", None),
+    ("", "i1", "view", "2024-03-10 10:00:00", None),
+    ("u3", None, "view", "2024-03-10 10:00:00", None),
+    ("u3", "  ", "view", "2024-03-10 10:00:00", None),
+    ("u23456789", "i1", "view", "2024-03-10 10:00:00", None),
+    ("u3", "i1", "click", "2024-03-10 10:00:00", None),
+    ("u3", "i1", "view", None, None),
+    ("u3", "i1", "view", "not a time", None),
+    ("u3", "i1", "purchase", "2024-03-10 10:00:00", "-1"),
+    ("u3", "i1", "purchase", "2024-03-10 10:00:00", "NaN"),
+    ("u3", "i1", "view", "2024-03-11 00:00:00", None),
+    ("u3", "i1", "view", "2024-02-29 23:59:59", None),
+    *[("bot", f"i{k}", "view", f"2024-03-08 0{k}:00:00", None) for k in range(4)],
+    ("bot", "i0", "view", "2024-03-08 00:00:00", None),  # a bot's duplicate is a bot_user reject too
+    ("bot", "i9", "view", "2024-03-09 00:00:00", None),  # a bot's other day is rejected as well
+    ("bot", "i1", "view", "yesterday", None),  # a row with its own reason keeps it
+]
+
+
+def test_every_reject_reason_conservation_and_interactions(spark, tmp_path):
+    path = write_parquet(tmp_path / "events" / "part-0.parquet", ALL_REASONS)
+    result = ingest(spark, path.parent, tmp_path, max_events_per_user_day=3)
+    report = result.report
+
+    expected_rejects = spark.createDataFrame(
+        [
+            (None, "i1", "view", "2024-03-10 10:00:00", None, "null_user_id"),
+            ("", "i1", "view", "2024-03-10 10:00:00", None, "empty_user_id"),
+            ("u3", None, "view", "2024-03-10 10:00:00", None, "null_item_id"),
+            ("u3", "  ", "view", "2024-03-10 10:00:00", None, "empty_item_id"),
+            ("u23456789", "i1", "view", "2024-03-10 10:00:00", None, "id_too_long"),
+            ("u3", "i1", "click", "2024-03-10 10:00:00", None, "unknown_event_type"),
+            ("u3", "i1", "view", None, None, "null_timestamp"),
+            ("u3", "i1", "view", "not a time", None, "unparseable_timestamp"),
+            ("u3", "i1", "purchase", "2024-03-10 10:00:00", "-1", "invalid_value"),
+            ("u3", "i1", "purchase", "2024-03-10 10:00:00", "NaN", "invalid_value"),
+            ("u3", "i1", "view", "2024-03-11 00:00:00", None, "future_timestamp"),
+            ("u3", "i1", "view", "2024-02-29 23:59:59", None, "outside_window"),
+            ("bot", "i1", "view", "yesterday", None, "unparseable_timestamp"),
+            *[("bot", f"i{k}", "view", f"2024-03-08 0{k}:00:00", None, "bot_user") for k in range(4)],
+            ("bot", "i0", "view", "2024-03-08 00:00:00", None, "bot_user"),
+            ("bot", "i9", "view", "2024-03-09 00:00:00", None, "bot_user"),
+        ],
+        "user_id string, item_id string, event_type string, event_ts string, value string, reason string",
+    ).withColumn("source_file", F.lit("part-0.parquet"))
+    assert_df_equality(strings(result.rejects), expected_rejects, ignore_row_order=True, ignore_nullable=True)
+
+    assert report["rows_read"] == len(ALL_REASONS) == 25
+    assert report["deduplicated"] == 1
+    assert report["accepted_events"] == 5
+    assert report["rejected"] == 19
+    assert report["accepted_events"] + report["rejected"] + report["deduplicated"] == report["rows_read"]
+    assert report["rejected_by_reason"] == {
+        "null_user_id": 1, "empty_user_id": 1, "null_item_id": 1, "empty_item_id": 1, "id_too_long": 1,
+        "unknown_event_type": 1, "null_timestamp": 1, "unparseable_timestamp": 2, "invalid_value": 2,
+        "future_timestamp": 1, "outside_window": 1, "bot_user": 6,
+    }
+    # outside_window is not counted: 18 of the 24 rows in the window
+    assert report["reject_fraction"] == pytest.approx(18 / 24)
+    assert (report["users"], report["items"], report["interactions"]) == (2, 2, 4)
+    assert (report["new_users"], report["new_items"]) == (2, 2)
+    assert report["window"] == ["2024-03-01", "2024-03-10"]
+
+    # indices in sorted id order: u1 -> 0, u2 -> 1; i1 -> 0, i2 -> 1
+    expected = spark.createDataFrame(
+        [
+            (0, 0, 1.0, 1, ts("2024-03-10 10:00:00"), ts("2024-03-10 10:00:00")),
+            (0, 1, 12.0, 1, ts("2024-03-09 12:00:00"), ts("2024-03-09 12:00:00")),
+            (1, 0, 30.0, 2, ts("2024-03-05 00:00:00"), ts("2024-03-06 00:00:00")),
+            (1, 1, -2.0, 1, ts("2024-03-06 00:00:00"), ts("2024-03-06 00:00:00")),
+        ],
+        INTERACTION_SCHEMA,
+    )
+    # (u2, i1) is 40 - 10 = 30; (u2, i2) is negative
+    assert_df_equality(result.interactions, expected, ignore_row_order=True, ignore_nullable=True)
+    result.interactions.unpersist()
+    table = format_report_table(report)
+    assert "bot_user" in table and "25" in table
+
+
+def test_conservation_check_raises_when_rows_go_missing():
+    report = {"rows_read": 10, "accepted_events": 5, "rejected": 3, "deduplicated": 1, "rejected_by_reason": {"x": 3}}
+    with pytest.raises(ConservationError, match="rows read 10"):
+        check_conservation(report)
+    check_conservation({**report, "deduplicated": 2})
+
+
+def test_support_filter_rows_are_rejected_below_min_support(spark, tmp_path):
+    rows = [
+        ("a", "x", "view", "2024-03-10 01:00:00", None),
+        ("a", "x", "view", "2024-03-10 01:00:00", None),  # duplicate: stays deduplicated
+        ("a", "y", "view", "2024-03-10 02:00:00", None),
+        ("b", "x", "view", "2024-03-10 03:00:00", None),
+        ("b", "y", "view", "2024-03-10 04:00:00", None),
+        ("c", "y", "view", "2024-03-10 05:00:00", None),  # c has one item
+        ("c", "y", "view", "2024-03-09 05:00:00", None),  # (second event of the same pair)
+        ("a", "z", "view", "2024-03-10 06:00:00", None),  # z has one user
+    ]
+    path = write_parquet(tmp_path / "events.parquet", rows)
+    result = ingest(spark, path, tmp_path, min_events_per_user=2, min_events_per_item=2, k_core=True,
+                    max_reject_fraction=0.0)
+    report = result.report
+    assert report["rejected_by_reason"] == {"below_min_support": 3}
+    assert report["reject_fraction"] == 0.0  # support filters are not bad data
+    assert (report["accepted_events"], report["deduplicated"], report["rows_read"]) == (4, 1, 8)
+    expected = spark.createDataFrame(
+        [
+            ("c", "y", "view", "2024-03-10 05:00:00", None, "below_min_support", "events.parquet"),
+            ("c", "y", "view", "2024-03-09 05:00:00", None, "below_min_support", "events.parquet"),
+            ("a", "z", "view", "2024-03-10 06:00:00", None, "below_min_support", "events.parquet"),
+        ],
+        REJECT_SCHEMA,
+    )
+    assert_df_equality(strings(result.rejects), expected, ignore_row_order=True, ignore_nullable=True)
+    assert sorted(r["user_id"] for r in result.dim_user.collect()) == ["a", "b"]
+    assert result.interactions.count() == 4
+    result.interactions.unpersist()
+
+
+def test_reject_threshold_fails_and_publishes_no_id_map(spark, tmp_path):
+    rows = [
+        ("u1", "i1", "view", "2024-03-10 01:00:00", None),
+        (None, "i1", "view", "2024-03-10 01:00:00", None),
+        ("u1", "i1", "click", "2024-03-10 01:00:00", None),
+        ("u1", "i1", "view", "2020-01-01 00:00:00", None),  # outside the window: not counted
+    ]
+    path = write_parquet(tmp_path / "events.parquet", rows)
+    with pytest.raises(RejectThresholdError) as info:
+        ingest(spark, path, tmp_path, max_reject_fraction=0.5)
+    message = str(info.value)
+    assert "66.67%" in message and "null_user_id=1" in message and "unknown_event_type=1" in message
+    assert "max_reject_fraction" in message and str(path) in message
+    assert read_pointer(str(tmp_path / "id_maps")) is None
+    # exactly at the limit passes
+    assert ingest(spark, path, tmp_path, max_reject_fraction=2 / 3).report["rejected"] == 3
+
+
+def test_no_events_in_the_window_is_an_input_error(spark, tmp_path):
+    path = write_parquet(tmp_path / "events.parquet", [("u1", "i1", "view", "2023-01-01 00:00:00", None)])
+    with pytest.raises(InputDataError, match=r"no events in the window 2024-03-01 \.\. 2024-03-10"):
+        ingest(spark, path, tmp_path)
+
+
+def test_partitioned_input_is_pruned_to_the_window(spark, tmp_path):
+    root = tmp_path / "events"
+    for day in ("2024-02-29", "2024-03-01", "2024-03-10", "2024-03-11"):
+        write_parquet(root / f"event_date={day}" / "part-0.parquet", [("u1", f"i{day[-2:]}", "view", f"{day} 12:00:00", None)])
+    # a partition whose rows lie about their date: counted, and rejected by the timestamp
+    write_parquet(root / "event_date=2024-03-05" / "part-0.parquet", [("u1", "late", "view", "2024-03-12 00:00:00", None)])
+    result = ingest(spark, root, tmp_path)
+    report = result.report
+    assert report["partition_pruned"] is True
+    assert report["rows_read"] == 3  # 03-01, 03-05, 03-10; 02-29 and 03-11 are never read
+    assert report["rejected_by_reason"] == {"future_timestamp": 1}
+    assert sorted(r["item_id"] for r in result.dim_item.collect()) == ["i01", "i10"]
+    result.interactions.unpersist()
+
+
+def test_two_runs_give_identical_outputs(spark, tmp_path):
+    path = write_parquet(tmp_path / "events.parquet", ALL_REASONS)
+    first = ingest(spark, path, tmp_path, run_id="r1", max_events_per_user_day=3, half_life_days=3.0)
+    second = ingest(spark, path, tmp_path, run_id="r2", max_events_per_user_day=3, half_life_days=3.0)
+    fresh = ingest(spark, path, tmp_path, run_id="r3", id_maps="other_maps", max_events_per_user_day=3,
+                   half_life_days=3.0)
+    for other in (second, fresh):
+        assert_df_equality(first.interactions, other.interactions, ignore_row_order=True)
+        assert_df_equality(first.rejects, other.rejects, ignore_row_order=True)
+        assert_df_equality(first.dim_user, other.dim_user, ignore_row_order=True)
+        assert_df_equality(first.dim_item, other.dim_item, ignore_row_order=True)
+    assert {k: v for k, v in first.report.items() if k != "new_users" and k != "new_items"} == {
+        k: v for k, v in second.report.items() if k != "new_users" and k != "new_items"
+    }
+    assert (second.report["new_users"], second.report["new_items"]) == (0, 0)
+    # the second run had no new id: it wrote no map version and left the pointer alone
+    assert read_pointer(str(tmp_path / "id_maps"))["run_id"] == "r1"
+    json.dumps(first.report)  # the report is plain JSON
+    for result in (first, second, fresh):
+        result.interactions.unpersist()
