@@ -581,7 +581,10 @@ def _read_manifest(root: str, relative_path: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         log.warning("%s is missing; ignoring that run", path)
         return None
+    run = manifest.get("run", {})
     manifest["run_dir"] = str(Path(root) / relative_path)
+    manifest["run_id"] = run.get("run_id", Path(relative_path).name[len("run_id="):])
+    manifest["run_date"] = run.get("run_date", Path(relative_path).parent.name[len("dt="):])
     return manifest
 
 
@@ -593,8 +596,8 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
     (not superseded) run dated before ``before`` - so a rerun of date D starts from the same model
     as the first run of D did, and gives the same tables.
 
-    The returned dict is the manifest plus ``run_dir``, the run directory's absolute path. None when
-    nothing suitable was published.
+    The returned dict is the manifest plus ``run_dir`` (the run directory's absolute path),
+    ``run_id`` and ``run_date``. None when nothing suitable was published.
     """
     latest = read_latest(root)
     if latest and (before is None or dt.date.fromisoformat(latest["run_date"]) < before):

@@ -88,6 +88,7 @@ def test_publish_writes_manifest_marker_and_latest(tmp_path):
     assert latest["published_at"] == manifest["published_at"]
     previous = previous_published(str(tmp_path))
     assert previous["run_dir"] == run.path
+    assert previous["run_id"] == run.run_id and previous["run_date"] == "2011-12-06"
     assert previous["marker"] == "x"
     # no temporary files are left next to the published ones
     assert not list(tmp_path.rglob(".*.tmp-*"))
