@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
-from mf_spark.errors import PipelineError, QualityGateError
+from mf_spark.errors import InputDataError, PipelineError, QualityGateError
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,11 @@ def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: s
 def _read_id_table(spark: SparkSession, path: str, dim_item: DataFrame) -> DataFrame | None:
     if not path:
         return None
-    if not os.path.exists(path):
-        raise PipelineError(f"recommend: table not found: {path}")
+    if "://" not in path and not os.path.exists(path):
+        raise InputDataError(f"recommend: table not found: {path}")
     table = spark.read.parquet(path)
     if "item_id" not in table.columns:
-        raise PipelineError(f"recommend: table {path} has no column 'item_id'")
+        raise InputDataError(f"recommend: table {path} has no column 'item_id'")
     return table.select(F.col("item_id").cast("string")).join(dim_item, "item_id").select(F.col("item_idx").alias("id"))
 
 
@@ -248,9 +248,13 @@ def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTime
     for name in ("recommendations", "similar_items", "user_factors", "item_factors", "interactions", "rejects", "evaluation"):
         print(f"  {name:<16} {run.sub(name)}")
     print()
-    print("top-N sample (first 3 users, top 5 each):")
+    print("top-N sample (the 3 users with the longest history, top 5 each):")
     recs = spark.read.parquet(run.sub("recommendations"))
-    users = [r.user_id for r in recs.select("user_id").distinct().orderBy("user_id").limit(3).collect()]
+    interactions = spark.read.parquet(run.sub("interactions"))
+    dim_user = spark.read.parquet(run.sub("user_factors")).select(F.col("id").alias("user_idx"), "user_id")
+    busiest = (interactions.groupBy("user_idx").count().join(dim_user, "user_idx")
+               .orderBy(F.desc("count"), "user_id").limit(3).collect())
+    users = [r.user_id for r in busiest]
     rows = recs.where(F.col("user_id").isin(users) & (F.col("rank") <= 5)).orderBy("user_id", "rank").collect()
     for r in rows:
         print(f"  user {r.user_id:>8}  #{r.rank}  item {r.item_id:<10} score {r.score:.4f}")
