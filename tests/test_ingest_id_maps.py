@@ -1,0 +1,119 @@
+"""ID maps: append-only dense indices across runs, atomic pointer swap, Int range, reruns."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from chispa import assert_df_equality
+
+from mf_spark.errors import InputDataError
+from mf_spark.ingest import id_maps
+from mf_spark.ingest.id_maps import MAX_INDEX, append_new_ids, load_id_map, read_pointer, update_id_maps
+
+USER_MAP = "user_id string, user_idx int"
+ITEM_MAP = "item_id string, item_idx int"
+
+
+def ids(spark, column, values):
+    return spark.createDataFrame([(v,) for v in values], f"{column} string")
+
+
+def update(spark, root, run_id, users, items):
+    return update_id_maps(spark, str(root), run_id, ids(spark, "user_id", users), ids(spark, "item_id", items))
+
+
+def test_append_across_two_runs_keeps_old_indices_and_stays_dense(spark, tmp_path):
+    first = update(spark, tmp_path, "run1", ["b", "a", "b"], ["x"])
+    assert (first.new_users, first.new_items) == (2, 1)
+    assert_df_equality(first.dim_user, spark.createDataFrame([("a", 0), ("b", 1)], USER_MAP),
+                       ignore_row_order=True, ignore_nullable=True)
+
+    # run 2: 'a' is gone from the input but keeps its index; new ids follow in sorted order
+    second = update(spark, tmp_path, "run2", ["c", "b", "aa"], ["x"])
+    assert (second.new_users, second.new_items) == (2, 0)
+    expected = spark.createDataFrame([("a", 0), ("b", 1), ("aa", 2), ("c", 3)], USER_MAP)
+    assert_df_equality(second.dim_user, expected, ignore_row_order=True, ignore_nullable=True)
+    assert_df_equality(second.dim_item, spark.createDataFrame([("x", 0)], ITEM_MAP),
+                       ignore_row_order=True, ignore_nullable=True)
+
+    pointer = read_pointer(str(tmp_path))
+    assert pointer["run_id"] == "run2"
+    assert pointer["maps"]["dim_user"] == {"path": "dim_user/version=run2", "size": 4}
+    assert pointer["maps"]["dim_item"] == {"path": "dim_item/version=run1", "size": 1}  # unchanged: not rewritten
+    assert not (tmp_path / "dim_item" / "version=run2").exists()
+
+
+def test_crash_before_the_pointer_swap_leaves_the_old_map_current(spark, tmp_path, monkeypatch):
+    update(spark, tmp_path, "run1", ["a"], ["x"])
+    before = json.loads((tmp_path / "CURRENT.json").read_text())
+
+    def crash(root, pointer):
+        raise OSError("simulated crash between writing the new version and swapping the pointer")
+
+    monkeypatch.setattr(id_maps, "swap_pointer", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        update(spark, tmp_path, "run2", ["a", "b"], ["x", "y"])
+    assert (tmp_path / "dim_user" / "version=run2").is_dir()  # the new version was written...
+    assert json.loads((tmp_path / "CURRENT.json").read_text()) == before  # ...but is not current
+    assert_df_equality(load_id_map(spark, str(tmp_path), "dim_user"), spark.createDataFrame([("a", 0)], USER_MAP),
+                       ignore_nullable=True)
+    monkeypatch.undo()
+
+    # the rerun replaces the abandoned directory and completes
+    rerun = update(spark, tmp_path, "run2", ["a", "b"], ["x", "y"])
+    assert (rerun.new_users, rerun.new_items) == (1, 1)
+    assert sorted(tuple(r) for r in rerun.dim_user.collect()) == [("a", 0), ("b", 1)]
+    assert not list(tmp_path.glob(".CURRENT.json.*"))  # no temporary pointer left behind
+
+
+def test_pointer_swap_is_a_rename_of_a_complete_file(tmp_path, monkeypatch):
+    renames = []
+    real_replace = id_maps.os.replace
+
+    def spy(src, dst):
+        renames.append((json.loads(open(src).read()), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(id_maps.os, "replace", spy)
+    pointer = {"format": 1, "maps": {}}
+    id_maps.swap_pointer(tmp_path, pointer)
+    assert renames == [(pointer, str(tmp_path / "CURRENT.json"))]
+
+
+def test_rerun_with_the_same_run_id_does_not_overwrite_the_current_version(spark, tmp_path):
+    update(spark, tmp_path, "run1", ["a"], ["x"])
+    again = update(spark, tmp_path, "run1", ["a", "b"], ["x"])
+    assert read_pointer(str(tmp_path))["maps"]["dim_user"]["path"] == "dim_user/version=run1.1"
+    assert sorted(tuple(r) for r in again.dim_user.collect()) == [("a", 0), ("b", 1)]
+
+
+def test_old_versions_are_pruned(spark, tmp_path):
+    for n in range(4):
+        update_id_maps(spark, str(tmp_path), f"run{n}", ids(spark, "user_id", [f"u{n}"]),
+                       ids(spark, "item_id", [f"i{n}"]), keep_versions=2)
+    versions = sorted(p.name for p in (tmp_path / "dim_user").iterdir())
+    assert versions == ["version=run2", "version=run3"]
+    assert load_id_map(spark, str(tmp_path), "dim_user").count() == 4
+
+
+def test_int_range_is_checked_before_writing(spark):
+    existing = spark.createDataFrame([], USER_MAP)
+    # an existing map of MAX_INDEX ids has room for exactly one more (index MAX_INDEX)
+    _, n_new = append_new_ids(existing, MAX_INDEX, ids(spark, "user_id", ["a"]), "dim_user")
+    assert n_new == 1
+    with pytest.raises(InputDataError, match="exceed the int index range"):
+        append_new_ids(existing, MAX_INDEX, ids(spark, "user_id", ["a", "b"]), "dim_user")
+
+
+def test_damaged_map_and_non_local_root_are_input_errors(spark, tmp_path):
+    update(spark, tmp_path, "run1", ["a", "b"], ["x"])
+    pointer = json.loads((tmp_path / "CURRENT.json").read_text())
+    pointer["maps"]["dim_user"]["size"] = 3
+    (tmp_path / "CURRENT.json").write_text(json.dumps(pointer))
+    with pytest.raises(InputDataError, match="damaged"):
+        update(spark, tmp_path, "run2", ["c"], ["x"])
+    with pytest.raises(InputDataError, match="not a local path"):
+        read_pointer("s3a://bucket/id_maps")
+    with pytest.raises(ValueError, match="run_id"):
+        update(spark, tmp_path, "../escape", ["c"], ["x"])
