@@ -110,3 +110,9 @@ def test_nightly_needs_a_date_or_a_range(tmp_path):
     proc = subprocess.run([sys.executable, "jobs/nightly.py", "--config", str(path), "--from", "2011-12-01"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "--date" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_configuration_reference_is_current():
+    proc = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,86 @@
+"""Write docs/configuration.md from the config SCHEMA (the one source of truth).
+
+    .venv/bin/python scripts/gen_config_docs.py           # rewrite the file
+    .venv/bin/python scripts/gen_config_docs.py --check   # exit 1 when it is out of date (a test runs this)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mf_spark.config import SCHEMA, Key, MapOf  # noqa: E402
+
+TARGET = REPO / "docs" / "configuration.md"
+HEADER = """# Configuration reference
+
+Generated from `mf_spark/config.py` by `scripts/gen_config_docs.py`; do not edit by hand.
+
+A job reads one TOML file (`--config conf/local.toml`) and any number of `--set section.key=value`
+overrides (the value is parsed as TOML: `--set train.rank=64`, `--set evaluate.ks=[10,20]`,
+`--set spark.sql.shuffle.partitions=8`). An unknown key, a wrong type, a value outside its choices or
+range, or a missing required key stops the job before Spark starts, with exit code 2 and a message naming
+the key and the file. Relative paths (`input.path`, `output.root`, filter tables) are resolved against
+the directory the job starts in.
+"""
+
+
+def _default(key: Key) -> str:
+    if key.required:
+        return "**required**"
+    value = key.default
+    if isinstance(value, str):
+        return f'`"{value}"`'
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    return f"`{value}`"
+
+
+def _rows(table: dict, prefix: str) -> list[str]:
+    rows: list[str] = []
+    for name, spec in table.items():
+        full = f"{prefix}{name}"
+        if isinstance(spec, Key):
+            extra = f" One of: {', '.join(spec.choices)}." if spec.choices else ""
+            extra += f" Minimum {spec.minimum:g}." if spec.minimum is not None else ""
+            rows.append(f"| `{full}` | {spec.type} | {_default(spec)} | {spec.doc}.{extra} |")
+        elif isinstance(spec, MapOf):
+            if isinstance(spec.value, dict):
+                rows.append(f"| `{full}.<name>` | table | | {spec.doc}; each has: |")
+                rows += _rows(spec.value, f"{full}.<name>.")
+            else:
+                rows.append(f"| `{full}.<name>` | {spec.value} | | {spec.doc} |")
+        else:
+            rows += _rows(spec, f"{full}.")
+    return rows
+
+
+def render() -> str:
+    parts = [HEADER]
+    for section, table in SCHEMA.items():
+        parts.append(f"\n## [{section}]\n")
+        parts.append("| key | type | default | meaning |\n|---|---|---|---|")
+        if isinstance(table, MapOf):
+            parts.append(f"| `{section}.<name>` | {table.value} | | {table.doc} |")
+        else:
+            parts += _rows(table, f"{section}.")
+    return "\n".join(parts) + "\n"
+
+
+def main() -> int:
+    text = render()
+    if "--check" in sys.argv:
+        if not TARGET.exists() or TARGET.read_text() != text:
+            print(f"{TARGET} is out of date: run scripts/gen_config_docs.py", file=sys.stderr)
+            return 1
+        return 0
+    TARGET.write_text(text)
+    print(f"wrote {TARGET}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
