@@ -25,7 +25,7 @@ def body(spark, cfg, args):
     from mf_spark.ingest import IngestSettings, format_report_table, run_ingest, write_report
 
     root = cfg["output"]["root"]
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     result = run_ingest(
         spark,
         input_path=cfg["input"]["path"],
@@ -38,7 +38,9 @@ def body(spark, cfg, args):
         run_id=f"ingest-{args.date.isoformat()}-{stamp}",
     )
     out = os.path.join(root, "ingest", f"dt={args.date.isoformat()}")
-    result.interactions.orderBy("user_idx", "item_idx").write.mode("overwrite").parquet(os.path.join(out, "interactions"))
+    result.interactions.orderBy("user_idx", "item_idx").write.mode("overwrite").parquet(
+        os.path.join(out, "interactions")
+    )
     result.rejects.write.mode("overwrite").parquet(os.path.join(out, "rejects"))
     write_report(result.report, os.path.join(out, "report.json"))
     result.interactions.unpersist()

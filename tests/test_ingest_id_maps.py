@@ -20,27 +20,40 @@ def ids(spark, column, values):
 
 
 def update(spark, root, run_id, users, items):
-    return update_id_maps(spark, str(root), run_id, ids(spark, "user_id", users), ids(spark, "item_id", items))
+    return update_id_maps(
+        spark, str(root), run_id, ids(spark, "user_id", users), ids(spark, "item_id", items)
+    )
 
 
 def test_append_across_two_runs_keeps_old_indices_and_stays_dense(spark, tmp_path):
     first = update(spark, tmp_path, "run1", ["b", "a", "b"], ["x"])
     assert (first.new_users, first.new_items) == (2, 1)
-    assert_df_equality(first.dim_user, spark.createDataFrame([("a", 0), ("b", 1)], USER_MAP),
-                       ignore_row_order=True, ignore_nullable=True)
+    assert_df_equality(
+        first.dim_user,
+        spark.createDataFrame([("a", 0), ("b", 1)], USER_MAP),
+        ignore_row_order=True,
+        ignore_nullable=True,
+    )
 
     # run 2: 'a' is gone from the input but keeps its index; new ids follow in sorted order
     second = update(spark, tmp_path, "run2", ["c", "b", "aa"], ["x"])
     assert (second.new_users, second.new_items) == (2, 0)
     expected = spark.createDataFrame([("a", 0), ("b", 1), ("aa", 2), ("c", 3)], USER_MAP)
     assert_df_equality(second.dim_user, expected, ignore_row_order=True, ignore_nullable=True)
-    assert_df_equality(second.dim_item, spark.createDataFrame([("x", 0)], ITEM_MAP),
-                       ignore_row_order=True, ignore_nullable=True)
+    assert_df_equality(
+        second.dim_item,
+        spark.createDataFrame([("x", 0)], ITEM_MAP),
+        ignore_row_order=True,
+        ignore_nullable=True,
+    )
 
     pointer = read_pointer(str(tmp_path))
     assert pointer["run_id"] == "run2"
     assert pointer["maps"]["dim_user"] == {"path": "dim_user/version=run2", "size": 4}
-    assert pointer["maps"]["dim_item"] == {"path": "dim_item/version=run1", "size": 1}  # unchanged: not rewritten
+    assert pointer["maps"]["dim_item"] == {
+        "path": "dim_item/version=run1",
+        "size": 1,
+    }  # unchanged: not rewritten
     assert not (tmp_path / "dim_item" / "version=run2").exists()
 
 
@@ -56,8 +69,11 @@ def test_crash_before_the_pointer_swap_leaves_the_old_map_current(spark, tmp_pat
         update(spark, tmp_path, "run2", ["a", "b"], ["x", "y"])
     assert (tmp_path / "dim_user" / "version=run2").is_dir()  # the new version was written...
     assert json.loads((tmp_path / "CURRENT.json").read_text()) == before  # ...but is not current
-    assert_df_equality(load_id_map(spark, str(tmp_path), "dim_user"), spark.createDataFrame([("a", 0)], USER_MAP),
-                       ignore_nullable=True)
+    assert_df_equality(
+        load_id_map(spark, str(tmp_path), "dim_user"),
+        spark.createDataFrame([("a", 0)], USER_MAP),
+        ignore_nullable=True,
+    )
     monkeypatch.undo()
 
     # the rerun replaces the abandoned directory and completes
@@ -90,8 +106,14 @@ def test_rerun_with_the_same_run_id_does_not_overwrite_the_current_version(spark
 
 def test_old_versions_are_pruned(spark, tmp_path):
     for n in range(4):
-        update_id_maps(spark, str(tmp_path), f"run{n}", ids(spark, "user_id", [f"u{n}"]),
-                       ids(spark, "item_id", [f"i{n}"]), keep_versions=2)
+        update_id_maps(
+            spark,
+            str(tmp_path),
+            f"run{n}",
+            ids(spark, "user_id", [f"u{n}"]),
+            ids(spark, "item_id", [f"i{n}"]),
+            keep_versions=2,
+        )
     versions = sorted(p.name for p in (tmp_path / "dim_user").iterdir())
     assert versions == ["version=run2", "version=run3"]
     assert load_id_map(spark, str(tmp_path), "dim_user").count() == 4

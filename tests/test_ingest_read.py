@@ -10,7 +10,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from chispa import assert_df_equality
-from pyspark.sql import functions as F
 
 from mf_spark.errors import InputDataError
 from mf_spark.ingest import EventTypeRule, IngestSettings, run_ingest
@@ -26,7 +25,7 @@ SETTINGS = IngestSettings(
 
 
 def ts(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
 
 
 def write_parquet(path: Path, columns: dict[str, pa.Array]) -> Path:
@@ -47,11 +46,19 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
             "uid": pa.array([17850, 17850, 17850, 17850, 17850], pa.int64()),  # numeric ids become strings
             "sku": ["a", "b", "c", "d", "e"],
             "kind": ["view"] * 5,
-            "at": ["2024-03-10 08:26:00", "2024-03-10T08:26:00.5+01:00", "2024-03-10", "1710059160", "10/03/2024"],
+            "at": [
+                "2024-03-10 08:26:00",
+                "2024-03-10T08:26:00.5+01:00",
+                "2024-03-10",
+                "1710059160",
+                "10/03/2024",
+            ],
             "qty": ["1.5", "NaN", " 3 ", "x", None],
         },
     )
-    actual = canonical(spark, path).select("user_id", "item_id", "event_ts", "value", "raw_event_ts", "raw_value")
+    actual = canonical(spark, path).select(
+        "user_id", "item_id", "event_ts", "value", "raw_event_ts", "raw_value"
+    )
     expected = spark.createDataFrame(
         [
             ("17850", "a", ts("2024-03-10 08:26:00"), 1.5, "2024-03-10 08:26:00", "1.5"),
@@ -60,7 +67,8 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
             ("17850", "d", ts("2024-03-10 08:26:00"), None, "1710059160", "x"),
             ("17850", "e", None, None, "10/03/2024", None),
         ],
-        "user_id string, item_id string, event_ts timestamp, value double, raw_event_ts string, raw_value string",
+        "user_id string, item_id string, event_ts timestamp, value double, "
+        "raw_event_ts string, raw_value string",
     )
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True, allow_nan_equality=True)
 
@@ -68,19 +76,31 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
 def test_epoch_seconds_and_native_timestamps(spark, tmp_path):
     epoch = write_parquet(
         tmp_path / "epoch.parquet",
-        {"uid": ["u"] * 2, "sku": ["a", "b"], "kind": ["view"] * 2, "at": pa.array([1710059160, 10**15], pa.int64()),
-         "qty": pa.array([1, 2], pa.int32())},
+        {
+            "uid": ["u"] * 2,
+            "sku": ["a", "b"],
+            "kind": ["view"] * 2,
+            "at": pa.array([1710059160, 10**15], pa.int64()),
+            "qty": pa.array([1, 2], pa.int32()),
+        },
     )
     actual = canonical(spark, epoch).select("item_id", "event_ts", "value")
     # 10**15 seconds is past year 9999: unparseable, not an exception under ANSI mode
-    expected = spark.createDataFrame([("a", ts("2024-03-10 08:26:00"), 1.0), ("b", None, 2.0)],
-                                     "item_id string, event_ts timestamp, value double")
+    expected = spark.createDataFrame(
+        [("a", ts("2024-03-10 08:26:00"), 1.0), ("b", None, 2.0)],
+        "item_id string, event_ts timestamp, value double",
+    )
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
 
     native = write_parquet(
         tmp_path / "native.parquet",
-        {"uid": ["u"], "sku": ["a"], "kind": ["view"],
-         "at": pa.array([dt.datetime(2024, 3, 10, 8, 26)], pa.timestamp("us", tz="UTC")), "qty": pa.array([None], pa.float64())},
+        {
+            "uid": ["u"],
+            "sku": ["a"],
+            "kind": ["view"],
+            "at": pa.array([dt.datetime(2024, 3, 10, 8, 26)], pa.timestamp("us", tz="UTC")),
+            "qty": pa.array([None], pa.float64()),
+        },
     )
     row = canonical(spark, native).first()
     assert row["event_ts"] == dt.datetime(2024, 3, 10, 8, 26) and row["value"] is None
@@ -95,14 +115,18 @@ def test_missing_path_and_empty_directory(spark, tmp_path):
 
 
 def test_missing_column_names_column_and_path(spark, tmp_path):
-    path = write_parquet(tmp_path / "e.parquet", {"uid": ["u"], "sku": ["a"], "kind": ["view"], "at": ["2024-03-10"]})
+    path = write_parquet(
+        tmp_path / "e.parquet", {"uid": ["u"], "sku": ["a"], "kind": ["view"], "at": ["2024-03-10"]}
+    )
     with pytest.raises(InputDataError) as info:
         canonical(spark, path)  # a purchase uses values: the value column is required
     message = str(info.value)
     assert "'qty'" in message and "input.columns.value" in message and str(path) in message
     # without a type that uses values, a missing value column is fine: every value is null
     assert canonical(spark, path, value_required=False).first()["value"] is None
-    no_item = write_parquet(tmp_path / "e2.parquet", {"uid": ["u"], "kind": ["view"], "at": ["x"], "qty": ["1"]})
+    no_item = write_parquet(
+        tmp_path / "e2.parquet", {"uid": ["u"], "kind": ["view"], "at": ["x"], "qty": ["1"]}
+    )
     with pytest.raises(InputDataError, match=r"'sku' \(input.columns.item_id\) is missing in .*e2.parquet"):
         canonical(spark, no_item)
 
@@ -136,12 +160,24 @@ def test_partition_filter_reaches_the_scan(spark, tmp_path):
     plan = pruned._jdf.queryExecution().executedPlan().toString()
     assert "PartitionFilters: [isnotnull(event_date" in plan
     assert [r["sku"] for r in pruned.collect()] == ["2024-03-05"]
-    assert partition_column(read_raw(spark, str(root / "event_date=2024-03-05"), "parquet", {}), "event_date") is None
+    assert (
+        partition_column(read_raw(spark, str(root / "event_date=2024-03-05"), "parquet", {}), "event_date")
+        is None
+    )
 
 
 def _run(spark, path, tmp_path, fmt, options):
-    return run_ingest(spark, input_path=str(path), input_format=fmt, columns=COLUMNS, reader_options=options,
-                      settings=SETTINGS, run_date=RUN_DATE, id_map_root=str(tmp_path / "id_maps"), run_id="r1")
+    return run_ingest(
+        spark,
+        input_path=str(path),
+        input_format=fmt,
+        columns=COLUMNS,
+        reader_options=options,
+        settings=SETTINGS,
+        run_date=RUN_DATE,
+        id_map_root=str(tmp_path / "id_maps"),
+        run_id="r1",
+    )
 
 
 EXPECTED_INTERACTIONS = [(0, 0, 1.0, 1), (0, 1, 5.0, 1), (1, 0, 2.0, 1)]
@@ -162,7 +198,9 @@ def test_csv_input(spark, tmp_path):
         "u2,b,purchase,2024-03-09 10:00:00,lots\n"
     )
     result = _run(spark, path, tmp_path, "csv", {"header": "true"})
-    expected = spark.createDataFrame(EXPECTED_INTERACTIONS, "user_idx int, item_idx int, strength float, n_events long")
+    expected = spark.createDataFrame(
+        EXPECTED_INTERACTIONS, "user_idx int, item_idx int, strength float, n_events long"
+    )
     assert_df_equality(_interactions(result), expected, ignore_row_order=True, ignore_nullable=True)
     assert result.report["rejected_by_reason"] == {"null_user_id": 1, "invalid_value": 1}
     assert {r["source_file"].rsplit("/", 1)[-1] for r in result.rejects.collect()} == {"events.csv"}
@@ -179,7 +217,9 @@ def test_json_input_with_a_malformed_line(spark, tmp_path):
     path.write_text("\n".join([*(json.dumps(x) for x in lines), '{"uid": "u3", "sku": ']) + "\n")
     result = _run(spark, path, tmp_path, "json", {})
     # mixed string/number timestamps make the JSON column a string; the epoch string still parses
-    expected = spark.createDataFrame(EXPECTED_INTERACTIONS, "user_idx int, item_idx int, strength float, n_events long")
+    expected = spark.createDataFrame(
+        EXPECTED_INTERACTIONS, "user_idx int, item_idx int, strength float, n_events long"
+    )
     assert_df_equality(_interactions(result), expected, ignore_row_order=True, ignore_nullable=True)
     assert result.report["rejected_by_reason"] == {"malformed_record": 1}
     result.interactions.unpersist()

@@ -6,7 +6,6 @@ import datetime as dt
 
 import pytest
 from chispa import assert_approx_df_equality, assert_df_equality
-from pyspark.sql import functions as F
 
 from mf_spark.ingest.read import event_window
 from mf_spark.ingest.rules import (
@@ -42,10 +41,12 @@ def settings(**overrides) -> IngestSettings:
 
 def ts(text: str) -> dt.datetime:
     """A UTC instant; aware, so PySpark does not shift it by the machine's time zone."""
-    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
 
 
-def event(user, item, kind, when, value=None, *, raw_ts="same", raw_value="same", source="f1", malformed=False):
+def event(
+    user, item, kind, when, value=None, *, raw_ts="same", raw_value="same", source="f1", malformed=False
+):
     """One canonical row; the raw strings default to the parsed values."""
     parsed_ts = ts(when) if when else None
     return (
@@ -179,7 +180,8 @@ def test_contribution_weights_cap_null_value_and_absolute_value(spark):
         .select("item_id", "contribution")
     )
     expected = spark.createDataFrame(
-        [("a", 1.0), ("b", 12.0), ("c", 40.0), ("d", 4.0), ("e", -10.0), ("f", 0.0)], "item_id string, contribution double"
+        [("a", 1.0), ("b", 12.0), ("c", 40.0), ("d", 4.0), ("e", -10.0), ("f", 0.0)],
+        "item_id string, contribution double",
     )
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
 
@@ -210,21 +212,27 @@ def test_aggregate_pairs_sums_contributions_including_negative_strength(spark):
         ("u2", "i1", ts("2024-03-04 00:00:00"), 0.1),
         ("u2", "i1", ts("2024-03-04 00:00:00"), 0.2),
     ]
-    events = spark.createDataFrame(rows, "user_id string, item_id string, event_ts timestamp, contribution double")
+    events = spark.createDataFrame(
+        rows, "user_id string, item_id string, event_ts timestamp, contribution double"
+    )
     expected = spark.createDataFrame(
         [
             ("u1", "i1", -6.0, 2, ts("2024-03-02 00:00:00"), ts("2024-03-05 00:00:00")),
             ("u1", "i2", 1.0, 1, ts("2024-03-03 00:00:00"), ts("2024-03-03 00:00:00")),
             ("u2", "i1", 0.3, 2, ts("2024-03-04 00:00:00"), ts("2024-03-04 00:00:00")),
         ],
-        "user_id string, item_id string, strength float, n_events long, first_ts timestamp, last_ts timestamp",
+        "user_id string, item_id string, strength float, n_events long, "
+        "first_ts timestamp, last_ts timestamp",
     )
     assert_df_equality(aggregate_pairs(events), expected, ignore_row_order=True, ignore_nullable=True)
 
 
 PAIRS = [  # user a: 3 items, b: 2, c: 1; item x: 3 users, y: 2, z: 1
-    ("a", "x"), ("a", "y"), ("a", "z"),
-    ("b", "x"), ("b", "y"),
+    ("a", "x"),
+    ("a", "y"),
+    ("a", "z"),
+    ("b", "x"),
+    ("b", "y"),
     ("c", "x"),
 ]
 
@@ -247,7 +255,10 @@ def test_k_core_iterates_until_both_minimums_hold(spark):
     # single pass with (2, 2): users a, b; items x, z -> (a,x), (b,x), (b,z): user a has one item left
     single = filter_support(_pairs(spark, rows), 2, 2, k_core=False)
     assert_df_equality(
-        single, _pairs(spark, [("a", "x"), ("b", "x"), ("b", "z")]), ignore_row_order=True, ignore_nullable=True
+        single,
+        _pairs(spark, [("a", "x"), ("b", "x"), ("b", "z")]),
+        ignore_row_order=True,
+        ignore_nullable=True,
     )
     # k-core: keeps removing until nothing fails; here everything goes
     assert filter_support(_pairs(spark, rows), 2, 2, k_core=True).count() == 0

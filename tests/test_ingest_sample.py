@@ -39,10 +39,15 @@ def pandas_reference(start: dt.date, end: dt.date) -> pd.DataFrame:
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="embedded sample not built")
 def test_sample_ingests_like_the_pandas_reference(spark, tmp_path):
     result = run_ingest(
-        spark, input_path=str(SAMPLE), input_format="parquet",
+        spark,
+        input_path=str(SAMPLE),
+        input_format="parquet",
         columns=validate({"input": {"path": "x"}, "output": {"root": "y"}})["input"]["columns"],
-        reader_options={}, settings=default_settings(lookback_days=LOOKBACK), run_date=RUN_DATE,
-        id_map_root=str(tmp_path / "id_maps"), run_id="sample",
+        reader_options={},
+        settings=default_settings(lookback_days=LOOKBACK),
+        run_date=RUN_DATE,
+        id_map_root=str(tmp_path / "id_maps"),
+        run_id="sample",
     )
     report = result.report
     events = pandas_reference(RUN_DATE - dt.timedelta(days=LOOKBACK - 1), RUN_DATE)
@@ -60,8 +65,10 @@ def test_sample_ingests_like_the_pandas_reference(spark, tmp_path):
         strength=("strength", "sum"), n_events=("strength", "size")
     )
     actual = (
-        result.interactions.join(result.dim_user, "user_idx").join(result.dim_item, "item_idx")
-        .select("user_id", "item_id", "strength", "n_events").toPandas()
+        result.interactions.join(result.dim_user, "user_idx")
+        .join(result.dim_item, "item_idx")
+        .select("user_id", "item_id", "strength", "n_events")
+        .toPandas()
     )
     merged = expected.merge(actual, on=["user_id", "item_id"], how="outer", suffixes=("_pd", "_spark"))
     assert len(merged) == len(expected) == len(actual) == report["interactions"]
@@ -78,8 +85,15 @@ def test_standalone_job_writes_outputs_and_prints_the_report(tmp_path):
     events = tmp_path / "events"
     events.mkdir()
     pq.write_table(
-        pa.table({"user_id": ["u1", "u1", None], "item_id": ["a", "b", "a"], "event_type": ["purchase"] * 3,
-                  "event_ts": ["2024-03-10 08:00:00"] * 3, "value": [2.0, 1.0, 1.0]}),
+        pa.table(
+            {
+                "user_id": ["u1", "u1", None],
+                "item_id": ["a", "b", "a"],
+                "event_type": ["purchase"] * 3,
+                "event_ts": ["2024-03-10 08:00:00"] * 3,
+                "value": [2.0, 1.0, 1.0],
+            }
+        ),
         events / "part-0.parquet",
     )
     config = tmp_path / "job.toml"
@@ -89,8 +103,18 @@ def test_standalone_job_writes_outputs_and_prints_the_report(tmp_path):
         "[ingest]\nlookback_days = 3\nmax_reject_fraction = 0.5\n"
     )
     proc = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "jobs" / "ingest.py"), "--config", str(config), "--date", "2024-03-10"],
-        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT,
+        [
+            sys.executable,
+            str(REPO_ROOT / "jobs" / "ingest.py"),
+            "--config",
+            str(config),
+            "--date",
+            "2024-03-10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO_ROOT,
         env={"SPARK_LOCAL_IP": "127.0.0.1", "PATH": "/usr/bin:/bin", **_java_env()},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,14 +18,26 @@ from mf_spark.ingest import EventTypeRule, IngestSettings, format_report_table, 
 from mf_spark.ingest.report import ConservationError, check_conservation
 
 RUN_DATE = dt.date(2024, 3, 10)
-COLUMNS = {"user_id": "user_id", "item_id": "item_id", "event_type": "event_type", "event_ts": "event_ts", "value": "value"}
+COLUMNS = {
+    "user_id": "user_id",
+    "item_id": "item_id",
+    "event_type": "event_type",
+    "event_ts": "event_ts",
+    "value": "value",
+}
 RULES = {
     "view": EventTypeRule(weight=1.0),
     "purchase": EventTypeRule(weight=4.0, use_value=True, value_cap=10.0),
     "return": EventTypeRule(weight=-2.0, use_value=True, absolute_value=True),
 }
 RAW_SCHEMA = pa.schema(
-    [("user_id", pa.string()), ("item_id", pa.string()), ("event_type", pa.string()), ("event_ts", pa.string()), ("value", pa.string())]
+    [
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("event_type", pa.string()),
+        ("event_ts", pa.string()),
+        ("value", pa.string()),
+    ]
 )
 
 
@@ -41,7 +53,9 @@ def write_parquet(path: Path, rows: list[tuple], schema: pa.Schema = RAW_SCHEMA)
     return path
 
 
-def ingest(spark, path: Path, tmp_path: Path, *, fmt="parquet", options=None, run_id="r1", id_maps="id_maps", **kw):
+def ingest(
+    spark, path: Path, tmp_path: Path, *, fmt="parquet", options=None, run_id="r1", id_maps="id_maps", **kw
+):
     return run_ingest(
         spark,
         input_path=str(path),
@@ -56,7 +70,7 @@ def ingest(spark, path: Path, tmp_path: Path, *, fmt="parquet", options=None, ru
 
 
 def ts(text: str) -> dt.datetime:
-    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.fromisoformat(text).replace(tzinfo=dt.UTC)
 
 
 def strings(df):
@@ -67,7 +81,10 @@ def strings(df):
 INTERACTION_SCHEMA = (
     "user_idx int, item_idx int, strength float, n_events long, first_ts timestamp, last_ts timestamp"
 )
-REJECT_SCHEMA = "user_id string, item_id string, event_type string, event_ts string, value string, reason string, source_file string"
+REJECT_SCHEMA = (
+    "user_id string, item_id string, event_type string, event_ts string, value string, "
+    "reason string, source_file string"
+)
 
 # Every row-level reject reason once, valid events, an exact duplicate, and a bot (limit 3 a day).
 ALL_REASONS = [
@@ -130,9 +147,18 @@ def test_every_reject_reason_conservation_and_interactions(spark, tmp_path):
     assert report["rejected"] == 19
     assert report["accepted_events"] + report["rejected"] + report["deduplicated"] == report["rows_read"]
     assert report["rejected_by_reason"] == {
-        "null_user_id": 1, "empty_user_id": 1, "null_item_id": 1, "empty_item_id": 1, "id_too_long": 1,
-        "unknown_event_type": 1, "null_timestamp": 1, "unparseable_timestamp": 2, "invalid_value": 2,
-        "future_timestamp": 1, "outside_window": 1, "bot_user": 6,
+        "null_user_id": 1,
+        "empty_user_id": 1,
+        "null_item_id": 1,
+        "empty_item_id": 1,
+        "id_too_long": 1,
+        "unknown_event_type": 1,
+        "null_timestamp": 1,
+        "unparseable_timestamp": 2,
+        "invalid_value": 2,
+        "future_timestamp": 1,
+        "outside_window": 1,
+        "bot_user": 6,
     }
     # outside_window is not counted: 18 of the 24 rows in the window
     assert report["reject_fraction"] == pytest.approx(18 / 24)
@@ -158,7 +184,13 @@ def test_every_reject_reason_conservation_and_interactions(spark, tmp_path):
 
 
 def test_conservation_check_raises_when_rows_go_missing():
-    report = {"rows_read": 10, "accepted_events": 5, "rejected": 3, "deduplicated": 1, "rejected_by_reason": {"x": 3}}
+    report = {
+        "rows_read": 10,
+        "accepted_events": 5,
+        "rejected": 3,
+        "deduplicated": 1,
+        "rejected_by_reason": {"x": 3},
+    }
     with pytest.raises(ConservationError, match="rows read 10"):
         check_conservation(report)
     check_conservation({**report, "deduplicated": 2})
@@ -176,8 +208,15 @@ def test_support_filter_rows_are_rejected_below_min_support(spark, tmp_path):
         ("a", "z", "view", "2024-03-10 06:00:00", None),  # z has one user
     ]
     path = write_parquet(tmp_path / "events.parquet", rows)
-    result = ingest(spark, path, tmp_path, min_events_per_user=2, min_events_per_item=2, k_core=True,
-                    max_reject_fraction=0.0)
+    result = ingest(
+        spark,
+        path,
+        tmp_path,
+        min_events_per_user=2,
+        min_events_per_item=2,
+        k_core=True,
+        max_reject_fraction=0.0,
+    )
     report = result.report
     assert report["rejected_by_reason"] == {"below_min_support": 3}
     assert report["reject_fraction"] == 0.0  # support filters are not bad data
@@ -223,9 +262,15 @@ def test_no_events_in_the_window_is_an_input_error(spark, tmp_path):
 def test_partitioned_input_is_pruned_to_the_window(spark, tmp_path):
     root = tmp_path / "events"
     for day in ("2024-02-29", "2024-03-01", "2024-03-10", "2024-03-11"):
-        write_parquet(root / f"event_date={day}" / "part-0.parquet", [("u1", f"i{day[-2:]}", "view", f"{day} 12:00:00", None)])
+        write_parquet(
+            root / f"event_date={day}" / "part-0.parquet",
+            [("u1", f"i{day[-2:]}", "view", f"{day} 12:00:00", None)],
+        )
     # a partition whose rows lie about their date: counted, and rejected by the timestamp
-    write_parquet(root / "event_date=2024-03-05" / "part-0.parquet", [("u1", "late", "view", "2024-03-12 00:00:00", None)])
+    write_parquet(
+        root / "event_date=2024-03-05" / "part-0.parquet",
+        [("u1", "late", "view", "2024-03-12 00:00:00", None)],
+    )
     result = ingest(spark, root, tmp_path)
     report = result.report
     assert report["partition_pruned"] is True
@@ -239,8 +284,15 @@ def test_two_runs_give_identical_outputs(spark, tmp_path):
     path = write_parquet(tmp_path / "events.parquet", ALL_REASONS)
     first = ingest(spark, path, tmp_path, run_id="r1", max_events_per_user_day=3, half_life_days=3.0)
     second = ingest(spark, path, tmp_path, run_id="r2", max_events_per_user_day=3, half_life_days=3.0)
-    fresh = ingest(spark, path, tmp_path, run_id="r3", id_maps="other_maps", max_events_per_user_day=3,
-                   half_life_days=3.0)
+    fresh = ingest(
+        spark,
+        path,
+        tmp_path,
+        run_id="r3",
+        id_maps="other_maps",
+        max_events_per_user_day=3,
+        half_life_days=3.0,
+    )
     for other in (second, fresh):
         assert_df_equality(first.interactions, other.interactions, ignore_row_order=True)
         assert_df_equality(first.rejects, other.rejects, ignore_row_order=True)

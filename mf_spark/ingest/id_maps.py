@@ -61,7 +61,7 @@ class IdMapUpdate:
 def local_root(root: str) -> Path:
     """``root`` as a local path; raises InputDataError for a non-local URL."""
     if root.startswith("file://"):
-        root = root[len("file://"):]
+        root = root[len("file://") :]
     elif "://" in root:
         raise InputDataError(
             f"id map root {root} is not a local path: the atomic pointer swap needs a local or NFS "
@@ -87,7 +87,9 @@ def read_pointer(root: str) -> dict[str, Any] | None:
 
 def _schema(name: str) -> T.StructType:
     id_col, idx_col = DIMENSIONS[name]
-    return T.StructType([T.StructField(id_col, T.StringType(), False), T.StructField(idx_col, T.IntegerType(), False)])
+    return T.StructType(
+        [T.StructField(id_col, T.StringType(), False), T.StructField(idx_col, T.IntegerType(), False)]
+    )
 
 
 def load_id_map(spark: SparkSession, root: str, name: str) -> DataFrame:
@@ -102,7 +104,9 @@ def load_id_map(spark: SparkSession, root: str, name: str) -> DataFrame:
 def _checked_size(existing: DataFrame, name: str, size: int, where: Path) -> None:
     """Fail when the stored map is not the dense ``0..size-1`` the pointer promises."""
     _, idx_col = DIMENSIONS[name]
-    row = existing.agg(F.count(F.lit(1)).alias("n"), F.min(idx_col).alias("lo"), F.max(idx_col).alias("hi")).first()
+    row = existing.agg(
+        F.count(F.lit(1)).alias("n"), F.min(idx_col).alias("lo"), F.max(idx_col).alias("hi")
+    ).first()
     ok = row["n"] == size and (size == 0 or (row["lo"] == 0 and row["hi"] == size - 1))
     if not ok:
         raise InputDataError(
@@ -111,7 +115,9 @@ def _checked_size(existing: DataFrame, name: str, size: int, where: Path) -> Non
         )
 
 
-def append_new_ids(existing: DataFrame, existing_size: int, ids: DataFrame, name: str) -> tuple[DataFrame, int]:
+def append_new_ids(
+    existing: DataFrame, existing_size: int, ids: DataFrame, name: str
+) -> tuple[DataFrame, int]:
     """Extend a map with the ids it lacks.
 
     Parameters
@@ -190,7 +196,9 @@ def _version_dir(root: Path, name: str, run_id: str, current: str | None) -> Pat
 
 
 def _prune_versions(root: Path, name: str, current: str, keep: int) -> None:
-    versions = sorted((p for p in (root / name).glob("version=*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    versions = sorted(
+        (p for p in (root / name).glob("version=*") if p.is_dir()), key=lambda p: p.stat().st_mtime
+    )
     current_path = root / current
     stale = [p for p in versions if p != current_path][: max(0, len(versions) - keep)]
     for path in stale:
@@ -199,7 +207,12 @@ def _prune_versions(root: Path, name: str, current: str, keep: int) -> None:
 
 
 def update_id_maps(
-    spark: SparkSession, root: str, run_id: str, users: DataFrame, items: DataFrame, keep_versions: int = KEEP_VERSIONS
+    spark: SparkSession,
+    root: str,
+    run_id: str,
+    users: DataFrame,
+    items: DataFrame,
+    keep_versions: int = KEEP_VERSIONS,
 ) -> IdMapUpdate:
     """Append this run's new user and item ids to the persisted maps and return the maps after the run.
 
@@ -234,7 +247,7 @@ def update_id_maps(
         new_pointer: dict[str, Any] = {
             "format": POINTER_FORMAT,
             "run_id": run_id,
-            "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "maps": dict(pointer["maps"]),
         }
         for name, (new_map, size, n_new) in extended.items():

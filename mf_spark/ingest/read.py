@@ -39,7 +39,15 @@ EVENT_FIELDS = ("user_id", "item_id", "event_type", "event_ts", "value")
 #: Key of ``columns`` naming the Hive partition column (``event_date=YYYY-MM-DD`` directories).
 PARTITION_FIELD = "event_date"
 
-_ID_TYPES = (T.StringType, T.CharType, T.VarcharType, T.IntegralType, T.DecimalType, T.FloatType, T.DoubleType)
+_ID_TYPES = (
+    T.StringType,
+    T.CharType,
+    T.VarcharType,
+    T.IntegralType,
+    T.DecimalType,
+    T.FloatType,
+    T.DoubleType,
+)
 
 
 @dataclass(frozen=True)
@@ -55,11 +63,11 @@ class EventWindow:
 
     @property
     def start_ts(self) -> dt.datetime:
-        return dt.datetime.combine(self.start, dt.time(), tzinfo=dt.timezone.utc)
+        return dt.datetime.combine(self.start, dt.time(), tzinfo=dt.UTC)
 
     @property
     def end_ts(self) -> dt.datetime:
-        return dt.datetime.combine(self.end + dt.timedelta(days=1), dt.time(), tzinfo=dt.timezone.utc)
+        return dt.datetime.combine(self.end + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
 
 
 def event_window(run_date: dt.date, lookback_days: int) -> EventWindow:
@@ -114,7 +122,9 @@ def prune_to_window(df: DataFrame, column: str, window: EventWindow) -> DataFram
 
 
 def _corrupt_record_column(df: DataFrame, options: Mapping[str, str], mapped: set[str]) -> str | None:
-    name = next((v for k, v in options.items() if k.lower() == "columnnameofcorruptrecord"), "_corrupt_record")
+    name = next(
+        (v for k, v in options.items() if k.lower() == "columnnameofcorruptrecord"), "_corrupt_record"
+    )
     return name if name in df.columns and name not in mapped else None
 
 

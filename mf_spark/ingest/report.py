@@ -22,8 +22,9 @@ def check_conservation(report: dict[str, Any]) -> None:
     by_reason = sum(report["rejected_by_reason"].values())
     if accounted != report["rows_read"] or by_reason != report["rejected"]:
         raise ConservationError(
-            f"ingest lost or invented rows: accepted {report['accepted_events']} + rejected {report['rejected']} "
-            f"+ deduplicated {report['deduplicated']} = {accounted}, rows read {report['rows_read']}; "
+            f"ingest lost or invented rows: accepted {report['accepted_events']} "
+            f"+ rejected {report['rejected']} + deduplicated {report['deduplicated']} = {accounted}, "
+            f"rows read {report['rows_read']}; "
             f"rejects by reason sum to {by_reason}"
         )
 
@@ -35,13 +36,17 @@ def reject_fraction(rows_read: int, rejected_by_reason: dict[str, int]) -> float
     filters are a modelling choice, so neither counts; ``future_timestamp`` and ``bot_user`` do.
     """
     outside = rejected_by_reason.get("outside_window", 0)
-    counted = sum(n for reason, n in rejected_by_reason.items() if reason not in NOT_COUNTED_IN_REJECT_FRACTION)
+    counted = sum(
+        n for reason, n in rejected_by_reason.items() if reason not in NOT_COUNTED_IN_REJECT_FRACTION
+    )
     denominator = rows_read - outside
     return counted / denominator if denominator > 0 else 0.0
 
 
 def _format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{reason}={n:,}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return ", ".join(
+        f"{reason}={n:,}" for reason, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    )
 
 
 def check_reject_threshold(
@@ -50,7 +55,9 @@ def check_reject_threshold(
     """Return the reject fraction; raise :class:`RejectThresholdError` when it exceeds the maximum."""
     fraction = reject_fraction(rows_read, rejected_by_reason)
     if fraction > max_reject_fraction:
-        counted = {r: n for r, n in rejected_by_reason.items() if r not in NOT_COUNTED_IN_REJECT_FRACTION and n}
+        counted = {
+            r: n for r, n in rejected_by_reason.items() if r not in NOT_COUNTED_IN_REJECT_FRACTION and n
+        }
         raise RejectThresholdError(
             f"{fraction:.2%} of the rows read from {input_path} were rejected, above "
             f"ingest.max_reject_fraction = {max_reject_fraction:.2%} (rows read in the window: "

@@ -53,7 +53,9 @@ def _is_blank(col: Column) -> Column:
     return F.trim(col) == F.lit("")
 
 
-def _rule_expr(rules: dict[str, EventTypeRule], pick: Callable[[EventTypeRule], object], otherwise: object) -> Column:
+def _rule_expr(
+    rules: dict[str, EventTypeRule], pick: Callable[[EventTypeRule], object], otherwise: object
+) -> Column:
     """A CASE on event_type selecting one attribute of each type's rule."""
     expr: Column | None = None
     for name, rule in sorted(rules.items()):
@@ -74,9 +76,12 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
     value = F.col("value")
     uses_value = _rule_expr(rules, lambda r: r.use_value, False)
     allows_negative = _rule_expr(rules, lambda r: r.absolute_value, False)
-    bad_value = (F.col("raw_value").isNotNull() & value.isNull()) | F.isnan(value) | (
-        F.abs(value) == F.lit(float("inf"))
-    ) | ((value < 0) & ~allows_negative)
+    bad_value = (
+        (F.col("raw_value").isNotNull() & value.isNull())
+        | F.isnan(value)
+        | (F.abs(value) == F.lit(float("inf")))
+        | ((value < 0) & ~allows_negative)
+    )
     too_long = (F.length("user_id") > settings.max_id_length) | (F.length("item_id") > settings.max_id_length)
     reason = (
         F.when(F.col("malformed"), F.lit("malformed_record"))
@@ -85,7 +90,10 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
         .when(F.col("item_id").isNull(), F.lit("null_item_id"))
         .when(_is_blank(F.col("item_id")), F.lit("empty_item_id"))
         .when(too_long, F.lit("id_too_long"))
-        .when(~F.col("event_type").isin(*sorted(rules)) | F.col("event_type").isNull(), F.lit("unknown_event_type"))
+        .when(
+            ~F.col("event_type").isin(*sorted(rules)) | F.col("event_type").isNull(),
+            F.lit("unknown_event_type"),
+        )
         .when(F.col("raw_event_ts").isNull(), F.lit("null_timestamp"))
         .when(F.col("event_ts").isNull(), F.lit("unparseable_timestamp"))
         .when(uses_value & bad_value.eqNullSafe(True), F.lit("invalid_value"))

@@ -72,7 +72,7 @@ class IngestSettings:
 
     @classmethod
     def from_config(cls, cfg_ingest: dict[str, Any]) -> IngestSettings:
-        """Build from the validated ``[ingest]`` table (``cfg["ingest"]``); a ``value_cap`` of 0 means no cap."""
+        """Build from the validated ``[ingest]`` table (``cfg["ingest"]``); ``value_cap = 0`` is no cap."""
         rules = {
             name: EventTypeRule(
                 weight=float(rule["weight"]),

@@ -144,10 +144,12 @@ def run_ingest(
 
         valid = classified.filter(F.col("reason").isNull())
         unique_events = deduplicate(valid)
-        bots = bot_users(unique_events, settings.max_events_per_user_day).persist(StorageLevel.MEMORY_AND_DISK)
+        bots = bot_users(unique_events, settings.max_events_per_user_day).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
         caches.append(bots)
         bot_rows = valid.join(bots, "user_id", "left_semi")
-        by_reason[BOT_USER] = bot_rows.count()
+        by_reason[BOT_USER] = bot_rows.count() if settings.max_events_per_user_day > 0 else 0
         fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path)
 
         events = (
@@ -161,7 +163,9 @@ def run_ingest(
 
         pairs = aggregate_pairs(events).persist(StorageLevel.MEMORY_AND_DISK)
         caches.append(pairs)
-        kept = filter_support(pairs, settings.min_events_per_user, settings.min_events_per_item, settings.k_core)
+        kept = filter_support(
+            pairs, settings.min_events_per_user, settings.min_events_per_item, settings.k_core
+        )
         caches.append(kept)
         removed = pairs.join(kept.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
         kept_totals = kept.agg(
@@ -170,7 +174,8 @@ def run_ingest(
             F.countDistinct("user_id").alias("users"),
             F.countDistinct("item_id").alias("items"),
         ).first()
-        by_reason[BELOW_MIN_SUPPORT] = int(removed.agg(F.sum("n_events")).first()[0] or 0)
+        filtered = kept is not pairs
+        by_reason[BELOW_MIN_SUPPORT] = int(removed.agg(F.sum("n_events")).first()[0] or 0) if filtered else 0
         accepted_events = int(kept_totals["events"] or 0)
 
         rejected_by_reason = ordered_reasons(by_reason)
