@@ -80,7 +80,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
                 "weight": Key("float", 1.0, "weight of one event of this type; negative = confident dislike"),
                 "use_value": Key("bool", False, "multiply the weight by the event's value (null counts as 1)"),
                 "value_cap": Key("float", 0.0, "cap on the value before multiplying; 0 = no cap", minimum=0),
-                "absolute_value": Key("bool", False, "use |value| (sources storing returns as negative quantities); a negative value is then not rejected"),
+                "absolute_value": Key("bool", False, "use the absolute value (sources storing returns as negative quantities); a negative value is then not rejected"),
             },
             # Defaults suit the embedded Online Retail sample: quantity-weighted purchases capped at 50
             # units (the 98th percentile), returns stored with negative quantities subtracting the same.
