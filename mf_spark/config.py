@@ -83,7 +83,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
                 "absolute_value": Key("bool", False, "use the absolute value (sources storing returns as negative quantities); a negative value is then not rejected"),
             },
             # Defaults suit the embedded Online Retail sample: quantity-weighted purchases capped at 50
-            # units (the 98th percentile), returns stored with negative quantities subtracting the same.
+            # units (purchase quantities: 95th percentile 36, 98th 96), and returns, stored with negative
+            # quantities, subtracting the same.
             {
                 "purchase": {"weight": 1.0, "use_value": True, "value_cap": 50.0},
                 "return": {"weight": -1.0, "use_value": True, "value_cap": 50.0, "absolute_value": True},
