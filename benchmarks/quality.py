@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=(*DATASETS, "all"), default="all")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--samples", type=int, default=8, help="grid points tried per factor model")
+    parser.add_argument("--samples", type=int, default=6, help="grid points tried per factor model")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -130,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     spark = build_session("mf-spark-quality", {"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "3g",
                                                "spark.ui.showConsoleProgress": "false"},
-                          master="local[2]", checkpoint_dir=str(out / ".checkpoints"), log_level="ERROR")
+                          master="local[2]", checkpoint_dir=tempfile.mkdtemp(prefix="mf-spark-quality-"), log_level="ERROR")
     command = "python benchmarks/quality.py" + ("" if args.dataset == "all" else f" --dataset {args.dataset}") + (
-        "" if args.samples == 8 else f" --samples {args.samples}")
+        "" if args.samples == 6 else f" --samples {args.samples}")
     try:
         for dataset in datasets:
             started = time.perf_counter()

@@ -35,6 +35,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _param(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else _fmt(value)
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -62,7 +66,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         rows = [[name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS] for name, run in models.items()]
         out += [_table(["model"] + [label for _, label in TABLE_METRICS], rows), ""]
     out += ["## Parameters", ""]
-    rows = [[name] + [run["params"].get(c) for c in PARAM_COLUMNS] + [run["fit_seconds"]] for name, run in models.items()]
+    rows = [[name] + [_param(run["params"].get(c)) for c in PARAM_COLUMNS] + [f"{run['fit_seconds']:.1f}"]
+            for name, run in models.items()]
     out += [_table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]
     out += ["## Training loss", ""]
     for name, run in models.items():
@@ -81,7 +86,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             if not trials:
                 continue
             names = list(trials[0]["params"])
-            rows = [[*(t["params"][n] for n in names), t["value"], t["fit_seconds"]] for t in trials]
+            rows = [[*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}"] for t in trials]
             out += [f"### {name}", "", _table([*names, tuning["metric"], "fit s"], rows), ""]
     plots = [p for p in result.get("plots", [])]
     if plots:
@@ -121,6 +126,9 @@ def _plot_training_loss(result: dict[str, Any], path: Path) -> None:
             ax.plot(range(1, len(loss) + 1), loss, marker="o", label=name)
         elif name in ("mllib_als",):
             without.append(name)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
     ax.set_ylabel("training loss (objective)")
     ax.grid(True, alpha=0.3)
