@@ -111,6 +111,19 @@ def test_counts_unseen_items(spark):
     assert counts["test_items_unseen_in_train"] == len({i for _, i in unseen})
 
 
+def test_dislikes_are_not_relevant(spark):
+    # strength < 0 is a confident dislike: held out like any row, never counted as a hit
+    t1, t2 = BASE, BASE + dt.timedelta(days=1)
+    rows = [(1, 1, 2.0, t1), (1, 2, -1.0, t2), (2, 1, 1.0, t1), (2, 3, 1.0, t2)]
+    df = spark.createDataFrame(rows, "user_idx int, item_idx int, strength float, last_ts timestamp")
+    split = make_split(df, "user_temporal", test_n=1)
+    assert _pairs(split.test) == [(1, 2), (2, 3)]
+    assert _pairs(split.relevant) == [(2, 3)]
+    counts = split.counts()
+    assert counts["test_interactions"] == 1 and counts["test_users"] == 1
+    assert counts["test_interactions_not_positive"] == 1
+
+
 def test_missing_time_column_names_it(spark):
     df = spark.createDataFrame([(1, 1)], "user_idx int, item_idx int")
     with pytest.raises(InputDataError, match="last_ts"):

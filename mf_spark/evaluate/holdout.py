@@ -86,7 +86,21 @@ def evaluate_holdout(
     parse_metric_name(tuning_metric)
     base = TrainParams.from_mapping(train_params)
     spark.sparkContext.setJobDescription("evaluation")
+    try:
+        return _evaluate(interactions, split=split, test_fraction=test_fraction, test_n=test_n, cutoff_date=cutoff_date,
+                         holdout_users=holdout_users, seed=seed, base=base, ks=ks, models=list(models), out_dir=out_dir,
+                         tune=tune, tuning_grid=tuning_grid, tuning_metric=tuning_metric, tuning_mode=tuning_mode,
+                         tuning_samples=tuning_samples)
+    finally:
+        spark.sparkContext.setJobDescription(None)  # later jobs of the caller are not "evaluation"
 
+
+def _evaluate(
+    interactions: DataFrame, *, split: str, test_fraction: float, test_n: int, cutoff_date: str | dt.date | None,
+    holdout_users: int, seed: int, base: TrainParams, ks: list[int], models: list[str], out_dir: str | None,
+    tune: bool, tuning_grid: Mapping[str, Sequence[Any]] | None, tuning_metric: str, tuning_mode: str,
+    tuning_samples: int,
+) -> dict[str, Any]:
     data = interactions.agg(F.count(F.lit(1)).alias("interactions"), F.count_distinct("user_idx").alias("users"),
                             F.count_distinct("item_idx").alias("items")).first().asDict()
     the_split = make_split(interactions, split, test_fraction=test_fraction, test_n=test_n, cutoff_date=cutoff_date,
@@ -100,7 +114,8 @@ def evaluate_holdout(
         log.warning("the %s split left no test users with history; every metric is 0", split)
     popularity = item_popularity_percentile(the_split.train).persist()
     catalogue_size = counts["train_items"]
-    test_users = the_split.test.select("user_idx").distinct()
+    relevant = the_split.relevant
+    test_users = relevant.select("user_idx").distinct()
 
     tuning_info: dict[str, Any] = {"enabled": bool(tune)}
     chosen: dict[str, TrainParams] = {}
@@ -132,7 +147,7 @@ def evaluate_holdout(
         run = recommend_for_users(model, the_split.train, test_users, ks[-1], params, fold_in=the_split.fold_in,
                                   random_seed=seed)
         recs = run.recommendations.persist()
-        metrics = ranking_metrics(recs, the_split.test, ks, popularity=popularity, catalogue_size=catalogue_size)
+        metrics = ranking_metrics(recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size)
         recs.unpersist()
         runs[model] = {"metrics": metrics, "params": run.params, "training_loss": run.training_loss,
                        "fit_seconds": round(run.fit_seconds, 3), "tuning_trials": trials.get(model)}

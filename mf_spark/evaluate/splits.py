@@ -36,8 +36,8 @@ class Split:
     train
         Interactions the models are trained on.
     test
-        Held-out interactions of the *evaluated* users: every one of them has history in ``train``
-        or, for strong generalisation, in ``fold_in``.
+        Held-out interactions of users who have history in ``train`` or, for strong generalisation,
+        in ``fold_in``. Those with ``strength > 0`` (:attr:`relevant`) are scored.
     fold_in
         Strong generalisation only: the held-out users' visible history, used to fold their factors in
         against the trained item factors and as their seen items. ``None`` for the other protocols.
@@ -56,6 +56,14 @@ class Split:
     settings: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def relevant(self) -> DataFrame:
+        """The test rows that count as hits: ``strength > 0`` (a negative strength is a confident
+        dislike, not something to recommend). Its users are the evaluated users."""
+        if "strength" not in self.test.columns:
+            return self.test
+        return self.test.where(F.col("strength") > 0)
+
+    @property
     def history(self) -> DataFrame:
         """Known interactions of the evaluated users' side: what is excluded from their lists."""
         if self.fold_in is None:
@@ -65,8 +73,8 @@ class Split:
     def counts(self) -> dict[str, int]:
         """Sizes for the report: rows and users of each part, cold users, and test items unseen in training."""
         train_items = self.train.select(ITEM).distinct()
-        unseen = self.test.join(train_items, ITEM, "left_anti")
-        test_stats = self.test.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users")).first()
+        unseen = self.relevant.join(train_items, ITEM, "left_anti")
+        test_stats = self.relevant.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users")).first()
         train_stats = self.train.agg(
             F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users"), F.count_distinct(ITEM).alias("items")
         ).first()
@@ -80,6 +88,9 @@ class Split:
             "test_interactions_unseen_items": int(unseen_stats["rows"]),
             "test_items_unseen_in_train": int(unseen_stats["items"]),
         }
+        counts["test_interactions_not_positive"] = (
+            self.test.where(F.col("strength") <= 0).count() if "strength" in self.test.columns else 0
+        )
         if self.cold_test is not None:
             cold = self.cold_test.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users")).first()
             counts["cold_test_interactions"] = int(cold["rows"])

@@ -108,12 +108,12 @@ def tune_model(
         raise ValueError(f"only factor models are tuned ({', '.join(ALS_MODELS)}), not {model!r}")
     name, k = parse_metric_name(metric)
     candidates = candidate_params(base, grid, model=model, mode=mode, samples=samples, seed=seed)
-    users = validation.test.select("user_idx").distinct()
+    users = validation.relevant.select("user_idx").distinct()
     trials: list[dict[str, Any]] = []
     best, best_value = candidates[0], float("-inf")
     for params in candidates:
         run = recommend_for_users(model, validation.train, users, k, params, fold_in=validation.fold_in)
-        value = ranking_metrics(run.recommendations, validation.test, [k])[metric]
+        value = ranking_metrics(run.recommendations, validation.relevant, [k])[metric]
         trial = {"params": {n: getattr(params, n) for n in TUNABLE}, "value": value,
                  "fit_seconds": run.fit_seconds, "final_loss": run.training_loss[-1] if run.training_loss else None}
         trials.append(trial)
