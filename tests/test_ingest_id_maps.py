@@ -139,3 +139,17 @@ def test_damaged_map_and_non_local_root_are_input_errors(spark, tmp_path):
         read_pointer("s3a://bucket/id_maps")
     with pytest.raises(ValueError, match="run_id"):
         update(spark, tmp_path, "../escape", ["c"], ["x"])
+
+
+def test_new_ids_are_numbered_in_sorted_order_across_partitions(spark):
+    existing = spark.createDataFrame([("zz", 0), ("aa", 1), ("mm", 2)], USER_MAP)
+    new = [f"u{k:03d}" for k in range(200)]
+    shuffled = (
+        new[::7] + [i for i in new if i not in new[::7]] + ["aa", "u005"]
+    )  # plus known and repeated ids
+    extended, n_new = append_new_ids(existing, 3, ids(spark, "user_id", shuffled).repartition(4), "dim_user")
+    assert n_new == 200
+    expected = spark.createDataFrame(
+        [("zz", 0), ("aa", 1), ("mm", 2), *((user, 3 + k) for k, user in enumerate(new))], USER_MAP
+    )
+    assert_df_equality(extended, expected, ignore_row_order=True, ignore_nullable=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -115,6 +115,14 @@ def _checked_size(existing: DataFrame, name: str, size: int, where: Path) -> Non
         )
 
 
+def _shuffle_partitions(spark: SparkSession) -> int:
+    # An explicit count: AQE would otherwise coalesce a small range repartition into one partition.
+    try:
+        return max(1, int(spark.conf.get("spark.sql.shuffle.partitions") or 200))
+    except ValueError:  # e.g. "auto" on some platforms
+        return 200
+
+
 def append_new_ids(
     existing: DataFrame, existing_size: int, ids: DataFrame, name: str
 ) -> tuple[DataFrame, int]:
@@ -144,17 +152,32 @@ def append_new_ids(
     """
     id_col, idx_col = DIMENSIONS[name]
     new_ids = ids.select(id_col).distinct().join(existing.select(id_col), id_col, "left_anti")
-    n_new = new_ids.count()
+    # Number the sorted new ids without funnelling them through one partition: range-partition by id,
+    # count each partition, and offset each partition's row numbers by the counts before it. The
+    # partition of a row comes from sampled range bounds, which a recomputation could draw differently,
+    # so the tagged rows are checkpointed before anything is counted.
+    tagged = (
+        new_ids.repartitionByRange(_shuffle_partitions(ids.sparkSession), id_col)
+        .select(id_col, F.spark_partition_id().alias("_part"))
+        .checkpoint(eager=True)
+    )
+    counts = sorted(
+        (row["_part"], row["n"])
+        for row in tagged.groupBy("_part").agg(F.count(F.lit(1)).alias("n")).collect()
+    )
+    n_new = sum(n for _, n in counts)
     if existing_size + n_new - 1 > MAX_INDEX:
         raise InputDataError(
             f"{name}: {existing_size} ids + {n_new} new ids exceed the int index range ({MAX_INDEX + 1} ids)"
         )
-    # A single ordered window: the new ids of one night are few, and a global order makes indices
-    # independent of partitioning.
-    numbered = new_ids.select(
-        id_col,
-        (F.row_number().over(Window.orderBy(id_col)) - 1 + F.lit(existing_size)).cast("int").alias(idx_col),
-    )
+    offsets: list[Column] = []
+    start = existing_size
+    for part, n in counts:
+        offsets += [F.lit(part), F.lit(start)]
+        start += n
+    offset = F.create_map(*offsets)[F.col("_part")] if offsets else F.lit(existing_size)
+    rank = F.row_number().over(Window.partitionBy("_part").orderBy(id_col))
+    numbered = tagged.select(id_col, (offset + rank - 1).cast("int").alias(idx_col))
     return existing.unionByName(numbered), n_new
 
 
