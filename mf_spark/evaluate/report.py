@@ -154,6 +154,11 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> None:
         (line,) = ax.plot(ranks, best, marker="o", label=f"{name} (best per rank)")
         ax.scatter([t["params"]["rank"] for t in trials], [t["value"] for t in trials], alpha=0.35,
                    color=line.get_color(), s=18)
+    all_ranks = sorted({t["params"]["rank"] for run in result["models"].values() for t in run.get("tuning_trials") or []})
+    if len(all_ranks) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
+    ax.minorticks_off()
     ax.set_xlabel("rank")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"Tuning: validation {metric} vs rank (dots: every trial)")
