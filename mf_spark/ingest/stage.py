@@ -143,7 +143,9 @@ def run_ingest(
             )
 
         valid = classified.filter(F.col("reason").isNull())
-        unique_events = deduplicate(valid)
+        # Cached: the bot rule, the dedup count and the aggregation all read the distinct events.
+        unique_events = deduplicate(valid).persist(StorageLevel.MEMORY_AND_DISK)
+        caches.append(unique_events)
         bots = bot_users(unique_events, settings.max_events_per_user_day).persist(
             StorageLevel.MEMORY_AND_DISK
         )
@@ -152,12 +154,9 @@ def run_ingest(
         by_reason[BOT_USER] = bot_rows.count() if settings.max_events_per_user_day > 0 else 0
         fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path)
 
-        events = (
-            unique_events.join(bots, "user_id", "left_anti")
-            .transform(with_contribution(settings, window))
-            .persist(StorageLevel.MEMORY_AND_DISK)
+        events = unique_events.join(bots, "user_id", "left_anti").transform(
+            with_contribution(settings, window)
         )
-        caches.append(events)
         totals = events.agg(F.count(F.lit(1)).alias("unique"), F.sum("copies").alias("rows")).first()
         deduplicated = int(totals["rows"] or 0) - int(totals["unique"])
 
