@@ -253,9 +253,11 @@ SMALL_NIGHTLY = [
 ]
 
 
-def nightly_args(root: Path, *extra: str, date: str | None = DAY, master: str = "local[2]") -> list[str]:
-    """``./spark-submit.sh`` arguments of a small nightly writing to ``root``."""
-    args = ["--master", master, "jobs/nightly.py", "--config", "conf/local.toml",
+def nightly_args(root: Path, *extra: str, date: str | None = DAY, master: str = "local[2]",
+                 spark_options: Sequence[str] = ()) -> list[str]:
+    """``./spark-submit.sh`` arguments of a small nightly writing to ``root``; ``extra`` are job arguments,
+    ``spark_options`` go to spark-submit."""
+    args = ["--master", master, *spark_options, "jobs/nightly.py", "--config", "conf/local.toml",
             "--set", f"output.root={root}", *SMALL_NIGHTLY]
     if date:
         args += ["--date", date]

@@ -155,9 +155,11 @@ def test_nightly_on_the_cluster_matches_local(spark_cluster, baseline, tmp_path)
     root = copy_root(baseline, tmp_path / "root")
     local_run = latest_run_dir(root)
     launched_before = executors_launched(spark_cluster)
-    code, out = run_submit(nightly_args(root, "--conf", "spark.executor.memory=768m", master=spark_cluster.url),
+    code, out = run_submit(nightly_args(root, master=spark_cluster.url,
+                                        spark_options=["--conf", "spark.executor.memory=768m"]),
                            tmp_path / "cluster.log")
     assert code == 0, out[-5000:] + spark_cluster.logs()
+    assert "--conf spark.executor.memory=768m jobs/nightly.py" in out
     cluster_run = latest_run_dir(root)
     assert cluster_run != local_run and manifest(cluster_run)["run"]["run_date"] == DAY
     # both workers ran executors of this application
