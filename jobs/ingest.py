@@ -43,7 +43,7 @@ def body(spark, cfg, args):
     )
     result.rejects.write.mode("overwrite").parquet(os.path.join(out, "rejects"))
     write_report(result.report, os.path.join(out, "report.json"))
-    result.interactions.unpersist()
+    result.unpersist()
     print(format_report_table(result.report))
 
 

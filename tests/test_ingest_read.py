@@ -204,7 +204,7 @@ def test_csv_input(spark, tmp_path):
     assert_df_equality(_interactions(result), expected, ignore_row_order=True, ignore_nullable=True)
     assert result.report["rejected_by_reason"] == {"null_user_id": 1, "invalid_value": 1}
     assert {r["source_file"].rsplit("/", 1)[-1] for r in result.rejects.collect()} == {"events.csv"}
-    result.interactions.unpersist()
+    result.unpersist()
 
 
 def test_json_input_with_a_malformed_line(spark, tmp_path):
@@ -222,4 +222,4 @@ def test_json_input_with_a_malformed_line(spark, tmp_path):
     )
     assert_df_equality(_interactions(result), expected, ignore_row_order=True, ignore_nullable=True)
     assert result.report["rejected_by_reason"] == {"malformed_record": 1}
-    result.interactions.unpersist()
+    result.unpersist()

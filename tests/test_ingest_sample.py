@@ -75,7 +75,7 @@ def test_sample_ingests_like_the_pandas_reference(spark, tmp_path):
     np.testing.assert_allclose(merged["strength_spark"], merged["strength_pd"], rtol=1e-6)
     assert (merged["n_events_spark"] == merged["n_events_pd"]).all()
     assert (merged["strength_spark"] < 0).any()  # some customers returned more than they bought here
-    result.interactions.unpersist()
+    result.unpersist()
 
 
 def test_standalone_job_writes_outputs_and_prints_the_report(tmp_path):

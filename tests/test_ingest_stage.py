@@ -178,7 +178,7 @@ def test_every_reject_reason_conservation_and_interactions(spark, tmp_path):
     )
     # (u2, i1) is 40 - 10 = 30; (u2, i2) is negative
     assert_df_equality(result.interactions, expected, ignore_row_order=True, ignore_nullable=True)
-    result.interactions.unpersist()
+    result.unpersist()
     table = format_report_table(report)
     assert "bot_user" in table and "25" in table
 
@@ -232,7 +232,7 @@ def test_support_filter_rows_are_rejected_below_min_support(spark, tmp_path):
     assert_df_equality(strings(result.rejects), expected, ignore_row_order=True, ignore_nullable=True)
     assert sorted(r["user_id"] for r in result.dim_user.collect()) == ["a", "b"]
     assert result.interactions.count() == 4
-    result.interactions.unpersist()
+    result.unpersist()
 
 
 def test_reject_threshold_fails_and_publishes_no_id_map(spark, tmp_path):
@@ -277,7 +277,7 @@ def test_partitioned_input_is_pruned_to_the_window(spark, tmp_path):
     assert report["rows_read"] == 3  # 03-01, 03-05, 03-10; 02-29 and 03-11 are never read
     assert report["rejected_by_reason"] == {"future_timestamp": 1}
     assert sorted(r["item_id"] for r in result.dim_item.collect()) == ["i01", "i10"]
-    result.interactions.unpersist()
+    result.unpersist()
 
 
 def test_two_runs_give_identical_outputs(spark, tmp_path):
@@ -306,4 +306,4 @@ def test_two_runs_give_identical_outputs(spark, tmp_path):
     assert read_pointer(str(tmp_path / "id_maps"))["run_id"] == "r1"
     json.dumps(first.report)  # the report is plain JSON
     for result in (first, second, fresh):
-        result.interactions.unpersist()
+        result.unpersist()

@@ -21,7 +21,12 @@ from mf_spark.ingest.read import (
     read_raw,
     to_canonical,
 )
-from mf_spark.ingest.report import check_conservation, check_reject_threshold, ordered_reasons
+from mf_spark.ingest.report import (
+    ConservationError,
+    check_conservation,
+    check_reject_threshold,
+    ordered_reasons,
+)
 from mf_spark.ingest.rules import (
     BELOW_MIN_SUPPORT,
     BOT_USER,
@@ -47,10 +52,10 @@ class IngestResult:
     interactions : DataFrame
         One row per (user, item): ``user_idx`` int, ``item_idx`` int, ``strength`` float, ``n_events``
         long, ``first_ts`` timestamp, ``last_ts`` timestamp. Persisted (``MEMORY_AND_DISK``) and
-        materialised; call ``unpersist()`` when done.
+        materialised; release with :meth:`unpersist`.
     rejects : DataFrame
         ``user_id, item_id, event_type, event_ts, value`` (raw values as strings), ``reason``,
-        ``source_file``. Lazy: evaluating it reads the input again.
+        ``source_file``. Persisted and materialised like ``interactions``.
     dim_user, dim_item : DataFrame
         The full maps after this run: ``user_id`` string, ``user_idx`` int (``item_id``, ``item_idx``).
     report : dict
@@ -62,6 +67,11 @@ class IngestResult:
     dim_user: DataFrame
     dim_item: DataFrame
     report: dict[str, Any]
+
+    def unpersist(self) -> None:
+        """Release the cached ``interactions`` and ``rejects``."""
+        self.interactions.unpersist()
+        self.rejects.unpersist()
 
 
 def _rejects(frame: DataFrame, reason: Any) -> DataFrame:
@@ -214,15 +224,26 @@ def run_ingest(
         joined = interactions.count()
         if joined != report["interactions"]:
             raise AssertionError(f"ID map join kept {joined} of {report['interactions']} interactions")
+
+        # Materialised from the same cached rows as the counts, so a file landing in the input during
+        # the run cannot make the rejects table disagree with the report.
+        support_rejects = events.join(
+            removed.select("user_id", "item_id"), ["user_id", "item_id"], "left_semi"
+        )
+        rejects = (
+            _rejects(classified.filter(F.col("reason").isNotNull()), F.col("reason"))
+            .unionByName(_rejects(bot_rows, BOT_USER))
+            .unionByName(_rejects(support_rejects, BELOW_MIN_SUPPORT))
+            .persist(StorageLevel.MEMORY_AND_DISK)
+        )
+        written = rejects.count()
+        if written != report["rejected"]:
+            raise ConservationError(
+                f"the rejects table holds {written} rows, the report counts {report['rejected']}"
+            )
     finally:
         for frame in reversed(caches):
             frame.unpersist()
 
-    support_rejects = events.join(removed.select("user_id", "item_id"), ["user_id", "item_id"], "left_semi")
-    rejects = (
-        _rejects(classified.filter(F.col("reason").isNotNull()), F.col("reason"))
-        .unionByName(_rejects(bot_rows, BOT_USER))
-        .unionByName(_rejects(support_rejects, BELOW_MIN_SUPPORT))
-    )
     log.info("ingest %s: %s", run_date, report)
     return IngestResult(interactions, rejects, maps.dim_user, maps.dim_item, report)
