@@ -152,6 +152,8 @@ def test_bad_inputs_name_the_column(spark, data):
     ragged = spark.createDataFrame([(1, [1.0]), (2, [1.0, 2.0])], "id int, features array<float>")
     with pytest.raises(InputDataError, match="one length"):
         recommend_top_k(ragged, data["item_df"], 3)
+    with pytest.raises(InputDataError, match="dst_factors: column 'id' has 1 duplicate"):
+        recommend_top_k(data["user_df"], data["item_df"].union(data["item_df"].limit(1)), 3)
 
 
 def test_empty_sides_give_an_empty_table(spark, data):

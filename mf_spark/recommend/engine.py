@@ -13,7 +13,9 @@ Two plans, chosen by the size of the dst matrix (after the allow/exclude filters
   most ``dst_chunk_size``. One shuffle (the co-group), no merge step.
 * **cross**: dst rows are packed into chunks of about ``dst_chunk_size`` (chunk = ``id mod
   num_chunks``), every src block is crossed with every chunk, each pair yields its per-chunk top-k,
-  and a second co-located step merges the chunks' lists per block with the same exact order.
+  and a second step merges the chunks' lists per block with the same exact order. The packed
+  blocks and chunks are persisted (memory and disk) for the lifetime of the returned DataFrame's
+  lineage; they are at most the size of the two factor tables plus the seen pairs.
 
 Memory per task is bounded by the block and chunk sizes (plus, in the broadcast plan, the broadcast
 matrix), whatever the number of src rows. The order of a list is total (higher score, then lower dst
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -95,25 +98,44 @@ def factor_frame(df: DataFrame, name: str) -> DataFrame:
     return df.select(F.col("id").cast("int").alias("id"), F.col("features").cast("array<float>").alias("features"))
 
 
-def _factor_stats(df: DataFrame, name: str) -> tuple[int, int]:
-    """``(rows, rank)`` of a :func:`factor_frame`; raises :class:`InputDataError` on null ids or ragged vectors."""
-    stats = df.agg(
-        F.count(F.lit(1)).alias("n"),
-        F.min(F.size("features")).alias("min_rank"),
-        F.max(F.size("features")).alias("max_rank"),
-        F.sum(F.col("id").isNull().cast("long")).alias("null_ids"),
-    ).first()
-    n = int(stats["n"])
-    if n == 0:
-        return 0, 0
-    if stats["null_ids"]:
-        raise InputDataError(f"{name}: {stats['null_ids']} rows have a null 'id'")
-    if stats["min_rank"] != stats["max_rank"] or stats["min_rank"] < 1:
-        raise InputDataError(
-            f"{name}: column 'features' must hold vectors of one length, found lengths "
-            f"{stats['min_rank']}..{stats['max_rank']} (-1 = null vector)"
-        )
-    return n, int(stats["max_rank"])
+def _factor_stats(frames: dict[str, DataFrame]) -> dict[str, tuple[int, int]]:
+    """``name -> (rows, rank)`` of :func:`factor_frame` tables, in one Spark job.
+
+    Raises :class:`InputDataError` naming the table on null or duplicate ids or vectors of different
+    lengths.
+    """
+    union = None
+    for side, (name, df) in enumerate(frames.items()):
+        tagged = df.select(F.lit(side).alias("side"), "id", "features")
+        union = tagged if union is None else union.unionByName(tagged)
+    assert union is not None
+    rows = {
+        r["side"]: r
+        for r in union.groupBy("side").agg(
+            F.count(F.lit(1)).alias("n"),
+            F.min(F.size("features")).alias("min_rank"),
+            F.max(F.size("features")).alias("max_rank"),
+            F.sum(F.col("id").isNull().cast("long")).alias("null_ids"),
+            F.count_distinct("id").alias("distinct_ids"),
+        ).collect()
+    }
+    out = {}
+    for side, name in enumerate(frames):
+        stats = rows.get(side)
+        if stats is None:
+            out[name] = (0, 0)
+            continue
+        if stats["null_ids"]:
+            raise InputDataError(f"{name}: {stats['null_ids']} rows have a null 'id'")
+        if stats["distinct_ids"] != stats["n"]:
+            raise InputDataError(f"{name}: column 'id' has {stats['n'] - stats['distinct_ids']} duplicate values")
+        if stats["min_rank"] != stats["max_rank"] or stats["min_rank"] < 1:
+            raise InputDataError(
+                f"{name}: column 'features' must hold vectors of one length, found lengths "
+                f"{stats['min_rank']}..{stats['max_rank']} (-1 = null vector)"
+            )
+        out[name] = (int(stats["n"]), int(stats["max_rank"]))
+    return out
 
 
 def _id_frame(df: DataFrame, name: str) -> DataFrame:
@@ -182,8 +204,8 @@ def recommend_top_k(
         dst = dst.join(_id_frame(allow_dst, "allow_dst"), "id", "left_semi")
     if exclude_dst is not None:
         dst = dst.join(_id_frame(exclude_dst, "exclude_dst"), "id", "left_anti")
-    n_src, src_rank = _factor_stats(src, "src_factors")
-    n_dst, dst_rank = _factor_stats(dst, "dst_factors")
+    stats = _factor_stats({"src_factors": src, "dst_factors": dst})
+    (n_src, src_rank), (n_dst, dst_rank) = stats["src_factors"], stats["dst_factors"]
     if n_src == 0 or n_dst == 0:
         return spark.createDataFrame([], RECOMMENDATION_SCHEMA)
     if src_rank != dst_rank:
@@ -273,13 +295,18 @@ def _cross_plan(spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normaliz
         payload = pickle.dumps((ids, factors), protocol=5)
         return pa.table({"chunk": pa.array([chunk], pa.int32()), "dst_payload": pa.array([payload], pa.binary())})
 
+    # The cartesian product evaluates each side once per partition of the other: persist the packed
+    # sides so every block and chunk is packed once (recomputed from lineage if an executor is lost).
     no_payload = pa.table({"block": pa.array([], pa.int32()), "payload": pa.array([], pa.binary())})
-    src_payload = _apply_per_block(src_blocks, seen_blocks, pack_src, _PAYLOAD_SCHEMA, no_payload)
+    src_payload = _apply_per_block(src_blocks, seen_blocks, pack_src, _PAYLOAD_SCHEMA, no_payload).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
     dst_payload = (
         dst.withColumn("chunk", F.pmod(F.col("id"), F.lit(num_chunks)))
         .repartition(num_chunks, "chunk")
         .groupBy("chunk")
         .applyInArrow(pack_dst, "chunk int, dst_payload binary")
+        .persist(StorageLevel.MEMORY_AND_DISK)
     )
 
     def score_pairs(rows: Iterator[Any]) -> Iterator[tuple[int, bytes]]:
