@@ -9,6 +9,7 @@ Reads ``RUN_DIR/user_factors``, ``RUN_DIR/item_factors``, ``RUN_DIR/interactions
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -40,6 +41,7 @@ def settings_from_config(cfg):
 def body(spark, cfg, args):
     from mf_spark.recommend import run_recommend_stage
 
+    logging.getLogger("mf_spark").info("recommend: run date %s, run directory %s", args.date, args.run_dir)
     run_recommend_stage(
         spark, args.run_dir, settings_from_config(cfg), id_map_dir=os.path.join(cfg["output"]["root"], "id_maps"),
         item_filter_path=cfg["recommend"]["item_filter_path"], allow_list_path=cfg["recommend"]["allow_list_path"],
