@@ -132,7 +132,7 @@ def machine() -> dict:
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     return {"cpu": model, "cores": os.cpu_count(), "mem_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
-            "python": platform.python_version(), "blas": blas}
+            "python": platform.python_version(), "blas": blas, "load_average_1_5_15": list(os.getloadavg())}
 
 
 def record(result: dict) -> None:
