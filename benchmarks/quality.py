@@ -36,22 +36,44 @@ log = logging.getLogger("benchmarks.quality")
 
 DATASETS = ("lastfm-2k", "ml-latest-small")
 MODELS = ["implicit_als", "implicit_als_cholesky", "mllib_als", "popular", "random"]
-TABLE = (("ndcg@20", "NDCG@20"), ("recall@20", "Recall@20"), ("capped_recall@20", "Capped recall@20"),
-         ("map@20", "MAP@20"), ("precision@10", "P@10"), ("coverage@20", "Coverage@20"))
+TABLE = (
+    ("ndcg@20", "NDCG@20"),
+    ("recall@20", "Recall@20"),
+    ("capped_recall@20", "Capped recall@20"),
+    ("map@20", "MAP@20"),
+    ("precision@10", "P@10"),
+    ("coverage@20", "Coverage@20"),
+)
 # One grid for both factor models; regularisation stays MLlib's count scaling so the spaces are identical.
 # The grids are centred on the winners of a first, coarser run (rank 32-128, reg_param 0.01-1, alpha
 # 0.1-10 / 1-40, linear and log confidence). On Last.fm that run put the linear confidence on raw play
 # counts (up to 352k) far behind the log one (validation NDCG@20 0.03-0.13 against 0.17-0.21), so the
 # fine grid searches the log confidence only.
 GRIDS = {
-    "lastfm-2k": {"rank": [16, 32, 64], "reg_param": [0.03, 0.1, 0.3], "alpha": [0.3, 1.0, 3.0],
-                  "confidence": ["log"], "regularization": ["count"]},
-    "ml-latest-small": {"rank": [32, 64, 128], "reg_param": [0.03, 0.1, 0.3], "alpha": [0.3, 1.0, 3.0],
-                        "regularization": ["count"]},
+    "lastfm-2k": {
+        "rank": [16, 32, 64],
+        "reg_param": [0.03, 0.1, 0.3],
+        "alpha": [0.3, 1.0, 3.0],
+        "confidence": ["log"],
+        "regularization": ["count"],
+    },
+    "ml-latest-small": {
+        "rank": [32, 64, 128],
+        "reg_param": [0.03, 0.1, 0.3],
+        "alpha": [0.3, 1.0, 3.0],
+        "regularization": ["count"],
+    },
 }
 SEEDS = (42, 1, 2)
-BASE_PARAMS = {"max_iter": 10, "num_user_blocks": 4, "num_item_blocks": 4, "checkpoint_interval": 5, "seed": 42,
-               "cg_steps": 3, "confidence_epsilon": 1.0}
+BASE_PARAMS = {
+    "max_iter": 10,
+    "num_user_blocks": 4,
+    "num_item_blocks": 4,
+    "checkpoint_interval": 5,
+    "seed": 42,
+    "cg_steps": 3,
+    "confidence_epsilon": 1.0,
+}
 
 
 def load(spark, data_root: Path, dataset: str):
@@ -59,19 +81,33 @@ def load(spark, data_root: Path, dataset: str):
     from pyspark.sql import functions as F
 
     if dataset == "lastfm-2k":
-        raw = spark.read.csv(str(data_root / dataset / "user_artists.dat"), sep="\t", header=True,
-                             schema="userID int, artistID int, weight double")
-        return raw.select(
-            F.col("userID").alias("user_idx"), F.col("artistID").alias("item_idx"),
-            F.col("weight").cast("float").alias("strength"), F.lit(1).cast("long").alias("n_events"),
-            F.lit(None).cast("timestamp").alias("first_ts"), F.lit(None).cast("timestamp").alias("last_ts"),
+        raw = spark.read.csv(
+            str(data_root / dataset / "user_artists.dat"),
+            sep="\t",
+            header=True,
+            schema="userID int, artistID int, weight double",
         )
-    raw = spark.read.csv(str(data_root / dataset / "ratings.csv"), header=True,
-                         schema="userId int, movieId int, rating double, timestamp long")
+        return raw.select(
+            F.col("userID").alias("user_idx"),
+            F.col("artistID").alias("item_idx"),
+            F.col("weight").cast("float").alias("strength"),
+            F.lit(1).cast("long").alias("n_events"),
+            F.lit(None).cast("timestamp").alias("first_ts"),
+            F.lit(None).cast("timestamp").alias("last_ts"),
+        )
+    raw = spark.read.csv(
+        str(data_root / dataset / "ratings.csv"),
+        header=True,
+        schema="userId int, movieId int, rating double, timestamp long",
+    )
     ts = F.timestamp_seconds("timestamp")
     return raw.where(F.col("rating") >= 4.0).select(
-        F.col("userId").alias("user_idx"), F.col("movieId").alias("item_idx"), F.lit(1.0).cast("float").alias("strength"),
-        F.lit(1).cast("long").alias("n_events"), ts.alias("first_ts"), ts.alias("last_ts"),
+        F.col("userId").alias("user_idx"),
+        F.col("movieId").alias("item_idx"),
+        F.lit(1.0).cast("float").alias("strength"),
+        F.lit(1).cast("long").alias("n_events"),
+        ts.alias("first_ts"),
+        ts.alias("last_ts"),
     )
 
 
@@ -85,8 +121,13 @@ def same_params_check(interactions, result: dict, seeds: tuple[int, ...]) -> dic
     from mf_spark.evaluate.splits import make_split
 
     settings = result["split"]["settings"]
-    split = make_split(interactions, result["split"]["protocol"], test_fraction=settings["test_fraction"],
-                       test_n=settings["test_n"], seed=settings.get("seed", 7))
+    split = make_split(
+        interactions,
+        result["split"]["protocol"],
+        test_fraction=settings["test_fraction"],
+        test_n=settings["test_n"],
+        seed=settings.get("seed", 7),
+    )
     train, relevant = split.train.persist(), split.relevant.persist()
     users = relevant.select("user_idx").distinct()
     params = TrainParams.from_mapping(result["models"]["mllib_als"]["params"])
@@ -98,12 +139,17 @@ def same_params_check(interactions, result: dict, seeds: tuple[int, ...]) -> dic
             metrics = ranking_metrics(run.recommendations, relevant, [20])
             for key in values:
                 values[key].append(metrics[key])
-        table[model] = {key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "values": v}
-                        for key, v in values.items()}
+        table[model] = {
+            key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "values": v}
+            for key, v in values.items()
+        }
     train.unpersist()
     relevant.unpersist()
-    return {"params": {k: getattr(params, k) for k in ("rank", "reg_param", "alpha", "confidence")},
-            "seeds": list(seeds), "models": table}
+    return {
+        "params": {k: getattr(params, k) for k in ("rank", "reg_param", "alpha", "confidence")},
+        "seeds": list(seeds),
+        "models": table,
+    }
 
 
 def markdown(dataset: str, result: dict, seconds: float, samples: int, command: str) -> str:
@@ -112,14 +158,18 @@ def markdown(dataset: str, result: dict, seconds: float, samples: int, command: 
     counts, data = result["split"]["counts"], result["data"]
     settings = ", ".join(f"{k}={v}" for k, v in result["split"]["settings"].items())
     lines = [
-        f"### {dataset}", "",
+        f"### {dataset}",
+        "",
         f"{data['interactions']:,} interactions, {data['users']:,} users, {data['items']:,} items; "
         f"split **{result['split']['protocol']}** ({settings}): {counts['train_interactions']:,} train / "
         f"{counts['test_interactions']:,} test interactions, {counts['test_users']:,} test users, "
         f"{counts['test_interactions_unseen_items']:,} test interactions on items unseen in training. "
-        f"Training items are excluded from every list.", "",
-        _table(["model", *[label for _, label in TABLE]],
-               [[name, *[run["metrics"][key] for key, _ in TABLE]] for name, run in result["models"].items()]),
+        f"Training items are excluded from every list.",
+        "",
+        _table(
+            ["model", *[label for _, label in TABLE]],
+            [[name, *[run["metrics"][key] for key, _ in TABLE]] for name, run in result["models"].items()],
+        ),
         "",
         "| model | rank | reg_param | alpha | confidence | regularization | validation NDCG@20 | trials |",
         "|---|---|---|---|---|---|---|---|",
@@ -131,31 +181,39 @@ def markdown(dataset: str, result: dict, seconds: float, samples: int, command: 
         p = run["params"]
         best = max((t["value"] for t in trials), default=None)
         note = "same as implicit_als" if name == "implicit_als_cholesky" else str(len(trials))
-        lines.append(f"| {name} | {p['rank']} | {p['reg_param']:g} | {p['alpha']:g} | {p['confidence']} | "
-                     f"{p['regularization']} | {'-' if best is None else f'{best:.4f}'} | {note} |")
+        lines.append(
+            f"| {name} | {p['rank']} | {p['reg_param']:g} | {p['alpha']:g} | {p['confidence']} | "
+            f"{p['regularization']} | {'-' if best is None else f'{best:.4f}'} | {note} |"
+        )
     check = result.get("same_params_check")
     if check:
         p = check["params"]
         lines += [
             "",
             f"Same parameters for all three (MLlib's winner: rank {p['rank']}, reg_param {p['reg_param']:g}, "
-            f"alpha {p['alpha']:g}, {p['confidence']} confidence), seeds {', '.join(map(str, check['seeds']))}: "
+            f"alpha {p['alpha']:g}, {p['confidence']} confidence), "
+            f"seeds {', '.join(map(str, check['seeds']))}: "
             "mean [min, max] on test.",
             "",
             "| model | NDCG@20 | Recall@20 |",
             "|---|---|---|",
         ]
         for name, values in check["models"].items():
-            cells = [f"{v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]" for v in (values["ndcg@20"], values["recall@20"])]
+            cells = [
+                f"{v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]"
+                for v in (values["ndcg@20"], values["recall@20"])
+            ]
             lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
         f"Tuning: the same seeded random sample of {samples} points of the grid "
-        f"`{json.dumps(result['tuning']['grid'])}` for each factor model, max_iter={BASE_PARAMS['max_iter']}, "
-        f"chosen by validation {result['tuning']['metric']}; `implicit_als_cholesky` reuses the CG search's winner. "
+        f"`{json.dumps(result['tuning']['grid'])}` for each factor model, "
+        f"max_iter={BASE_PARAMS['max_iter']}, chosen by validation {result['tuning']['metric']}; "
+        "`implicit_als_cholesky` reuses the CG search's winner. "
         f"Wall time {seconds / 60:.1f} min on {os.cpu_count()} cores (local[2], shared with other work: "
         f"timings are indicative only). Python {platform.python_version()}.",
-        f"Produced by `{command}`.", "",
+        f"Produced by `{command}`.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -182,27 +240,51 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spark = build_session("mf-spark-quality", {"spark.sql.shuffle.partitions": "4", "spark.driver.memory": "3g",
-                                               "spark.ui.showConsoleProgress": "false"},
-                          master="local[2]", checkpoint_dir=tempfile.mkdtemp(prefix="mf-spark-quality-"), log_level="ERROR")
-    command = "python benchmarks/quality.py" + ("" if args.dataset == "all" else f" --dataset {args.dataset}") + (
-        "" if args.samples == 8 else f" --samples {args.samples}")
+    spark = build_session(
+        "mf-spark-quality",
+        {
+            "spark.sql.shuffle.partitions": "4",
+            "spark.driver.memory": "3g",
+            "spark.ui.showConsoleProgress": "false",
+        },
+        master="local[2]",
+        checkpoint_dir=tempfile.mkdtemp(prefix="mf-spark-quality-"),
+        log_level="ERROR",
+    )
+    command = (
+        "python benchmarks/quality.py"
+        + ("" if args.dataset == "all" else f" --dataset {args.dataset}")
+        + ("" if args.samples == 8 else f" --samples {args.samples}")
+    )
     try:
         for dataset in datasets:
             started = time.perf_counter()
             interactions = load(spark, data_root, dataset).persist()
             split = "user_random" if dataset == "lastfm-2k" else "user_temporal"
             result = evaluate_holdout(
-                spark, interactions, split=split, test_fraction=0.2, seed=7, ks=[10, 20, 50, 100], models=MODELS,
-                train_params=BASE_PARAMS, out_dir=str(out / f"quality_{dataset}"), tune=True,
-                tuning_grid=GRIDS[dataset], tuning_metric="ndcg@20", tuning_mode="random", tuning_samples=args.samples,
+                spark,
+                interactions,
+                split=split,
+                test_fraction=0.2,
+                seed=7,
+                ks=[10, 20, 50, 100],
+                models=MODELS,
+                train_params=BASE_PARAMS,
+                out_dir=str(out / f"quality_{dataset}"),
+                tune=True,
+                tuning_grid=GRIDS[dataset],
+                tuning_metric="ndcg@20",
+                tuning_mode="random",
+                tuning_samples=args.samples,
             )
             result["same_params_check"] = same_params_check(interactions, result, SEEDS)
             interactions.unpersist()
             seconds = time.perf_counter() - started
             result["wall_seconds"] = round(seconds, 1)
             (out / f"quality_{dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
-            (out / f"quality_{dataset}.md").write_text(markdown(dataset, result, seconds, args.samples, command))
+            (out / f"quality_{dataset}.md").write_text(
+                markdown(dataset, result, seconds, args.samples, command)
+            )
             print((out / f"quality_{dataset}.md").read_text())
     finally:
         spark.stop()

@@ -16,9 +16,15 @@ from mf_spark.cli import parse_date, run_job
 
 
 def add_arguments(parser):
-    parser.add_argument("--date", type=parse_date, required=True, help="run date whose interactions are evaluated")
-    parser.add_argument("--interactions", help="Parquet interactions (user_idx, item_idx, strength, last_ts) instead")
-    parser.add_argument("--tune", action="store_true", help="search [evaluate.tuning] per model on a validation split")
+    parser.add_argument(
+        "--date", type=parse_date, required=True, help="run date whose interactions are evaluated"
+    )
+    parser.add_argument(
+        "--interactions", help="Parquet interactions (user_idx, item_idx, strength, last_ts) instead"
+    )
+    parser.add_argument(
+        "--tune", action="store_true", help="search [evaluate.tuning] per model on a validation split"
+    )
     parser.add_argument("--out", help="report directory (default under output.root/evaluations)")
 
 
@@ -29,17 +35,34 @@ def validate(args, cfg):
 
 
 def body(spark, cfg, args):
-    from mf_spark.evaluate.holdout import evaluate_holdout, published_interactions_path, report_dir, summary_table
+    from mf_spark.evaluate.holdout import (
+        evaluate_holdout,
+        published_interactions_path,
+        report_dir,
+        summary_table,
+    )
 
     path = args.interactions or published_interactions_path(cfg["output"]["root"], args.date)
     out = args.out or report_dir(cfg["output"]["root"], args.date)
     ev, tuning = cfg["evaluate"], cfg["evaluate"]["tuning"]
     result = evaluate_holdout(
-        spark, spark.read.parquet(path), split=ev["split"], test_fraction=ev["test_fraction"], test_n=ev["test_n"],
-        cutoff_date=ev["cutoff_date"], holdout_users=ev["holdout_users"], seed=ev["seed"], ks=ev["ks"],
-        models=ev["models"], train_params=cfg["train"], out_dir=out, tune=args.tune,
+        spark,
+        spark.read.parquet(path),
+        split=ev["split"],
+        test_fraction=ev["test_fraction"],
+        test_n=ev["test_n"],
+        cutoff_date=ev["cutoff_date"],
+        holdout_users=ev["holdout_users"],
+        seed=ev["seed"],
+        ks=ev["ks"],
+        models=ev["models"],
+        train_params=cfg["train"],
+        out_dir=out,
+        tune=args.tune,
         tuning_grid={n: tuning[n] for n in ("rank", "reg_param", "alpha", "regularization", "confidence")},
-        tuning_metric=tuning["metric"], tuning_mode=tuning["mode"], tuning_samples=tuning["samples"],
+        tuning_metric=tuning["metric"],
+        tuning_mode=tuning["mode"],
+        tuning_samples=tuning["samples"],
     )
     print(summary_table(result))
     print(f"report: {out}/report.md")

@@ -9,8 +9,13 @@ from mf_spark.evaluate import check_gate, evaluate_gate, metric_value
 
 
 def _result(ndcg20: float, model: str = "implicit_als") -> dict:
-    return {"primary_model": model,
-            "models": {model: {"metrics": {"ndcg@20": ndcg20, "recall@20": 0.3}}, "popular": {"metrics": {"ndcg@20": 0.9}}}}
+    return {
+        "primary_model": model,
+        "models": {
+            model: {"metrics": {"ndcg@20": ndcg20, "recall@20": 0.3}},
+            "popular": {"metrics": {"ndcg@20": 0.9}},
+        },
+    }
 
 
 def test_reads_the_primary_model():

@@ -12,8 +12,17 @@ from mf_spark.evaluate.models import TrainParams, recommend_for_users
 from mf_spark.evaluate.splits import make_split
 from mf_spark.evaluate.tuning import candidate_params
 
-TRAIN = {"rank": 4, "max_iter": 3, "reg_param": 0.05, "alpha": 5.0, "num_user_blocks": 2, "num_item_blocks": 2,
-         "seed": 1, "checkpoint_interval": -1, "warm_start": True}
+TRAIN = {
+    "rank": 4,
+    "max_iter": 3,
+    "reg_param": 0.05,
+    "alpha": 5.0,
+    "num_user_blocks": 2,
+    "num_item_blocks": 2,
+    "seed": 1,
+    "checkpoint_interval": -1,
+    "warm_start": True,
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,21 +38,37 @@ def communities(spark):
             ts = base + dt.timedelta(hours=user + j * 24)
             rows.append((user, item, float(1 + (user + j) % 4), 1, ts, ts))
     df = spark.createDataFrame(
-        rows, "user_idx int, item_idx int, strength float, n_events long, first_ts timestamp, last_ts timestamp"
+        rows,
+        "user_idx int, item_idx int, strength float, n_events long, first_ts timestamp, last_ts timestamp",
     ).dropDuplicates(["user_idx", "item_idx"])
     return df.persist()
 
 
 def test_models_side_by_side_and_report(communities, spark, tmp_path):
     models = ["implicit_als", "mllib_als", "popular", "random"]
-    result = evaluate_holdout(spark, communities, split="user_temporal", test_fraction=0.25, ks=[5, 10],
-                              models=models, train_params=TRAIN, out_dir=str(tmp_path))
+    result = evaluate_holdout(
+        spark,
+        communities,
+        split="user_temporal",
+        test_fraction=0.25,
+        ks=[5, 10],
+        models=models,
+        train_params=TRAIN,
+        out_dir=str(tmp_path),
+    )
     assert result["primary_model"] == "implicit_als"
     assert list(result["models"]) == models
     assert result["split"]["counts"]["test_users"] == 60
     for name, run in result["models"].items():
         assert run["metrics"]["n_users"] == 60, name
-        assert set(run["metrics"]) >= {"ndcg@5", "recall@10", "capped_recall@10", "map@10", "coverage@10", "mrr@5"}
+        assert set(run["metrics"]) >= {
+            "ndcg@5",
+            "recall@10",
+            "capped_recall@10",
+            "map@10",
+            "coverage@10",
+            "mrr@5",
+        }
     scores = {name: run["metrics"]["ndcg@10"] for name, run in result["models"].items()}
     # within-group structure: a factor model finds it, popularity cannot
     assert scores["implicit_als"] > scores["popular"] + 0.1
@@ -71,13 +96,22 @@ def test_no_training_items_in_any_list(communities):
         recs = recommend_for_users(model, split.train, users, 10, params).recommendations
         leaked = recs.join(split.train, ["user_idx", "item_idx"], "left_semi").count()
         assert leaked == 0, model
-        assert recs.join(split.train.select("item_idx").distinct(), "item_idx", "left_anti").count() == 0, model
+        assert recs.join(split.train.select("item_idx").distinct(), "item_idx", "left_anti").count() == 0, (
+            model
+        )
 
 
 def test_strong_generalization_folds_users_in(communities, spark):
-    result = evaluate_holdout(spark, communities, split="strong_generalization", holdout_users=12,
-                              test_fraction=0.25, ks=[5], models=["implicit_als", "popular"],
-                              train_params=TRAIN)
+    result = evaluate_holdout(
+        spark,
+        communities,
+        split="strong_generalization",
+        holdout_users=12,
+        test_fraction=0.25,
+        ks=[5],
+        models=["implicit_als", "popular"],
+        train_params=TRAIN,
+    )
     counts = result["split"]["counts"]
     assert counts["test_users"] == 12 and counts["fold_in_interactions"] > 0
     metrics = {n: r["metrics"] for n, r in result["models"].items()}
@@ -86,10 +120,19 @@ def test_strong_generalization_folds_users_in(communities, spark):
 
 
 def test_tuning_mode_picks_on_validation(communities, spark, tmp_path):
-    result = evaluate_holdout(spark, communities, split="user_random", test_fraction=0.25, ks=[5],
-                              models=["implicit_als", "popular"], train_params={**TRAIN, "max_iter": 2}, tune=True,
-                              tuning_grid={"rank": [4], "regularization": ["count", "constant"]},
-                              tuning_metric="ndcg@5", out_dir=str(tmp_path))
+    result = evaluate_holdout(
+        spark,
+        communities,
+        split="user_random",
+        test_fraction=0.25,
+        ks=[5],
+        models=["implicit_als", "popular"],
+        train_params={**TRAIN, "max_iter": 2},
+        tune=True,
+        tuning_grid={"rank": [4], "regularization": ["count", "constant"]},
+        tuning_metric="ndcg@5",
+        out_dir=str(tmp_path),
+    )
     tuning = result["tuning"]
     assert tuning["enabled"] and tuning["validation_counts"]["test_users"] > 0
     ials = result["models"]["implicit_als"]
@@ -108,7 +151,11 @@ def test_random_search_is_seeded():
     assert first == candidate_params(base, grid, model="implicit_als", mode="random", samples=5, seed=3)
     assert len(first) == 5 and len(set(first)) == 5
     assert len(candidate_params(base, grid, model="implicit_als")) == 18
-    modes = {"rank": [8], "regularization": ["count", "constant", "frequency"], "confidence": ["linear", "log"]}
+    modes = {
+        "rank": [8],
+        "regularization": ["count", "constant", "frequency"],
+        "confidence": ["linear", "log"],
+    }
     assert len(candidate_params(base, modes, model="implicit_als")) == 6
     mllib = candidate_params(base, modes, model="mllib_als")
     assert len(mllib) == 2 and {p.regularization for p in mllib} == {"count"}, "MLlib has count scaling only"

@@ -23,15 +23,18 @@ def test_defaults_are_valid():
     validate_settings(_evaluate(), tune=True)
 
 
-@pytest.mark.parametrize(("overrides", "key"), [
-    ({"models": ["implicit_als", "lightfm"]}, "evaluate.models"),
-    ({"gate": {"metric": "ndcg@30"}}, "evaluate.gate.metric"),
-    ({"gate": {"metric": "auc@20"}}, "evaluate.gate.metric"),
-    ({"split": "global_temporal"}, "evaluate.cutoff_date"),
-    ({"cutoff_date": "2024-13-01"}, "evaluate.cutoff_date"),
-    ({"tuning": {"confidence": ["linear", "sqrt"]}}, "evaluate.tuning.confidence"),
-    ({"tuning": {"alpha": [1, "x"]}}, "evaluate.tuning.alpha"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"models": ["implicit_als", "lightfm"]}, "evaluate.models"),
+        ({"gate": {"metric": "ndcg@30"}}, "evaluate.gate.metric"),
+        ({"gate": {"metric": "auc@20"}}, "evaluate.gate.metric"),
+        ({"split": "global_temporal"}, "evaluate.cutoff_date"),
+        ({"cutoff_date": "2024-13-01"}, "evaluate.cutoff_date"),
+        ({"tuning": {"confidence": ["linear", "sqrt"]}}, "evaluate.tuning.confidence"),
+        ({"tuning": {"alpha": [1, "x"]}}, "evaluate.tuning.alpha"),
+    ],
+)
 def test_bad_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_settings(_evaluate(**overrides), tune=True)
@@ -57,7 +60,19 @@ def test_report_dir_is_per_date(tmp_path):
 def test_job_rejects_bad_gate_metric_before_spark(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[input]\npath = "x"\n[output]\nroot = "y"\n[evaluate]\nks = [10]\n')
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "evaluate.py"), "--config", str(config),
-                           "--date", "2024-01-02"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "jobs" / "evaluate.py"),
+            "--config",
+            str(config),
+            "--date",
+            "2024-01-02",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+    )
     assert done.returncode == 2
     assert "evaluate.gate.metric" in done.stderr and "Traceback" not in done.stderr

@@ -22,7 +22,9 @@ def _recs(spark, lists: dict[int, list[int]]):
 
 
 def _test(spark, sets: dict[int, list[int]]):
-    return spark.createDataFrame([(u, i) for u, items in sets.items() for i in items], "user_idx int, item_idx int")
+    return spark.createDataFrame(
+        [(u, i) for u, items in sets.items() for i in items], "user_idx int, item_idx int"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +43,33 @@ def test_hand_computed_values(spark, tiny):
     u1, u2, u3 = by_user[1], by_user[2], by_user[3]
     d1, d2, d3, d4 = (1 / math.log2(r + 1) for r in (1, 2, 3, 4))  # discounts of ranks 1..4
     expected_u1 = {
-        "precision@2": 0.5, "recall@2": 1 / 3, "capped_recall@2": 0.5, "map@2": 0.5 / 2,
-        "ndcg@2": d2 / (d1 + d2), "hit_rate@2": 1.0, "mrr@2": 0.5,
-        "precision@4": 0.5, "recall@4": 2 / 3, "capped_recall@4": 2 / 3, "map@4": (1 / 2 + 2 / 4) / 3,
-        "ndcg@4": (d2 + d4) / (d1 + d2 + d3), "hit_rate@4": 1.0, "mrr@4": 0.5,
+        "precision@2": 0.5,
+        "recall@2": 1 / 3,
+        "capped_recall@2": 0.5,
+        "map@2": 0.5 / 2,
+        "ndcg@2": d2 / (d1 + d2),
+        "hit_rate@2": 1.0,
+        "mrr@2": 0.5,
+        "precision@4": 0.5,
+        "recall@4": 2 / 3,
+        "capped_recall@4": 2 / 3,
+        "map@4": (1 / 2 + 2 / 4) / 3,
+        "ndcg@4": (d2 + d4) / (d1 + d2 + d3),
+        "hit_rate@4": 1.0,
+        "mrr@4": 0.5,
     }
     for name, value in expected_u1.items():
         assert u1[name] == pytest.approx(value), name
-    expected_u2 = {"precision@2": 0.5, "precision@4": 0.25, "recall@4": 1.0, "capped_recall@4": 1.0,
-                   "map@4": 1.0, "ndcg@4": 1.0, "hit_rate@2": 1.0, "mrr@4": 1.0}
+    expected_u2 = {
+        "precision@2": 0.5,
+        "precision@4": 0.25,
+        "recall@4": 1.0,
+        "capped_recall@4": 1.0,
+        "map@4": 1.0,
+        "ndcg@4": 1.0,
+        "hit_rate@2": 1.0,
+        "mrr@4": 1.0,
+    }
     for name, value in expected_u2.items():
         assert u2[name] == pytest.approx(value), name
     assert all(u3[n] == 0.0 for n in u3 if "@" in n)
@@ -95,11 +115,20 @@ def test_agrees_with_ranking_evaluator(spark):
     ks = [1, 3, 5, 10, 20]
     ours = ranking_metrics(recs, test, ks)
     as_arrays = (
-        recs.groupBy("user_idx").agg(F.sort_array(F.collect_list(F.struct("rank", "item_idx"))).alias("ranked"))
+        recs.groupBy("user_idx")
+        .agg(F.sort_array(F.collect_list(F.struct("rank", "item_idx"))).alias("ranked"))
         .select("user_idx", F.transform("ranked", lambda s: s["item_idx"].cast("double")).alias("prediction"))
-        .join(test.groupBy("user_idx").agg(F.collect_set(F.col("item_idx").cast("double")).alias("label")), "user_idx")
+        .join(
+            test.groupBy("user_idx").agg(F.collect_set(F.col("item_idx").cast("double")).alias("label")),
+            "user_idx",
+        )
     )
-    names = {"precisionAtK": "precision", "recallAtK": "recall", "ndcgAtK": "ndcg", "meanAveragePrecisionAtK": "map"}
+    names = {
+        "precisionAtK": "precision",
+        "recallAtK": "recall",
+        "ndcgAtK": "ndcg",
+        "meanAveragePrecisionAtK": "map",
+    }
     for spark_name, our_name in names.items():
         for k in ks:
             theirs = RankingEvaluator(metricName=spark_name, k=k).evaluate(as_arrays)

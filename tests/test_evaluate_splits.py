@@ -25,7 +25,8 @@ def interactions(spark):
             ts = BASE + dt.timedelta(days=0 if user == 5 else j * 3 + user % 4)
             rows.append((user, item, float(j + 1), 1, ts, ts))
     return spark.createDataFrame(
-        rows, "user_idx int, item_idx int, strength float, n_events long, first_ts timestamp, last_ts timestamp"
+        rows,
+        "user_idx int, item_idx int, strength float, n_events long, first_ts timestamp, last_ts timestamp",
     ).dropDuplicates(["user_idx", "item_idx"])
 
 
@@ -39,7 +40,9 @@ def _pairs(df):
 @pytest.mark.parametrize("protocol", SPLITS)
 def test_split_is_deterministic_and_disjoint(interactions, protocol):
     first = make_split(interactions, protocol, **SETTINGS)
-    again = make_split(interactions.repartition(5, "item_idx").sortWithinPartitions(F.rand(3)), protocol, **SETTINGS)
+    again = make_split(
+        interactions.repartition(5, "item_idx").sortWithinPartitions(F.rand(3)), protocol, **SETTINGS
+    )
     for part in ("train", "test", "fold_in", "cold_test"):
         a, b = getattr(first, part), getattr(again, part)
         assert (a is None) == (b is None)
@@ -131,7 +134,9 @@ def test_missing_time_column_names_it(spark):
 
 
 def test_most_popular_excludes_seen_and_breaks_ties_by_item(spark):
-    train = spark.createDataFrame([(1, 5), (2, 5), (3, 5), (1, 7), (2, 7), (3, 2), (2, 9)], "user_idx int, item_idx int")
+    train = spark.createDataFrame(
+        [(1, 5), (2, 5), (3, 5), (1, 7), (2, 7), (3, 2), (2, 9)], "user_idx int, item_idx int"
+    )
     users = spark.createDataFrame([(1,), (4,)], "user_idx int")
     recs = {(r["user_idx"], r["rank"]): r["item_idx"] for r in most_popular(train, users, 3).collect()}
     # popularity: 5 (3 users), 7 (2), then 2 and 9 tied with 1 user each: 2 first

@@ -25,19 +25,22 @@ def _seen_lists(users: DataFrame, seen: DataFrame) -> DataFrame:
     """``user_idx``, ``seen`` array<int> (possibly empty) for each row of ``users``."""
     seen_by_user = seen.groupBy(USER).agg(F.collect_set(F.col(ITEM).cast("int")).alias("seen"))
     return (
-        users.select(F.col(USER).cast("int").alias(USER)).distinct()
+        users.select(F.col(USER).cast("int").alias(USER))
+        .distinct()
         .join(seen_by_user, USER, "left")
         .select(USER, F.coalesce("seen", F.array().cast("array<int>")).alias("seen"))
     )
 
 
 def _frame(user: int, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({
-        USER: np.full(len(items), user, dtype=np.int32),
-        "rank": np.arange(1, len(items) + 1, dtype=np.int32),
-        ITEM: items.astype(np.int32),
-        "score": scores.astype(np.float32),
-    })
+    return pd.DataFrame(
+        {
+            USER: np.full(len(items), user, dtype=np.int32),
+            "rank": np.arange(1, len(items) + 1, dtype=np.int32),
+            ITEM: items.astype(np.int32),
+            "score": scores.astype(np.float32),
+        }
+    )
 
 
 def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
@@ -64,7 +67,9 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
     DataFrame
         ``user_idx`` int, ``rank`` int (1-based), ``item_idx`` int, ``score`` float (the item's count).
     """
-    counts = train.groupBy(ITEM).agg(F.count(F.lit(1)).alias("n")).orderBy(F.desc("n"), F.asc(ITEM)).toPandas()
+    counts = (
+        train.groupBy(ITEM).agg(F.count(F.lit(1)).alias("n")).orderBy(F.desc("n"), F.asc(ITEM)).toPandas()
+    )
     ranked_items = counts[ITEM].to_numpy(np.int64)
     ranked_counts = counts["n"].to_numpy(np.float64)
     sc = train.sparkSession.sparkContext
@@ -74,7 +79,7 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
         items, scores = catalogue.value
         for batch in batches:
             frames = []
-            for user, seen_items in zip(batch[USER].to_numpy(), batch["seen"]):
+            for user, seen_items in zip(batch[USER].to_numpy(), batch["seen"], strict=True):
                 # the first k unseen items are among the first k + |seen| popular ones
                 head = min(len(items), k + len(seen_items))
                 keep = ~np.isin(items[:head], np.asarray(seen_items, dtype=np.int64))
@@ -85,7 +90,9 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
     return _seen_lists(users, train if seen is None else seen).mapInPandas(recommend, RECOMMENDATION_SCHEMA)
 
 
-def random_items(catalogue: DataFrame, users: DataFrame, k: int, *, seen: DataFrame, seed: int = 0) -> DataFrame:
+def random_items(
+    catalogue: DataFrame, users: DataFrame, k: int, *, seen: DataFrame, seed: int = 0
+) -> DataFrame:
     """``k`` distinct unseen catalogue items per user drawn uniformly at random, reproducibly.
 
     Parameters
@@ -114,10 +121,14 @@ def random_items(catalogue: DataFrame, users: DataFrame, k: int, *, seen: DataFr
         items = broadcast_items.value
         for batch in batches:
             frames = []
-            for user, seen_items in zip(batch[USER].to_numpy(), batch["seen"]):
+            for user, seen_items in zip(batch[USER].to_numpy(), batch["seen"], strict=True):
                 rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(user) & 0xFFFFFFFF])
                 candidates = items[~np.isin(items, np.asarray(seen_items, dtype=np.int64))]
-                chosen = rng.choice(candidates, size=min(k, len(candidates)), replace=False) if len(candidates) else candidates
+                chosen = (
+                    rng.choice(candidates, size=min(k, len(candidates)), replace=False)
+                    if len(candidates)
+                    else candidates
+                )
                 frames.append(_frame(int(user), chosen, 1.0 / np.arange(1, len(chosen) + 1)))
             yield _concat(frames)
 

@@ -67,17 +67,25 @@ def evaluate_gate(
     """
     value = metric_value(metrics, metric)
     if value is None:
-        available = sorted((metrics.get("models", {}).get(metrics.get("primary_model"), {}).get("metrics") or {}))
+        available = sorted(
+            metrics.get("models", {}).get(metrics.get("primary_model"), {}).get("metrics") or {}
+        )
         raise QualityGateError(
             f"gate metric {metric!r} was not computed (computed: {', '.join(available) or 'none'}); "
             "set evaluate.gate.metric to one of them or add its K to evaluate.ks"
         )
     previous = metric_value(previous_metrics, metric)
     if value < min_value:
-        return GateResult(False, f"{metric} = {value:.5f} is below the minimum {min_value:.5f}", value, previous)
+        return GateResult(
+            False, f"{metric} = {value:.5f} is below the minimum {min_value:.5f}", value, previous
+        )
     if previous is None:
-        return GateResult(True, f"{metric} = {value:.5f} >= minimum {min_value:.5f}; no previous run to compare with",
-                          value, None)
+        return GateResult(
+            True,
+            f"{metric} = {value:.5f} >= minimum {min_value:.5f}; no previous run to compare with",
+            value,
+            None,
+        )
     if previous > 0:
         drop = (previous - value) / previous
         if drop > max_relative_drop + 1e-12:  # 0.2 -> 0.15 is a 25% drop, not 25.000000000000006%
@@ -85,10 +93,14 @@ def evaluate_gate(
                 False,
                 f"{metric} = {value:.5f} dropped {drop:.1%} from the previous run's {previous:.5f} "
                 f"(allowed: {max_relative_drop:.1%})",
-                value, previous,
+                value,
+                previous,
             )
     return GateResult(
-        True, f"{metric} = {value:.5f} >= minimum {min_value:.5f}; previous run {previous:.5f}", value, previous
+        True,
+        f"{metric} = {value:.5f} >= minimum {min_value:.5f}; previous run {previous:.5f}",
+        value,
+        previous,
     )
 
 

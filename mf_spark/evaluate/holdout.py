@@ -79,7 +79,9 @@ def evaluate_holdout(
     """
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
-        raise ValueError(f"models must be a non-empty list from {', '.join(MODELS)}; unknown: {', '.join(unknown)}")
+        raise ValueError(
+            f"models must be a non-empty list from {', '.join(MODELS)}; unknown: {', '.join(unknown)}"
+        )
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
@@ -87,27 +89,71 @@ def evaluate_holdout(
     base = TrainParams.from_mapping(train_params)
     spark.sparkContext.setJobDescription("evaluation")
     try:
-        return _evaluate(interactions, split=split, test_fraction=test_fraction, test_n=test_n, cutoff_date=cutoff_date,
-                         holdout_users=holdout_users, seed=seed, base=base, ks=ks, models=list(models), out_dir=out_dir,
-                         tune=tune, tuning_grid=tuning_grid, tuning_metric=tuning_metric, tuning_mode=tuning_mode,
-                         tuning_samples=tuning_samples)
+        return _evaluate(
+            interactions,
+            split=split,
+            test_fraction=test_fraction,
+            test_n=test_n,
+            cutoff_date=cutoff_date,
+            holdout_users=holdout_users,
+            seed=seed,
+            base=base,
+            ks=ks,
+            models=list(models),
+            out_dir=out_dir,
+            tune=tune,
+            tuning_grid=tuning_grid,
+            tuning_metric=tuning_metric,
+            tuning_mode=tuning_mode,
+            tuning_samples=tuning_samples,
+        )
     finally:
         spark.sparkContext.setJobDescription(None)  # later jobs of the caller are not "evaluation"
 
 
 def _evaluate(
-    interactions: DataFrame, *, split: str, test_fraction: float, test_n: int, cutoff_date: str | dt.date | None,
-    holdout_users: int, seed: int, base: TrainParams, ks: list[int], models: list[str], out_dir: str | None,
-    tune: bool, tuning_grid: Mapping[str, Sequence[Any]] | None, tuning_metric: str, tuning_mode: str,
+    interactions: DataFrame,
+    *,
+    split: str,
+    test_fraction: float,
+    test_n: int,
+    cutoff_date: str | dt.date | None,
+    holdout_users: int,
+    seed: int,
+    base: TrainParams,
+    ks: list[int],
+    models: list[str],
+    out_dir: str | None,
+    tune: bool,
+    tuning_grid: Mapping[str, Sequence[Any]] | None,
+    tuning_metric: str,
+    tuning_mode: str,
     tuning_samples: int,
 ) -> dict[str, Any]:
-    data = interactions.agg(F.count(F.lit(1)).alias("interactions"), F.count_distinct("user_idx").alias("users"),
-                            F.count_distinct("item_idx").alias("items")).first().asDict()
-    the_split = make_split(interactions, split, test_fraction=test_fraction, test_n=test_n, cutoff_date=cutoff_date,
-                           holdout_users=holdout_users, seed=seed)
+    data = (
+        interactions.agg(
+            F.count(F.lit(1)).alias("interactions"),
+            F.count_distinct("user_idx").alias("users"),
+            F.count_distinct("item_idx").alias("items"),
+        )
+        .first()
+        .asDict()
+    )
+    the_split = make_split(
+        interactions,
+        split,
+        test_fraction=test_fraction,
+        test_n=test_n,
+        cutoff_date=cutoff_date,
+        holdout_users=holdout_users,
+        seed=seed,
+    )
     # the split is deterministic, so caching is only for speed: a lost block is recomputed identically
-    cached = [df.persist(StorageLevel.MEMORY_AND_DISK) for df in (the_split.train, the_split.test, the_split.fold_in)
-              if df is not None]
+    cached = [
+        df.persist(StorageLevel.MEMORY_AND_DISK)
+        for df in (the_split.train, the_split.test, the_split.fold_in)
+        if df is not None
+    ]
     counts = the_split.counts()
     log.info("split %s: %s", split, counts)
     if counts["test_users"] == 0:
@@ -122,10 +168,20 @@ def _evaluate(
     trials: dict[str, list[dict[str, Any]]] = {}
     if tune:
         grid = dict(tuning_grid or DEFAULT_TUNING_GRID)
-        validation = validation_split(the_split, test_fraction=test_fraction, holdout_users=holdout_users, seed=seed)
-        validation_cached = [df.persist() for df in (validation.train, validation.test, validation.fold_in) if df is not None]
-        tuning_info.update(metric=tuning_metric, mode=tuning_mode, samples=tuning_samples, grid=grid,
-                           validation_protocol=validation.protocol, validation_counts=validation.counts())
+        validation = validation_split(
+            the_split, test_fraction=test_fraction, holdout_users=holdout_users, seed=seed
+        )
+        validation_cached = [
+            df.persist() for df in (validation.train, validation.test, validation.fold_in) if df is not None
+        ]
+        tuning_info.update(
+            metric=tuning_metric,
+            mode=tuning_mode,
+            samples=tuning_samples,
+            grid=grid,
+            validation_protocol=validation.protocol,
+            validation_counts=validation.counts(),
+        )
         tuned_once: dict[str, Any] = {}
         for model in models:
             if model not in ALS_MODELS:
@@ -133,8 +189,16 @@ def _evaluate(
             # both ImplicitALS solvers share one search (same objective); the CG winner is reused for Cholesky
             family = "implicit" if model.startswith("implicit_als") else model
             if family not in tuned_once:
-                tuned_once[family] = tune_model(model, validation, base, grid, metric=tuning_metric, mode=tuning_mode,
-                                                samples=tuning_samples, seed=seed)
+                tuned_once[family] = tune_model(
+                    model,
+                    validation,
+                    base,
+                    grid,
+                    metric=tuning_metric,
+                    mode=tuning_mode,
+                    samples=tuning_samples,
+                    seed=seed,
+                )
             result = tuned_once[family]
             chosen[model] = result.best
             trials[model] = result.trials if result.model == model else []
@@ -144,19 +208,29 @@ def _evaluate(
     runs: dict[str, Any] = {}
     for model in models:
         params = chosen.get(model, base)
-        run = recommend_for_users(model, the_split.train, test_users, ks[-1], params, fold_in=the_split.fold_in,
-                                  random_seed=seed)
+        run = recommend_for_users(
+            model, the_split.train, test_users, ks[-1], params, fold_in=the_split.fold_in, random_seed=seed
+        )
         recs = run.recommendations.persist()
         metrics = ranking_metrics(recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size)
         recs.unpersist()
-        runs[model] = {"metrics": metrics, "params": run.params, "training_loss": run.training_loss,
-                       "fit_seconds": round(run.fit_seconds, 3), "tuning_trials": trials.get(model)}
-        log.info("%s: %s", model, {k: round(v, 4) for k, v in metrics.items() if k.startswith(("ndcg@", "recall@"))})
+        runs[model] = {
+            "metrics": metrics,
+            "params": run.params,
+            "training_loss": run.training_loss,
+            "fit_seconds": round(run.fit_seconds, 3),
+            "tuning_trials": trials.get(model),
+        }
+        log.info(
+            "%s: %s",
+            model,
+            {k: round(v, 4) for k, v in metrics.items() if k.startswith(("ndcg@", "recall@"))},
+        )
 
     for df in cached + [popularity]:
         df.unpersist()
     result: dict[str, Any] = {
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "primary_model": models[0],
         "ks": ks,
         "split": {"protocol": split, "settings": the_split.settings, "counts": counts},
@@ -202,7 +276,9 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
         try:
             dt.date.fromisoformat(evaluate["cutoff_date"])
         except ValueError:
-            raise ConfigError(f"key 'evaluate.cutoff_date': not a YYYY-MM-DD date: {evaluate['cutoff_date']!r}") from None
+            raise ConfigError(
+                f"key 'evaluate.cutoff_date': not a YYYY-MM-DD date: {evaluate['cutoff_date']!r}"
+            ) from None
     for key, allowed in (("regularization", REGULARIZATIONS), ("confidence", CONFIDENCES)):
         bad = [v for v in evaluate["tuning"][key] if v not in allowed]
         if bad:
@@ -235,7 +311,7 @@ def report_dir(root: str, run_date: dt.date) -> str:
     """``<root>/evaluations/dt=<date>/<UTC time>``: a new directory per evaluation, never overwritten."""
     import os
 
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     return os.path.join(root, "evaluations", f"dt={run_date.isoformat()}", stamp)
 
 
@@ -245,5 +321,8 @@ def summary_table(result: Mapping[str, Any], k: int | None = None) -> str:
 
     ks = result["ks"]
     k = k or (20 if 20 in ks else ks[0])
-    rows = [[name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS] for name, run in result["models"].items()]
+    rows = [
+        [name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS]
+        for name, run in result["models"].items()
+    ]
     return f"K = {k}\n" + _table(["model"] + [label for _, label in TABLE_METRICS], rows)

@@ -128,8 +128,9 @@ def per_user_metrics(
         sums += [
             F.sum(F.when(within, F.col("hit")).otherwise(0)).alias(f"_hits{k}"),
             F.sum(F.when(within, F.col("hit") / F.log2(F.col("rank") + 1)).otherwise(0.0)).alias(f"_dcg{k}"),
-            F.sum(F.when(within & (F.col("hit") == 1), F.col("hits_so_far") / F.col("rank")).otherwise(0.0))
-            .alias(f"_ap{k}"),
+            F.sum(
+                F.when(within & (F.col("hit") == 1), F.col("hits_so_far") / F.col("rank")).otherwise(0.0)
+            ).alias(f"_ap{k}"),
         ]
     sums.append(F.min(F.when(F.col("hit") == 1, F.col("rank"))).alias("_first_hit"))
     per_user_sums = hits.groupBy(user_col).agg(*sums)
@@ -145,10 +146,13 @@ def per_user_metrics(
             (hit_count / F.col("n_test")).alias(metric_name("recall", k)),
             (hit_count / capped).alias(metric_name("capped_recall", k)),
             (F.coalesce(F.col(f"_ap{k}"), F.lit(0.0)) / capped).alias(metric_name("map", k)),
-            (F.coalesce(F.col(f"_dcg{k}"), F.lit(0.0)) / F.element_at(ideal, capped.cast("int")))
-            .alias(metric_name("ndcg", k)),
+            (F.coalesce(F.col(f"_dcg{k}"), F.lit(0.0)) / F.element_at(ideal, capped.cast("int"))).alias(
+                metric_name("ndcg", k)
+            ),
             (hit_count > 0).cast("double").alias(metric_name("hit_rate", k)),
-            F.when(F.col("_first_hit") <= k, 1.0 / F.col("_first_hit")).otherwise(0.0).alias(metric_name("mrr", k)),
+            F.when(F.col("_first_hit") <= k, 1.0 / F.col("_first_hit"))
+            .otherwise(0.0)
+            .alias(metric_name("mrr", k)),
         ]
     return joined.select(*columns)
 
@@ -180,7 +184,9 @@ def list_metrics(
     """
     ks = sorted(set(int(k) for k in ks))
     n_catalogue = catalogue_size if catalogue_size is not None else popularity.count()
-    scored = recommendations.select(item_col, rank_col).join(popularity.select(item_col, "percentile"), item_col, "left")
+    scored = recommendations.select(item_col, rank_col).join(
+        popularity.select(item_col, "percentile"), item_col, "left"
+    )
     aggregates = []
     for k in ks:
         within = F.col(rank_col) <= k
@@ -228,9 +234,13 @@ def ranking_metrics(
         ``"<metric>@<K>" -> float`` plus ``"n_users"``, the number of evaluated users.
     """
     ks = sorted(set(int(k) for k in ks))
-    per_user = per_user_metrics(recommendations, test, ks, user_col=user_col, item_col=item_col, rank_col=rank_col)
+    per_user = per_user_metrics(
+        recommendations, test, ks, user_col=user_col, item_col=item_col, rank_col=rank_col
+    )
     names = [metric_name(m, k) for k in ks for m in PER_USER_METRICS]
-    row = per_user.agg(F.count(F.lit(1)).alias("n_users"), *[F.avg(F.col(f"`{n}`")).alias(n) for n in names]).first()
+    row = per_user.agg(
+        F.count(F.lit(1)).alias("n_users"), *[F.avg(F.col(f"`{n}`")).alias(n) for n in names]
+    ).first()
     result: dict[str, float] = {"n_users": int(row["n_users"])}
     for name in names:
         result[name] = float(row[name] or 0.0)
@@ -238,7 +248,13 @@ def ranking_metrics(
         test_users = test.select(user_col).distinct()
         evaluated_lists = recommendations.join(test_users, user_col, "left_semi")
         result.update(
-            list_metrics(evaluated_lists, popularity, ks, item_col=item_col, rank_col=rank_col,
-                         catalogue_size=catalogue_size)
+            list_metrics(
+                evaluated_lists,
+                popularity,
+                ks,
+                item_col=item_col,
+                rank_col=rank_col,
+                catalogue_size=catalogue_size,
+            )
         )
     return result

@@ -67,10 +67,15 @@ class TrainParams:
 
     def solve_params(self) -> SolveParams:
         return SolveParams(
-            alpha=self.alpha, reg_param=self.reg_param, regularization=self.regularization,
-            confidence=self.confidence, confidence_epsilon=self.confidence_epsilon,
-            frequency_alpha0=self.frequency_alpha0, frequency_nu=self.frequency_nu,
-            solver=self.solver, cg_steps=self.cg_steps,
+            alpha=self.alpha,
+            reg_param=self.reg_param,
+            regularization=self.regularization,
+            confidence=self.confidence,
+            confidence_epsilon=self.confidence_epsilon,
+            frequency_alpha0=self.frequency_alpha0,
+            frequency_nu=self.frequency_nu,
+            solver=self.solver,
+            cg_steps=self.cg_steps,
         )
 
 
@@ -82,7 +87,10 @@ def params_for_model(model: str, params: TrainParams) -> TrainParams:
         return params.replace(solver="cholesky")
     if model == "mllib_als":
         if params.regularization != "count":
-            log.warning("MLlib ALS has only count-scaled regularisation; using it instead of %r", params.regularization)
+            log.warning(
+                "MLlib ALS has only count-scaled regularisation; using it instead of %r",
+                params.regularization,
+            )
         return params.replace(solver="cholesky", regularization="count")
     return params
 
@@ -107,15 +115,25 @@ def _mllib_ratings(train: DataFrame, params: TrainParams) -> DataFrame:
     return train
 
 
-def _fit_factors(model: str, train: DataFrame, params: TrainParams) -> tuple[DataFrame, DataFrame, list[float] | None]:
-    """Train ``model``; returns user factors, item factors (``id`` int, ``features`` array<float>) and the loss."""
+def _fit_factors(
+    model: str, train: DataFrame, params: TrainParams
+) -> tuple[DataFrame, DataFrame, list[float] | None]:
+    """Train ``model``; returns user and item factors (``id`` int, ``features`` array<float>) and the loss."""
     if model == "mllib_als":
         from pyspark.ml.recommendation import ALS
 
         estimator = ALS(
-            implicitPrefs=True, rank=params.rank, maxIter=params.max_iter, regParam=params.reg_param,
-            alpha=params.alpha, userCol=USER, itemCol=ITEM, ratingCol=STRENGTH, seed=params.seed,
-            numUserBlocks=params.num_user_blocks, numItemBlocks=params.num_item_blocks,
+            implicitPrefs=True,
+            rank=params.rank,
+            maxIter=params.max_iter,
+            regParam=params.reg_param,
+            alpha=params.alpha,
+            userCol=USER,
+            itemCol=ITEM,
+            ratingCol=STRENGTH,
+            seed=params.seed,
+            numUserBlocks=params.num_user_blocks,
+            numItemBlocks=params.num_item_blocks,
             checkpointInterval=params.checkpoint_interval,
         )
         fitted = estimator.fit(_mllib_ratings(train, params))
@@ -123,12 +141,24 @@ def _fit_factors(model: str, train: DataFrame, params: TrainParams) -> tuple[Dat
     from mf_spark import ImplicitALS
 
     estimator = ImplicitALS(
-        rank=params.rank, maxIter=params.max_iter, regParam=params.reg_param, alpha=params.alpha,
-        userCol=USER, itemCol=ITEM, ratingCol=STRENGTH, numUserBlocks=params.num_user_blocks,
-        numItemBlocks=params.num_item_blocks, seed=params.seed, checkpointInterval=params.checkpoint_interval,
-        solver=params.solver, cgSteps=params.cg_steps, regularization=params.regularization,
-        confidence=params.confidence, confidenceEpsilon=params.confidence_epsilon,
-        frequencyAlpha0=params.frequency_alpha0, frequencyNu=params.frequency_nu,
+        rank=params.rank,
+        maxIter=params.max_iter,
+        regParam=params.reg_param,
+        alpha=params.alpha,
+        userCol=USER,
+        itemCol=ITEM,
+        ratingCol=STRENGTH,
+        numUserBlocks=params.num_user_blocks,
+        numItemBlocks=params.num_item_blocks,
+        seed=params.seed,
+        checkpointInterval=params.checkpoint_interval,
+        solver=params.solver,
+        cgSteps=params.cg_steps,
+        regularization=params.regularization,
+        confidence=params.confidence,
+        confidenceEpsilon=params.confidence_epsilon,
+        frequencyAlpha0=params.frequency_alpha0,
+        frequencyNu=params.frequency_nu,
     )
     fitted = estimator.fit(train)
     return fitted.userFactors, fitted.itemFactors, [float(x) for x in fitted.trainingLoss]
@@ -165,7 +195,11 @@ def recommend_for_users(
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
     users = users.select(F.col(USER).cast("int").alias(USER)).distinct()
-    seen = train.select(USER, ITEM) if fold_in is None else train.select(USER, ITEM).unionByName(fold_in.select(USER, ITEM))
+    seen = (
+        train.select(USER, ITEM)
+        if fold_in is None
+        else train.select(USER, ITEM).unionByName(fold_in.select(USER, ITEM))
+    )
     started = time.perf_counter()
     if model == "popular":
         recs = most_popular(train, users, k, seen=seen)
@@ -183,11 +217,15 @@ def recommend_for_users(
         solve = used.solve_params()
         if model == "mllib_als":  # its ratings already carry the log; MLlib's own solve is linear
             solve = dataclasses.replace(solve, confidence="linear")
-        user_factors = fold_in_factors(ratings, item_factors, solve, src_col=ITEM, dst_col=USER, rating_col=STRENGTH)
+        user_factors = fold_in_factors(
+            ratings, item_factors, solve, src_col=ITEM, dst_col=USER, rating_col=STRENGTH
+        )
     fit_seconds = time.perf_counter() - started
     wanted = user_factors.join(users.withColumnRenamed(USER, "id"), "id", "left_semi")
     recs = recommend_top_k(wanted, item_factors, k, seen=seen, seen_src_col=USER, seen_dst_col=ITEM).select(
-        F.col("src").cast("int").alias(USER), F.col("rank").cast("int").alias("rank"),
-        F.col("dst").cast("int").alias(ITEM), F.col("score").cast("float").alias("score"),
+        F.col("src").cast("int").alias(USER),
+        F.col("rank").cast("int").alias("rank"),
+        F.col("dst").cast("int").alias(ITEM),
+        F.col("score").cast("float").alias("score"),
     )
     return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds)

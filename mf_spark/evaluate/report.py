@@ -17,12 +17,27 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = (
-    ("precision", "P"), ("recall", "Recall"), ("capped_recall", "Capped recall"), ("map", "MAP"),
-    ("ndcg", "NDCG"), ("hit_rate", "Hit rate"), ("mrr", "MRR"), ("coverage", "Coverage"),
+    ("precision", "P"),
+    ("recall", "Recall"),
+    ("capped_recall", "Capped recall"),
+    ("map", "MAP"),
+    ("ndcg", "NDCG"),
+    ("hit_rate", "Hit rate"),
+    ("mrr", "MRR"),
+    ("coverage", "Coverage"),
     ("popularity", "Pop. pct"),
 )
 PLOT_METRICS = ("ndcg", "recall", "capped_recall", "map", "precision", "coverage")
-PARAM_COLUMNS = ("rank", "max_iter", "reg_param", "alpha", "regularization", "confidence", "solver", "cg_steps")
+PARAM_COLUMNS = (
+    "rank",
+    "max_iter",
+    "reg_param",
+    "alpha",
+    "regularization",
+    "confidence",
+    "solver",
+    "cg_steps",
+)
 
 
 def _fmt(value: Any) -> str:
@@ -51,23 +66,38 @@ def render_markdown(result: dict[str, Any]) -> str:
     models = result["models"]
     out = ["# Offline evaluation", ""]
     settings = ", ".join(f"{k}={v}" for k, v in split["settings"].items())
-    out += [f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
-            "recommend only items seen in training. Metric definitions: docs/evaluation.md.", ""]
+    out += [
+        f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
+        "recommend only items seen in training. Metric definitions: docs/evaluation.md.",
+        "",
+    ]
     out += [_table(["count", "value"], [[k, v] for k, v in {**result["data"], **counts}.items()]), ""]
     if counts.get("cold_test_users"):
-        out += [f"{counts['cold_test_users']} test users ({counts['cold_test_interactions']} interactions) have no "
-                "training history; they are counted here and not scored.", ""]
+        out += [
+            f"{counts['cold_test_users']} test users ({counts['cold_test_interactions']} interactions) "
+            "have no "
+            "training history; they are counted here and not scored.",
+            "",
+        ]
     if counts.get("test_interactions_unseen_items"):
-        out += [f"{counts['test_interactions_unseen_items']} test interactions are on "
-                f"{counts['test_items_unseen_in_train']} items unseen in training: no model can recommend them, "
-                "they stay in the denominators.", ""]
+        out += [
+            f"{counts['test_interactions_unseen_items']} test interactions are on "
+            f"{counts['test_items_unseen_in_train']} items unseen in training: no model can recommend them, "
+            "they stay in the denominators.",
+            "",
+        ]
     for k in result["ks"]:
         out += [f"## Results at K = {k}", ""]
-        rows = [[name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS] for name, run in models.items()]
+        rows = [
+            [name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS]
+            for name, run in models.items()
+        ]
         out += [_table(["model"] + [label for _, label in TABLE_METRICS], rows), ""]
     out += ["## Parameters", ""]
-    rows = [[name] + [_param(run["params"].get(c)) for c in PARAM_COLUMNS] + [f"{run['fit_seconds']:.1f}"]
-            for name, run in models.items()]
+    rows = [
+        [name] + [_param(run["params"].get(c)) for c in PARAM_COLUMNS] + [f"{run['fit_seconds']:.1f}"]
+        for name, run in models.items()
+    ]
     out += [_table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]
     out += ["## Training loss", ""]
     for name, run in models.items():
@@ -79,14 +109,22 @@ def render_markdown(result: dict[str, Any]) -> str:
     out.append("")
     tuning = result.get("tuning") or {}
     if tuning.get("enabled"):
-        out += ["## Tuning", "", f"Chosen by {tuning['metric']} on a validation split carved from the training part "
-                f"({tuning['mode']} search); test metrics above are for the chosen parameters.", ""]
+        out += [
+            "## Tuning",
+            "",
+            f"Chosen by {tuning['metric']} on a validation split carved from the training part "
+            f"({tuning['mode']} search); test metrics above are for the chosen parameters.",
+            "",
+        ]
         for name, run in models.items():
             trials = run.get("tuning_trials")
             if not trials:
                 continue
             names = list(trials[0]["params"])
-            rows = [[*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}"] for t in trials]
+            rows = [
+                [*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}"]
+                for t in trials
+            ]
             out += [f"### {name}", "", _table([*names, tuning["metric"], "fit s"], rows), ""]
     plots = [p for p in result.get("plots", [])]
     if plots:
@@ -99,9 +137,11 @@ def _plot_metric_vs_k(result: dict[str, Any], path: Path) -> None:
 
     ks = result["ks"]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), constrained_layout=True)
-    for ax, metric in zip(axes.flat, PLOT_METRICS):
+    for ax, metric in zip(axes.flat, PLOT_METRICS, strict=True):
         for name, run in result["models"].items():
-            ax.plot(ks, [run["metrics"].get(f"{metric}@{k}", float("nan")) for k in ks], marker="o", label=name)
+            ax.plot(
+                ks, [run["metrics"].get(f"{metric}@{k}", float("nan")) for k in ks], marker="o", label=name
+            )
         ax.set_title(f"{metric}@K")
         ax.set_xlabel("K")
         ax.set_xscale("log")
@@ -109,8 +149,10 @@ def _plot_metric_vs_k(result: dict[str, Any], path: Path) -> None:
         ax.minorticks_off()
         ax.grid(True, alpha=0.3)
     axes.flat[0].legend(fontsize=9)
-    fig.suptitle(f"Ranking metrics vs K ({result['split']['protocol']} split, "
-                 f"{result['split']['counts']['test_users']} test users)")
+    fig.suptitle(
+        f"Ranking metrics vs K ({result['split']['protocol']} split, "
+        f"{result['split']['counts']['test_users']} test users)"
+    )
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -152,9 +194,16 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> None:
         ranks = sorted({t["params"]["rank"] for t in trials})
         best = [max(t["value"] for t in trials if t["params"]["rank"] == r) for r in ranks]
         (line,) = ax.plot(ranks, best, marker="o", label=f"{name} (best per rank)")
-        ax.scatter([t["params"]["rank"] for t in trials], [t["value"] for t in trials], alpha=0.35,
-                   color=line.get_color(), s=18)
-    all_ranks = sorted({t["params"]["rank"] for run in result["models"].values() for t in run.get("tuning_trials") or []})
+        ax.scatter(
+            [t["params"]["rank"] for t in trials],
+            [t["value"] for t in trials],
+            alpha=0.35,
+            color=line.get_color(),
+            s=18,
+        )
+    all_ranks = sorted(
+        {t["params"]["rank"] for run in result["models"].values() for t in run.get("tuning_trials") or []}
+    )
     if len(all_ranks) > 1:
         ax.set_xscale("log", base=2)
     ax.set_xticks(all_ranks, [str(r) for r in all_ranks])
@@ -188,5 +237,8 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dic
     (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
     (out / "report.md").write_text(render_markdown(result))
     log.info("evaluation report written to %s", out)
-    return {"metrics": str(out / "metrics.json"), "report": str(out / "report.md"),
-            **{p: str(out / p) for p in plots}}
+    return {
+        "metrics": str(out / "metrics.json"),
+        "report": str(out / "report.md"),
+        **{p: str(out / p) for p in plots},
+    }

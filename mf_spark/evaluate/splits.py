@@ -71,14 +71,20 @@ class Split:
         return self.train.unionByName(self.fold_in)
 
     def counts(self) -> dict[str, int]:
-        """Sizes for the report: rows and users of each part, cold users, and test items unseen in training."""
+        """Sizes for the report: rows and users of each part, cold users, test items unseen in training."""
         train_items = self.train.select(ITEM).distinct()
         unseen = self.relevant.join(train_items, ITEM, "left_anti")
-        test_stats = self.relevant.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users")).first()
-        train_stats = self.train.agg(
-            F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users"), F.count_distinct(ITEM).alias("items")
+        test_stats = self.relevant.agg(
+            F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users")
         ).first()
-        unseen_stats = unseen.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct(ITEM).alias("items")).first()
+        train_stats = self.train.agg(
+            F.count(F.lit(1)).alias("rows"),
+            F.count_distinct(USER).alias("users"),
+            F.count_distinct(ITEM).alias("items"),
+        ).first()
+        unseen_stats = unseen.agg(
+            F.count(F.lit(1)).alias("rows"), F.count_distinct(ITEM).alias("items")
+        ).first()
         counts = {
             "train_interactions": int(train_stats["rows"]),
             "train_users": int(train_stats["users"]),
@@ -92,7 +98,9 @@ class Split:
             self.test.where(F.col("strength") <= 0).count() if "strength" in self.test.columns else 0
         )
         if self.cold_test is not None:
-            cold = self.cold_test.agg(F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users")).first()
+            cold = self.cold_test.agg(
+                F.count(F.lit(1)).alias("rows"), F.count_distinct(USER).alias("users")
+            ).first()
             counts["cold_test_interactions"] = int(cold["rows"])
             counts["cold_test_users"] = int(cold["users"])
         else:
@@ -111,7 +119,8 @@ def _check_columns(interactions: DataFrame, needed: tuple[str, ...]) -> None:
     missing = [c for c in needed if c not in interactions.columns]
     if missing:
         raise InputDataError(
-            f"interactions lack column(s) {', '.join(missing)} needed by the split (have {', '.join(interactions.columns)})"
+            f"interactions lack column(s) {', '.join(missing)} needed by the split "
+            f"(have {', '.join(interactions.columns)})"
         )
 
 
@@ -124,7 +133,9 @@ def _n_test(n_rows: Column, test_fraction: float, test_n: int) -> Column:
     return F.greatest(F.lit(0), F.least(F.greatest(wanted, F.lit(1)), n_rows - 1))
 
 
-def _split_each_user(interactions: DataFrame, order: list[Column], test_fraction: float, test_n: int) -> tuple[DataFrame, DataFrame]:
+def _split_each_user(
+    interactions: DataFrame, order: list[Column], test_fraction: float, test_n: int
+) -> tuple[DataFrame, DataFrame]:
     """Per user, the last ``n_test`` rows in ``order`` are test, the rest train."""
     _check_test_size(test_fraction, test_n)
     by_user = Window.partitionBy(USER)
@@ -140,7 +151,9 @@ def _split_each_user(interactions: DataFrame, order: list[Column], test_fraction
 
 def _check_test_size(test_fraction: float, test_n: int) -> None:
     if test_n < 0 or (test_n == 0 and not 0.0 < test_fraction < 1.0):
-        raise ValueError(f"need test_n > 0 or 0 < test_fraction < 1, got test_n={test_n}, test_fraction={test_fraction}")
+        raise ValueError(
+            f"need test_n > 0 or 0 < test_fraction < 1, got test_n={test_n}, test_fraction={test_fraction}"
+        )
 
 
 def user_temporal_split(interactions: DataFrame, *, test_fraction: float = 0.2, test_n: int = 0) -> Split:
@@ -151,10 +164,14 @@ def user_temporal_split(interactions: DataFrame, *, test_fraction: float = 0.2, 
     """
     _check_columns(interactions, (USER, ITEM, TIME))
     train, test = _split_each_user(interactions, [F.col(TIME), F.col(ITEM)], test_fraction, test_n)
-    return Split(train, test, protocol="user_temporal", settings={"test_fraction": test_fraction, "test_n": test_n})
+    return Split(
+        train, test, protocol="user_temporal", settings={"test_fraction": test_fraction, "test_n": test_n}
+    )
 
 
-def user_random_split(interactions: DataFrame, *, test_fraction: float = 0.2, test_n: int = 0, seed: int = 7) -> Split:
+def user_random_split(
+    interactions: DataFrame, *, test_fraction: float = 0.2, test_n: int = 0, seed: int = 7
+) -> Split:
     """Per user, a seeded pseudo-random subset (ordered by ``xxhash64(seed, user, item)``) is the test set.
 
     Sizes as in :func:`user_temporal_split`.
@@ -162,8 +179,12 @@ def user_random_split(interactions: DataFrame, *, test_fraction: float = 0.2, te
     _check_columns(interactions, (USER, ITEM))
     order = [_seeded_hash(seed, USER, ITEM), F.col(ITEM)]
     train, test = _split_each_user(interactions, order, test_fraction, test_n)
-    return Split(train, test, protocol="user_random",
-                 settings={"test_fraction": test_fraction, "test_n": test_n, "seed": seed})
+    return Split(
+        train,
+        test,
+        protocol="user_random",
+        settings={"test_fraction": test_fraction, "test_n": test_n, "seed": seed},
+    )
 
 
 def global_temporal_split(interactions: DataFrame, *, cutoff_date: str | dt.date) -> Split:
@@ -184,8 +205,13 @@ def global_temporal_split(interactions: DataFrame, *, cutoff_date: str | dt.date
     train_users = train.select(USER).distinct()
     test = all_test.join(train_users, USER, "left_semi")
     cold_test = all_test.join(train_users, USER, "left_anti")
-    return Split(train, test, cold_test=cold_test, protocol="global_temporal",
-                 settings={"cutoff_date": cutoff_date.isoformat()})
+    return Split(
+        train,
+        test,
+        cold_test=cold_test,
+        protocol="global_temporal",
+        settings={"cutoff_date": cutoff_date.isoformat()},
+    )
 
 
 def strong_generalization_split(
@@ -212,8 +238,13 @@ def strong_generalization_split(
     train = interactions.join(held_out, USER, "left_anti")
     order = [_seeded_hash(seed, USER, ITEM), F.col(ITEM)]
     fold_in, test = _split_each_user(held_rows, order, test_fraction, 0)
-    return Split(train, test, fold_in=fold_in, protocol="strong_generalization",
-                 settings={"holdout_users": holdout_users, "test_fraction": test_fraction, "seed": seed})
+    return Split(
+        train,
+        test,
+        fold_in=fold_in,
+        protocol="strong_generalization",
+        settings={"holdout_users": holdout_users, "test_fraction": test_fraction, "seed": seed},
+    )
 
 
 def make_split(
@@ -236,5 +267,7 @@ def make_split(
             raise ValueError("the global_temporal split needs a cutoff_date")
         return global_temporal_split(interactions, cutoff_date=cutoff_date)
     if protocol == "strong_generalization":
-        return strong_generalization_split(interactions, holdout_users=holdout_users, test_fraction=test_fraction, seed=seed)
+        return strong_generalization_split(
+            interactions, holdout_users=holdout_users, test_fraction=test_fraction, seed=seed
+        )
     raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {protocol!r}")

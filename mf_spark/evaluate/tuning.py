@@ -69,14 +69,16 @@ def candidate_params(
         raise ValueError(f"tuning mode must be grid or random, got {mode!r}")
     result, seen = [], set()
     for combo in combos:
-        params = params_for_model(model, base.replace(**dict(zip(names, combo))))
+        params = params_for_model(model, base.replace(**dict(zip(names, combo, strict=True))))
         if params not in seen:
             seen.add(params)
             result.append(params)
     return result
 
 
-def validation_split(split: Split, *, test_fraction: float = 0.2, holdout_users: int = 100, seed: int = 7) -> Split:
+def validation_split(
+    split: Split, *, test_fraction: float = 0.2, holdout_users: int = 100, seed: int = 7
+) -> Split:
     """Carve a validation split from ``split.train`` with the matching per-user protocol.
 
     The global temporal split becomes a per-user temporal one (the same "predict the future" question
@@ -84,8 +86,14 @@ def validation_split(split: Split, *, test_fraction: float = 0.2, holdout_users:
     """
     protocol = {"global_temporal": "user_temporal"}.get(split.protocol, split.protocol)
     test_n = int(split.settings.get("test_n", 0) or 0)
-    return make_split(split.train, protocol, test_fraction=test_fraction, test_n=test_n,
-                      holdout_users=holdout_users, seed=seed + 1)
+    return make_split(
+        split.train,
+        protocol,
+        test_fraction=test_fraction,
+        test_n=test_n,
+        holdout_users=holdout_users,
+        seed=seed + 1,
+    )
 
 
 def tune_model(
@@ -114,8 +122,12 @@ def tune_model(
     for params in candidates:
         run = recommend_for_users(model, validation.train, users, k, params, fold_in=validation.fold_in)
         value = ranking_metrics(run.recommendations, validation.relevant, [k])[metric]
-        trial = {"params": {n: getattr(params, n) for n in TUNABLE}, "value": value,
-                 "fit_seconds": run.fit_seconds, "final_loss": run.training_loss[-1] if run.training_loss else None}
+        trial = {
+            "params": {n: getattr(params, n) for n in TUNABLE},
+            "value": value,
+            "fit_seconds": run.fit_seconds,
+            "final_loss": run.training_loss[-1] if run.training_loss else None,
+        }
         trials.append(trial)
         log.info("tuning %s: %s = %.5f with %s", model, metric, value, trial["params"])
         if on_trial:
