@@ -278,8 +278,7 @@ def update_id_maps(
                 continue
             current = pointer["maps"].get(name, {}).get("path")
             target = _version_dir(root_path, name, run_id, current)
-            _, idx_col = DIMENSIONS[name]
-            new_map.orderBy(idx_col).write.mode("errorifexists").parquet(str(target))
+            new_map.write.mode("errorifexists").parquet(str(target))
             new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
             log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
         swap_pointer(root_path, new_pointer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,6 @@ from mf_spark.ingest.report import (
 from mf_spark.ingest.rules import (
     BELOW_MIN_SUPPORT,
     BOT_USER,
-    REJECT_COLUMNS,
     aggregate_pairs,
     bot_users,
     classify_rows,
@@ -83,7 +83,7 @@ def _rejects(frame: DataFrame, reason: Any) -> DataFrame:
         F.col("raw_value").alias("value"),
         (F.lit(reason) if isinstance(reason, str) else reason).alias("reason"),
         "source_file",
-    ).select(*REJECT_COLUMNS)
+    )
 
 
 def run_ingest(
@@ -141,6 +141,7 @@ def run_ingest(
 
     classified = canonical.transform(classify_rows(settings, window)).persist(StorageLevel.MEMORY_AND_DISK)
     caches: list[DataFrame] = [classified]
+    outputs: list[DataFrame] = []  # released only on failure
     try:
         by_reason = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
         valid_rows = by_reason.pop(None, 0)
@@ -161,7 +162,8 @@ def run_ingest(
         )
         caches.append(bots)
         bot_rows = valid.join(bots, "user_id", "left_semi")
-        by_reason[BOT_USER] = bot_rows.count() if settings.max_events_per_user_day > 0 else 0
+        if settings.max_events_per_user_day > 0:
+            by_reason[BOT_USER] = bot_rows.count()
         fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path)
 
         events = unique_events.join(bots, "user_id", "left_anti").transform(
@@ -176,18 +178,35 @@ def run_ingest(
             pairs, settings.min_events_per_user, settings.min_events_per_item, settings.k_core
         )
         caches.append(kept)
-        removed = pairs.join(kept.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
         kept_totals = kept.agg(
             F.count(F.lit(1)).alias("pairs"),
             F.sum("n_events").alias("events"),
             F.countDistinct("user_id").alias("users"),
             F.countDistinct("item_id").alias("items"),
         ).first()
-        filtered = kept is not pairs
-        by_reason[BELOW_MIN_SUPPORT] = int(removed.agg(F.sum("n_events")).first()[0] or 0) if filtered else 0
         accepted_events = int(kept_totals["events"] or 0)
 
-        rejected_by_reason = ordered_reasons(by_reason)
+        # The rejects table is materialised from the same cached rows as the counts, so a file landing
+        # in the input during the run cannot make it disagree with the report. Its per-reason counts are
+        # the report's, checked against the counts taken before.
+        parts = [_rejects(classified.filter(F.col("reason").isNotNull()), F.col("reason"))]
+        if settings.max_events_per_user_day > 0:
+            parts.append(_rejects(bot_rows, BOT_USER))
+        if kept is not pairs:
+            removed = pairs.join(kept.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
+            support = events.join(removed.select("user_id", "item_id"), ["user_id", "item_id"], "left_semi")
+            parts.append(_rejects(support, BELOW_MIN_SUPPORT))
+        rejects = functools.reduce(DataFrame.unionByName, parts).persist(StorageLevel.MEMORY_AND_DISK)
+        outputs.append(rejects)
+        in_table = {row["reason"]: row["count"] for row in rejects.groupBy("reason").count().collect()}
+        for reason, n in by_reason.items():
+            if in_table.get(reason, 0) != n:
+                raise ConservationError(
+                    f"the rejects table holds {in_table.get(reason, 0)} rows with reason {reason}, "
+                    f"{n} were counted"
+                )
+
+        rejected_by_reason = ordered_reasons(in_table)
         report: dict[str, Any] = {
             "run_date": run_date.isoformat(),
             "window": [window.start.isoformat(), window.end.isoformat()],
@@ -221,28 +240,13 @@ def run_ingest(
             .select("user_idx", "item_idx", "strength", "n_events", "first_ts", "last_ts")
             .persist(StorageLevel.MEMORY_AND_DISK)
         )
+        outputs.append(interactions)
         joined = interactions.count()
         if joined != report["interactions"]:
             raise AssertionError(f"ID map join kept {joined} of {report['interactions']} interactions")
-
-        # Materialised from the same cached rows as the counts, so a file landing in the input during
-        # the run cannot make the rejects table disagree with the report.
-        support_rejects = events.join(
-            removed.select("user_id", "item_id"), ["user_id", "item_id"], "left_semi"
-        )
-        rejects = (
-            _rejects(classified.filter(F.col("reason").isNotNull()), F.col("reason"))
-            .unionByName(_rejects(bot_rows, BOT_USER))
-            .unionByName(_rejects(support_rejects, BELOW_MIN_SUPPORT))
-            .persist(StorageLevel.MEMORY_AND_DISK)
-        )
-        written = rejects.count()
-        if written != report["rejected"]:
-            raise ConservationError(
-                f"the rejects table holds {written} rows, the report counts {report['rejected']}"
-            )
+        outputs.clear()  # success: the caller owns the persisted outputs
     finally:
-        for frame in reversed(caches):
+        for frame in reversed(caches + outputs):
             frame.unpersist()
 
     log.info("ingest %s: %s", run_date, report)
