@@ -218,6 +218,7 @@ def _evaluate(
             "metrics": metrics,
             "params": run.params,
             "training_loss": run.training_loss,
+            "final_loss": run.final_loss,
             "fit_seconds": round(run.fit_seconds, 3),
             "tuning_trials": trials.get(model),
         }

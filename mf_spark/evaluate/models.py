@@ -100,6 +100,9 @@ class ModelRun:
     """One model's lists and what the report says about its training.
 
     ``recommendations``: ``user_idx`` int, ``rank`` int (1-based), ``item_idx`` int, ``score`` float.
+    ``training_loss``: ImplicitALS's objective after each iteration. ``final_loss``: the objective of the
+    trained factors; for MLlib (which reports no loss) it is computed from its factors with the same
+    exact objective (:func:`mf_spark.als.train.objective`), so the two are comparable.
     """
 
     name: str
@@ -107,6 +110,22 @@ class ModelRun:
     params: dict[str, Any]
     training_loss: list[float] | None
     fit_seconds: float
+    final_loss: float | None = None
+
+
+def mllib_objective(
+    train: DataFrame, user_factors: DataFrame, item_factors: DataFrame, params: TrainParams
+) -> float:
+    """The objective ImplicitALS minimises, evaluated on MLlib's factors (MLlib reports no loss)."""
+    from mf_spark.als.blocks import validate_ratings
+    from mf_spark.als.train import objective
+
+    ratings = validate_ratings(_mllib_ratings(train, params), USER, ITEM, STRENGTH)
+    # the log confidence is already in the ratings MLlib saw; its own confidence is linear
+    solve = dataclasses.replace(params.solve_params(), confidence="linear")
+    return float(
+        objective(train.sparkSession, ratings, user_factors, item_factors, solve, params.num_user_blocks)
+    )
 
 
 def _mllib_ratings(train: DataFrame, params: TrainParams) -> DataFrame:
@@ -173,6 +192,7 @@ def recommend_for_users(
     *,
     fold_in: DataFrame | None = None,
     random_seed: int = 0,
+    mllib_loss: bool = True,
 ) -> ModelRun:
     """Fit ``model`` on ``train`` and return the top ``k`` unseen catalogue items of each of ``users``.
 
@@ -191,6 +211,8 @@ def recommend_for_users(
         are their seen items.
     random_seed
         Seed of the ``random`` baseline.
+    mllib_loss
+        Compute MLlib's final objective (:func:`mllib_objective`; one extra pass over the data).
     """
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
@@ -212,6 +234,10 @@ def recommend_for_users(
 
     used = params_for_model(model, params)
     user_factors, item_factors, loss = _fit_factors(model, train, used)
+    fit_seconds = time.perf_counter() - started
+    final_loss = loss[-1] if loss else None
+    if model == "mllib_als" and mllib_loss:
+        final_loss = mllib_objective(train, user_factors, item_factors, used)
     if fold_in is not None:
         ratings = _mllib_ratings(fold_in, used) if model == "mllib_als" else fold_in
         solve = used.solve_params()
@@ -220,7 +246,6 @@ def recommend_for_users(
         user_factors = fold_in_factors(
             ratings, item_factors, solve, src_col=ITEM, dst_col=USER, rating_col=STRENGTH
         )
-    fit_seconds = time.perf_counter() - started
     wanted = user_factors.join(users.withColumnRenamed(USER, "id"), "id", "left_semi")
     recs = recommend_top_k(wanted, item_factors, k, seen=seen, seen_src_col=USER, seen_dst_col=ITEM).select(
         F.col("src").cast("int").alias(USER),
@@ -228,4 +253,4 @@ def recommend_for_users(
         F.col("dst").cast("int").alias(ITEM),
         F.col("score").cast("float").alias("score"),
     )
-    return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds)
+    return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss)

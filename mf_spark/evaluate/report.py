@@ -105,7 +105,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         if loss:
             out.append(f"- {name}: {len(loss)} iterations, loss {loss[0]:.6g} -> {loss[-1]:.6g}")
         elif name == "mllib_als":
-            out.append("- mllib_als: MLlib ALS does not expose a training loss.")
+            final = run.get("final_loss")
+            out.append(
+                "- mllib_als: MLlib ALS does not expose a training loss"
+                + (f"; the same objective on its final factors is {final:.6g}." if final is not None else ".")
+            )
     out.append("")
     tuning = result.get("tuning") or {}
     if tuning.get("enabled"):
@@ -161,14 +165,26 @@ def _plot_training_loss(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    from matplotlib.ticker import MaxNLocator
+
     without = []
     for name, run in result["models"].items():
         loss = run.get("training_loss")
         if loss:
             ax.plot(range(1, len(loss) + 1), loss, marker="o", label=name)
-        elif name in ("mllib_als",):
+        elif name == "mllib_als":
             without.append(name)
-    from matplotlib.ticker import MaxNLocator
+            final, iterations = run.get("final_loss"), run["params"].get("max_iter")
+            if final is not None and iterations:
+                # one point: MLlib reports no per-iteration loss, only its final factors can be scored
+                ax.plot(
+                    [iterations],
+                    [final],
+                    marker="*",
+                    markersize=14,
+                    linestyle="none",
+                    label=f"{name} (objective of its final factors)",
+                )
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("iteration")
@@ -176,7 +192,7 @@ def _plot_training_loss(result: dict[str, Any], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend()
-    note = "MLlib ALS exposes no training loss" if without else ""
+    note = "MLlib ALS exposes no per-iteration loss" if without else ""
     ax.set_title("Training loss per iteration" + (f"\n({note})" if note else ""))
     fig.savefig(path, dpi=100)
     plt.close(fig)

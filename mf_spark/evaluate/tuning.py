@@ -120,13 +120,15 @@ def tune_model(
     trials: list[dict[str, Any]] = []
     best, best_value = candidates[0], float("-inf")
     for params in candidates:
-        run = recommend_for_users(model, validation.train, users, k, params, fold_in=validation.fold_in)
+        run = recommend_for_users(
+            model, validation.train, users, k, params, fold_in=validation.fold_in, mllib_loss=False
+        )
         value = ranking_metrics(run.recommendations, validation.relevant, [k])[metric]
         trial = {
             "params": {n: getattr(params, n) for n in TUNABLE},
             "value": value,
             "fit_seconds": run.fit_seconds,
-            "final_loss": run.training_loss[-1] if run.training_loss else None,
+            "final_loss": run.final_loss,
         }
         trials.append(trial)
         log.info("tuning %s: %s = %.5f with %s", model, metric, value, trial["params"])
