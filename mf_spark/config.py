@@ -119,7 +119,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "item_filter_path": Key("str", "", "optional Parquet table of item_id to remove for everyone"),
         "allow_list_path": Key("str", "", "optional Parquet table of item_id; only these are recommended"),
         "user_block_size": Key("int", 4096, "users scored together in one block", minimum=1),
-        "item_chunk_size": Key("int", 50000, "items per chunk when the item matrix is crossed instead of broadcast; widest score tile", minimum=1),
+        "item_chunk_size": Key("int", 50000, "items per chunk when the item matrix is crossed with the user blocks instead of broadcast", minimum=1),
         "broadcast_max_mb": Key("int", 128, "broadcast the item factors to every task when they take at most this many MiB (float32)", minimum=0),
     },
     "evaluate": {

@@ -38,7 +38,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mf_spark.errors import InputDataError
-from mf_spark.recommend.topk import DEFAULT_TILE_ELEMENTS, TopK, block_top_k, csr_from_pairs, merge_top_k, normalize_rows
+from mf_spark.recommend.topk import DEFAULT_MAX_TILE_COLUMNS, DEFAULT_TILE_ELEMENTS, TopK, block_top_k, csr_from_pairs, merge_top_k, normalize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,8 @@ def recommend_top_k(
     src_block_size : int
         Src rows scored together in one task.
     dst_chunk_size : int
-        Dst rows per chunk in the cross plan, and widest column tile inside a block.
+        Dst rows per chunk in the cross plan; the column tiles inside a block are at most
+        ``min(dst_chunk_size, 16384)`` wide.
     normalize : bool
         Score by cosine: both sides' rows are scaled to unit norm (all-zero rows score 0).
     exclude_self : bool
@@ -226,7 +227,7 @@ def recommend_top_k(
         )
     kernel_args: dict[str, Any] = {
         "exclude_self": exclude_self,
-        "max_tile_columns": dst_chunk_size,
+        "max_tile_columns": min(dst_chunk_size, DEFAULT_MAX_TILE_COLUMNS),
         "tile_elements": DEFAULT_TILE_ELEMENTS,
     }
     dst_bytes = n_dst * dst_rank * 4
