@@ -4,10 +4,11 @@ Commands (repo root, project venv, OpenBLAS installed so MLlib uses native BLAS)
 
     .venv/bin/python benchmarks/bench_recommend.py compare                       # 100k x 20k, rank 32, N=100
     .venv/bin/python benchmarks/bench_recommend.py scale --users 1000000 --items 100000
-    .venv/bin/python benchmarks/bench_recommend.py scale --users 1000000 --items 100000 --max-broadcast-mb 0  # cross plan
+    .venv/bin/python benchmarks/bench_recommend.py scale --users 1000000 --items 100000 --max-broadcast-mb 0
 
-``compare`` writes random factors (and ~20 seen items per user) as Parquet, saves the same factors in
-ALSModel's on-disk layout (metadata + userFactors/itemFactors Parquet) and loads them with
+(``--max-broadcast-mb 0`` forces the cross plan.) ``compare`` writes random factors (and ~20 seen
+items per user) as Parquet, saves the same factors in ALSModel's on-disk layout (metadata +
+userFactors/itemFactors Parquet) and loads them with
 ``ALSModel.load``, checks that both rank identically on a sample of users, then times, in one
 ``local[2]`` application, each side writing its full output to Parquet:
 
@@ -55,7 +56,8 @@ def write_factors(path: Path, n: int, rank: int, seed: int, files: int) -> None:
     for part, ids in enumerate(np.array_split(np.arange(n, dtype=np.int32), files)):
         values = (rng.standard_normal((ids.shape[0], rank)) / np.sqrt(rank)).astype(np.float32)
         offsets = pa.array(np.arange(0, (ids.shape[0] + 1) * rank, rank, dtype=np.int32))
-        table = pa.table({"id": pa.array(ids), "features": pa.ListArray.from_arrays(offsets, pa.array(values.ravel()))})
+        features = pa.ListArray.from_arrays(offsets, pa.array(values.ravel()))
+        table = pa.table({"id": pa.array(ids), "features": features})
         pq.write_table(table, path / f"part-{part:05d}.parquet")
 
 
@@ -74,7 +76,8 @@ def write_seen(path: Path, n_users: int, n_items: int, per_user: int, seed: int,
         first = np.r_[0, np.flatnonzero(np.diff(rows)) + 1]
         rank_in_user = np.arange(rows.shape[0]) - np.repeat(first, np.diff(np.r_[first, rows.shape[0]]))
         sel = rank_in_user < per_user
-        pq.write_table(pa.table({"user_idx": rows[sel], "item_idx": cols[sel]}), path / f"part-{part:05d}.parquet")
+        table = pa.table({"user_idx": rows[sel], "item_idx": cols[sel]})
+        pq.write_table(table, path / f"part-{part:05d}.parquet")
 
 
 def dataset(n_users: int, n_items: int, rank: int, seen_per_user: int, files: int) -> Path:
@@ -163,7 +166,8 @@ class MemoryPoller:
 
     def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
-        self.peak = {"total": 0, "jvm": 0, "python_driver": 0, "python_worker_max": 0, "python_workers_total": 0}
+        roles = ("total", "jvm", "python_driver", "python_worker_max", "python_workers_total")
+        self.peak = dict.fromkeys(roles, 0)
         self.cpu_seconds = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -205,15 +209,17 @@ def machine() -> dict:
     with open("/proc/cpuinfo") as f:
         model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     load = os.getloadavg()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "load_avg_1m": round(load[0], 1),
-            "native_blas": os.path.exists("/usr/lib/x86_64-linux-gnu/libblas.so.3"), "git_commit": commit}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_avg_1m": round(load[0], 1),
+            "native_blas": os.path.exists("/usr/lib/x86_64-linux-gnu/libblas.so.3"),
+            "git_commit": commit.stdout.strip()}
 
 
 def record(result: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": " ".join(sys.argv),
-              **result, "machine": machine()}
+    result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+              "command": " ".join(sys.argv), **result, "machine": machine()}
     with RESULTS.open("a") as f:
         f.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=1))
@@ -224,7 +230,8 @@ def session(args):
 
     return build_session(
         "bench-recommend",
-        {"spark.driver.memory": args.driver_memory, "spark.sql.shuffle.partitions": str(args.shuffle_partitions),
+        {"spark.driver.memory": args.driver_memory,
+         "spark.sql.shuffle.partitions": str(args.shuffle_partitions),
          "spark.ui.enabled": "false", "spark.local.dir": str(DATA_DIR / "spark-local")},
         master=args.master, log_level="ERROR",
     )
@@ -274,19 +281,22 @@ def compare(args) -> None:
                 if name == "mllib":
                     df = model.recommendForAllUsers(args.k)
                 else:
-                    df = recommend_top_k(users, items, args.k, seen=seen if name == "ours_exclude_seen" else None,
+                    df = recommend_top_k(users, items, args.k,
+                                         seen=seen if name == "ours_exclude_seen" else None,
                                          src_block_size=args.block, dst_chunk_size=args.chunk,
                                          max_broadcast_bytes=broadcast)
                 df.write.parquet(str(out / name))
                 seconds = time.perf_counter() - start
-            runs[name].append({"seconds": round(seconds, 2), **mem.summary(), "load_avg_1m": round(os.getloadavg()[0], 1)})
+            load = round(os.getloadavg()[0], 1)
+            runs[name].append({"seconds": round(seconds, 2), **mem.summary(), "load_avg_1m": load})
             print(name, runs[name][-1], flush=True)
     rows_ours = spark.read.parquet(str(out / "ours_exclude_seen")).count()
     rows_mllib = spark.read.parquet(str(out / "mllib")).select(F.explode("recommendations")).count()
     best = {name: min(r["seconds"] for r in rs) for name, rs in runs.items()}
     cpu = {name: min(r["cpu_seconds"] for r in rs) for name, rs in runs.items()}
     record({
-        "benchmark": "recommend_compare", "users": args.users, "items": args.items, "rank": args.rank, "k": args.k,
+        "benchmark": "recommend_compare", "users": args.users, "items": args.items, "rank": args.rank,
+        "k": args.k,
         "seen_per_user": args.seen_per_user, "master": args.master, "driver_memory": args.driver_memory,
         "block": args.block, "chunk": args.chunk, "factor_files": args.files,
         "seconds_best": best, "cpu_seconds_best": cpu,
@@ -308,14 +318,15 @@ def scale(args) -> None:
     shutil.rmtree(DATA_DIR / "out" / "scale", ignore_errors=True)
     with MemoryPoller() as mem:
         start = time.perf_counter()
-        recs = recommend_top_k(users, items, args.k, seen=seen, src_block_size=args.block, dst_chunk_size=args.chunk,
-                               max_broadcast_bytes=args.max_broadcast_mb * 2**20)
+        recs = recommend_top_k(users, items, args.k, seen=seen, src_block_size=args.block,
+                               dst_chunk_size=args.chunk, max_broadcast_bytes=args.max_broadcast_mb * 2**20)
         recs.write.parquet(str(DATA_DIR / "out" / "scale"))
         seconds = time.perf_counter() - start
     rows = spark.read.parquet(str(DATA_DIR / "out" / "scale")).count()
     plan = "broadcast" if args.items * args.rank * 4 <= args.max_broadcast_mb * 2**20 else "cross"
     record({
-        "benchmark": "recommend_scale", "users": args.users, "items": args.items, "rank": args.rank, "k": args.k,
+        "benchmark": "recommend_scale", "users": args.users, "items": args.items, "rank": args.rank,
+        "k": args.k,
         "seen_per_user": args.seen_per_user, "master": args.master, "driver_memory": args.driver_memory,
         "block": args.block, "chunk": args.chunk, "plan": plan, "seconds": round(seconds, 1), "rows": rows,
         **mem.summary(), "load_avg_1m_end": round(os.getloadavg()[0], 1),
@@ -324,14 +335,16 @@ def scale(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("compare", "scale"))
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--seen-per-user", type=int, default=20)
-    parser.add_argument("--files", type=int, default=10, help="Parquet files per table (MLlib's default 10 blocks)")
+    parser.add_argument("--files", type=int, default=10,
+                        help="Parquet files per table (as MLlib's default 10 blocks)")
     parser.add_argument("--block", type=int, default=4096, help="src_block_size")
     parser.add_argument("--chunk", type=int, default=50_000, help="dst_chunk_size")
     parser.add_argument("--max-broadcast-mb", type=int, default=128)

@@ -1,6 +1,7 @@
 """Top-N recommendations and similar items of a trained run, written as Parquet with string ids.
 
-    ./spark-submit.sh jobs/recommend.py --config conf/local.toml --date 2011-12-09 --run-dir output/local/runs/<run>
+    ./spark-submit.sh jobs/recommend.py --config conf/local.toml --date 2011-12-09 \
+        --run-dir output/local/runs/<run>
 
 Reads ``RUN_DIR/user_factors``, ``RUN_DIR/item_factors``, ``RUN_DIR/interactions`` and the id maps
 (``RUN_DIR/dim_user``, ``RUN_DIR/dim_item``, else ``output.root/id_maps/``); writes
@@ -43,8 +44,10 @@ def body(spark, cfg, args):
 
     logging.getLogger("mf_spark").info("recommend: run date %s, run directory %s", args.date, args.run_dir)
     run_recommend_stage(
-        spark, args.run_dir, settings_from_config(cfg), id_map_dir=os.path.join(cfg["output"]["root"], "id_maps"),
-        item_filter_path=cfg["recommend"]["item_filter_path"], allow_list_path=cfg["recommend"]["allow_list_path"],
+        spark, args.run_dir, settings_from_config(cfg),
+        id_map_dir=os.path.join(cfg["output"]["root"], "id_maps"),
+        item_filter_path=cfg["recommend"]["item_filter_path"],
+        allow_list_path=cfg["recommend"]["allow_list_path"],
     )
 
 

@@ -35,7 +35,9 @@ def brute_force(src_ids, src, dst_ids, dst, k, masked=frozenset(), cosine=False)
     scores = src.astype(np.float32) @ dst.astype(np.float32).T
     rows = []
     for r, s in enumerate(src_ids):
-        cands = sorted((-float(scores[r, c]), int(d)) for c, d in enumerate(dst_ids) if (int(s), int(d)) not in masked)
+        cands = sorted(
+            (-float(scores[r, c]), int(d)) for c, d in enumerate(dst_ids) if (int(s), int(d)) not in masked
+        )
         rows += [(int(s), rank, d, -neg) for rank, (neg, d) in enumerate(cands[:k], start=1)]
     return sorted(rows)
 
@@ -73,7 +75,8 @@ def test_top_k_equals_brute_force_with_seen_excluded(data, max_broadcast_bytes, 
     recs = recommend_top_k(data["user_df"], data["item_df"], 6, seen=data["seen_df"], src_block_size=sizes[0],
                            dst_chunk_size=sizes[1], max_broadcast_bytes=max_broadcast_bytes)
     assert recs.schema.simpleString() == "struct<src:int,rank:int,dst:int,score:float>"
-    expected = brute_force(data["user_ids"], data["users"], data["item_ids"], data["items"], 6, set(data["seen"]))
+    expected = brute_force(data["user_ids"], data["users"], data["item_ids"], data["items"], 6,
+                           set(data["seen"]))
     assert_same(collected(recs), expected)
 
 
@@ -81,7 +84,8 @@ def test_top_k_equals_brute_force_with_seen_excluded(data, max_broadcast_bytes, 
 def test_top_k_without_seen_exclusion(data, max_broadcast_bytes):
     recs = recommend_top_k(data["user_df"], data["item_df"], 3, src_block_size=8, dst_chunk_size=10,
                            max_broadcast_bytes=max_broadcast_bytes)
-    assert_same(collected(recs), brute_force(data["user_ids"], data["users"], data["item_ids"], data["items"], 3))
+    expected = brute_force(data["user_ids"], data["users"], data["item_ids"], data["items"], 3)
+    assert_same(collected(recs), expected)
 
 
 @PLANS
@@ -104,7 +108,8 @@ def test_exclude_and_allow_lists(spark, data, max_broadcast_bytes):
 def test_k_larger_than_the_catalogue_and_users_with_few_candidates(spark, data, max_broadcast_bytes):
     items = data["item_ids"][:6]
     item_df = factor_frame(spark, items, data["items"][:6])
-    seen = [(int(data["user_ids"][0]), int(i)) for i in items[:5]] + [(int(data["user_ids"][1]), int(i)) for i in items]
+    first, second = int(data["user_ids"][0]), int(data["user_ids"][1])
+    seen = [(first, int(i)) for i in items[:5]] + [(second, int(i)) for i in items]
     seen_df = spark.createDataFrame(seen, "user_idx int, item_idx int")
     recs = recommend_top_k(data["user_df"], item_df, 50, seen=seen_df, src_block_size=6, dst_chunk_size=2,
                            max_broadcast_bytes=max_broadcast_bytes)
@@ -134,10 +139,12 @@ def test_ties_break_by_lower_item_id_and_reruns_are_identical(spark, max_broadca
 
 @PLANS
 def test_similar_items_are_cosine_neighbours_without_the_item_itself(data, max_broadcast_bytes):
-    sims = similar_items(data["item_df"], 4, src_block_size=7, dst_chunk_size=5, max_broadcast_bytes=max_broadcast_bytes)
+    sims = similar_items(data["item_df"], 4, src_block_size=7, dst_chunk_size=5,
+                         max_broadcast_bytes=max_broadcast_bytes)
     assert sims.columns == ["item", "rank", "similar_item", "score"]
     self_pairs = {(int(i), int(i)) for i in data["item_ids"]}
-    expected = brute_force(data["item_ids"], data["items"], data["item_ids"], data["items"], 4, self_pairs, cosine=True)
+    expected = brute_force(data["item_ids"], data["items"], data["item_ids"], data["items"], 4, self_pairs,
+                           cosine=True)
     assert_same(collected(sims, ("item", "rank", "similar_item", "score")), expected)
 
 
@@ -171,10 +178,17 @@ def dense_fold_in(history, items_by_id, params: SolveParams):
     rank = Y.shape[1]
     rated = np.array([items_by_id[i] for i in history], dtype=np.float64)
     r = np.array(list(history.values()), dtype=np.float64)
-    extra = params.alpha * np.abs(r) if params.confidence == "linear" else params.alpha * np.log1p(np.abs(r) / params.confidence_epsilon)
+    if params.confidence == "linear":
+        extra = params.alpha * np.abs(r)
+    else:
+        extra = params.alpha * np.log1p(np.abs(r) / params.confidence_epsilon)
     positive = r > 0
-    lam = {"count": params.reg_param * positive.sum(), "constant": params.reg_param,
-           "frequency": params.reg_param * (positive.sum() + params.frequency_alpha0 * len(Y)) ** params.frequency_nu}[params.regularization]
+    lam = {
+        "count": params.reg_param * positive.sum(),
+        "constant": params.reg_param,
+        "frequency": params.reg_param * (positive.sum() + params.frequency_alpha0 * len(Y))
+        ** params.frequency_nu,
+    }[params.regularization]
     A = gram + rated.T @ (extra[:, None] * rated) + lam * np.eye(rank)
     b = rated[positive].T @ (1.0 + extra[positive])
     return np.linalg.solve(A, b)
@@ -182,8 +196,12 @@ def dense_fold_in(history, items_by_id, params: SolveParams):
 
 @pytest.mark.parametrize(
     "params",
-    [SolveParams(alpha=5.0, reg_param=0.1), SolveParams(alpha=2.0, reg_param=0.3, regularization="constant", confidence="log"),
-     SolveParams(alpha=1.0, reg_param=0.05, regularization="frequency", frequency_alpha0=0.2, frequency_nu=0.5, solver="cg")],
+    [
+        SolveParams(alpha=5.0, reg_param=0.1),
+        SolveParams(alpha=2.0, reg_param=0.3, regularization="constant", confidence="log"),
+        SolveParams(alpha=1.0, reg_param=0.05, regularization="frequency", frequency_alpha0=0.2,
+                    frequency_nu=0.5, solver="cg"),
+    ],
     ids=["count-linear", "constant-log", "frequency-cg-params-still-exact"],
 )
 def test_fold_in_equals_the_dense_closed_form(spark, params):
@@ -197,8 +215,8 @@ def test_fold_in_equals_the_dense_closed_form(spark, params):
     rows.append((0, int(rows[0][1]), 1.5))  # a duplicate pair: summed, as training does
     rows.append((3, 999, 1.0))  # an item without factors: ignored
     interactions = spark.createDataFrame(rows, "user_idx int, item_idx int, strength float")
-    solved = {r.id: np.array(r.features) for r in
-              fold_in_factors(interactions, factor_frame(spark, item_ids, items), params, block_size=4).collect()}
+    folded = fold_in_factors(interactions, factor_frame(spark, item_ids, items), params, block_size=4)
+    solved = {r.id: np.array(r.features) for r in folded.collect()}
     assert sorted(solved) == list(range(9))
     items_by_id = {int(i): items[n] for n, i in enumerate(item_ids)}
     for user in range(9):
@@ -206,7 +224,8 @@ def test_fold_in_equals_the_dense_closed_form(spark, params):
         for u, i, s in rows:
             if u == user and i in items_by_id:
                 history[i] = history.get(i, 0.0) + s
-        np.testing.assert_allclose(solved[user], dense_fold_in(history, items_by_id, params), rtol=1e-4, atol=1e-5)
+        expected = dense_fold_in(history, items_by_id, params)
+        np.testing.assert_allclose(solved[user], expected, rtol=1e-4, atol=1e-5)
 
 
 def test_fold_in_new_users_solves_only_users_without_factors(spark):
@@ -248,7 +267,8 @@ def test_checkerboard_withheld_item_is_recommended_first(spark):
 
 
 def test_to_string_ids_joins_both_maps(spark):
-    recs = spark.createDataFrame([(0, 1, 1, 0.5), (0, 2, 0, 0.25), (1, 1, 0, 0.75)], "src int, rank int, dst int, score float")
+    recs = spark.createDataFrame([(0, 1, 1, 0.5), (0, 2, 0, 0.25), (1, 1, 0, 0.75)],
+                                 "src int, rank int, dst int, score float")
     dim_user = spark.createDataFrame([("alice", 0), ("bob", 1)], "user_id string, user_idx int")
     dim_item = spark.createDataFrame([("apple", 0), ("pear", 1)], "item_id string, item_idx int")
     out = to_string_ids(recs, dim_user, dim_item)
@@ -256,7 +276,8 @@ def test_to_string_ids_joins_both_maps(spark):
     assert sorted(tuple(r) for r in out.collect()) == [("alice", 1, "pear", 0.5), ("alice", 2, "apple", 0.25),
                                                       ("bob", 1, "apple", 0.75)]
     sims = spark.createDataFrame([(0, 1, 1, 0.9)], "item int, rank int, similar_item int, score float")
-    assert [tuple(r) for r in similar_to_string_ids(sims, dim_item).collect()] == [("apple", 1, "pear", pytest.approx(0.9))]
+    named = [tuple(r) for r in similar_to_string_ids(sims, dim_item).collect()]
+    assert named == [("apple", 1, "pear", pytest.approx(0.9))]
     with pytest.raises(InputDataError, match="'user_id'"):
         to_string_ids(recs, dim_user.drop("user_id"), dim_item)
 
@@ -275,9 +296,11 @@ def test_recommend_stage_writes_both_tables_with_string_ids(spark, tmp_path):
     factor_frame(spark, range(8), items).write.parquet(str(run_dir / "item_factors"))
     # user 5 has history but no factors: folded in
     history = [(u, i, 1.0) for u in range(6) for i in range(8) if (u * 3 + i) % 4 == 0]
-    spark.createDataFrame(history, "user_idx int, item_idx int, strength float").write.parquet(str(run_dir / "interactions"))
-    spark.createDataFrame([(f"u{u}", u) for u in range(6)], "user_id string, user_idx int").write.parquet(str(maps / "dim_user"))
-    spark.createDataFrame([(f"i{i}", i) for i in range(8)], "item_id string, item_idx int").write.parquet(str(maps / "dim_item"))
+    tables = [(history, "user_idx int, item_idx int, strength float", run_dir / "interactions"),
+              ([(f"u{u}", u) for u in range(6)], "user_id string, user_idx int", maps / "dim_user"),
+              ([(f"i{i}", i) for i in range(8)], "item_id string, item_idx int", maps / "dim_item")]
+    for rows, schema, path in tables:
+        spark.createDataFrame(rows, schema).write.parquet(str(path))
     spark.createDataFrame([("i7",), ("unknown",)], "item_id string").write.parquet(str(tmp_path / "filter"))
 
     settings = RecommendSettings(top_n=3, similar_n=2, user_block_size=2, item_chunk_size=3,
@@ -298,7 +321,8 @@ def test_recommend_stage_writes_both_tables_with_string_ids(spark, tmp_path):
     assert_same([g for g in got if g[0] != "u5"], sorted(known))
     assert [g[1] for g in got if g[0] == "u5"] == [1, 2, 3]
     assert not any((g[0], g[2]) in seen or g[2] == "i7" for g in got)
-    cosine = brute_force(np.arange(8), items, np.arange(7), items[:7], 2, {(i, i) for i in range(7)}, cosine=True)
+    self_pairs = {(i, i) for i in range(7)}
+    cosine = brute_force(np.arange(8), items, np.arange(7), items[:7], 2, self_pairs, cosine=True)
     assert_same(collected(sims, ("item_id", "rank", "similar_item_id", "score")),
                 sorted((f"i{s}", r, f"i{d}", sc) for s, r, d, sc in cosine))
 

@@ -65,7 +65,8 @@ def test_block_top_k_equals_brute_force(k, tiles):
     dst_ids = np.sort(rng.choice(1000, 31, replace=False)).astype(np.int32)
     src, dst = rng.normal(size=(23, 5)).astype(np.float32), rng.normal(size=(31, 5)).astype(np.float32)
     tile_elements, max_cols = tiles
-    result = block_top_k(src_ids, src, dst_ids, dst, k, tile_elements=tile_elements, max_tile_columns=max_cols)
+    result = block_top_k(src_ids, src, dst_ids, dst, k, tile_elements=tile_elements,
+                         max_tile_columns=max_cols)
     assert_same(result, brute_force(src_ids, src, dst_ids, dst, k))
 
 
@@ -77,8 +78,8 @@ def test_seen_pairs_and_self_are_masked_before_the_top_k(tiles):
     pairs = {(int(u), int(i)) for u in ids for i in rng.choice(20, 6, replace=False)}
     pairs |= {(3, 99)}  # a seen id absent from the catalogue is ignored
     order, indptr, grouped = seen_csr(ids, sorted(pairs))
-    result = block_top_k(ids[order], src[order], ids, dst, 5, seen_indptr=indptr, seen_dst=grouped, exclude_self=True,
-                         tile_elements=tiles[0], max_tile_columns=tiles[1])
+    result = block_top_k(ids[order], src[order], ids, dst, 5, seen_indptr=indptr, seen_dst=grouped,
+                         exclude_self=True, tile_elements=tiles[0], max_tile_columns=tiles[1])
     masked = pairs | {(int(i), int(i)) for i in ids}
     assert_same(result, brute_force(ids[order], src[order], ids, dst, 5, masked))
 
@@ -120,16 +121,19 @@ def test_non_finite_factors_are_skipped():
 
 def test_unsorted_dst_ids_are_rejected():
     with pytest.raises(ValueError, match="sorted"):
-        block_top_k(np.arange(2), np.ones((2, 2), np.float32), np.array([3, 1]), np.ones((2, 2), np.float32), 1)
+        ones = np.ones((2, 2), np.float32)
+        block_top_k(np.arange(2), ones, np.array([3, 1]), ones, 1)
 
 
 def test_merge_top_k_is_exact_over_chunks():
     rng = np.random.default_rng(9)
     ids = np.arange(12, dtype=np.int32)
-    src, dst = rng.integers(-2, 3, size=(12, 2)).astype(np.float32), rng.integers(-2, 3, size=(30, 2)).astype(np.float32)
+    src = rng.integers(-2, 3, size=(12, 2)).astype(np.float32)
+    dst = rng.integers(-2, 3, size=(30, 2)).astype(np.float32)
     dst_ids = np.arange(30, dtype=np.int32)
     parts = [block_top_k(ids, src, dst_ids[c::3], dst[c::3], 4) for c in range(3)]
-    merged = merge_top_k(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("src", "dst", "score")), 4)
+    columns = (np.concatenate([getattr(p, field) for p in parts]) for field in ("src", "dst", "score"))
+    merged = merge_top_k(*columns, 4)
     assert as_rows(merged) == brute_force(ids, src, dst_ids, dst, 4)
 
 
