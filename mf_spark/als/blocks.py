@@ -81,11 +81,24 @@ class InBlock:
 
 
 def make_in_block(dst: np.ndarray, src: np.ndarray, ratings: np.ndarray, num_src_blocks: int) -> InBlock:
-    """Build the :class:`InBlock` of one dst block from its (dst, src, rating) triples (no duplicates)."""
+    """Build the :class:`InBlock` of one dst block from its (dst, src, rating) triples.
+
+    Duplicate (dst, src) pairs are summed here: all of them land in the same block, so no Spark
+    aggregation is needed. They are summed in float64 in value order, so the result does not depend on
+    the order rows arrive in.
+    """
     dst = dst.astype(np.int32, copy=False)
     src = src.astype(np.int32, copy=False)
-    order = np.lexsort((src, dst))
-    dst, src, ratings = dst[order], src[order], ratings[order].astype(np.float32)
+    ratings = ratings.astype(np.float64, copy=False)
+    order = np.lexsort((ratings, src, dst))
+    dst, src, ratings = dst[order], src[order], ratings[order]
+    first = np.ones(dst.shape[0], dtype=bool)
+    first[1:] = (dst[1:] != dst[:-1]) | (src[1:] != src[:-1])
+    if not first.all():
+        starts = np.flatnonzero(first)
+        ratings = np.add.reduceat(ratings, starts)
+        dst, src = dst[starts], src[starts]
+    ratings = ratings.astype(np.float32)
     dst_ids, counts = np.unique(dst, return_counts=True)
     indptr = np.zeros(dst_ids.shape[0] + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
@@ -107,12 +120,13 @@ def make_in_block(dst: np.ndarray, src: np.ndarray, ratings: np.ndarray, num_src
 
 
 def validate_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_col: str) -> DataFrame:
-    """Check and cast the input, then sum duplicate (user, item) pairs.
+    """Check and cast the input.
 
-    Returns columns ``user`` int, ``item`` int, ``rating`` float. Ids must be integers in the Int range
+    Returns columns ``user`` int, ``item`` int, ``rating`` double. Ids must be integers in the Int range
     (as MLlib's ``checkIntegers``) and ratings must not be null or NaN; otherwise
-    :class:`~mf_spark.errors.InputDataError` names the column. MLlib keeps duplicate rows and so counts
-    their terms twice; we sum them, which is the usual meaning of repeated events.
+    :class:`~mf_spark.errors.InputDataError` names the column. Duplicate (user, item) rows are summed
+    later, inside :func:`make_in_block` (MLlib keeps them and so counts their terms twice; summing is
+    the usual meaning of repeated events).
     """
     for col in (user_col, item_col, rating_col):
         if col not in ratings.columns:
@@ -146,9 +160,9 @@ def validate_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_co
         problems.append(f"{checks['bad_rating']} values of '{rating_col}' are null or NaN")
     if problems:
         raise InputDataError("ImplicitALS only supports integer ids in the Int range and non-NaN ratings: " + "; ".join(problems))
-    return ratings.groupBy(
-        F.col(user_col).cast("int").alias("user"), F.col(item_col).cast("int").alias("item")
-    ).agg(F.sum(rating).cast("float").alias("rating"))
+    return ratings.select(
+        F.col(user_col).cast("int").alias("user"), F.col(item_col).cast("int").alias("item"), rating.alias("rating")
+    )
 
 
 _BLOCK_SCHEMA = T.StructType([
