@@ -23,6 +23,10 @@ def check_dates(args, cfg):
 
     if bool(args.date) == bool(args.start or args.end) or bool(args.start) != bool(args.end):
         raise ConfigError("give either --date D or both --from D1 --to D2")
+    if cfg["evaluate"]["enabled"]:
+        from mf_spark.evaluate.holdout import validate_settings
+
+        validate_settings(cfg["evaluate"])
 
 
 def body(spark, cfg, args):

@@ -116,3 +116,10 @@ def test_configuration_reference_is_current():
     proc = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_nightly_checks_evaluate_settings_before_spark(tmp_path):
+    path = write(tmp_path, MINIMAL + '[evaluate]\nmodels = ["implicit_als", "deep_magic"]\n')
+    proc = subprocess.run([sys.executable, "jobs/nightly.py", "--config", str(path), "--date", "2011-12-09"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and "deep_magic" in proc.stderr and "Traceback" not in proc.stderr
