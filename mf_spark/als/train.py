@@ -103,6 +103,20 @@ def factor_frame_to_blocks(factors: DataFrame, num_blocks: int, rank: int) -> RD
     return packed.rdd.map(lambda row: (row[0], pickle.loads(row[1]))).partitionBy(num_blocks, block_partition)
 
 
+def _split_partition(records) -> tuple[int | None, InBlock | None, FactorBlock | None, list]:
+    """Split one partition of a co-partitioned union into (block id, in-block, factor block, others)."""
+    block, in_block, factor_block, others = None, None, None, []
+    for block_id, value in records:
+        block = block_id
+        if isinstance(value, InBlock):
+            in_block = value
+        elif isinstance(value, FactorBlock):
+            factor_block = value
+        else:
+            others.append(value)
+    return block, in_block, factor_block, others
+
+
 def initialize(in_blocks: RDD, rank: int, seed: int, side: int, initial: RDD | None) -> RDD:
     """Initial factors for every dst entity of ``in_blocks``.
 
@@ -111,12 +125,7 @@ def initialize(in_blocks: RDD, rank: int, seed: int, side: int, initial: RDD | N
     """
 
     def init_partition(records):
-        in_block, known = None, None
-        for block_id, value in records:
-            if isinstance(value, InBlock):
-                in_block, block = value, block_id
-            else:
-                known = value
+        block, in_block, known, _ = _split_partition(records)
         if in_block is None:
             return
         factors = random_factors(in_block.dst_ids.shape[0], rank, seed, side, block)
@@ -162,14 +171,7 @@ def half_step(
     """
 
     def solve_partition(records):
-        in_block, prev, messages = None, None, []
-        for block_id, value in records:
-            if isinstance(value, InBlock):
-                in_block, block = value, block_id
-            elif isinstance(value, FactorBlock):
-                prev = value
-            else:
-                messages.append(value)
+        block, in_block, prev, messages = _split_partition(records)
         if in_block is None:
             return
         if broadcast_src is not None:
@@ -193,12 +195,8 @@ def half_step(
     if broadcast_src is None:
 
         def route(records):
-            out_block, factor_block = None, None
-            for block_id, value in records:
-                if isinstance(value, FactorBlock):
-                    factor_block, src_block = value, block_id
-                else:
-                    out_block = value
+            src_block, _, factor_block, others = _split_partition(records)
+            out_block = others[0] if others else None
             if factor_block is None or out_block is None:
                 return
             for dst_block, positions in out_block.items():
@@ -412,12 +410,7 @@ def objective(
     lookup = spark.sparkContext.broadcast(_fixed_side_lookup(item_blocks))
 
     def user_terms(records):
-        in_block, known = None, None
-        for _, value in records:
-            if isinstance(value, InBlock):
-                in_block = value
-            else:
-                known = value
+        _, in_block, known, _ = _split_partition(records)
         if in_block is None:
             return
         sorted_ids, table = lookup.value
@@ -427,12 +420,7 @@ def objective(
                                    item_gram, n_items, params))
 
     def item_terms(records):
-        in_block, known = None, None
-        for _, value in records:
-            if isinstance(value, InBlock):
-                in_block = value
-            else:
-                known = value
+        _, in_block, known, _ = _split_partition(records)
         if in_block is None:
             return
         y = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
