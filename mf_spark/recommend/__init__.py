@@ -7,7 +7,12 @@
 * :func:`to_string_ids` / :func:`similar_to_string_ids`: the published tables with the original ids.
 """
 
-from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, RECOMMENDATION_SCHEMA, recommend_top_k, similar_items
+from mf_spark.recommend.engine import (
+    DEFAULT_MAX_BROADCAST_BYTES,
+    RECOMMENDATION_SCHEMA,
+    recommend_top_k,
+    similar_items,
+)
 from mf_spark.recommend.fold_in import factor_gramian, fold_in_factors, fold_in_new_users
 from mf_spark.recommend.tables import (
     RecommendationTables,

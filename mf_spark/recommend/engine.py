@@ -38,7 +38,15 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mf_spark.errors import InputDataError
-from mf_spark.recommend.topk import DEFAULT_MAX_TILE_COLUMNS, DEFAULT_TILE_ELEMENTS, TopK, block_top_k, csr_from_pairs, merge_top_k, normalize_rows
+from mf_spark.recommend.topk import (
+    DEFAULT_MAX_TILE_COLUMNS,
+    DEFAULT_TILE_ELEMENTS,
+    TopK,
+    block_top_k,
+    csr_from_pairs,
+    merge_top_k,
+    normalize_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +64,9 @@ RECOMMENDATION_SCHEMA = T.StructType(
 _PAYLOAD_SCHEMA = "block int, payload binary"
 
 
-def factors_from_arrow(table: pa.Table, id_col: str = "id", features_col: str = "features") -> tuple[np.ndarray, np.ndarray]:
+def factors_from_arrow(
+    table: pa.Table, id_col: str = "id", features_col: str = "features"
+) -> tuple[np.ndarray, np.ndarray]:
     """``(ids int32 (n,), factors float32 (n, r))`` of an Arrow factor table, rows sorted by id.
 
     Null entries inside a vector become NaN (such rows are then skipped by the kernel).
@@ -69,7 +79,7 @@ def factors_from_arrow(table: pa.Table, id_col: str = "id", features_col: str = 
     offsets = features.offsets.to_numpy()
     lengths = np.diff(offsets)
     if lengths.min() != lengths.max():
-        raise ValueError(f"'{features_col}' vectors have different lengths ({lengths.min()}..{lengths.max()})")
+        raise ValueError(f"'{features_col}' vectors have lengths {lengths.min()}..{lengths.max()}")
     values = features.values.slice(offsets[0], offsets[-1] - offsets[0])
     matrix = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, int(lengths[0]))
     order = np.argsort(ids, kind="stable")
@@ -88,14 +98,22 @@ def _topk_table(result: TopK) -> pa.Table:
 
 
 def factor_frame(df: DataFrame, name: str) -> DataFrame:
-    """``id`` int, ``features`` array<float> of a factor table; raises :class:`InputDataError` naming the bad column."""
+    """``id`` int, ``features`` array<float> of a factor table.
+
+    Raises :class:`InputDataError` naming the missing or mistyped column.
+    """
     for col in ("id", "features"):
         if col not in df.columns:
-            raise InputDataError(f"{name}: factor table has no column '{col}' (columns: {', '.join(df.columns)})")
+            raise InputDataError(
+                f"{name}: factor table has no column '{col}' (columns: {', '.join(df.columns)})"
+            )
     types = {f.name: f.dataType for f in df.schema.fields}
-    if not isinstance(types["features"], T.ArrayType) or not isinstance(types["features"].elementType, T.NumericType):
-        raise InputDataError(f"{name}: column 'features' must be array<float>, got {types['features'].simpleString()}")
-    return df.select(F.col("id").cast("int").alias("id"), F.col("features").cast("array<float>").alias("features"))
+    features = types["features"]
+    if not isinstance(features, T.ArrayType) or not isinstance(features.elementType, T.NumericType):
+        raise InputDataError(f"{name}: column 'features' must be array<float>, got {features.simpleString()}")
+    return df.select(
+        F.col("id").cast("int").alias("id"), F.col("features").cast("array<float>").alias("features")
+    )
 
 
 def _factor_stats(frames: dict[str, DataFrame]) -> dict[str, tuple[int, int]]:
@@ -128,7 +146,8 @@ def _factor_stats(frames: dict[str, DataFrame]) -> dict[str, tuple[int, int]]:
         if stats["null_ids"]:
             raise InputDataError(f"{name}: {stats['null_ids']} rows have a null 'id'")
         if stats["distinct_ids"] != stats["n"]:
-            raise InputDataError(f"{name}: column 'id' has {stats['n'] - stats['distinct_ids']} duplicate values")
+            duplicates = stats["n"] - stats["distinct_ids"]
+            raise InputDataError(f"{name}: column 'id' has {duplicates} duplicate values")
         if stats["min_rank"] != stats["max_rank"] or stats["min_rank"] < 1:
             raise InputDataError(
                 f"{name}: column 'features' must hold vectors of one length, found lengths "
@@ -213,14 +232,20 @@ def recommend_top_k(
         raise InputDataError(f"src_factors have rank {src_rank} but dst_factors have rank {dst_rank}")
 
     num_blocks = max(1, math.ceil(n_src / src_block_size))
-    src_blocks = src.withColumn("block", F.pmod(F.col("id"), F.lit(num_blocks))).repartition(num_blocks, "block")
+    src_blocks = (
+        src.withColumn("block", F.pmod(F.col("id"), F.lit(num_blocks))).repartition(num_blocks, "block")
+    )
     seen_blocks = None
     if seen is not None:
         for col in (seen_src_col, seen_dst_col):
             if col not in seen.columns:
-                raise InputDataError(f"seen: table has no column '{col}' (columns: {', '.join(seen.columns)})")
+                raise InputDataError(
+                    f"seen: table has no column '{col}' (columns: {', '.join(seen.columns)})"
+                )
         seen_blocks = (
-            seen.select(F.col(seen_src_col).cast("int").alias("src"), F.col(seen_dst_col).cast("int").alias("dst"))
+            seen.select(
+                F.col(seen_src_col).cast("int").alias("src"), F.col(seen_dst_col).cast("int").alias("dst")
+            )
             .where(F.col("src").isNotNull() & F.col("dst").isNotNull())
             .withColumn("block", F.pmod(F.col("src"), F.lit(num_blocks)))
             .repartition(num_blocks, "block")
@@ -254,7 +279,9 @@ def _block_inputs(src_table: pa.Table, seen_table: pa.Table | None, normalize: b
     return ids, factors, indptr, seen_dst
 
 
-def _apply_per_block(src_blocks: DataFrame, seen_blocks: DataFrame | None, func, schema, empty: pa.Table) -> DataFrame:
+def _apply_per_block(
+    src_blocks: DataFrame, seen_blocks: DataFrame | None, func, schema, empty: pa.Table
+) -> DataFrame:
     """``func(src_table, seen_table | None)`` once per block, src rows and seen pairs co-grouped.
 
     A block that has seen pairs but no src rows (users with history and no factors) yields ``empty``.
@@ -266,7 +293,9 @@ def _apply_per_block(src_blocks: DataFrame, seen_blocks: DataFrame | None, func,
     )
 
 
-def _broadcast_plan(spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normalize: bool, kernel_args) -> DataFrame:
+def _broadcast_plan(
+    spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normalize: bool, kernel_args
+) -> DataFrame:
     dst_ids, dst_matrix = factors_from_arrow(dst.toArrow())
     if normalize:
         dst_matrix = normalize_rows(dst_matrix)
@@ -276,13 +305,18 @@ def _broadcast_plan(spark, src_blocks, seen_blocks, dst: DataFrame, k: int, norm
         ids, factors, indptr, seen_dst = _block_inputs(src_table, seen_table, normalize)
         b_ids, b_matrix = dst_bc.value
         return _topk_table(
-            block_top_k(ids, factors, b_ids, b_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args)
+            block_top_k(
+                ids, factors, b_ids, b_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args
+            )
         )
 
-    return _apply_per_block(src_blocks, seen_blocks, score_block, RECOMMENDATION_SCHEMA, _topk_table(TopK.empty()))
+    empty = _topk_table(TopK.empty())
+    return _apply_per_block(src_blocks, seen_blocks, score_block, RECOMMENDATION_SCHEMA, empty)
 
 
-def _cross_plan(spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normalize: bool, kernel_args, num_chunks: int) -> DataFrame:
+def _cross_plan(
+    spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normalize: bool, kernel_args, num_chunks: int
+) -> DataFrame:
     def pack_src(src_table: pa.Table, seen_table: pa.Table | None) -> pa.Table:
         block = int(src_table.column("block")[0].as_py())
         payload = pickle.dumps(_block_inputs(src_table, seen_table, normalize), protocol=5)
@@ -294,7 +328,9 @@ def _cross_plan(spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normaliz
         if normalize:
             factors = normalize_rows(factors)
         payload = pickle.dumps((ids, factors), protocol=5)
-        return pa.table({"chunk": pa.array([chunk], pa.int32()), "dst_payload": pa.array([payload], pa.binary())})
+        return pa.table(
+            {"chunk": pa.array([chunk], pa.int32()), "dst_payload": pa.array([payload], pa.binary())}
+        )
 
     # The cartesian product evaluates each side once per partition of the other: persist the packed
     # sides so every block and chunk is packed once (recomputed from lineage if an executor is lost).
@@ -318,7 +354,9 @@ def _cross_plan(spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normaliz
                 current_block, block_inputs = row["block"], pickle.loads(row["payload"])
             ids, factors, indptr, seen_dst = block_inputs
             chunk_ids, chunk_matrix = pickle.loads(row["dst_payload"])
-            result = block_top_k(ids, factors, chunk_ids, chunk_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args)
+            result = block_top_k(
+                ids, factors, chunk_ids, chunk_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args
+            )
             yield current_block, pickle.dumps((result.src, result.dst, result.score), protocol=5)
 
     # RDD iteration streams one (block, chunk) pair at a time; an Arrow batch could hold thousands.

@@ -31,7 +31,10 @@ from mf_spark.recommend.engine import factor_frame, factors_from_arrow
 logger = logging.getLogger(__name__)
 
 FACTOR_SCHEMA = T.StructType(
-    [T.StructField("id", T.IntegerType(), False), T.StructField("features", T.ArrayType(T.FloatType()), False)]
+    [
+        T.StructField("id", T.IntegerType(), False),
+        T.StructField("features", T.ArrayType(T.FloatType()), False),
+    ]
 )
 
 
@@ -47,7 +50,8 @@ def factor_gramian(factors: DataFrame) -> tuple[np.ndarray, int]:
                 payload = pickle.dumps((m64.T @ m64, matrix.shape[0]), protocol=5)
                 yield pa.RecordBatch.from_pydict({"payload": pa.array([payload], pa.binary())})
 
-    parts = [pickle.loads(row["payload"]) for row in factors.mapInArrow(partial_gramians, "payload binary").collect()]
+    rows = factors.mapInArrow(partial_gramians, "payload binary").collect()
+    parts = [pickle.loads(row["payload"]) for row in rows]
     if not parts:
         return np.zeros((0, 0)), 0
     return sum(p[0] for p in parts), int(sum(p[1] for p in parts))
@@ -89,7 +93,9 @@ def fold_in_factors(
     """
     for col in (src_col, dst_col, rating_col):
         if col not in interactions.columns:
-            raise InputDataError(f"fold-in: interactions have no column '{col}' (columns: {', '.join(interactions.columns)})")
+            raise InputDataError(
+                f"fold-in: interactions have no column '{col}' (columns: {', '.join(interactions.columns)})"
+            )
     exact = dataclasses.replace(params, solver="cholesky")
     fixed = factor_frame(fixed_factors, "fixed_factors")
     gram, n_src_total = factor_gramian(fixed)
@@ -103,8 +109,11 @@ def fold_in_factors(
     ).where(F.col("dst").isNotNull() & F.col("src").isNotNull() & F.col("rating").isNotNull())
     if dst_ids is not None:
         if "id" not in dst_ids.columns:
-            raise InputDataError(f"fold-in: dst_ids has no column 'id' (columns: {', '.join(dst_ids.columns)})")
-        ratings = ratings.join(dst_ids.select(F.col("id").cast("int").alias("dst")).distinct(), "dst", "left_semi")
+            raise InputDataError(
+                f"fold-in: dst_ids has no column 'id' (columns: {', '.join(dst_ids.columns)})"
+            )
+        wanted = dst_ids.select(F.col("id").cast("int").alias("dst")).distinct()
+        ratings = ratings.join(wanted, "dst", "left_semi")
     ratings = ratings.groupBy("dst", "src").agg(F.sum("rating").cast("float").alias("rating"))
     with_factors = ratings.join(fixed.withColumnRenamed("id", "src"), "src")
     n_dst = with_factors.select("dst").distinct().count()
@@ -120,9 +129,8 @@ def fold_in_factors(
         # One factor row per distinct src of the block, in src id order.
         by_src = np.argsort(src, kind="stable")
         src_unique, first = np.unique(src[by_src], return_index=True)
-        _, local_factors = factors_from_arrow(
-            pa.table({"id": table.column("src"), "features": table.column("features")}).take(pa.array(by_src[first]))
-        )
+        src_rows = pa.table({"id": table.column("src"), "features": table.column("features")})
+        _, local_factors = factors_from_arrow(src_rows.take(pa.array(by_src[first])))
         order = np.lexsort((src, dst))
         dst, src, rating = dst[order], src[order], rating[order]
         dst_unique, counts = np.unique(dst, return_counts=True)
@@ -165,7 +173,9 @@ def fold_in_new_users(
     """
     known = factor_frame(user_factors, "user_factors")
     missing = (
-        interactions.select(F.col(user_col).cast("int").alias("id")).distinct().join(known.select("id"), "id", "left_anti")
+        interactions.select(F.col(user_col).cast("int").alias("id"))
+        .distinct()
+        .join(known.select("id"), "id", "left_anti")
     )
     new_users = fold_in_factors(
         interactions, item_factors, params, src_col=item_col, dst_col=user_col, rating_col=rating_col,

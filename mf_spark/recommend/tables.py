@@ -61,7 +61,10 @@ def similar_to_string_ids(sims: DataFrame, dim_item: DataFrame) -> DataFrame:
     items = dim_item.select(F.col("item_idx").cast("int").alias("idx"), F.col("item_id").cast("string"))
     return (
         sims.join(items.withColumnRenamed("idx", "item"), "item")
-        .join(items.select(F.col("idx").alias("similar_item"), F.col("item_id").alias("similar_item_id")), "similar_item")
+        .join(
+            items.select(F.col("idx").alias("similar_item"), F.col("item_id").alias("similar_item_id")),
+            "similar_item",
+        )
         .select("item_id", "rank", "similar_item_id", "score")
     )
 
@@ -148,7 +151,9 @@ def build_recommendation_tables(
         dst_chunk_size=settings.item_chunk_size, max_broadcast_bytes=settings.max_broadcast_bytes,
         exclude_dst=exclude, allow_dst=allow,
     )
-    return RecommendationTables(to_string_ids(recs, dim_user, dim_item), similar_to_string_ids(sims, dim_item), folded)
+    return RecommendationTables(
+        to_string_ids(recs, dim_user, dim_item), similar_to_string_ids(sims, dim_item), folded
+    )
 
 
 def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:

@@ -95,13 +95,16 @@ class TopK:
 
     @staticmethod
     def empty() -> TopK:
-        return TopK(np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.int32), np.empty(0, np.float32))
+        ints = np.empty(0, np.int32)
+        return TopK(ints, ints.copy(), ints.copy(), np.empty(0, np.float32))
 
     def __len__(self) -> int:
         return int(self.src.shape[0])
 
 
-def csr_from_pairs(row_ids: np.ndarray, row_of: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def csr_from_pairs(
+    row_ids: np.ndarray, row_of: np.ndarray, values: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Group ``values`` by the row each belongs to.
 
     Parameters
@@ -116,8 +119,10 @@ def csr_from_pairs(row_ids: np.ndarray, row_of: np.ndarray, values: np.ndarray) 
     grouped : int64 values ordered by row, then by value
     """
     pos = np.searchsorted(row_ids, row_of)
-    pos_clipped = np.minimum(pos, max(row_ids.shape[0] - 1, 0))
-    keep = (pos < row_ids.shape[0]) & (row_ids[pos_clipped] == row_of) if row_ids.shape[0] else np.zeros(pos.shape, bool)
+    if row_ids.shape[0]:
+        keep = (pos < row_ids.shape[0]) & (row_ids[np.minimum(pos, row_ids.shape[0] - 1)] == row_of)
+    else:
+        keep = np.zeros(pos.shape, bool)
     pos, vals = pos[keep], np.asarray(values, dtype=np.int64)[keep]
     order = np.lexsort((vals, pos))
     indptr = np.zeros(row_ids.shape[0] + 1, dtype=np.int64)
