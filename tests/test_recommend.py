@@ -297,10 +297,16 @@ def test_recommend_stage_writes_both_tables_with_string_ids(spark, tmp_path):
     # user 5 has history but no factors: folded in
     history = [(u, i, 1.0) for u in range(6) for i in range(8) if (u * 3 + i) % 4 == 0]
     tables = [(history, "user_idx int, item_idx int, strength float", run_dir / "interactions"),
-              ([(f"u{u}", u) for u in range(6)], "user_id string, user_idx int", maps / "dim_user"),
-              ([(f"i{i}", i) for i in range(8)], "item_id string, item_idx int", maps / "dim_item")]
+              ([(f"u{u}", u) for u in range(6)], "user_id string, user_idx int", maps / "dim_user" / "version=v1"),
+              ([(f"i{i}", i) for i in range(8)], "item_id string, item_idx int", maps / "dim_item" / "version=v1")]
     for rows, schema, path in tables:
         spark.createDataFrame(rows, schema).write.parquet(str(path))
+    # an older version beside the current one must not be read (the maps are versioned behind a pointer)
+    spark.createDataFrame([("stale", 0)], "user_id string, user_idx int").write.parquet(str(maps / "dim_user" / "version=v0"))
+    from mf_spark.ingest.id_maps import POINTER_FORMAT, swap_pointer
+
+    swap_pointer(maps, {"format": POINTER_FORMAT, "maps": {
+        "dim_user": {"path": "dim_user/version=v1", "size": 6}, "dim_item": {"path": "dim_item/version=v1", "size": 8}}})
     spark.createDataFrame([("i7",), ("unknown",)], "item_id string").write.parquet(str(tmp_path / "filter"))
 
     settings = RecommendSettings(top_n=3, similar_n=2, user_block_size=2, item_chunk_size=3,

@@ -162,11 +162,18 @@ def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:
     return spark.read.parquet(path)
 
 
-def _first_existing(candidates: list[str], what: str) -> str:
-    for path in candidates:
-        if os.path.exists(path):
-            return path
-    raise InputDataError(f"recommend: {what} not found; looked in {', '.join(candidates)}")
+def _read_id_map(spark: SparkSession, run_dir: str, id_map_dir: str | None, name: str) -> DataFrame:
+    """``run_dir/<name>`` when the run carries its own map, else the *current* version of the
+    versioned map under ``id_map_dir`` (following its pointer: the directory holds older versions too)."""
+    from mf_spark.ingest.id_maps import load_id_map, read_pointer
+
+    local = os.path.join(run_dir, name)
+    if os.path.exists(local):
+        return spark.read.parquet(local)
+    if id_map_dir and read_pointer(id_map_dir) is not None:
+        return load_id_map(spark, id_map_dir, name)
+    raise InputDataError(f"recommend: id map {name} not found in {local}"
+                         + (f" nor under {id_map_dir} (no CURRENT.json)" if id_map_dir else ""))
 
 
 def run_recommend_stage(
@@ -190,10 +197,7 @@ def run_recommend_stage(
     user_factors = _read_table(spark, os.path.join(run_dir, "user_factors"), "user factors")
     item_factors = _read_table(spark, os.path.join(run_dir, "item_factors"), "item factors")
     interactions = _read_table(spark, os.path.join(run_dir, "interactions"), "interactions")
-    maps = {}
-    for name in ("dim_user", "dim_item"):
-        candidates = [os.path.join(run_dir, name)] + ([os.path.join(id_map_dir, name)] if id_map_dir else [])
-        maps[name] = spark.read.parquet(_first_existing(candidates, f"id map {name}"))
+    maps = {name: _read_id_map(spark, run_dir, id_map_dir, name) for name in ("dim_user", "dim_item")}
     item_filter = _read_table(spark, item_filter_path, "item filter table") if item_filter_path else None
     allow_list = _read_table(spark, allow_list_path, "allow-list table") if allow_list_path else None
     tables = build_recommendation_tables(
