@@ -50,7 +50,7 @@ class MapOf:
 
 SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
     "input": {
-        "path": Key("str", required=True, doc="raw event table (file or directory; relative to the config file's repo root or absolute)"),
+        "path": Key("str", required=True, doc="raw event table (file or directory); a relative path is resolved against the working directory"),
         "format": Key("str", "parquet", "reader format", choices=("parquet", "csv", "json")),
         "columns": {
             "user_id": Key("str", "user_id", "raw column holding the user id"),
