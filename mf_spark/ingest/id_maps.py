@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,28 +180,12 @@ def append_new_ids(
     return existing.unionByName(numbered), n_new
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def swap_pointer(root: Path, pointer: dict[str, Any]) -> None:
-    """Atomically make ``pointer`` current: write a temporary file, fsync, ``os.replace``."""
+    """Atomically make ``pointer`` current (temporary file, fsync, ``os.replace``, fsync the directory)."""
+    from mf_spark.publish import write_json_atomic
+
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{POINTER_FILE}.", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(pointer, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, root / POINTER_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(root)
+    write_json_atomic(root / POINTER_FILE, pointer)
 
 
 def _version_dir(root: Path, name: str, run_id: str, current: str | None) -> Path:
