@@ -116,10 +116,9 @@ def _read_id_table(spark: SparkSession, path: str, dim_item: DataFrame) -> DataF
         return None
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"recommend: table not found: {path}")
-    table = spark.read.parquet(path)
-    if "item_id" not in table.columns:
-        raise InputDataError(f"recommend: table {path} has no column 'item_id'")
-    return table.select(F.col("item_id").cast("string")).join(dim_item, "item_id").select(F.col("item_idx").alias("id"))
+    from mf_spark.recommend.tables import item_ids_to_index
+
+    return item_ids_to_index(spark.read.parquet(path), dim_item, f"recommend table {path}")
 
 
 def run_nightly(
