@@ -211,7 +211,7 @@ def split(spark, path: Path):
 
 
 def cmd_compare(args) -> None:
-    from mf_spark.als.blocks import validate_ratings
+    from mf_spark.als.blocks import select_ratings
     from mf_spark.als.params import SolveParams
     from mf_spark.als.train import objective
 
@@ -223,7 +223,7 @@ def cmd_compare(args) -> None:
     result = {"benchmark": "als_compare", "dataset": args.dataset, "train_interactions": n_train,
               "users": train.select("user").distinct().count(), "items": train.select("item").distinct().count(),
               "rank": RANK, "iterations": ITERS, "alpha": ALPHA, "reg_param": REG, "blocks": args.blocks, "runs": {}}
-    validated = validate_ratings(train, "user", "item", "rating").persist()
+    validated = select_ratings(train, "user", "item", "rating").persist()
     validated.count()
     params = SolveParams(alpha=ALPHA, reg_param=REG)
     order = ["mllib", "ours-cg", "ours-cholesky"] if not args.reverse else ["ours-cg", "ours-cholesky", "mllib"]

@@ -330,3 +330,18 @@ def test_alternating_half_steps_decrease_the_objective(solver, regularization):
     # in the solved side; float32 storage of the factors allows a rounding-sized rise.
     assert all(b <= a * (1 + 1e-6) for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+@pytest.mark.parametrize("regularization,confidence", ALL_MODES)
+def test_objective_from_the_solver_equals_block_loss(solver, regularization, confidence, batch_bytes):
+    """The objective the Spark layer reports comes from the solver's residuals, not a second pass over the
+    ratings: it must equal the brute-force block loss of the factors it returns."""
+    block = make_block(seed=3)
+    params = SolveParams(alpha=1.5, reg_param=0.2, regularization=regularization, confidence=confidence,
+                         solver=solver, cg_steps=2)
+    factors, objective = run(solve.solve_block_with_objective, block, params)
+    np.testing.assert_array_equal(factors, run(solve_block, block, params))
+    data, reg = block_loss(block["indptr"], block["indices"], block["ratings"], factors, block["src_factors"],
+                           block["src_gramian"], N_SRC_TOTAL, params)
+    assert objective == pytest.approx(data + reg, rel=1e-6)

@@ -249,6 +249,8 @@ def test_many_iterations_with_checkpointing(spark, small):
         ([(2**31, 1, 1.0)], "user long, item int, rating float", "'user'.*Int range"),
         ([(None, 1, 1.0), (1, 1, 1.0)], "user int, item int, rating float", "'user'"),
         ([(1, 1, float("nan"))], "user int, item int, rating float", "'rating'.*NaN"),
+        ([(1, 1, float("inf")), (2, 1, None)], "user int, item int, rating double", "2 values of 'rating'.*infinite"),
+        ([(1, 2**40, 1.0)], "user int, item long, rating float", "'item'.*Int range"),
         ([(1, None, 1.0)], "user int, item long, rating float", "'item'"),
         ([(1.5, 1, 1.0)], "user double, item int, rating float", "'user'"),
     ],
@@ -256,6 +258,12 @@ def test_many_iterations_with_checkpointing(spark, small):
 def test_bad_input_is_rejected_with_the_column_named(spark, rows, schema, message):
     with pytest.raises(InputDataError, match=message):
         ImplicitALS(rank=2, maxIter=1).fit(spark.createDataFrame(rows, schema))
+
+
+def test_bad_values_are_named_by_the_callers_column(spark):
+    df = spark.createDataFrame([(1, 2.5, 1.0)], "account int, sku double, clicks float")
+    with pytest.raises(InputDataError, match="1 values of 'sku'"):
+        ImplicitALS(rank=2, maxIter=1, userCol="account", itemCol="sku", ratingCol="clicks").fit(df)
 
 
 def test_missing_column_and_string_ids(spark):
@@ -330,7 +338,7 @@ def test_works_in_a_pipeline_with_custom_columns(spark, small):
 
 
 def test_objective_scores_any_factors_exactly(spark, small):
-    from mf_spark.als.blocks import validate_ratings
+    from mf_spark.als.blocks import select_ratings
     from mf_spark.als.params import SolveParams
     from mf_spark.als.train import objective
 
@@ -338,6 +346,6 @@ def test_objective_scores_any_factors_exactly(spark, small):
     model = ImplicitALS(rank=4, maxIter=2, alpha=2.0, regParam=0.1, numUserBlocks=2, numItemBlocks=2).fit(ratings)
     X = factors_matrix(model.userFactors, R.shape[0])
     Y = factors_matrix(model.itemFactors, R.shape[1])
-    value = objective(spark, validate_ratings(ratings, "user", "item", "rating"), model.userFactors,
+    value = objective(spark, select_ratings(ratings, "user", "item", "rating"), model.userFactors,
                       model.itemFactors, SolveParams(alpha=2.0, reg_param=0.1), num_blocks=3)
     assert value == pytest.approx(dense_objective(R, X, Y, 2.0, 0.1), rel=1e-5)

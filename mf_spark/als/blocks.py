@@ -13,14 +13,15 @@ This mirrors the partitioning of Spark MLlib's ``ALS.scala`` (``partitionRatings
 
 Each rating is stored twice (once per side), built once and cached for all iterations.
 
-Blocks are built with ``groupBy(block).applyInArrow``: Python sees whole blocks as Arrow tables, never
-single rows.
+Blocks are built by :func:`build_rating_blocks`: one ``mapInArrow`` pass checks the values and cuts every
+input partition into per-block numpy chunks, and one shuffle per side gathers each block's chunks. Python
+sees Arrow batches and numpy arrays, never single rows.
 """
 
 from __future__ import annotations
 
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -119,14 +120,15 @@ def make_in_block(dst: np.ndarray, src: np.ndarray, ratings: np.ndarray, num_src
     return InBlock(dst_ids, indptr, indices, ratings, src_ids, src_offsets, n_positive)
 
 
-def validate_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_col: str) -> DataFrame:
-    """Check and cast the input.
+def select_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_col: str) -> DataFrame:
+    """Check the input's columns and types on the driver (no pass over the data).
 
-    Returns columns ``user`` int, ``item`` int, ``rating`` double. Ids must be integers in the Int range
-    (as MLlib's ``checkIntegers``) and ratings must not be null or NaN; otherwise
-    :class:`~mf_spark.errors.InputDataError` names the column. Duplicate (user, item) rows are summed
-    later, inside :func:`make_in_block` (MLlib keeps them and so counts their terms twice; summing is
-    the usual meaning of repeated events).
+    Returns columns ``user``, ``item`` (integer types kept, any other numeric type as double) and
+    ``rating`` double. The *values* (ids integral and in the Int range, as MLlib's ``checkIntegers``;
+    ratings not null, NaN or infinite) are checked by :func:`build_rating_blocks` in the same pass that
+    cuts the ratings into blocks, and a bad value raises :class:`~mf_spark.errors.InputDataError` naming
+    the column. Duplicate (user, item) rows are summed inside :func:`make_in_block` (MLlib keeps them
+    and so counts their terms twice; summing is the usual meaning of repeated events).
     """
     for col in (user_col, item_col, rating_col):
         if col not in ratings.columns:
@@ -138,38 +140,40 @@ def validate_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_co
     if not isinstance(schema[rating_col], T.NumericType):
         raise InputDataError(f"ImplicitALS: column '{rating_col}' must be numeric, got {schema[rating_col].simpleString()}")
 
-    def bad_id(col: str):
-        c = F.col(col)
-        if isinstance(schema[col], T.IntegerType | T.ShortType | T.ByteType):
-            return c.isNull()
-        d = c.cast("double")
-        return c.isNull() | (d < INT_MIN) | (d > INT_MAX) | (d != F.floor(d)) | F.isnan(d)
+    def id_column(col: str, name: str):
+        integral = isinstance(schema[col], T.IntegerType | T.LongType | T.ShortType | T.ByteType)
+        return (F.col(col) if integral else F.col(col).cast("double")).alias(name)
 
-    rating = F.col(rating_col).cast("double")
-    checks = ratings.agg(
-        F.sum(bad_id(user_col).cast("long")).alias("bad_user"),
-        F.sum(bad_id(item_col).cast("long")).alias("bad_item"),
-        F.sum((rating.isNull() | F.isnan(rating)).cast("long")).alias("bad_rating"),
-    ).first()
-    problems = []
-    if checks["bad_user"]:
-        problems.append(f"{checks['bad_user']} values of '{user_col}' are null, fractional or outside the Int range")
-    if checks["bad_item"]:
-        problems.append(f"{checks['bad_item']} values of '{item_col}' are null, fractional or outside the Int range")
-    if checks["bad_rating"]:
-        problems.append(f"{checks['bad_rating']} values of '{rating_col}' are null or NaN")
-    if problems:
-        raise InputDataError("ImplicitALS only supports integer ids in the Int range and non-NaN ratings: " + "; ".join(problems))
     return ratings.select(
-        F.col(user_col).cast("int").alias("user"), F.col(item_col).cast("int").alias("item"), rating.alias("rating")
+        id_column(user_col, "user"), id_column(item_col, "item"), F.col(rating_col).cast("double").alias("rating")
     )
 
 
-_BLOCK_SCHEMA = T.StructType([
-    T.StructField("block", T.IntegerType()),
-    T.StructField("in_block", T.BinaryType()),
-    T.StructField("out_block", T.BinaryType()),
-])
+def _checked_ids(column: pa.Array) -> tuple[np.ndarray, int]:
+    """``(ids as int32, number of bad values)``: null, fractional, non-finite or outside the Int range.
+    Bad values become 0 so the pass can finish; the caller fails when the count is not 0."""
+    nulls = column.null_count
+    if pa.types.is_integer(column.type):
+        values = column.fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        bad = (values < INT_MIN) | (values > INT_MAX)
+    else:
+        values = column.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(values) | (values < INT_MIN) | (values > INT_MAX) | (np.floor(values) != values)
+    n_bad = int(bad.sum())
+    if n_bad:
+        values = np.where(bad, 0, values)
+    return values.astype(np.int32), n_bad + nulls
+
+
+def _checked_ratings(column: pa.Array) -> tuple[np.ndarray, int]:
+    """``(ratings as float64, number of null, NaN or infinite values)``; bad values become 0."""
+    values = column.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
+    bad = ~np.isfinite(values)
+    n_bad = int(bad.sum())
+    if n_bad:
+        values = np.where(bad, 0.0, values)
+    return values, n_bad + column.null_count
 
 
 def make_out_block(in_block: InBlock, num_src_blocks: int) -> dict[int, np.ndarray]:
@@ -187,45 +191,172 @@ def make_out_block(in_block: InBlock, num_src_blocks: int) -> dict[int, np.ndarr
     return out
 
 
-def make_blocks(
-    ratings: DataFrame,
-    dst_col: str,
-    src_col: str,
-    num_dst_blocks: int,
-    num_src_blocks: int,
-    storage_level: StorageLevel,
-) -> tuple[RDD, RDD]:
-    """In-blocks and out-blocks of one side, built in one pass over the ratings.
+USER_SIDE, ITEM_SIDE = 0, 1
+_STATS = 2
+_CHUNK_SCHEMA = T.StructType([
+    T.StructField("side", T.IntegerType()),
+    T.StructField("block", T.IntegerType()),
+    T.StructField("payload", T.BinaryType()),
+])
 
-    Returns ``RDD[(block, InBlock)]`` (this side solved) and ``RDD[(block, {other block: positions})]``
-    (this side fixed), both persisted and partitioned by :func:`block_partition`. ``ratings`` has
-    columns ``user``, ``item``, ``rating`` (from :func:`validate_ratings`).
+
+def _encode_partition(batches, num_user_blocks: int, num_item_blocks: int):
+    """``mapInArrow`` body: check one input partition and cut it into per-(side, block) chunks.
+
+    Yields rows ``(side, block, payload)``: for ``USER_SIDE`` the payload holds the partition's
+    ``(user, item, rating)`` arrays of the ratings whose user falls in ``block``, for ``ITEM_SIDE``
+    ``(item, user, rating)`` by item block, and one ``_STATS`` row holds
+    ``(rows, bad users, bad items, bad ratings)``. Python sees Arrow batches, never single rows.
+    """
+    users, items, values = [], [], []
+    stats = np.zeros(4, dtype=np.int64)
+    for batch in batches:
+        user, bad_user = _checked_ids(batch.column(0))
+        item, bad_item = _checked_ids(batch.column(1))
+        rating, bad_rating = _checked_ratings(batch.column(2))
+        stats += (batch.num_rows, bad_user, bad_item, bad_rating)
+        users.append(user)
+        items.append(item)
+        values.append(rating)
+    if not users:
+        return
+    user, item, rating = np.concatenate(users), np.concatenate(items), np.concatenate(values)
+    sides, blocks, payloads = [_STATS], [0], [pickle.dumps(stats.tolist())]
+    for side, dst, src, num_blocks in ((USER_SIDE, user, item, num_user_blocks), (ITEM_SIDE, item, user, num_item_blocks)):
+        block = block_of(dst, num_blocks)
+        order = np.argsort(block, kind="stable")
+        bounds = np.searchsorted(block[order], np.arange(num_blocks + 1))
+        for b in range(num_blocks):
+            rows = order[bounds[b] : bounds[b + 1]]
+            if rows.shape[0]:
+                sides.append(side)
+                blocks.append(b)
+                payloads.append(pickle.dumps((dst[rows], src[rows], rating[rows]), protocol=5))
+    yield pa.RecordBatch.from_arrays(
+        [pa.array(sides, pa.int32()), pa.array(blocks, pa.int32()), pa.array(payloads, pa.binary())],
+        schema=_CHUNK_ARROW_SCHEMA,
+    )
+
+
+_CHUNK_ARROW_SCHEMA = pa.schema([("side", pa.int32()), ("block", pa.int32()), ("payload", pa.binary())])
+
+
+def _in_blocks_of_side(chunks: RDD, side: int, num_dst_blocks: int, num_src_blocks: int) -> RDD:
+    """``RDD[(block, InBlock)]`` of one side from the encoded chunks: one shuffle, one block per partition."""
+
+    def build(records):
+        parts = [pickle.loads(payload) for _, payload in records]
+        if not parts:
+            return
+        block = block_of(parts[0][0][:1], num_dst_blocks)[0]
+        dst, src, ratings = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        yield int(block), make_in_block(dst, src, ratings, num_src_blocks)
+
+    return (
+        chunks.filter(lambda row: row[0] == side)
+        .map(lambda row: (row[1], row[2]))
+        .partitionBy(num_dst_blocks, block_partition)
+        .mapPartitions(build, preservesPartitioning=True)
+    )
+
+
+@dataclass
+class RatingBlocks:
+    """The cached rating blocks of both sides, and their sizes.
+
+    ``user_in`` / ``item_in``: ``RDD[(block, InBlock)]`` with users / items as dst, persisted and
+    partitioned by :func:`block_partition`. Out-blocks (the routing of one side's factors when it is
+    the fixed side) are only needed when that side is routed rather than broadcast, so
+    :meth:`out_blocks` builds them on first use.
     """
 
-    def build(table: pa.Table) -> pa.Table:
-        dst = table.column(dst_col).to_numpy()
-        src = table.column(src_col).to_numpy()
-        vals = table.column("rating").to_numpy()
-        block = int(table.column("block")[0].as_py())
-        in_block = make_in_block(dst, src, vals, num_src_blocks)
-        out_block = make_out_block(in_block, num_src_blocks)
-        return pa.table({
-            "block": pa.array([block], pa.int32()),
-            "in_block": pa.array([pickle.dumps(in_block, protocol=5)], pa.binary()),
-            "out_block": pa.array([pickle.dumps(out_block, protocol=5)], pa.binary()),
-        })
+    user_in: RDD
+    item_in: RDD
+    num_user_blocks: int
+    num_item_blocks: int
+    nnz: int
+    n_users: int
+    n_items: int
+    storage_level: StorageLevel
+    _out: dict = field(default_factory=dict)
 
-    packed = (
-        ratings.withColumn("block", F.pmod(F.col(dst_col), F.lit(num_dst_blocks)).cast("int"))
-        .groupBy("block")
-        .applyInArrow(build, _BLOCK_SCHEMA)
-        .rdd.map(lambda row: (row[0], (row[1], row[2])))
-        .partitionBy(num_dst_blocks, block_partition)
+    def out_blocks(self, side: int) -> RDD:
+        """``RDD[(block, {other block: positions})]`` of ``side``'s entities as the fixed side."""
+        if side not in self._out:
+            in_blocks = self.user_in if side == USER_SIDE else self.item_in
+            num_src = self.num_item_blocks if side == USER_SIDE else self.num_user_blocks
+            self._out[side] = in_blocks.mapValues(lambda ib: make_out_block(ib, num_src)).persist(self.storage_level)
+        return self._out[side]
+
+    def unpersist(self) -> None:
+        for rdd in (self.user_in, self.item_in, *self._out.values()):
+            rdd.unpersist()
+
+
+def build_rating_blocks(
+    ratings: DataFrame,
+    num_user_blocks: int,
+    num_item_blocks: int,
+    storage_level: StorageLevel,
+    column_names: tuple[str, str, str] = ("user", "item", "rating"),
+) -> RatingBlocks:
+    """Check the ratings' values and build the in-blocks of both sides, in two Spark jobs.
+
+    One ``mapInArrow`` pass checks every value and cuts each input partition into per-(side, block)
+    chunks (numpy arrays); one shuffle per side gathers each block's chunks, where
+    :func:`make_in_block` sums duplicates and builds the CSR arrays. This mirrors MLlib's
+    ``partitionRatings`` + ``makeBlocks``, without a row-by-row pass in Python.
+
+    Parameters
+    ----------
+    ratings : DataFrame
+        Output of :func:`select_ratings` (columns ``user``, ``item``, ``rating``).
+    num_user_blocks, num_item_blocks : int
+    storage_level : StorageLevel
+        Level of the cached blocks.
+    column_names : tuple of str
+        The user, item and rating columns' names in the caller's input, for error messages.
+
+    Raises
+    ------
+    InputDataError
+        Some id is null, fractional or outside the Int range, or some rating is null, NaN or infinite;
+        the message names the input column.
+    """
+    names = column_names
+    chunks = (
+        ratings.select("user", "item", "rating")
+        .mapInArrow(lambda batches: _encode_partition(batches, num_user_blocks, num_item_blocks), _CHUNK_SCHEMA)
+        .rdd.map(tuple)
         .persist(storage_level)
     )
-    in_blocks = packed.mapValues(lambda v: pickle.loads(v[0])).persist(storage_level)
-    out_blocks = packed.mapValues(lambda v: pickle.loads(v[1])).persist(storage_level)
-    in_blocks.count()
-    out_blocks.count()
-    packed.unpersist()
-    return in_blocks, out_blocks
+    user_in = _in_blocks_of_side(chunks, USER_SIDE, num_user_blocks, num_item_blocks).persist(storage_level)
+    item_in = _in_blocks_of_side(chunks, ITEM_SIDE, num_item_blocks, num_user_blocks).persist(storage_level)
+    sc = chunks.context
+    # one job computes the chunks once (cached) and both sides' blocks; it returns only small summaries
+    summaries = sc.union([
+        chunks.filter(lambda row: row[0] == _STATS).map(lambda row: (_STATS, pickle.loads(row[2]))),
+        user_in.map(lambda kv: (USER_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz))),
+        item_in.map(lambda kv: (ITEM_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz))),
+    ]).collect()
+    chunks.unpersist()
+    stats = np.sum([v for k, v in summaries if k == _STATS] or [[0, 0, 0, 0]], axis=0)
+    problems = []
+    for name, count in zip(names[:2], stats[1:3]):
+        if count:
+            problems.append(f"{count} values of '{name}' are null, fractional or outside the Int range")
+    if stats[3]:
+        problems.append(f"{stats[3]} values of '{names[2]}' are null, NaN or infinite")
+    if problems:
+        user_in.unpersist()
+        item_in.unpersist()
+        raise InputDataError(
+            "ImplicitALS only supports integer ids in the Int range and finite ratings: " + "; ".join(problems)
+        )
+    user_sizes = [v for k, v in summaries if k == USER_SIDE]
+    item_sizes = [v for k, v in summaries if k == ITEM_SIDE]
+    return RatingBlocks(
+        user_in, item_in, num_user_blocks, num_item_blocks,
+        nnz=int(sum(n for _, n in user_sizes)), n_users=int(sum(n for n, _ in user_sizes)),
+        n_items=int(sum(n for n, _ in item_sizes)), storage_level=storage_level,
+    )

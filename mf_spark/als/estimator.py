@@ -23,7 +23,7 @@ from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark import keyword_only
 
-from mf_spark.als.blocks import validate_ratings
+from mf_spark.als.blocks import select_ratings
 from mf_spark.als.model import ImplicitALSModel, _ImplicitALSModelParams
 from mf_spark.als.params import CONFIDENCES, REGULARIZATIONS, SOLVERS, SolveParams
 from mf_spark.als.train import TrainSettings, factors_to_frame, train_implicit
@@ -158,7 +158,8 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
         self._validate()
         get = self.getOrDefault
         spark = SparkSession.active()
-        ratings = validate_ratings(dataset, get(self.userCol), get(self.itemCol), get(self.ratingCol))
+        columns = (get(self.userCol), get(self.itemCol), get(self.ratingCol))
+        ratings = select_ratings(dataset, *columns)
         settings = TrainSettings(
             rank=get(self.rank), max_iter=get(self.maxIter), solve=self.solve_params(),
             num_user_blocks=get(self.numUserBlocks), num_item_blocks=get(self.numItemBlocks), seed=get(self.seed),
@@ -173,6 +174,7 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
             spark, ratings, settings,
             initial_user_factors=None if initial is None else initial.userFactors,
             initial_item_factors=None if initial is None else initial.itemFactors,
+            column_names=columns,
         )
         final_level = getattr(StorageLevel, get(self.finalStorageLevel))
         user_factors = factors_to_frame(spark, result.user_factors)

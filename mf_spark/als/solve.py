@@ -168,8 +168,43 @@ def solve_block(
     -------
     np.ndarray, shape (n_dst, k), float32
     """
+    return _solve(indptr, indices, ratings, src_factors, src_gramian, n_src_total, params, init)[0]
+
+
+def solve_block_with_objective(
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    ratings: np.ndarray,
+    src_factors: np.ndarray,
+    src_gramian: np.ndarray,
+    n_src_total: int,
+    params: SolveParams,
+    init: np.ndarray | None = None,
+) -> tuple[np.ndarray, float]:
+    """:func:`solve_block`, plus the objective of the block's rows at the new factors, almost for free.
+
+    For one row with system ``A x = b`` (``A`` includes ``lambda_u I``) the row's share of the objective
+    (Hu, Koren and Volinsky 2008, eq. 3: its data term over *all* src entities plus ``lambda_u |x|^2``) is
+    ``x^T A x - 2 b.x + sum_{i: r_ui > 0} c_ui``. With the solver's residual ``r = b - A x`` this is
+    ``sum c - b.x - r.x``: no extra pass over the ratings (CG tracks ``r``; Cholesky has ``r = 0``).
+    The value is that of the float64 solution; the float32 factors returned differ from it by a
+    second-order amount (the gradient vanishes at the solution).
+
+    Returns
+    -------
+    factors : np.ndarray, shape (n_dst, k), float32
+    objective : float
+        ``sum_u [data term of u over all src entities + lambda_u |x_u|^2]`` over the block's rows, as
+        the sum of both values of :func:`block_loss`.
+    """
+    return _solve(indptr, indices, ratings, src_factors, src_gramian, n_src_total, params, init)
+
+
+def _solve(indptr, indices, ratings, src_factors, src_gramian, n_src_total, params, init) -> tuple[np.ndarray, float]:
     block = _Block.build(indptr, indices, ratings, src_factors, src_gramian, n_src_total, params, init)
     solved = np.zeros((block.n_dst, block.rank), dtype=np.float32)
+    # sum over rows of (b.x + r.x), the part of the objective that depends on the solution
+    solution_terms = 0.0
     if params.solver == "cholesky":
         # Systems are formed per length class but factored in full batches: the solve's cost per call
         # (a Python loop over k) is then shared by many systems even where a length class is small.
@@ -181,19 +216,22 @@ def solve_block(
             matrices, rhs = pending.reserve(np.array([row]))
             matrices[0], rhs[0] = block.long_normal_equations(row)
         pending.flush()
+        solution_terms = pending.rhs_dot_solution
     else:
         for rows, length in block.batches(dense_systems=False):
             gathered = block.gather(rows, length)
             rhs = _batched_rmatvec(gathered.factors, gathered.positive_weights)
             apply_matrix = block.implicit_operator(rows, gathered)
-            solved[rows] = _conjugate_gradient(apply_matrix, rhs, block.init[rows], params.cg_steps)
+            x, residual = _conjugate_gradient(apply_matrix, rhs, block.init[rows], params.cg_steps)
+            solved[rows] = x
+            solution_terms += float(np.einsum("bk,bk->", x, rhs + residual))
         # An entity too long to gather at once gets its system formed in chunks; CG then runs on it.
         for row in block.long_rows:
             matrix, rhs = block.long_normal_equations(row)
-            solved[row] = _conjugate_gradient(
-                lambda v, m=matrix: v @ m, rhs[None], block.init[[row]], params.cg_steps
-            )[0]
-    return solved
+            x, residual = _conjugate_gradient(lambda v, m=matrix: v @ m, rhs[None], block.init[[row]], params.cg_steps)
+            solved[row] = x[0]
+            solution_terms += float(x[0] @ (rhs + residual[0]))
+    return solved, float(block.positive_weights.sum()) - solution_terms
 
 
 def reference_solve(
@@ -551,6 +589,7 @@ class _PendingSystems:
         self.rows = np.empty(capacity, dtype=np.int64)
         self.filled = 0
         self.solved = solved
+        self.rhs_dot_solution = 0.0
 
     def reserve(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Slots ``(matrices (nb, k, k), rhs (nb, k))`` for the systems of ``rows``, to be filled in."""
@@ -566,7 +605,9 @@ class _PendingSystems:
     def flush(self) -> None:
         if self.filled:
             count = self.filled
-            self.solved[self.rows[:count]] = _spd_solve(self.matrices[:count], self.rhs[:count])
+            solution = _spd_solve(self.matrices[:count], self.rhs[:count])
+            self.solved[self.rows[:count]] = solution
+            self.rhs_dot_solution += float(np.einsum("bk,bk->", solution, self.rhs[:count]))
             self.filled = 0
 
 
@@ -632,10 +673,11 @@ def _cholesky_substitution(lower: np.ndarray, rhs: np.ndarray) -> np.ndarray:
 
 def _conjugate_gradient(
     apply_matrix: Callable[[np.ndarray], np.ndarray], rhs: np.ndarray, x0: np.ndarray, steps: int
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """``steps`` CG steps on a batch of SPD systems from ``x0``, each system stopping on its own.
 
-    ``apply_matrix`` maps (nb, k) -> (nb, k); ``rhs`` and ``x0`` are (nb, k). Step order as in
+    ``apply_matrix`` maps (nb, k) -> (nb, k); ``rhs`` and ``x0`` are (nb, k). Returns the solutions and
+    their residuals ``rhs - A x`` (as CG's recurrence tracks them), both (nb, k). Step order as in
     benfred/implicit's ``_least_squares_cg``: a system whose squared residual norm is below 1e-20 (or
     whose curvature ``p^T A p`` is not positive) takes no further step.
     """
@@ -659,4 +701,4 @@ def _conjugate_gradient(
         direction *= ratio[:, None]
         direction += residual
         rs_old = rs_new
-    return x
+    return x, residual

@@ -28,18 +28,25 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mf_spark.als import solve
-from mf_spark.als.blocks import InBlock, block_partition, make_blocks
+from mf_spark.als.blocks import (
+    ITEM_SIDE,
+    USER_SIDE,
+    InBlock,
+    RatingBlocks,
+    block_partition,
+    build_rating_blocks,
+)
 from mf_spark.als.params import SolveParams
 
 log = logging.getLogger(__name__)
 
-USER_SIDE, ITEM_SIDE = 0, 1
 
 
 @dataclass
 class FactorBlock:
     """Factors of one block: ``ids`` (n,) int32 sorted, ``factors`` (n, rank) float32, and the loss
-    terms of the half-step that produced them (``data_loss`` only on the user side)."""
+    terms of the half-step that produced them: on the user side ``data_loss`` is the users' data term
+    plus their regularisation term, on the item side ``reg_loss`` is the items' regularisation term."""
 
     ids: np.ndarray
     factors: np.ndarray
@@ -181,12 +188,15 @@ def half_step(
         else:
             messages.sort(key=lambda m: m[0])
             src_local = np.concatenate([m[1] for m in messages]) if messages else np.zeros((0, src_gramian.shape[0]), np.float32)
-        factors = solve.solve_block(in_block.indptr, in_block.indices, in_block.ratings, src_local, src_gramian,
-                                    n_src_total, params, init=prev.factors)
         if compute_data_loss:
-            data_loss, reg_loss = solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, factors,
-                                                   src_local, src_gramian, n_src_total, params)
+            # the data term and this side's regularisation term, from the solver's own quantities
+            factors, data_loss = solve.solve_block_with_objective(
+                in_block.indptr, in_block.indices, in_block.ratings, src_local, src_gramian, n_src_total, params,
+                init=prev.factors)
+            reg_loss = 0.0
         else:
+            factors = solve.solve_block(in_block.indptr, in_block.indices, in_block.ratings, src_local, src_gramian,
+                                        n_src_total, params, init=prev.factors)
             data_loss = 0.0
             reg_loss = solve.regularization_loss(in_block.n_positive, factors, n_src_total, params)
         yield block, FactorBlock(in_block.dst_ids, factors, float(data_loss), float(reg_loss))
@@ -251,18 +261,22 @@ def train_implicit(
     initial_user_factors: DataFrame | None = None,
     initial_item_factors: DataFrame | None = None,
     callback: Callable[[int, float, float], None] | None = None,
+    column_names: tuple[str, str, str] = ("user", "item", "rating"),
 ) -> TrainResult:
-    """Fit implicit ALS on validated ratings (columns ``user``, ``item``, ``rating``, no duplicates).
+    """Fit implicit ALS on ratings (columns ``user``, ``item``, ``rating``; duplicates are summed).
 
     Parameters
     ----------
     ratings : DataFrame
-        Output of :func:`mf_spark.als.blocks.validate_ratings`.
+        Output of :func:`mf_spark.als.blocks.select_ratings`; its values are checked while the blocks
+        are built (:class:`~mf_spark.errors.InputDataError` on a bad id or rating).
     settings : TrainSettings
     initial_user_factors, initial_item_factors : DataFrame, optional
         ``(id, features)`` tables of a previous model: a warm start.
     callback : callable, optional
         Called as ``callback(iteration, seconds, loss)`` after each iteration.
+    column_names : tuple of str
+        The caller's names of the user, item and rating columns, for error messages.
 
     Returns
     -------
@@ -280,23 +294,23 @@ def train_implicit(
         sc.setCheckpointDir(ckpt)
 
     started = time.perf_counter()
-    ratings = ratings.persist(level)
-    user_in, user_out = make_blocks(ratings, "user", "item", nub, nib, level)
-    item_in, item_out = make_blocks(ratings, "item", "user", nib, nub, level)
-    nnz = user_in.map(lambda kv: kv[1].nnz).sum()
-    ratings.unpersist()
-    log.info("ALS blocks built: %d ratings, %dx%d blocks, %.1fs", nnz, nub, nib, time.perf_counter() - started)
+    blocks = build_rating_blocks(ratings, nub, nib, level, column_names)
+    user_in, item_in = blocks.user_in, blocks.item_in
+    log.info("ALS blocks built: %d ratings, %d users, %d items, %dx%d blocks, %.1fs",
+             blocks.nnz, blocks.n_users, blocks.n_items, nub, nib, time.perf_counter() - started)
+
+    threshold = settings.broadcast_threshold_bytes
+    broadcast_users = blocks.n_users * rank * 4 <= threshold
+    broadcast_items = blocks.n_items * rank * 4 <= threshold
+    user_out = None if broadcast_users else blocks.out_blocks(USER_SIDE)
+    item_out = None if broadcast_items else blocks.out_blocks(ITEM_SIDE)
 
     init_users = None if initial_user_factors is None else factor_frame_to_blocks(initial_user_factors, nub, rank)
     init_items = None if initial_item_factors is None else factor_frame_to_blocks(initial_item_factors, nib, rank)
     user_factors = initialize(user_in, rank, settings.seed, USER_SIDE, init_users).persist(level)
+    # the item start is only read by the first item half-step (the CG warm start): computed there
     item_factors = initialize(item_in, rank, settings.seed, ITEM_SIDE, init_items).persist(level)
-    threshold = settings.broadcast_threshold_bytes
-    user_stats = _materialize(user_factors, rank, collect_factors=True)
-    broadcast_users = user_stats.count * rank * 4 <= threshold
-    if not broadcast_users:
-        user_stats.blocks = None
-    item_factors.count()
+    user_stats = _materialize(user_factors, rank, collect_factors=broadcast_users)
 
     losses: list[float] = []
     seconds: list[float] = []
@@ -317,9 +331,7 @@ def train_implicit(
                               user_stats.count, settings.solve, False, broadcast_of(user_stats)).persist(level)
         if checkpoint:
             new_items.checkpoint()
-        item_stats = _materialize(new_items, rank, collect_factors=True)
-        if item_stats.count * rank * 4 > threshold:
-            item_stats.blocks = None
+        item_stats = _materialize(new_items, rank, collect_factors=broadcast_items)
         item_factors.unpersist()
         item_factors = new_items
 
@@ -328,7 +340,8 @@ def train_implicit(
                               broadcast_of(item_stats)).persist(level)
         if checkpoint:
             new_users.checkpoint()
-        user_stats = _materialize(new_users, rank, collect_factors=broadcast_users)
+        # after the last half-step no one reads the user factors on the driver
+        user_stats = _materialize(new_users, rank, collect_factors=broadcast_users and iteration < settings.max_iter)
         user_factors.unpersist()
         user_factors = new_users
         if checkpoint:
@@ -345,8 +358,7 @@ def train_implicit(
         if callback is not None:
             callback(iteration, elapsed, losses[-1])
 
-    for rdd in (user_in, item_in, user_out, item_out):
-        rdd.unpersist()
+    blocks.unpersist()
     for bc in broadcasts:
         bc.unpersist()
     log.info("ALS fit: %d iterations in %.1fs", settings.max_iter, time.perf_counter() - started)
@@ -394,13 +406,13 @@ def objective(
 
     ``sum_{all u,i} c_ui (p_ui - x_u.y_i)^2 + sum_u lambda_u |x_u|^2 + sum_i lambda_i |y_i|^2``, with the
     data term over *all* pairs computed by the Gramian trick per user block (never scoring all pairs).
-    ``ratings`` comes from :func:`mf_spark.als.blocks.validate_ratings`; every rated user and item must
+    ``ratings`` comes from :func:`mf_spark.als.blocks.select_ratings`; every rated user and item must
     have factors.
     """
     level = StorageLevel.MEMORY_AND_DISK
     rank = len(item_factors.first()["features"])
-    user_in, user_out = make_blocks(ratings, "user", "item", num_blocks, 1, level)
-    item_in, item_out = make_blocks(ratings, "item", "user", num_blocks, 1, level)
+    blocks = build_rating_blocks(ratings, num_blocks, num_blocks, level)
+    user_in, item_in = blocks.user_in, blocks.item_in
     users = factor_frame_to_blocks(user_factors, num_blocks, rank)
     items = factor_frame_to_blocks(item_factors, num_blocks, rank)
     item_blocks = sorted(items.collect(), key=lambda kv: kv[0])
@@ -429,6 +441,5 @@ def objective(
     total = sum(user_in.union(users).mapPartitions(user_terms).collect())
     total += sum(item_in.union(items).mapPartitions(item_terms).collect())
     lookup.unpersist()
-    for rdd in (user_in, user_out, item_in, item_out):
-        rdd.unpersist()
+    blocks.unpersist()
     return float(total)

@@ -117,10 +117,10 @@ def mllib_objective(
     train: DataFrame, user_factors: DataFrame, item_factors: DataFrame, params: TrainParams
 ) -> float:
     """The objective ImplicitALS minimises, evaluated on MLlib's factors (MLlib reports no loss)."""
-    from mf_spark.als.blocks import validate_ratings
+    from mf_spark.als.blocks import select_ratings
     from mf_spark.als.train import objective
 
-    ratings = validate_ratings(_mllib_ratings(train, params), USER, ITEM, STRENGTH)
+    ratings = select_ratings(_mllib_ratings(train, params), USER, ITEM, STRENGTH)
     # the log confidence is already in the ratings MLlib saw; its own confidence is linear
     solve = dataclasses.replace(params.solve_params(), confidence="linear")
     return float(
