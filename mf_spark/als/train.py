@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from pyspark import RDD, Broadcast, StorageLevel
+from pyspark import RDD, Accumulator, AccumulatorParam, Broadcast, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -37,6 +37,7 @@ from mf_spark.als.blocks import (
     build_rating_blocks,
 )
 from mf_spark.als.params import SolveParams
+from mf_spark.blas import task_blas_threads
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +182,11 @@ def half_step(
         block, in_block, prev, messages = _split_partition(records)
         if in_block is None:
             return
+        with task_blas_threads():
+            result = solve_one(block, in_block, prev, messages)
+        yield result
+
+    def solve_one(block, in_block, prev, messages):
         if broadcast_src is not None:
             sorted_ids, table = broadcast_src.value
             rows = in_block.src_ids if sorted_ids is None else np.searchsorted(sorted_ids, in_block.src_ids)
@@ -199,7 +205,7 @@ def half_step(
                                         n_src_total, params, init=prev.factors)
             data_loss = 0.0
             reg_loss = solve.regularization_loss(in_block.n_positive, factors, n_src_total, params)
-        yield block, FactorBlock(in_block.dst_ids, factors, float(data_loss), float(reg_loss))
+        return block, FactorBlock(in_block.dst_ids, factors, float(data_loss), float(reg_loss))
 
     parts = [dst_in_blocks, prev_dst_factors]
     if broadcast_src is None:
@@ -233,25 +239,55 @@ class _SideStats:
     blocks: list[tuple[int, FactorBlock]] | None
 
 
-def _materialize(factors: RDD, rank: int, collect_factors: bool) -> _SideStats:
-    """Run the half-step (one action) and gather what the next half-step needs.
+class _BlockStatsParam(AccumulatorParam):
+    """Per-block ``(gramian, count, data_loss, reg_loss)`` keyed by block id.
+
+    A task that runs again (a retry, or a lost cache rebuilt from lineage) overwrites its block's entry
+    with the same values, so the merged result does not depend on retries.
+    """
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, value1: dict, value2: dict) -> dict:
+        value1.update(value2)
+        return value1
+
+
+def _tracked(factors: RDD, stats: Accumulator) -> RDD:
+    """``factors`` whose tasks also report their block's Gramian, size and loss terms to ``stats``.
+
+    The statistics ride along with the job that computes (and caches) the factors, so the next half-step
+    needs no second pass over them.
+    """
+
+    def record(records):
+        for block, factor_block in records:
+            stats.add({block: (solve.gramian(factor_block.factors), factor_block.ids.shape[0],
+                               factor_block.data_loss, factor_block.reg_loss)})
+            yield block, factor_block
+
+    return factors.mapPartitions(record, preservesPartitioning=True)
+
+
+def _materialize(factors: RDD, stats: Accumulator, rank: int, collect_factors: bool) -> _SideStats:
+    """Run the job computing ``factors`` (persisted, built by :func:`_tracked` with ``stats``) and gather
+    what the next half-step needs: the Gramian, and all factors when the side is broadcast.
 
     Sums run in block order on the driver, so the Gramian and the loss do not depend on task timing.
     """
     if collect_factors:
         blocks = sorted(factors.collect(), key=lambda kv: kv[0])
-        stats = [(b, solve.gramian(fb.factors), fb.ids.shape[0], fb.data_loss, fb.reg_loss) for b, fb in blocks]
     else:
         blocks = None
-        stats = sorted(
-            factors.map(lambda kv: (kv[0], solve.gramian(kv[1].factors), kv[1].ids.shape[0],
-                                    kv[1].data_loss, kv[1].reg_loss)).collect(),
-            key=lambda s: s[0],
-        )
+        # a JVM-side action: PySpark's count() would stack a second Python worker on each task
+        factors._jrdd.count()
+    by_block = [stats.value[b] for b in sorted(stats.value)]
     gram = np.zeros((rank, rank), dtype=np.float64)
-    for s in stats:
-        gram += s[1]
-    return _SideStats(gram, sum(s[2] for s in stats), sum(s[3] for s in stats), sum(s[4] for s in stats), blocks)
+    for entry in by_block:
+        gram += entry[0]
+    return _SideStats(gram, sum(e[1] for e in by_block), sum(e[2] for e in by_block), sum(e[3] for e in by_block),
+                      blocks)
 
 
 def train_implicit(
@@ -307,10 +343,16 @@ def train_implicit(
 
     init_users = None if initial_user_factors is None else factor_frame_to_blocks(initial_user_factors, nub, rank)
     init_items = None if initial_item_factors is None else factor_frame_to_blocks(initial_item_factors, nib, rank)
-    user_factors = initialize(user_in, rank, settings.seed, USER_SIDE, init_users).persist(level)
-    # the item start is only read by the first item half-step (the CG warm start): computed there
-    item_factors = initialize(item_in, rank, settings.seed, ITEM_SIDE, init_items).persist(level)
-    user_stats = _materialize(user_factors, rank, collect_factors=broadcast_users)
+
+    def stats_accumulator() -> Accumulator:
+        return sc.accumulator({}, _BlockStatsParam())
+
+    acc = stats_accumulator()
+    user_factors = _tracked(initialize(user_in, rank, settings.seed, USER_SIDE, init_users), acc).persist(level)
+    user_stats = _materialize(user_factors, acc, rank, collect_factors=broadcast_users)
+    acc = stats_accumulator()
+    item_factors = _tracked(initialize(item_in, rank, settings.seed, ITEM_SIDE, init_items), acc).persist(level)
+    _materialize(item_factors, acc, rank, collect_factors=False)
 
     losses: list[float] = []
     seconds: list[float] = []
@@ -327,21 +369,25 @@ def train_implicit(
         t0 = time.perf_counter()
         checkpoint = settings.checkpoint_interval > 0 and iteration % settings.checkpoint_interval == 0
         # items from users (MLlib's implicit order), then users from the new items
-        new_items = half_step(item_in, user_out, user_factors, item_factors, nib, user_stats.gramian,
-                              user_stats.count, settings.solve, False, broadcast_of(user_stats)).persist(level)
+        acc = stats_accumulator()
+        new_items = _tracked(half_step(item_in, user_out, user_factors, item_factors, nib, user_stats.gramian,
+                                       user_stats.count, settings.solve, False, broadcast_of(user_stats)),
+                             acc).persist(level)
         if checkpoint:
             new_items.checkpoint()
-        item_stats = _materialize(new_items, rank, collect_factors=broadcast_items)
+        item_stats = _materialize(new_items, acc, rank, collect_factors=broadcast_items)
         item_factors.unpersist()
         item_factors = new_items
 
-        new_users = half_step(user_in, item_out, item_factors, user_factors, nub, item_stats.gramian,
-                              item_stats.count, settings.solve, settings.compute_loss,
-                              broadcast_of(item_stats)).persist(level)
+        acc = stats_accumulator()
+        new_users = _tracked(half_step(user_in, item_out, item_factors, user_factors, nub, item_stats.gramian,
+                                       item_stats.count, settings.solve, settings.compute_loss,
+                                       broadcast_of(item_stats)), acc).persist(level)
         if checkpoint:
             new_users.checkpoint()
         # after the last half-step no one reads the user factors on the driver
-        user_stats = _materialize(new_users, rank, collect_factors=broadcast_users and iteration < settings.max_iter)
+        user_stats = _materialize(new_users, acc, rank,
+                                  collect_factors=broadcast_users and iteration < settings.max_iter)
         user_factors.unpersist()
         user_factors = new_users
         if checkpoint:
@@ -428,8 +474,10 @@ def objective(
         sorted_ids, table = lookup.value
         rows = in_block.src_ids if sorted_ids is None else np.searchsorted(sorted_ids, in_block.src_ids)
         x = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
-        yield sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x, table[rows],
+        with task_blas_threads():
+            terms = sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x, table[rows],
                                    item_gram, n_items, params))
+        yield terms
 
     def item_terms(records):
         _, in_block, known, _ = _split_partition(records)

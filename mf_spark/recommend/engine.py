@@ -37,6 +37,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from mf_spark.blas import task_blas_threads
 from mf_spark.errors import InputDataError
 from mf_spark.recommend.topk import (
     DEFAULT_MAX_TILE_COLUMNS,
@@ -304,11 +305,11 @@ def _broadcast_plan(
     def score_block(src_table: pa.Table, seen_table: pa.Table | None) -> pa.Table:
         ids, factors, indptr, seen_dst = _block_inputs(src_table, seen_table, normalize)
         b_ids, b_matrix = dst_bc.value
-        return _topk_table(
-            block_top_k(
+        with task_blas_threads():
+            result = block_top_k(
                 ids, factors, b_ids, b_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args
             )
-        )
+        return _topk_table(result)
 
     empty = _topk_table(TopK.empty())
     return _apply_per_block(src_blocks, seen_blocks, score_block, RECOMMENDATION_SCHEMA, empty)
@@ -354,9 +355,10 @@ def _cross_plan(
                 current_block, block_inputs = row["block"], pickle.loads(row["payload"])
             ids, factors, indptr, seen_dst = block_inputs
             chunk_ids, chunk_matrix = pickle.loads(row["dst_payload"])
-            result = block_top_k(
-                ids, factors, chunk_ids, chunk_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args
-            )
+            with task_blas_threads():
+                result = block_top_k(
+                    ids, factors, chunk_ids, chunk_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args
+                )
             yield current_block, pickle.dumps((result.src, result.dst, result.score), protocol=5)
 
     # RDD iteration streams one (block, chunk) pair at a time; an Arrow batch could hold thousands.
