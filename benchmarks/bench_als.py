@@ -83,43 +83,58 @@ def dataset_path(name: str) -> Path:
 # --- measurement --------------------------------------------------------------------------------
 
 
-def _tree_rss_bytes(root_pid: int) -> int:
+def _tree_memory_bytes(root_pid: int) -> tuple[int, int]:
+    """``(RSS, PSS)`` summed over ``root_pid`` and all its descendants.
+
+    RSS counts a page shared by several processes once per process, so forked Python workers (which
+    share the interpreter and libraries with their daemon) are over-counted; PSS splits each shared
+    page between its sharers and so sums to the memory the tree really uses. Both are reported.
+    """
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            pid, ppid = int(entry), int(fields[1])
-            rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-            children.setdefault(ppid, []).append(pid)
+            children.setdefault(int(fields[1]), []).append(int(entry))
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [root_pid]
+    rss = pss = 0
+    stack = [root_pid]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
         stack.extend(children.get(pid, []))
-    return total
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) * 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return rss, pss
 
 
 class PeakRss:
-    """Polls the RSS of this process and all its descendants (driver JVM, Python workers)."""
+    """Polls the RSS and PSS of this process and all its descendants (driver JVM, Python workers);
+    ``peak`` is the peak RSS, ``peak_pss`` the peak PSS."""
 
     def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
 
     def __enter__(self):
-        self.peak = _tree_rss_bytes(os.getpid())
+        self.peak, self.peak_pss = _tree_memory_bytes(os.getpid())
+        self.before, self.before_pss = self.peak, self.peak_pss
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            rss, pss = _tree_memory_bytes(os.getpid())
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
@@ -254,6 +269,7 @@ def cmd_memory(args) -> None:
         _, sec = fit(args.impl, train, args.blocks)
     record({"benchmark": "als_memory", "dataset": args.dataset, "impl": args.impl, "fit_seconds": round(sec, 2),
             "peak_rss_mb": round(peak.peak / 2**20), "rss_before_fit_mb": round(base / 2**20),
+            "peak_pss_mb": round(peak.peak_pss / 2**20), "pss_before_fit_mb": round(peak.before_pss / 2**20),
             "driver_memory": args.driver_memory, "blocks": args.blocks})
     spark.stop()
 
@@ -275,7 +291,8 @@ def cmd_scale(args) -> None:
                 "items": model.itemFactors.count(), "fit_seconds": round(total, 2),
                 "seconds_per_iteration": [round(s, 2) for s in model.iterationSeconds],
                 "mean_seconds_per_iteration": round(float(np.mean(model.iterationSeconds)), 2),
-                "peak_rss_mb": round(peak.peak / 2**20), "driver_memory": args.driver_memory, "blocks": args.blocks})
+                "peak_rss_mb": round(peak.peak / 2**20), "peak_pss_mb": round(peak.peak_pss / 2**20),
+                "driver_memory": args.driver_memory, "blocks": args.blocks})
     spark.stop()
 
 

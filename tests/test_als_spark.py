@@ -349,3 +349,31 @@ def test_objective_scores_any_factors_exactly(spark, small):
     value = objective(spark, select_ratings(ratings, "user", "item", "rating"), model.userFactors,
                       model.itemFactors, SolveParams(alpha=2.0, reg_param=0.1), num_blocks=3)
     assert value == pytest.approx(dense_objective(R, X, Y, 2.0, 0.1), rel=1e-5)
+
+
+def test_tasks_limit_blas_to_their_cpus(spark):
+    """Two tasks per 2 cores each starting a BLAS thread per core oversubscribed the machine (the CG
+    kernel ran 9x slower); inside a task the limit is spark.task.cpus."""
+    from threadpoolctl import threadpool_info
+
+    from mf_spark.blas import task_blas_threads
+
+    def blas_threads(_):
+        import numpy  # noqa: F401  (loads OpenBLAS in the worker, as the solvers do)
+
+        with task_blas_threads():
+            inside = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+        yield inside
+
+    inside = spark.sparkContext.parallelize(range(2), 2).mapPartitions(blas_threads).collect()
+    assert inside and all(threads == [1] * len(threads) and threads for threads in inside)
+
+
+def test_block_statistics_merge_is_idempotent_under_retries():
+    from mf_spark.als.train import _BlockStatsParam
+
+    param = _BlockStatsParam()
+    merged = param.addInPlace(param.zero({}), {0: (1.0, 2)})
+    merged = param.addInPlace(merged, {1: (3.0, 4)})
+    merged = param.addInPlace(merged, {0: (1.0, 2)})  # block 0's task ran again
+    assert merged == {0: (1.0, 2), 1: (3.0, 4)}
