@@ -83,8 +83,9 @@ def dataset_path(name: str) -> Path:
 # --- measurement --------------------------------------------------------------------------------
 
 
-def _tree_memory_bytes(root_pid: int) -> tuple[int, int]:
-    """``(RSS, PSS)`` summed over ``root_pid`` and all its descendants.
+def _tree_memory_bytes(root_pid: int) -> tuple[int, int, dict[str, int]]:
+    """``(RSS, PSS, PSS by role)`` summed over ``root_pid`` and all its descendants; the roles are
+    ``driver_python`` (``root_pid``), ``jvm`` and ``python_workers`` (everything else).
 
     RSS counts a page shared by several processes once per process, so forked Python workers (which
     share the interpreter and libraries with their daemon) are over-counted; PSS splits each shared
@@ -101,40 +102,48 @@ def _tree_memory_bytes(root_pid: int) -> tuple[int, int]:
         except (OSError, IndexError, ValueError):
             continue
     rss = pss = 0
+    by_role = {"driver_python": 0, "jvm": 0, "python_workers": 0}
     stack = [root_pid]
     while stack:
         pid = stack.pop()
         stack.extend(children.get(pid, []))
         try:
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Rss:"):
                         rss += int(line.split()[1]) * 1024
                     elif line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
+                        value = int(line.split()[1]) * 1024
+                        pss += value
+                        role = "driver_python" if pid == root_pid else "jvm" if comm == "java" else "python_workers"
+                        by_role[role] += value
         except OSError:
             continue
-    return rss, pss
+    return rss, pss, by_role
 
 
 class PeakRss:
     """Polls the RSS and PSS of this process and all its descendants (driver JVM, Python workers);
-    ``peak`` is the peak RSS, ``peak_pss`` the peak PSS."""
+    ``peak`` is the peak RSS, ``peak_pss`` the peak PSS and ``peak_pss_by_role`` its split by process role."""
 
     def __init__(self, interval: float = 0.1):
         self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
 
     def __enter__(self):
-        self.peak, self.peak_pss = _tree_memory_bytes(os.getpid())
-        self.before, self.before_pss = self.peak, self.peak_pss
+        self.peak, self.peak_pss, self.peak_pss_by_role = _tree_memory_bytes(os.getpid())
+        self.before, self.before_pss, self.before_pss_by_role = self.peak, self.peak_pss, self.peak_pss_by_role
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self):
         while not self._stop.is_set():
-            rss, pss = _tree_memory_bytes(os.getpid())
-            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            rss, pss, by_role = _tree_memory_bytes(os.getpid())
+            self.peak = max(self.peak, rss)
+            if pss > self.peak_pss:
+                self.peak_pss, self.peak_pss_by_role = pss, by_role
             time.sleep(self.interval)
 
     def __exit__(self, *exc):
@@ -270,6 +279,8 @@ def cmd_memory(args) -> None:
     record({"benchmark": "als_memory", "dataset": args.dataset, "impl": args.impl, "fit_seconds": round(sec, 2),
             "peak_rss_mb": round(peak.peak / 2**20), "rss_before_fit_mb": round(base / 2**20),
             "peak_pss_mb": round(peak.peak_pss / 2**20), "pss_before_fit_mb": round(peak.before_pss / 2**20),
+            "peak_pss_mb_by_role": {k: round(v / 2**20) for k, v in peak.peak_pss_by_role.items()},
+            "pss_before_fit_mb_by_role": {k: round(v / 2**20) for k, v in peak.before_pss_by_role.items()},
             "driver_memory": args.driver_memory, "blocks": args.blocks})
     spark.stop()
 
