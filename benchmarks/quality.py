@@ -6,13 +6,17 @@
 Data (read-only, never copied into the repo): ``../shared/data/lastfm-2k`` (HetRec 2011 Last.fm, play
 counts as strength; no timestamps, so a seeded per-user random 80/20 split) and
 ``../shared/data/ml-latest-small`` (MovieLens, ratings >= 4 as positives with strength 1, per-user
-temporal 80/20 split). Each factor model gets the same seeded random sample of the same grid, chosen by
+temporal 80/20 split). Each factor model searches the dimensions of one grid it supports (MLlib: rank,
+reg_param, alpha, confidence; ImplicitALS also the count / constant / frequency regularisation and the
+frequency regularisation's alpha0 and nu) with the same budget of distinct parameter sets (a seeded
+refine search: half random start, half steps to neighbouring grid values of the best so far), chosen by
 NDCG@20 on a validation split carved from the training part, then scored on the test part.
 
 Writes ``benchmarks/results/quality_<dataset>.md`` (the README table), ``quality_<dataset>.json``
 (every number) and ``quality_<dataset>/`` (report.md and plots). A second table trains the three factor
-models with one parameter set (MLlib's tuned winner) and three seeds, to tell model quality from the
-noise of picking a winner on validation.
+models with three seeds, each with its own tuned parameters and all with one parameter set (MLlib's tuned
+winner), to tell model quality from the noise of the initial factors and of picking a winner on
+validation.
 """
 
 from __future__ import annotations
@@ -44,26 +48,36 @@ TABLE = (
     ("precision@10", "P@10"),
     ("coverage@20", "Coverage@20"),
 )
-# One grid for both factor models; regularisation stays MLlib's count scaling so the spaces are identical.
-# The grids are centred on the winners of a first, coarser run (rank 32-128, reg_param 0.01-1, alpha
-# 0.1-10 / 1-40, linear and log confidence). On Last.fm that run put the linear confidence on raw play
-# counts (up to 352k) far behind the log one (validation NDCG@20 0.03-0.13 against 0.17-0.21), so the
-# fine grid searches the log confidence only.
+# One grid per data set; each factor model searches the dimensions it supports (MLlib has no
+# regularization, frequency_alpha0 or frequency_nu: its space is rank x reg_param x alpha [x confidence]).
+# The ranges come from coarser validation-only runs of both models (rank 16-128, reg_param 0.01-100,
+# alpha 0.3-10, every regularisation). On Last.fm the linear confidence on raw play counts (up to 352k)
+# was far behind the log one (validation NDCG@20 0.03-0.13 against 0.17-0.21), so only the log one is
+# searched; MovieLens strengths are all 1, where log is linear with a scaled alpha. reg_param reaches 10
+# because constant regularisation needs a larger lambda; the same values are open to MLlib. A first run
+# with one value fewer per edge put several winners of both models on an edge of the grid (Last.fm rank
+# 128, alpha 1, nu 1; MovieLens alpha 0.3, alpha0 0.01, nu 0.5), so each of those was extended by one
+# step, except Last.fm's rank: an MLlib fit at rank 256 took 3 to 6 minutes here (10 s at 128).
 GRIDS = {
     "lastfm-2k": {
-        "rank": [16, 32, 64],
-        "reg_param": [0.03, 0.1, 0.3],
-        "alpha": [0.3, 1.0, 3.0],
+        "rank": [32, 64, 128],
+        "reg_param": [0.1, 0.3, 1.0, 3.0, 10.0],
+        "alpha": [0.3, 1.0, 3.0, 10.0],
         "confidence": ["log"],
-        "regularization": ["count"],
+        "regularization": ["count", "constant", "frequency"],
+        "frequency_alpha0": [0.003, 0.01, 0.1],
+        "frequency_nu": [0.5, 0.75, 1.0, 1.25],
     },
     "ml-latest-small": {
-        "rank": [32, 64, 128],
-        "reg_param": [0.03, 0.1, 0.3],
-        "alpha": [0.3, 1.0, 3.0],
-        "regularization": ["count"],
+        "rank": [16, 32, 64, 128],
+        "reg_param": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0],
+        "alpha": [0.1, 0.3, 1.0, 3.0],
+        "regularization": ["count", "constant", "frequency"],
+        "frequency_alpha0": [0.003, 0.01, 0.1, 0.3],
+        "frequency_nu": [0.25, 0.5, 0.75, 1.0],
     },
 }
+SAMPLES = 24  # distinct parameter sets tried per factor model (both searches spend exactly this many)
 SEEDS = (42, 1, 2)
 BASE_PARAMS = {
     "max_iter": 10,
@@ -111,9 +125,15 @@ def load(spark, data_root: Path, dataset: str):
     )
 
 
-def same_params_check(interactions, result: dict, seeds: tuple[int, ...]) -> dict:
-    """NDCG@20 and Recall@20 of the three factor models trained with one parameter set (MLlib's tuned
-    winner) and several seeds, on the same split: separates model quality from tuning-selection noise."""
+def seeds_check(interactions, result: dict, seeds: tuple[int, ...]) -> dict:
+    """NDCG@20 and Recall@20 on test of the factor models trained with several seeds on the same split:
+
+    - ``same_params``: all three with one parameter set (MLlib's tuned winner), which separates model
+      quality from tuning-selection noise;
+    - ``tuned``: each model with its own tuned parameters, which shows how much of the headline
+      difference (one seed) is the seed of the initial factors.
+
+    Nothing here is chosen: the parameters are the validation winners."""
     import statistics
 
     from mf_spark.evaluate.metrics import ranking_metrics
@@ -130,32 +150,52 @@ def same_params_check(interactions, result: dict, seeds: tuple[int, ...]) -> dic
     )
     train, relevant = split.train.persist(), split.relevant.persist()
     users = relevant.select("user_idx").distinct()
-    params = TrainParams.from_mapping(result["models"]["mllib_als"]["params"])
-    table = {}
-    for model in ("implicit_als", "implicit_als_cholesky", "mllib_als"):
-        values = {"ndcg@20": [], "recall@20": []}
-        for seed in seeds:
-            run = recommend_for_users(model, train, users, 20, params.replace(seed=seed))
-            metrics = ranking_metrics(run.recommendations, relevant, [20])
-            for key in values:
-                values[key].append(metrics[key])
-        table[model] = {
-            key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "values": v}
-            for key, v in values.items()
-        }
+    factor_models = ("implicit_als", "implicit_als_cholesky", "mllib_als")
+    mllib = TrainParams.from_mapping(result["models"]["mllib_als"]["params"])
+    plans = {
+        "same_params": {model: mllib for model in factor_models},
+        "tuned": {m: TrainParams.from_mapping(result["models"][m]["params"]) for m in factor_models},
+    }
+    out: dict = {"seeds": list(seeds), "same_params_params": _shown(mllib)}
+    for plan, params_by_model in plans.items():
+        table = {}
+        for model, params in params_by_model.items():
+            values = {"ndcg@20": [], "recall@20": []}
+            for seed in seeds:
+                run = recommend_for_users(model, train, users, 20, params.replace(seed=seed))
+                metrics = ranking_metrics(run.recommendations, relevant, [20])
+                for key in values:
+                    values[key].append(metrics[key])
+            table[model] = {
+                key: {"mean": statistics.fmean(v), "min": min(v), "max": max(v), "values": v}
+                for key, v in values.items()
+            }
+        out[plan] = table
     train.unpersist()
     relevant.unpersist()
-    return {
-        "params": {k: getattr(params, k) for k in ("rank", "reg_param", "alpha", "confidence")},
-        "seeds": list(seeds),
-        "models": table,
-    }
+    return out
+
+
+def _shown(params) -> dict:
+    return {k: getattr(params, k) for k in ("rank", "reg_param", "alpha", "confidence")}
+
+
+def _seed_rows(table: dict) -> list[str]:
+    rows = ["| model | NDCG@20 | Recall@20 |", "|---|---|---|"]
+    for name, values in table.items():
+        cells = [
+            f"{v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]"
+            for v in (values["ndcg@20"], values["recall@20"])
+        ]
+        rows.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    return rows
 
 
 def markdown(dataset: str, result: dict, seconds: float, samples: int, command: str) -> str:
     from mf_spark.evaluate.report import _table
 
     counts, data = result["split"]["counts"], result["data"]
+    budget = ", ".join(f"{model} {n}" for model, n in result["tuning"]["trials"].items())
     settings = ", ".join(f"{k}={v}" for k, v in result["split"]["settings"].items())
     lines = [
         f"### {dataset}",
@@ -171,8 +211,11 @@ def markdown(dataset: str, result: dict, seconds: float, samples: int, command: 
             [[name, *[run["metrics"][key] for key, _ in TABLE]] for name, run in result["models"].items()],
         ),
         "",
-        "| model | rank | reg_param | alpha | confidence | regularization | validation NDCG@20 | trials |",
-        "|---|---|---|---|---|---|---|---|",
+        "Chosen parameters (alpha0 and nu act only under frequency regularisation):",
+        "",
+        "| model | rank | reg_param | alpha | confidence | regularization | frequency alpha0 | frequency nu "
+        "| validation NDCG@20 | trials |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in result["models"].items():
         trials = run.get("tuning_trials") or []
@@ -181,33 +224,37 @@ def markdown(dataset: str, result: dict, seconds: float, samples: int, command: 
         p = run["params"]
         best = max((t["value"] for t in trials), default=None)
         note = "same as implicit_als" if name == "implicit_als_cholesky" else str(len(trials))
+        frequency = (
+            [f"{p['frequency_alpha0']:g}", f"{p['frequency_nu']:g}"]
+            if p["regularization"] == "frequency"
+            else ["-", "-"]
+        )
         lines.append(
             f"| {name} | {p['rank']} | {p['reg_param']:g} | {p['alpha']:g} | {p['confidence']} | "
-            f"{p['regularization']} | {'-' if best is None else f'{best:.4f}'} | {note} |"
+            f"{p['regularization']} | {frequency[0]} | {frequency[1]} | "
+            f"{'-' if best is None else f'{best:.4f}'} | {note} |"
         )
-    check = result.get("same_params_check")
+    check = result.get("seeds_check")
     if check:
-        p = check["params"]
+        p, seeds = check["same_params_params"], ", ".join(map(str, check["seeds"]))
         lines += [
             "",
-            f"Same parameters for all three (MLlib's winner: rank {p['rank']}, reg_param {p['reg_param']:g}, "
-            f"alpha {p['alpha']:g}, {p['confidence']} confidence), "
-            f"seeds {', '.join(map(str, check['seeds']))}: "
-            "mean [min, max] on test.",
+            f"Each model with its own tuned parameters (above), seeds {seeds}: mean [min, max] on test.",
             "",
-            "| model | NDCG@20 | Recall@20 |",
-            "|---|---|---|",
+            *_seed_rows(check["tuned"]),
+            "",
+            f"Same parameters for all three (MLlib's winner: rank {p['rank']}, reg_param {p['reg_param']:g}, "
+            f"alpha {p['alpha']:g}, {p['confidence']} confidence), seeds {seeds}: mean [min, max] on test.",
+            "",
+            *_seed_rows(check["same_params"]),
         ]
-        for name, values in check["models"].items():
-            cells = [
-                f"{v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]"
-                for v in (values["ndcg@20"], values["recall@20"])
-            ]
-            lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
     lines += [
         "",
-        f"Tuning: the same seeded random sample of {samples} points of the grid "
-        f"`{json.dumps(result['tuning']['grid'])}` for each factor model, "
+        f"Tuning: the same budget of distinct parameter sets per search ({budget}; "
+        f"{result['tuning']['mode']} search: "
+        f"{(samples + 1) // 2} seeded random, the rest steps to neighbouring grid values of the best so far) "
+        f"over the dimensions each supports of the grid `{json.dumps(result['tuning']['grid'])}` "
+        "(MLlib: rank, reg_param, alpha, confidence), "
         f"max_iter={BASE_PARAMS['max_iter']}, chosen by validation {result['tuning']['metric']}; "
         "`implicit_als_cholesky` reuses the CG search's winner. "
         f"Wall time {seconds / 60:.1f} min on {os.cpu_count()} cores (local[2], shared with other work: "
@@ -222,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=(*DATASETS, "all"), default="all")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
-    parser.add_argument("--samples", type=int, default=8, help="grid points tried per factor model")
+    parser.add_argument(
+        "--samples", type=int, default=SAMPLES, help="distinct parameter sets tried per factor model"
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -254,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     command = (
         "python benchmarks/quality.py"
         + ("" if args.dataset == "all" else f" --dataset {args.dataset}")
-        + ("" if args.samples == 8 else f" --samples {args.samples}")
+        + ("" if args.samples == SAMPLES else f" --samples {args.samples}")
     )
     try:
         for dataset in datasets:
@@ -274,10 +323,12 @@ def main(argv: list[str] | None = None) -> int:
                 tune=True,
                 tuning_grid=GRIDS[dataset],
                 tuning_metric="ndcg@20",
-                tuning_mode="random",
+                tuning_mode="refine",
                 tuning_samples=args.samples,
             )
-            result["same_params_check"] = same_params_check(interactions, result, SEEDS)
+            if len(set(result["tuning"]["trials"].values())) != 1:
+                raise RuntimeError(f"unequal tuning budgets: {result['tuning']['trials']}")
+            result["seeds_check"] = seeds_check(interactions, result, SEEDS)
             interactions.unpersist()
             seconds = time.perf_counter() - started
             result["wall_seconds"] = round(seconds, 1)

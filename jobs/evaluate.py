@@ -41,6 +41,7 @@ def body(spark, cfg, args):
         report_dir,
         summary_table,
     )
+    from mf_spark.evaluate.tuning import TUNABLE
 
     path = args.interactions or published_interactions_path(cfg["output"]["root"], args.date)
     out = args.out or report_dir(cfg["output"]["root"], args.date)
@@ -59,7 +60,7 @@ def body(spark, cfg, args):
         train_params=cfg["train"],
         out_dir=out,
         tune=args.tune,
-        tuning_grid={n: tuning[n] for n in ("rank", "reg_param", "alpha", "regularization", "confidence")},
+        tuning_grid={n: tuning[n] for n in TUNABLE},
         tuning_metric=tuning["metric"],
         tuning_mode=tuning["mode"],
         tuning_samples=tuning["samples"],

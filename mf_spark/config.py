@@ -135,13 +135,15 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
                       "models compared, the first is the one the gate reads: implicit_als, implicit_als_cholesky, mllib_als, popular, random"),
         "tuning": {
             "metric": Key("str", "ndcg@20", "metric the tuning maximises on the validation split, name@K"),
-            "mode": Key("str", "grid", "search every combination or a seeded random sample of them", choices=("grid", "random")),
-            "samples": Key("int", 8, "random mode: combinations tried per model", minimum=1),
+            "mode": Key("str", "grid", "search every combination, a seeded random sample of them, or a seeded random start refined by steps to neighbouring grid values (see docs/evaluation.md)", choices=("grid", "random", "refine")),
+            "samples": Key("int", 8, "random and refine modes: distinct parameter sets tried per model", minimum=1),
             "rank": Key("list[int]", [32, 64], "ranks searched"),
             "reg_param": Key("list[float]", [0.01, 0.1], "regularisation lambdas searched"),
             "alpha": Key("list[float]", [5.0, 20.0], "confidence scales searched"),
-            "regularization": Key("list[str]", ["count"], "lambda scalings searched (MLlib: count only)"),
+            "regularization": Key("list[str]", ["count"], "lambda scalings searched (MLlib: count only); frequency_alpha0 and frequency_nu are searched under frequency"),
             "confidence": Key("list[str]", ["linear"], "confidence functions searched"),
+            "frequency_alpha0": Key("list[float]", [], "alpha0 values of frequency regularisation searched (ImplicitALS only; empty = train.frequency_alpha0)"),
+            "frequency_nu": Key("list[float]", [], "nu values of frequency regularisation searched (ImplicitALS only; empty = train.frequency_nu)"),
         },
         "gate": {
             "enabled": Key("bool", True, "stop publishing when the gate fails"),

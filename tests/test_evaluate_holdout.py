@@ -133,19 +133,24 @@ def test_tuning_mode_picks_on_validation(communities, spark, tmp_path):
         models=["implicit_als", "popular"],
         train_params={**TRAIN, "max_iter": 2},
         tune=True,
-        tuning_grid={"rank": [4], "regularization": ["count", "constant"]},
+        tuning_grid={"rank": [4], "regularization": ["count", "frequency"], "frequency_nu": [0.5]},
         tuning_metric="ndcg@5",
         out_dir=str(tmp_path),
     )
     tuning = result["tuning"]
     assert tuning["enabled"] and tuning["validation_counts"]["test_users"] > 0
+    assert tuning["trials"] == {"implicit_als": 2}
     ials = result["models"]["implicit_als"]
-    assert [t["params"]["regularization"] for t in ials["tuning_trials"]] == ["count", "constant"]
+    assert [(t["params"]["regularization"], t["params"]["frequency_nu"]) for t in ials["tuning_trials"]] == [
+        ("count", None),
+        ("frequency", 0.5),
+    ]
     assert result["models"]["popular"]["tuning_trials"] is None
     best = max(ials["tuning_trials"], key=lambda t: t["value"])
     assert ials["params"]["regularization"] == best["params"]["regularization"]
     assert (tmp_path / "tuning_metric_vs_rank.png").stat().st_size > 5000
-    assert "## Tuning" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "## Tuning" in report and "| frequency_nu |" in report
 
 
 def test_random_search_is_seeded():
@@ -166,3 +171,109 @@ def test_random_search_is_seeded():
     assert {p.solver for p in candidate_params(base, modes, model="implicit_als_cholesky")} == {"cholesky"}
     with pytest.raises(ValueError, match="max_iter"):
         candidate_params(base, {"max_iter": [1]}, model="implicit_als")
+
+
+def test_frequency_dimensions_are_searched_only_where_they_act():
+    base = TrainParams()
+    grid = {
+        "rank": [8, 16],
+        "regularization": ["count", "frequency"],
+        "frequency_alpha0": [0.01, 0.1],
+        "frequency_nu": [0.5, 1.0],
+    }
+    ials = candidate_params(base, grid, model="implicit_als")
+    # count: one set per rank (alpha0 and nu keep the base values); frequency: 2 x 2 per rank
+    assert len(ials) == 2 * (1 + 4) and len(set(ials)) == len(ials)
+    count = [p for p in ials if p.regularization == "count"]
+    unused = {(p.frequency_alpha0, p.frequency_nu) for p in count}
+    assert unused == {(base.frequency_alpha0, base.frequency_nu)}
+    frequency = {(p.frequency_alpha0, p.frequency_nu) for p in ials if p.regularization == "frequency"}
+    assert frequency == {(0.01, 0.5), (0.01, 1.0), (0.1, 0.5), (0.1, 1.0)}
+    # MLlib cannot vary them (nor the regularisation): only the ranks remain
+    mllib = candidate_params(base, grid, model="mllib_als")
+    assert [(p.rank, p.regularization, p.frequency_alpha0) for p in mllib] == [
+        (8, "count", base.frequency_alpha0),
+        (16, "count", base.frequency_alpha0),
+    ]
+    # random mode draws from the distinct sets, so the budget is never spent on repeated fits
+    drawn = candidate_params(base, grid, model="implicit_als", mode="random", samples=9, seed=0)
+    assert len(drawn) == 9 and len(set(drawn)) == 9 and set(drawn) <= set(ials)
+    assert candidate_params(base, grid, model="implicit_als", mode="random", samples=50) == ials
+    # with frequency as the base regularisation the dimensions act without listing the mode
+    freq_base = base.replace(regularization="frequency")
+    assert len(candidate_params(freq_base, {"frequency_nu": [0.5, 1.0]}, model="implicit_als")) == 2
+
+
+def test_trial_params_blank_inactive_frequency_settings():
+    from mf_spark.evaluate.tuning import TUNABLE, trial_params
+
+    count = trial_params(TrainParams(regularization="count"))
+    assert list(count) == list(TUNABLE)
+    assert count["frequency_alpha0"] is None and count["frequency_nu"] is None
+    freq = trial_params(TrainParams(regularization="frequency", frequency_alpha0=0.02, frequency_nu=0.5))
+    assert (freq["frequency_alpha0"], freq["frequency_nu"]) == (0.02, 0.5)
+
+
+def test_neighbours_are_one_grid_step_away():
+    from mf_spark.evaluate.tuning import neighbours, search_space
+
+    grid = {
+        "rank": [8, 16, 32],
+        "reg_param": [0.1, 0.01, 1.0],  # ordered by value, not by listing
+        "regularization": ["count", "frequency"],
+        "frequency_nu": [0.5, 1.0],
+    }
+    base = TrainParams()
+    space = search_space(base, grid, model="implicit_als")
+    start = base.replace(rank=16, reg_param=0.1, solver="cg")
+    near = {
+        (p.rank, p.reg_param, p.regularization, p.frequency_nu)
+        for p in neighbours(start, space, grid, model="implicit_als")
+    }
+    assert near == {
+        (8, 0.1, "count", base.frequency_nu),
+        (32, 0.1, "count", base.frequency_nu),
+        (16, 0.01, "count", base.frequency_nu),
+        (16, 1.0, "count", base.frequency_nu),
+        (16, 0.1, "frequency", 0.5),  # switching on frequency reaches every nu
+        (16, 0.1, "frequency", 1.0),
+    }
+
+
+def test_refine_search_climbs_to_the_best_within_the_budget():
+    import math
+
+    from mf_spark.evaluate.tuning import search, search_space
+
+    grid = {
+        "rank": [8, 16, 32, 64, 128],
+        "reg_param": [0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+        "alpha": [0.3, 1.0, 3.0, 10.0],
+        "regularization": ["count", "frequency"],
+        "frequency_nu": [0.5, 0.75, 1.0],
+    }
+    base = TrainParams()
+    space = search_space(base, grid, model="implicit_als")
+    assert len(space) == 5 * 6 * 4 * (1 + 3)
+
+    def score(p):  # a single smooth peak at rank 32, reg_param 0.3, alpha 3, frequency nu 0.75
+        nu = p.frequency_nu if p.regularization == "frequency" else 2.0
+        distance = abs(math.log2(p.rank / 32)) + abs(math.log10(p.reg_param / 0.3))
+        return -distance - abs(math.log10(p.alpha / 3)) - abs(nu - 0.75)
+
+    results = search(base, grid, score, model="implicit_als", mode="refine", samples=30, seed=7)
+    assert len(results) == 30 and len({p for p, _, _ in results}) == 30
+    assert [stage for _, _, stage in results] == ["random"] * 15 + ["local"] * 15
+    best = max(results, key=lambda r: r[1])[0]
+    found = (best.rank, best.reg_param, best.alpha, best.regularization, best.frequency_nu)
+    assert found == (32, 0.3, 3.0, "frequency", 0.75)
+    assert results == search(base, grid, score, model="implicit_als", mode="refine", samples=30, seed=7)
+    random_only = search(base, grid, score, model="implicit_als", mode="random", samples=30, seed=7)
+    assert max(v for _, v, _ in random_only) < max(v for _, v, _ in results)
+    # the budget is the same for every model; a space smaller than it is searched whole
+    mllib = search(base, grid, score, model="mllib_als", mode="refine", samples=30, seed=7)
+    assert len(mllib) == 30 and {p.regularization for p, _, _ in mllib} == {"count"}
+    small = {"rank": [8, 16], "alpha": [1.0, 3.0]}
+    assert len(search(base, small, score, model="mllib_als", mode="refine", samples=30)) == 4
+    with pytest.raises(ValueError, match="tuning mode"):
+        search(base, small, score, model="mllib_als", mode="bayes")

@@ -33,11 +33,27 @@ def test_defaults_are_valid():
         ({"cutoff_date": "2024-13-01"}, "evaluate.cutoff_date"),
         ({"tuning": {"confidence": ["linear", "sqrt"]}}, "evaluate.tuning.confidence"),
         ({"tuning": {"alpha": [1, "x"]}}, "evaluate.tuning.alpha"),
+        ({"tuning": {"frequency_nu": [0.5, -1.0]}}, "evaluate.tuning.frequency_nu"),
+        ({"tuning": {"frequency_alpha0": ["x"]}}, "evaluate.tuning.frequency_alpha0"),
+        ({"tuning": {"reg_param": [-0.1]}}, "evaluate.tuning.reg_param"),
+        ({"tuning": {"rank": [0, 8]}}, "evaluate.tuning.rank"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate_settings(_evaluate(**overrides), tune=True)
+
+
+def test_frequency_tuning_values_accepted():
+    settings = _evaluate(
+        tuning={
+            "regularization": ["count", "frequency"],
+            "frequency_alpha0": [0.01, 0.1],
+            "frequency_nu": [1],
+        }
+    )
+    assert settings["tuning"]["frequency_nu"] == [1.0]
+    validate_settings(settings, tune=True)
 
 
 def test_tuning_metric_checked_only_when_tuning():

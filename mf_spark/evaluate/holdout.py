@@ -66,10 +66,12 @@ def evaluate_holdout(
     out_dir
         When given, ``metrics.json``, ``report.md`` and plots are written there.
     tune, tuning_grid, tuning_metric, tuning_mode, tuning_samples
-        Tuning mode: each factor model searches ``tuning_grid`` (``name -> values``; names from
-        :data:`mf_spark.evaluate.tuning.TUNABLE`; default :data:`DEFAULT_TUNING_GRID`) on a validation
-        split carved from the training part, chooses by ``tuning_metric`` and is then evaluated on the test
-        part with the chosen parameters.
+        Tuning mode: each factor model searches the dimensions of ``tuning_grid`` it supports
+        (``name -> values``; names from :data:`mf_spark.evaluate.tuning.TUNABLE`; default
+        :data:`DEFAULT_TUNING_GRID`) on a validation split carved from the training part, chooses by
+        ``tuning_metric`` and is then evaluated on the test part with the chosen parameters. In the
+        random and refine modes every search tries ``tuning_samples`` distinct parameter sets (fewer only
+        when its space is smaller; ``tuning.trials`` records the count per search).
 
     Returns
     -------
@@ -202,6 +204,12 @@ def _evaluate(
             result = tuned_once[family]
             chosen[model] = result.best
             trials[model] = result.trials if result.model == model else []
+        # the budget each search spent (random, refine: min(samples, distinct sets of its space))
+        tuning_info["trials"] = {r.model: len(r.trials) for r in tuned_once.values()}
+        if len(set(tuning_info["trials"].values())) > 1:
+            log.warning(
+                "the tuning searches tried different numbers of parameter sets: %s", tuning_info["trials"]
+            )
         for df in validation_cached:
             df.unpersist()
 
@@ -251,7 +259,8 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
     ------
     ConfigError
         Naming the key: an unknown model or metric, a gate or tuning metric whose K is not evaluated,
-        a global temporal split without ``cutoff_date``, an unknown tuning mode value.
+        a global temporal split without ``cutoff_date``, an unknown regularisation or confidence to tune,
+        a negative tuning value or a rank below 1.
     """
     from mf_spark.als.params import CONFIDENCES, REGULARIZATIONS
     from mf_spark.errors import ConfigError
@@ -284,6 +293,12 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
         bad = [v for v in evaluate["tuning"][key] if v not in allowed]
         if bad:
             raise ConfigError(f"key 'evaluate.tuning.{key}': {bad} not in {', '.join(allowed)}")
+    for key in ("reg_param", "alpha", "frequency_alpha0", "frequency_nu"):
+        bad = [v for v in evaluate["tuning"][key] if v < 0]
+        if bad:
+            raise ConfigError(f"key 'evaluate.tuning.{key}': negative values {bad}")
+    if any(v < 1 for v in evaluate["tuning"]["rank"]):
+        raise ConfigError(f"key 'evaluate.tuning.rank': ranks must be >= 1, got {evaluate['tuning']['rank']}")
 
 
 def published_interactions_path(root: str, run_date: dt.date) -> str:

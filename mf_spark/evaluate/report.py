@@ -34,10 +34,13 @@ PARAM_COLUMNS = (
     "reg_param",
     "alpha",
     "regularization",
+    "frequency_alpha0",
+    "frequency_nu",
     "confidence",
     "solver",
     "cg_steps",
 )
+FREQUENCY_COLUMNS = ("frequency_alpha0", "frequency_nu")  # shown only under frequency regularisation
 
 
 def _fmt(value: Any) -> str:
@@ -52,6 +55,12 @@ def _fmt(value: Any) -> str:
 
 def _param(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else _fmt(value)
+
+
+def _param_value(params: dict[str, Any], name: str) -> Any:
+    if name in FREQUENCY_COLUMNS and params.get("regularization") != "frequency":
+        return None
+    return params.get(name)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -95,7 +104,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         out += [_table(["model"] + [label for _, label in TABLE_METRICS], rows), ""]
     out += ["## Parameters", ""]
     rows = [
-        [name] + [_param(run["params"].get(c)) for c in PARAM_COLUMNS] + [f"{run['fit_seconds']:.1f}"]
+        [name, *(_param(_param_value(run["params"], c)) for c in PARAM_COLUMNS), f"{run['fit_seconds']:.1f}"]
         for name, run in models.items()
     ]
     out += [_table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]

@@ -2,8 +2,10 @@
 
 The test part is never looked at while choosing: candidates are trained on the validation split's
 training part, ranked by one metric on its held-out part, and only the winner is then trained on the
-whole training part and scored on the test part. Every factor model gets the same search, so the
-comparison with MLlib is fair (MLlib searches over the dimensions it supports).
+whole training part and scored on the test part. Every factor model searches every dimension of the
+grid it supports (MLlib: rank, reg_param, alpha, confidence; ImplicitALS also the regularisation mode and
+the frequency regularisation's alpha0 and nu) and, in the random and refine modes, tries the same number
+of distinct parameter sets, so the comparison with MLlib is fair.
 """
 
 from __future__ import annotations
@@ -21,9 +23,24 @@ from mf_spark.evaluate.splits import Split, make_split
 
 log = logging.getLogger(__name__)
 
-TUNABLE = ("rank", "reg_param", "alpha", "regularization", "confidence")
+TUNABLE = (
+    "rank",
+    "reg_param",
+    "alpha",
+    "regularization",
+    "confidence",
+    "frequency_alpha0",
+    "frequency_nu",
+)
 # dimensions a model cannot vary; searching them would only repeat identical fits
-UNSUPPORTED = {"mllib_als": ("regularization",)}
+UNSUPPORTED = {"mllib_als": ("regularization", "frequency_alpha0", "frequency_nu")}
+CATEGORICAL = ("regularization", "confidence")  # the other dimensions are numeric, ordered by value
+MODES = ("grid", "random", "refine")
+# dimensions that act only under one value of another; elsewhere they keep the base value
+CONDITIONAL = {
+    "frequency_alpha0": ("regularization", "frequency"),
+    "frequency_nu": ("regularization", "frequency"),
+}
 
 
 @dataclass
@@ -37,6 +54,25 @@ class TuningResult:
     trials: list[dict[str, Any]] = field(default_factory=list)
 
 
+def search_space(base: TrainParams, grid: Mapping[str, Sequence[Any]], *, model: str) -> list[TrainParams]:
+    """Every distinct parameter set of ``grid`` that ``model`` can train, in grid order.
+
+    ``grid`` maps names in :data:`TUNABLE` to values; a missing or empty entry keeps the base value.
+    Dimensions the model does not support (:data:`UNSUPPORTED`) are ignored, and those of
+    :data:`CONDITIONAL` keep the base value where they have no effect (``frequency_alpha0`` and
+    ``frequency_nu`` outside ``regularization = "frequency"``), so no two sets train the same model.
+    """
+    unknown = set(grid) - set(TUNABLE)
+    if unknown:
+        raise ValueError(f"cannot tune {', '.join(sorted(unknown))}; tunable: {', '.join(TUNABLE)}")
+    names = _searched(grid, model)
+    distinct: dict[TrainParams, None] = {}
+    for combo in itertools.product(*[list(dict.fromkeys(grid[n])) for n in names]):
+        params = params_for_model(model, base.replace(**dict(zip(names, combo, strict=True))))
+        distinct.setdefault(_without_inactive(params, base), None)
+    return list(distinct)
+
+
 def candidate_params(
     base: TrainParams,
     grid: Mapping[str, Sequence[Any]],
@@ -46,34 +82,81 @@ def candidate_params(
     samples: int = 8,
     seed: int = 0,
 ) -> list[TrainParams]:
-    """Parameter sets to try for ``model``.
+    """Parameter sets to try for ``model`` up front (:func:`search_space` of ``grid``).
 
     Parameters
     ----------
-    grid
-        ``name -> values`` for names in :data:`TUNABLE`; a missing or empty entry keeps the base value.
     mode
-        ``grid``: every combination (sorted, deterministic); ``random``: ``samples`` distinct
-        combinations drawn with ``random.Random(seed)`` from the full grid.
+        ``grid``: the whole space, in grid order; ``random``: ``samples`` of its distinct sets drawn with
+        ``random.Random(seed)`` (all of them when there are fewer); ``refine``: the random start of the
+        refine search, ``ceil(samples / 2)`` sets drawn the same way (:func:`search` adds the rest).
     """
-    unknown = set(grid) - set(TUNABLE)
-    if unknown:
-        raise ValueError(f"cannot tune {', '.join(sorted(unknown))}; tunable: {', '.join(TUNABLE)}")
+    if mode not in MODES:
+        raise ValueError(f"tuning mode must be one of {', '.join(MODES)}, got {mode!r}")
+    space = search_space(base, grid, model=model)
+    wanted = {"grid": len(space), "random": samples, "refine": (samples + 1) // 2}[mode]
+    if wanted < len(space):
+        return random.Random(seed).sample(space, wanted)
+    return space
+
+
+def neighbours(
+    params: TrainParams, space: Sequence[TrainParams], grid: Mapping[str, Sequence[Any]], *, model: str
+) -> list[TrainParams]:
+    """The sets of ``space`` one grid step from ``params``, in ``space`` order.
+
+    One step: a numeric dimension moved to the next smaller or larger value of its grid, or a
+    categorical one (``regularization``, ``confidence``) changed; switching to ``frequency``
+    regularisation reaches every ``frequency_alpha0`` / ``frequency_nu`` pair (they were inactive).
+    """
+    names = _searched(grid, model)
+    return [other for other in space if _steps(params, other, names, grid) == 1]
+
+
+def _searched(grid: Mapping[str, Sequence[Any]], model: str) -> list[str]:
     skipped = UNSUPPORTED.get(model, ())
-    names = [n for n in TUNABLE if grid.get(n) and n not in skipped]
-    combos = list(itertools.product(*[list(dict.fromkeys(grid[n])) for n in names]))
-    if mode == "random":
-        if samples < len(combos):
-            combos = random.Random(seed).sample(combos, samples)
-    elif mode != "grid":
-        raise ValueError(f"tuning mode must be grid or random, got {mode!r}")
-    result, seen = [], set()
-    for combo in combos:
-        params = params_for_model(model, base.replace(**dict(zip(names, combo, strict=True))))
-        if params not in seen:
-            seen.add(params)
-            result.append(params)
-    return result
+    return [n for n in TUNABLE if grid.get(n) and n not in skipped]
+
+
+def _active(params: TrainParams, name: str) -> bool:
+    if name not in CONDITIONAL:
+        return True
+    other, value = CONDITIONAL[name]
+    return bool(getattr(params, other) == value)
+
+
+def _steps(a: TrainParams, b: TrainParams, names: Sequence[str], grid: Mapping[str, Sequence[Any]]) -> int:
+    steps = 0
+    for name in names:
+        va, vb = getattr(a, name), getattr(b, name)
+        if va == vb or not (_active(a, name) and _active(b, name)):
+            continue
+        if name in CATEGORICAL:
+            steps += 1
+        else:
+            values = sorted(set(grid[name]))
+            steps += abs(values.index(va) - values.index(vb))
+    return steps
+
+
+def _without_inactive(params: TrainParams, base: TrainParams) -> TrainParams:
+    """``params`` with the :data:`CONDITIONAL` dimensions that have no effect reset to ``base``."""
+    inactive = {
+        name: getattr(base, name)
+        for name, (other, value) in CONDITIONAL.items()
+        if getattr(params, other) != value
+    }
+    return params.replace(**inactive) if inactive else params
+
+
+def trial_params(params: TrainParams) -> dict[str, Any]:
+    """The :data:`TUNABLE` values of ``params`` as a report shows them (``None`` where inactive)."""
+    return {
+        name: None
+        if name in CONDITIONAL and getattr(params, CONDITIONAL[name][0]) != CONDITIONAL[name][1]
+        else getattr(params, name)
+        for name in TUNABLE
+    }
 
 
 def validation_split(
@@ -96,6 +179,75 @@ def validation_split(
     )
 
 
+def search(
+    base: TrainParams,
+    grid: Mapping[str, Sequence[Any]],
+    score: Callable[[TrainParams], float],
+    *,
+    model: str,
+    mode: str = "grid",
+    samples: int = 8,
+    seed: int = 0,
+) -> list[tuple[TrainParams, float, str]]:
+    """Score parameter sets of ``grid`` with ``score`` (higher is better): ``(params, value, stage)``s.
+
+    ``grid`` and ``random`` score :func:`candidate_params`. ``refine`` spends the same budget,
+    ``min(samples, size of the space)`` distinct sets: a seeded random start of half of it, then, one at a
+    time, the first untried :func:`neighbours` of the best set so far (of the next best when all of its
+    neighbours are tried; of a further seeded random set when every tried set's are), a deterministic
+    hill climb that keeps a large space (ImplicitALS's regularisation modes) from being sampled thinly.
+    ``stage`` is ``grid``/``random`` for the up-front sets and ``local`` for the refine steps.
+    """
+    results: list[tuple[TrainParams, float, str]] = []
+    for params in candidate_params(base, grid, model=model, mode=mode, samples=samples, seed=seed):
+        results.append((params, score(params), "grid" if mode == "grid" else "random"))
+    if mode != "refine":
+        return results
+    space = search_space(base, grid, model=model)
+    names = _searched(grid, model)
+    fallback = random.Random(seed + 1).sample(space, len(space))
+    came_from: dict[TrainParams, TrainParams] = {}
+    while len(results) < min(samples, len(space)):
+        tried = {params for params, _, _ in results}
+        ranked = sorted(results, key=lambda r: -r[1])  # stable: ties keep the earlier set first
+        following = (
+            (near, params)
+            for params, _, _ in ranked
+            for near in _ordered_neighbours(params, came_from.get(params), space, grid, names)
+            if near not in tried
+        )
+        step = next(following, None)
+        if step is None:
+            params = next(p for p in fallback if p not in tried)
+        else:
+            params, came_from[params] = step
+        results.append((params, score(params), "local"))
+    return results
+
+
+def _ordered_neighbours(
+    params: TrainParams,
+    origin: TrainParams | None,
+    space: Sequence[TrainParams],
+    grid: Mapping[str, Sequence[Any]],
+    names: Sequence[str],
+) -> list[TrainParams]:
+    """The neighbours of ``params`` in ``space`` order, except that when ``params`` was reached by a step
+    from ``origin``, those one more step in the same direction come first (a climb keeps its way)."""
+    near = [other for other in space if _steps(params, other, names, grid) == 1]
+    if origin is not None:
+        moved = _changed(origin, params, names)
+        ahead = [
+            n for n in near if _changed(params, n, names) == moved and _steps(origin, n, names, grid) == 2
+        ]
+        near = ahead + [n for n in near if n not in ahead]
+    return near
+
+
+def _changed(a: TrainParams, b: TrainParams, names: Sequence[str]) -> set[str]:
+    return {n for n in names if getattr(a, n) != getattr(b, n) and _active(a, n) and _active(b, n)}
+
+
 def tune_model(
     model: str,
     validation: Split,
@@ -108,24 +260,23 @@ def tune_model(
     seed: int = 0,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> TuningResult:
-    """Try each candidate of :func:`candidate_params` on ``validation`` and keep the best by ``metric``.
+    """Run :func:`search` with ``metric`` on ``validation`` as the score and keep the best set.
 
-    Ties keep the earlier candidate. ``on_trial`` is called with each finished trial (for logging).
+    Ties keep the earlier set. ``on_trial`` is called with each finished trial (for logging).
     """
     if model not in ALS_MODELS:
         raise ValueError(f"only factor models are tuned ({', '.join(ALS_MODELS)}), not {model!r}")
-    name, k = parse_metric_name(metric)
-    candidates = candidate_params(base, grid, model=model, mode=mode, samples=samples, seed=seed)
+    _, k = parse_metric_name(metric)
     users = validation.relevant.select("user_idx").distinct()
     trials: list[dict[str, Any]] = []
-    best, best_value = candidates[0], float("-inf")
-    for params in candidates:
+
+    def score(params: TrainParams) -> float:
         run = recommend_for_users(
             model, validation.train, users, k, params, fold_in=validation.fold_in, mllib_loss=False
         )
         value = ranking_metrics(run.recommendations, validation.relevant, [k])[metric]
         trial = {
-            "params": {n: getattr(params, n) for n in TUNABLE},
+            "params": trial_params(params),
             "value": value,
             "fit_seconds": run.fit_seconds,
             "final_loss": run.final_loss,
@@ -134,6 +285,10 @@ def tune_model(
         log.info("tuning %s: %s = %.5f with %s", model, metric, value, trial["params"])
         if on_trial:
             on_trial(trial)
-        if value > best_value:
-            best, best_value = params, value
+        return value
+
+    results = search(base, grid, score, model=model, mode=mode, samples=samples, seed=seed)
+    for trial, (_, _, stage) in zip(trials, results, strict=True):
+        trial["stage"] = stage
+    best, best_value = max(results, key=lambda r: r[1])[:2]  # max keeps the first of equal values
     return TuningResult(model, metric, best, best_value, trials)
