@@ -245,12 +245,12 @@ def _in_blocks_of_side(chunks: RDD, side: int, num_dst_blocks: int, num_src_bloc
     """``RDD[(block, InBlock)]`` of one side from the encoded chunks: one shuffle, one block per partition."""
 
     def build(records):
-        parts = [pickle.loads(payload) for _, payload in records]
-        if not parts:
+        records = list(records)
+        if not records:
             return
-        block = block_of(parts[0][0][:1], num_dst_blocks)[0]
+        parts = [pickle.loads(payload) for _, payload in records]
         dst, src, ratings = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        yield int(block), make_in_block(dst, src, ratings, num_src_blocks)
+        yield records[0][0], make_in_block(dst, src, ratings, num_src_blocks)
 
     return (
         chunks.filter(lambda row: row[0] == side)

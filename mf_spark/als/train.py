@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from pyspark import RDD, Accumulator, AccumulatorParam, Broadcast, StorageLevel
+from pyspark import RDD, AccumulatorParam, Broadcast, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -32,7 +32,6 @@ from mf_spark.als.blocks import (
     ITEM_SIDE,
     USER_SIDE,
     InBlock,
-    RatingBlocks,
     block_partition,
     build_rating_blocks,
 )
@@ -254,12 +253,18 @@ class _BlockStatsParam(AccumulatorParam):
         return value1
 
 
-def _tracked(factors: RDD, stats: Accumulator) -> RDD:
-    """``factors`` whose tasks also report their block's Gramian, size and loss terms to ``stats``.
+def _materialize(
+    factors: RDD, rank: int, level: StorageLevel, collect_factors: bool, checkpoint: bool = False
+) -> tuple[RDD, _SideStats]:
+    """Persist ``factors`` (``RDD[(block, FactorBlock)]``), run the one job that computes them, and gather
+    what the next half-step needs: the Gramian, sizes and loss terms, and all factors when the side is
+    broadcast. Returns the persisted RDD and those statistics.
 
-    The statistics ride along with the job that computes (and caches) the factors, so the next half-step
-    needs no second pass over them.
+    The statistics ride along with that job in an accumulator, so no second pass over the factors is
+    needed. Sums run in block order on the driver, so the Gramian and the loss do not depend on task
+    timing.
     """
+    stats = factors.context.accumulator({}, _BlockStatsParam())
 
     def record(records):
         for block, factor_block in records:
@@ -267,27 +272,22 @@ def _tracked(factors: RDD, stats: Accumulator) -> RDD:
                                factor_block.data_loss, factor_block.reg_loss)})
             yield block, factor_block
 
-    return factors.mapPartitions(record, preservesPartitioning=True)
-
-
-def _materialize(factors: RDD, stats: Accumulator, rank: int, collect_factors: bool) -> _SideStats:
-    """Run the job computing ``factors`` (persisted, built by :func:`_tracked` with ``stats``) and gather
-    what the next half-step needs: the Gramian, and all factors when the side is broadcast.
-
-    Sums run in block order on the driver, so the Gramian and the loss do not depend on task timing.
-    """
+    tracked = factors.mapPartitions(record, preservesPartitioning=True).persist(level)
+    if checkpoint:
+        tracked.checkpoint()
     if collect_factors:
-        blocks = sorted(factors.collect(), key=lambda kv: kv[0])
+        blocks = sorted(tracked.collect(), key=lambda kv: kv[0])
     else:
         blocks = None
         # a JVM-side action: PySpark's count() would stack a second Python worker on each task
-        factors._jrdd.count()
+        tracked._jrdd.count()
     by_block = [stats.value[b] for b in sorted(stats.value)]
     gram = np.zeros((rank, rank), dtype=np.float64)
     for entry in by_block:
         gram += entry[0]
-    return _SideStats(gram, sum(e[1] for e in by_block), sum(e[2] for e in by_block), sum(e[3] for e in by_block),
+    side = _SideStats(gram, sum(e[1] for e in by_block), sum(e[2] for e in by_block), sum(e[3] for e in by_block),
                       blocks)
+    return tracked, side
 
 
 def train_implicit(
@@ -344,15 +344,10 @@ def train_implicit(
     init_users = None if initial_user_factors is None else factor_frame_to_blocks(initial_user_factors, nub, rank)
     init_items = None if initial_item_factors is None else factor_frame_to_blocks(initial_item_factors, nib, rank)
 
-    def stats_accumulator() -> Accumulator:
-        return sc.accumulator({}, _BlockStatsParam())
-
-    acc = stats_accumulator()
-    user_factors = _tracked(initialize(user_in, rank, settings.seed, USER_SIDE, init_users), acc).persist(level)
-    user_stats = _materialize(user_factors, acc, rank, collect_factors=broadcast_users)
-    acc = stats_accumulator()
-    item_factors = _tracked(initialize(item_in, rank, settings.seed, ITEM_SIDE, init_items), acc).persist(level)
-    _materialize(item_factors, acc, rank, collect_factors=False)
+    user_factors, user_stats = _materialize(initialize(user_in, rank, settings.seed, USER_SIDE, init_users), rank,
+                                            level, collect_factors=broadcast_users)
+    item_factors, _ = _materialize(initialize(item_in, rank, settings.seed, ITEM_SIDE, init_items), rank, level,
+                                   collect_factors=False)
 
     losses: list[float] = []
     seconds: list[float] = []
@@ -369,25 +364,18 @@ def train_implicit(
         t0 = time.perf_counter()
         checkpoint = settings.checkpoint_interval > 0 and iteration % settings.checkpoint_interval == 0
         # items from users (MLlib's implicit order), then users from the new items
-        acc = stats_accumulator()
-        new_items = _tracked(half_step(item_in, user_out, user_factors, item_factors, nib, user_stats.gramian,
-                                       user_stats.count, settings.solve, False, broadcast_of(user_stats)),
-                             acc).persist(level)
-        if checkpoint:
-            new_items.checkpoint()
-        item_stats = _materialize(new_items, acc, rank, collect_factors=broadcast_items)
+        new_items, item_stats = _materialize(
+            half_step(item_in, user_out, user_factors, item_factors, nib, user_stats.gramian, user_stats.count,
+                      settings.solve, False, broadcast_of(user_stats)),
+            rank, level, collect_factors=broadcast_items, checkpoint=checkpoint)
         item_factors.unpersist()
         item_factors = new_items
 
-        acc = stats_accumulator()
-        new_users = _tracked(half_step(user_in, item_out, item_factors, user_factors, nub, item_stats.gramian,
-                                       item_stats.count, settings.solve, settings.compute_loss,
-                                       broadcast_of(item_stats)), acc).persist(level)
-        if checkpoint:
-            new_users.checkpoint()
         # after the last half-step no one reads the user factors on the driver
-        user_stats = _materialize(new_users, acc, rank,
-                                  collect_factors=broadcast_users and iteration < settings.max_iter)
+        new_users, user_stats = _materialize(
+            half_step(user_in, item_out, item_factors, user_factors, nub, item_stats.gramian, item_stats.count,
+                      settings.solve, settings.compute_loss, broadcast_of(item_stats)),
+            rank, level, collect_factors=broadcast_users and iteration < settings.max_iter, checkpoint=checkpoint)
         user_factors.unpersist()
         user_factors = new_users
         if checkpoint:
