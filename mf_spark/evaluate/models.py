@@ -138,28 +138,8 @@ def _fit_factors(
     model: str, train: DataFrame, params: TrainParams
 ) -> tuple[DataFrame, DataFrame, list[float] | None]:
     """Train ``model``; returns user and item factors (``id`` int, ``features`` array<float>) and the loss."""
-    if model == "mllib_als":
-        from pyspark.ml.recommendation import ALS
-
-        estimator = ALS(
-            implicitPrefs=True,
-            rank=params.rank,
-            maxIter=params.max_iter,
-            regParam=params.reg_param,
-            alpha=params.alpha,
-            userCol=USER,
-            itemCol=ITEM,
-            ratingCol=STRENGTH,
-            seed=params.seed,
-            numUserBlocks=params.num_user_blocks,
-            numItemBlocks=params.num_item_blocks,
-            checkpointInterval=params.checkpoint_interval,
-        )
-        fitted = estimator.fit(_mllib_ratings(train, params))
-        return fitted.userFactors, fitted.itemFactors, None
-    from mf_spark import ImplicitALS
-
-    estimator = ImplicitALS(
+    # ImplicitALS takes MLlib's parameter names: both get the same values from one place
+    shared = dict(
         rank=params.rank,
         maxIter=params.max_iter,
         regParam=params.reg_param,
@@ -167,10 +147,20 @@ def _fit_factors(
         userCol=USER,
         itemCol=ITEM,
         ratingCol=STRENGTH,
+        seed=params.seed,
         numUserBlocks=params.num_user_blocks,
         numItemBlocks=params.num_item_blocks,
-        seed=params.seed,
         checkpointInterval=params.checkpoint_interval,
+    )
+    if model == "mllib_als":
+        from pyspark.ml.recommendation import ALS
+
+        fitted = ALS(implicitPrefs=True, **shared).fit(_mllib_ratings(train, params))
+        return fitted.userFactors, fitted.itemFactors, None
+    from mf_spark import ImplicitALS
+
+    estimator = ImplicitALS(
+        **shared,
         solver=params.solver,
         cgSteps=params.cg_steps,
         regularization=params.regularization,
