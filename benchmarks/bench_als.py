@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,6 +29,9 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from process_memory import MemoryPoller  # noqa: E402  (benchmarks/, the script's folder)
+
 RESULTS = REPO / "benchmarks" / "results" / "als.jsonl"
 DATA_DIR = Path(os.environ.get("MF_SPARK_BENCH_DATA", "/tmp/mf-spark-bench"))
 SHARED = REPO.parent / "shared" / "data"
@@ -81,74 +83,6 @@ def dataset_path(name: str) -> Path:
 
 
 # --- measurement --------------------------------------------------------------------------------
-
-
-def _tree_memory_bytes(root_pid: int) -> tuple[int, int, dict[str, int]]:
-    """``(RSS, PSS, PSS by role)`` summed over ``root_pid`` and all its descendants; the roles are
-    ``driver_python`` (``root_pid``), ``jvm`` and ``python_workers`` (everything else).
-
-    RSS counts a page shared by several processes once per process, so forked Python workers (which
-    share the interpreter and libraries with their daemon) are over-counted; PSS splits each shared
-    page between its sharers and so sums to the memory the tree really uses. Both are reported.
-    """
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    rss = pss = 0
-    by_role = {"driver_python": 0, "jvm": 0, "python_workers": 0}
-    stack = [root_pid]
-    while stack:
-        pid = stack.pop()
-        stack.extend(children.get(pid, []))
-        try:
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().strip()
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1]) * 1024
-                    elif line.startswith("Pss:"):
-                        value = int(line.split()[1]) * 1024
-                        pss += value
-                        role = "driver_python" if pid == root_pid else "jvm" if comm == "java" else "python_workers"
-                        by_role[role] += value
-        except OSError:
-            continue
-    return rss, pss, by_role
-
-
-class PeakRss:
-    """Polls the RSS and PSS of this process and all its descendants (driver JVM, Python workers);
-    ``peak`` is the peak RSS, ``peak_pss`` the peak PSS and ``peak_pss_by_role`` its split by process role."""
-
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
-
-    def __enter__(self):
-        self.peak, self.peak_pss, self.peak_pss_by_role = _tree_memory_bytes(os.getpid())
-        self.before, self.before_pss, self.before_pss_by_role = self.peak, self.peak_pss, self.peak_pss_by_role
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            rss, pss, by_role = _tree_memory_bytes(os.getpid())
-            self.peak = max(self.peak, rss)
-            if pss > self.peak_pss:
-                self.peak_pss, self.peak_pss_by_role = pss, by_role
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 def machine() -> dict:
@@ -273,14 +207,15 @@ def cmd_memory(args) -> None:
     spark = session(args.driver_memory)
     _, train, _ = split(spark, dataset_path(args.dataset))
     train.count()
-    with PeakRss() as peak:
-        base = peak.peak
+    with MemoryPoller(interval=0.1) as mem:
         _, sec = fit(args.impl, train, args.blocks)
+    before = {"jvm": mem.before["jvm"], "python_driver": mem.before["python_driver"],
+              "python_workers": mem.before["python_workers_total"]}
     record({"benchmark": "als_memory", "dataset": args.dataset, "impl": args.impl, "fit_seconds": round(sec, 2),
-            "peak_rss_mb": round(peak.peak / 2**20), "rss_before_fit_mb": round(base / 2**20),
-            "peak_pss_mb": round(peak.peak_pss / 2**20), "pss_before_fit_mb": round(peak.before_pss / 2**20),
-            "peak_pss_mb_by_role": {k: round(v / 2**20) for k, v in peak.peak_pss_by_role.items()},
-            "pss_before_fit_mb_by_role": {k: round(v / 2**20) for k, v in peak.before_pss_by_role.items()},
+            "peak_rss_mb": round(mem.peak_rss / 2**20), "rss_before_fit_mb": round(mem.before_rss / 2**20),
+            "peak_pss_mb": round(mem.peak["total"] / 2**20), "pss_before_fit_mb": round(mem.before["total"] / 2**20),
+            "peak_pss_mb_by_role": {k: round(v / 2**20) for k, v in mem.at_peak.items()},
+            "pss_before_fit_mb_by_role": {k: round(v / 2**20) for k, v in before.items()},
             "driver_memory": args.driver_memory, "blocks": args.blocks})
     spark.stop()
 
@@ -293,7 +228,7 @@ def cmd_scale(args) -> None:
         n = ratings.count()
         from mf_spark import ImplicitALS
 
-        with PeakRss() as peak:
+        with MemoryPoller(interval=0.1) as mem:
             t0 = time.perf_counter()
             model = ImplicitALS(rank=RANK, maxIter=ITERS, regParam=REG, alpha=ALPHA, numUserBlocks=args.blocks,
                                 numItemBlocks=args.blocks, seed=42).fit(ratings)
@@ -302,7 +237,7 @@ def cmd_scale(args) -> None:
                 "items": model.itemFactors.count(), "fit_seconds": round(total, 2),
                 "seconds_per_iteration": [round(s, 2) for s in model.iterationSeconds],
                 "mean_seconds_per_iteration": round(float(np.mean(model.iterationSeconds)), 2),
-                "peak_rss_mb": round(peak.peak / 2**20), "peak_pss_mb": round(peak.peak_pss / 2**20),
+                "peak_rss_mb": round(mem.peak_rss / 2**20), "peak_pss_mb": round(mem.peak["total"] / 2**20),
                 "driver_memory": args.driver_memory, "blocks": args.blocks})
     spark.stop()
 

@@ -32,7 +32,6 @@ import platform
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -42,6 +41,8 @@ import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from process_memory import MemoryPoller  # noqa: E402  (benchmarks/, the script's folder)
 RESULTS = REPO / "benchmarks" / "results" / "recommend.jsonl"
 DATA_DIR = Path(os.environ.get("MF_SPARK_BENCH_DATA", "/tmp/mf-spark-bench-recommend"))
 
@@ -110,99 +111,6 @@ def als_model_layout(root: Path, rank: int) -> Path:
 
 
 # --- measurement --------------------------------------------------------------------------------
-
-
-def _process_table() -> dict[int, tuple[int, str, float]]:
-    """pid -> (ppid, command name, CPU seconds incl. reaped children) of every process."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        cpu = sum(int(x) for x in fields[11:15]) / ticks  # utime, stime, cutime, cstime
-        table[int(entry)] = (int(fields[1]), name, cpu)
-    return table
-
-
-def _tree(table: dict[int, tuple[int, str, float]], root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    tree, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        tree.append(pid)
-        stack.extend(children.get(pid, []))
-    return tree
-
-
-def _pss_bytes(pid: int) -> int:
-    """Proportional set size: shared pages (forked Python workers) are not counted twice."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def tree_cpu_seconds() -> float:
-    table = _process_table()
-    return sum(table[p][2] for p in _tree(table, os.getpid()))
-
-
-class MemoryPoller:
-    """Polls the memory (PSS) of this process tree: the Python driver, the JVM (driver and executors in
-    local mode), the Python workers; also the tree's CPU seconds over the measured interval."""
-
-    def __init__(self, interval: float = 0.25) -> None:
-        self.interval = interval
-        roles = ("total", "jvm", "python_driver", "python_worker_max", "python_workers_total")
-        self.peak = dict.fromkeys(roles, 0)
-        self.cpu_seconds = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def sample(self) -> None:
-        table = _process_table()
-        root = os.getpid()
-        tree = _tree(table, root)
-        pss = {p: _pss_bytes(p) for p in tree}
-        workers = [pss[p] for p in tree if p != root and table[p][1].startswith("python")]
-        now = {"total": sum(pss.values()), "jvm": sum(pss[p] for p in tree if table[p][1] == "java"),
-               "python_driver": pss[root], "python_worker_max": max(workers, default=0),
-               "python_workers_total": sum(workers)}
-        for key, value in now.items():
-            self.peak[key] = max(self.peak[key], value)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            time.sleep(self.interval)
-
-    def __enter__(self) -> MemoryPoller:
-        self._cpu_start = tree_cpu_seconds()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.cpu_seconds = tree_cpu_seconds() - self._cpu_start
-
-    def summary(self) -> dict[str, float]:
-        out: dict[str, float] = {f"peak_pss_{k}_mb": round(v / 2**20) for k, v in self.peak.items()}
-        out["cpu_seconds"] = round(self.cpu_seconds, 1)
-        return out
 
 
 def machine() -> dict:
