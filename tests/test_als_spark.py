@@ -147,6 +147,23 @@ def test_same_seed_and_blocks_give_same_factors(spark, small):
     assert factors_matrix(a.userFactors, R.shape[0]).tolist() != factors_matrix(c.userFactors, R.shape[0]).tolist()
 
 
+@pytest.mark.parametrize("broadcast_threshold", [0, 1 << 30])
+def test_packing_blocks_into_fewer_tasks_changes_nothing(spark, small, monkeypatch, broadcast_threshold):
+    """In local[2], 5x3 blocks run as 2 tasks per stage; one block per task must give the same model."""
+    from mf_spark.als import blocks
+
+    R, ratings = small
+    kw = dict(rank=4, maxIter=3, numUserBlocks=5, numItemBlocks=3, seed=4, broadcastThreshold=broadcast_threshold)
+    assert blocks.num_task_partitions(spark.sparkContext, 5) == 2
+    packed = ImplicitALS(**kw).fit(ratings)
+    monkeypatch.setattr(blocks, "num_task_partitions", lambda sc, num_blocks: num_blocks)
+    one_per_task = ImplicitALS(**kw).fit(ratings)
+    for side, n in (("userFactors", R.shape[0]), ("itemFactors", R.shape[1])):
+        a, b = factors_matrix(getattr(packed, side), n), factors_matrix(getattr(one_per_task, side), n)
+        assert a.tolist() == b.tolist()
+    assert packed.trainingLoss == one_per_task.trainingLoss
+
+
 def test_duplicates_are_summed(spark):
     dup = spark.createDataFrame([(0, 0, 1.0), (0, 0, 2.0), (0, 1, 1.0), (1, 1, 4.0), (1, 0, 1.0)], "user int, item int, rating float")
     summed = spark.createDataFrame([(0, 0, 3.0), (0, 1, 1.0), (1, 1, 4.0), (1, 0, 1.0)], "user int, item int, rating float")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from pyspark import RDD, StorageLevel
+from pyspark import RDD, SparkContext, StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -36,12 +36,35 @@ INT_MIN, INT_MAX = -(2**31), 2**31 - 1
 
 
 def block_partition(block_id: int) -> int:
-    """Identity partition function: RDD partition ``b`` holds block ``b``.
+    """Partition function of every block-keyed RDD: with ``P`` partitions, partition ``b mod P`` holds
+    block ``b`` (PySpark's ``partitionBy`` takes the result modulo ``P``).
 
     It must be this one module-level function everywhere, because PySpark compares partitioners by
     function identity; equal partitioners let ``union`` zip co-partitioned RDDs without a shuffle.
     """
     return block_id
+
+
+def num_task_partitions(sc: SparkContext, num_blocks: int) -> int:
+    """Spark partitions (tasks per stage) that hold ``num_blocks`` blocks.
+
+    On a cluster, one block per partition, as MLlib. In local mode, at most one partition per core
+    (``defaultParallelism``): there a task beyond the core count only adds a wave of per-task overhead
+    (about 30 ms per task on a 2-core machine, ``benchmarks/bench_overhead.py``), and a partition
+    holding several blocks solves them one after another with the same results. On a cluster the core
+    count at fit time is not known (dynamic allocation), so blocks are not packed there.
+    """
+    if sc.master.startswith("local"):
+        return max(1, min(num_blocks, sc.defaultParallelism))
+    return num_blocks
+
+
+def group_by_block(records) -> list[tuple[int, list]]:
+    """Values of one partition's ``(block, value)`` records, grouped by block, in block order."""
+    grouped: dict[int, list] = {}
+    for block, value in records:
+        grouped.setdefault(block, []).append(value)
+    return sorted(grouped.items(), key=lambda kv: kv[0])
 
 
 def block_of(ids: np.ndarray, num_blocks: int) -> np.ndarray:
@@ -241,21 +264,20 @@ def _encode_partition(batches, num_user_blocks: int, num_item_blocks: int):
 _CHUNK_ARROW_SCHEMA = pa.schema([("side", pa.int32()), ("block", pa.int32()), ("payload", pa.binary())])
 
 
-def _in_blocks_of_side(chunks: RDD, side: int, num_dst_blocks: int, num_src_blocks: int) -> RDD:
-    """``RDD[(block, InBlock)]`` of one side from the encoded chunks: one shuffle, one block per partition."""
+def _in_blocks_of_side(chunks: RDD, side: int, num_partitions: int, num_src_blocks: int) -> RDD:
+    """``RDD[(block, InBlock)]`` of one side from the encoded chunks: one shuffle into
+    ``num_partitions`` partitions (see :func:`num_task_partitions`)."""
 
     def build(records):
-        records = list(records)
-        if not records:
-            return
-        parts = [pickle.loads(payload) for _, payload in records]
-        dst, src, ratings = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        yield records[0][0], make_in_block(dst, src, ratings, num_src_blocks)
+        for block, payloads in group_by_block(records):
+            parts = [pickle.loads(payload) for payload in payloads]
+            dst, src, ratings = (np.concatenate([p[i] for p in parts]) for i in range(3))
+            yield block, make_in_block(dst, src, ratings, num_src_blocks)
 
     return (
         chunks.filter(lambda row: row[0] == side)
         .map(lambda row: (row[1], row[2]))
-        .partitionBy(num_dst_blocks, block_partition)
+        .partitionBy(num_partitions, block_partition)
         .mapPartitions(build, preservesPartitioning=True)
     )
 
@@ -274,6 +296,8 @@ class RatingBlocks:
     item_in: RDD
     num_user_blocks: int
     num_item_blocks: int
+    user_partitions: int
+    item_partitions: int
     nnz: int
     n_users: int
     n_items: int
@@ -324,15 +348,17 @@ def build_rating_blocks(
         the message names the input column.
     """
     names = column_names
+    sc = ratings.sparkSession.sparkContext
+    user_partitions = num_task_partitions(sc, num_user_blocks)
+    item_partitions = num_task_partitions(sc, num_item_blocks)
     chunks = (
         ratings.select("user", "item", "rating")
         .mapInArrow(lambda batches: _encode_partition(batches, num_user_blocks, num_item_blocks), _CHUNK_SCHEMA)
         .rdd.map(tuple)
         .persist(storage_level)
     )
-    user_in = _in_blocks_of_side(chunks, USER_SIDE, num_user_blocks, num_item_blocks).persist(storage_level)
-    item_in = _in_blocks_of_side(chunks, ITEM_SIDE, num_item_blocks, num_user_blocks).persist(storage_level)
-    sc = chunks.context
+    user_in = _in_blocks_of_side(chunks, USER_SIDE, user_partitions, num_item_blocks).persist(storage_level)
+    item_in = _in_blocks_of_side(chunks, ITEM_SIDE, item_partitions, num_user_blocks).persist(storage_level)
     # one job computes the chunks once (cached) and both sides' blocks; it returns only small summaries
     summaries = sc.union([
         chunks.filter(lambda row: row[0] == _STATS).map(lambda row: (_STATS, pickle.loads(row[2]))),
@@ -356,7 +382,7 @@ def build_rating_blocks(
     user_sizes = [v for k, v in summaries if k == USER_SIDE]
     item_sizes = [v for k, v in summaries if k == ITEM_SIDE]
     return RatingBlocks(
-        user_in, item_in, num_user_blocks, num_item_blocks,
+        user_in, item_in, num_user_blocks, num_item_blocks, user_partitions, item_partitions,
         nnz=int(sum(n for _, n in user_sizes)), n_users=int(sum(n for n, _ in user_sizes)),
         n_items=int(sum(n for n, _ in item_sizes)), storage_level=storage_level,
     )

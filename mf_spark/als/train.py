@@ -86,8 +86,9 @@ def random_factors(n: int, rank: int, seed: int, side: int, block: int) -> np.nd
     return factors.astype(np.float32)
 
 
-def factor_frame_to_blocks(factors: DataFrame, num_blocks: int, rank: int) -> RDD:
-    """``(id int, features array<float>)`` -> ``RDD[(block, FactorBlock)]`` (for warm starts)."""
+def factor_frame_to_blocks(factors: DataFrame, num_blocks: int, rank: int, num_partitions: int) -> RDD:
+    """``(id int, features array<float>)`` -> ``RDD[(block, FactorBlock)]`` in ``num_partitions``
+    partitions (for warm starts)."""
     schema = T.StructType([T.StructField("block", T.IntegerType()), T.StructField("payload", T.BinaryType())])
 
     def pack(table: pa.Table) -> pa.Table:
@@ -107,21 +108,32 @@ def factor_frame_to_blocks(factors: DataFrame, num_blocks: int, rank: int) -> RD
         .groupBy("block")
         .applyInArrow(pack, schema)
     )
-    return packed.rdd.map(lambda row: (row[0], pickle.loads(row[1]))).partitionBy(num_blocks, block_partition)
+    return packed.rdd.map(lambda row: (row[0], pickle.loads(row[1]))).partitionBy(num_partitions, block_partition)
 
 
-def _split_partition(records) -> tuple[int | None, InBlock | None, FactorBlock | None, list]:
-    """Split one partition of a co-partitioned union into (block id, in-block, factor block, others)."""
-    block, in_block, factor_block, others = None, None, None, []
+@dataclass
+class _BlockParts:
+    """What one block's records of a co-partitioned union hold: its in-block, its factor block, and any
+    other values (routed factor messages, an out-block)."""
+
+    in_block: InBlock | None = None
+    factors: FactorBlock | None = None
+    others: list = field(default_factory=list)
+
+
+def _blocks_of_partition(records) -> list[tuple[int, _BlockParts]]:
+    """Split one partition of a co-partitioned union by block, in block order (a partition may hold
+    several blocks: :func:`~mf_spark.als.blocks.num_task_partitions`)."""
+    parts: dict[int, _BlockParts] = {}
     for block_id, value in records:
-        block = block_id
+        entry = parts.setdefault(block_id, _BlockParts())
         if isinstance(value, InBlock):
-            in_block = value
+            entry.in_block = value
         elif isinstance(value, FactorBlock):
-            factor_block = value
+            entry.factors = value
         else:
-            others.append(value)
-    return block, in_block, factor_block, others
+            entry.others.append(value)
+    return sorted(parts.items(), key=lambda kv: kv[0])
 
 
 def initialize(in_blocks: RDD, rank: int, seed: int, side: int, initial: RDD | None) -> RDD:
@@ -132,16 +144,17 @@ def initialize(in_blocks: RDD, rank: int, seed: int, side: int, initial: RDD | N
     """
 
     def init_partition(records):
-        block, in_block, known, _ = _split_partition(records)
-        if in_block is None:
-            return
-        factors = random_factors(in_block.dst_ids.shape[0], rank, seed, side, block)
-        if known is not None and known.ids.shape[0]:
-            pos = np.searchsorted(known.ids, in_block.dst_ids)
-            pos = np.minimum(pos, known.ids.shape[0] - 1)
-            hit = known.ids[pos] == in_block.dst_ids
-            factors[hit] = known.factors[pos[hit]]
-        yield block, FactorBlock(in_block.dst_ids, factors)
+        for block, parts in _blocks_of_partition(records):
+            in_block, known = parts.in_block, parts.factors
+            if in_block is None:
+                continue
+            factors = random_factors(in_block.dst_ids.shape[0], rank, seed, side, block)
+            if known is not None and known.ids.shape[0]:
+                pos = np.searchsorted(known.ids, in_block.dst_ids)
+                pos = np.minimum(pos, known.ids.shape[0] - 1)
+                hit = known.ids[pos] == in_block.dst_ids
+                factors[hit] = known.factors[pos[hit]]
+            yield block, FactorBlock(in_block.dst_ids, factors)
 
     source = in_blocks if initial is None else in_blocks.union(initial)
     return source.mapPartitions(init_partition, preservesPartitioning=True)
@@ -164,7 +177,7 @@ def half_step(
     src_out_blocks: RDD,
     src_factors: RDD,
     prev_dst_factors: RDD,
-    num_dst_blocks: int,
+    num_dst_partitions: int,
     src_gramian: np.ndarray,
     n_src_total: int,
     params: SolveParams,
@@ -178,12 +191,12 @@ def half_step(
     """
 
     def solve_partition(records):
-        block, in_block, prev, messages = _split_partition(records)
-        if in_block is None:
-            return
-        with task_blas_threads():
-            result = solve_one(block, in_block, prev, messages)
-        yield result
+        for block, parts in _blocks_of_partition(records):
+            if parts.in_block is None:
+                continue
+            with task_blas_threads():
+                result = solve_one(block, parts.in_block, parts.factors, parts.others)
+            yield result
 
     def solve_one(block, in_block, prev, messages):
         if broadcast_src is not None:
@@ -210,17 +223,17 @@ def half_step(
     if broadcast_src is None:
 
         def route(records):
-            src_block, _, factor_block, others = _split_partition(records)
-            out_block = others[0] if others else None
-            if factor_block is None or out_block is None:
-                return
-            for dst_block, positions in out_block.items():
-                yield dst_block, (src_block, factor_block.factors[positions])
+            for src_block, parts in _blocks_of_partition(records):
+                out_block = parts.others[0] if parts.others else None
+                if parts.factors is None or out_block is None:
+                    continue
+                for dst_block, positions in out_block.items():
+                    yield dst_block, (src_block, parts.factors.factors[positions])
 
         messages = (
             src_out_blocks.union(src_factors)
             .mapPartitions(route)
-            .partitionBy(num_dst_blocks, block_partition)
+            .partitionBy(num_dst_partitions, block_partition)
         )
         parts.append(messages)
     merged = parts[0]
@@ -341,8 +354,10 @@ def train_implicit(
     user_out = None if broadcast_users else blocks.out_blocks(USER_SIDE)
     item_out = None if broadcast_items else blocks.out_blocks(ITEM_SIDE)
 
-    init_users = None if initial_user_factors is None else factor_frame_to_blocks(initial_user_factors, nub, rank)
-    init_items = None if initial_item_factors is None else factor_frame_to_blocks(initial_item_factors, nib, rank)
+    init_users = None if initial_user_factors is None else factor_frame_to_blocks(
+        initial_user_factors, nub, rank, blocks.user_partitions)
+    init_items = None if initial_item_factors is None else factor_frame_to_blocks(
+        initial_item_factors, nib, rank, blocks.item_partitions)
 
     user_factors, user_stats = _materialize(initialize(user_in, rank, settings.seed, USER_SIDE, init_users), rank,
                                             level, collect_factors=broadcast_users)
@@ -365,7 +380,7 @@ def train_implicit(
         checkpoint = settings.checkpoint_interval > 0 and iteration % settings.checkpoint_interval == 0
         # items from users (MLlib's implicit order), then users from the new items
         new_items, item_stats = _materialize(
-            half_step(item_in, user_out, user_factors, item_factors, nib, user_stats.gramian, user_stats.count,
+            half_step(item_in, user_out, user_factors, item_factors, blocks.item_partitions, user_stats.gramian, user_stats.count,
                       settings.solve, False, broadcast_of(user_stats)),
             rank, level, collect_factors=broadcast_items, checkpoint=checkpoint)
         item_factors.unpersist()
@@ -373,7 +388,7 @@ def train_implicit(
 
         # after the last half-step no one reads the user factors on the driver
         new_users, user_stats = _materialize(
-            half_step(user_in, item_out, item_factors, user_factors, nub, item_stats.gramian, item_stats.count,
+            half_step(user_in, item_out, item_factors, user_factors, blocks.user_partitions, item_stats.gramian, item_stats.count,
                       settings.solve, settings.compute_loss, broadcast_of(item_stats)),
             rank, level, collect_factors=broadcast_users and iteration < settings.max_iter, checkpoint=checkpoint)
         user_factors.unpersist()
@@ -447,8 +462,8 @@ def objective(
     rank = len(item_factors.first()["features"])
     blocks = build_rating_blocks(ratings, num_blocks, num_blocks, level)
     user_in, item_in = blocks.user_in, blocks.item_in
-    users = factor_frame_to_blocks(user_factors, num_blocks, rank)
-    items = factor_frame_to_blocks(item_factors, num_blocks, rank)
+    users = factor_frame_to_blocks(user_factors, num_blocks, rank, blocks.user_partitions)
+    items = factor_frame_to_blocks(item_factors, num_blocks, rank, blocks.item_partitions)
     item_blocks = sorted(items.collect(), key=lambda kv: kv[0])
     item_gram = sum((solve.gramian(fb.factors) for _, fb in item_blocks), np.zeros((rank, rank)))
     n_items = sum(fb.ids.shape[0] for _, fb in item_blocks)
@@ -456,23 +471,24 @@ def objective(
     lookup = spark.sparkContext.broadcast(_fixed_side_lookup(item_blocks))
 
     def user_terms(records):
-        _, in_block, known, _ = _split_partition(records)
-        if in_block is None:
-            return
         sorted_ids, table = lookup.value
-        rows = in_block.src_ids if sorted_ids is None else np.searchsorted(sorted_ids, in_block.src_ids)
-        x = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
-        with task_blas_threads():
-            terms = sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x, table[rows],
-                                   item_gram, n_items, params))
-        yield terms
+        for _, parts in _blocks_of_partition(records):
+            in_block, known = parts.in_block, parts.factors
+            if in_block is None:
+                continue
+            rows = in_block.src_ids if sorted_ids is None else np.searchsorted(sorted_ids, in_block.src_ids)
+            x = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
+            with task_blas_threads():
+                yield sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x, table[rows],
+                                           item_gram, n_items, params))
 
     def item_terms(records):
-        _, in_block, known, _ = _split_partition(records)
-        if in_block is None:
-            return
-        y = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
-        yield solve.regularization_loss(in_block.n_positive, y, n_users, params)
+        for _, parts in _blocks_of_partition(records):
+            in_block, known = parts.in_block, parts.factors
+            if in_block is None:
+                continue
+            y = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
+            yield solve.regularization_loss(in_block.n_positive, y, n_users, params)
 
     total = sum(user_in.union(users).mapPartitions(user_terms).collect())
     total += sum(item_in.union(items).mapPartitions(item_terms).collect())
