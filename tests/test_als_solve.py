@@ -138,7 +138,9 @@ def test_cg_matches_reference_cg(regularization, confidence, steps, batch_bytes)
     got = run(solve_block, block, params)
     expected = run(reference_solve, block, params)
     assert got.dtype == np.float32 and got.shape == block["init"].shape
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    # the fast CG works in float32 (as benfred/implicit's); the reference in float64. Three steps on
+    # systems of condition ~1e2 amplify float32 rounding (6e-8) to a few 1e-7 in absolute terms.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
     moved = np.abs(got - block["init"]).max(axis=1)
     assert np.all(moved[np.diff(block["indptr"]) > 0] > 1e-4)  # every non-empty row took CG steps
     assert np.all(got[[0, 16]] == 0)
