@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from pyspark import StorageLevel
+from pyspark import SparkContext, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -24,6 +25,15 @@ DEFAULT_TUNING_GRID: dict[str, list[Any]] = {
     "reg_param": [0.01, 0.1],
     "alpha": [5.0, 20.0],
 }
+
+
+@contextmanager
+def _job_description(sc: SparkContext, text: str) -> Iterator[None]:
+    sc.setJobDescription(text)
+    try:
+        yield
+    finally:
+        sc.setJobDescription(None)
 
 
 def evaluate_holdout(
@@ -89,167 +99,138 @@ def evaluate_holdout(
         raise ValueError(f"ks must be positive integers, got {ks}")
     parse_metric_name(tuning_metric)
     base = TrainParams.from_mapping(train_params)
-    spark.sparkContext.setJobDescription("evaluation")
-    try:
-        return _evaluate(
+    models = list(models)
+    # label this evaluation's Spark jobs; later jobs of the caller are not "evaluation"
+    with _job_description(spark.sparkContext, "evaluation"):
+        data = (
+            interactions.agg(
+                F.count(F.lit(1)).alias("interactions"),
+                F.count_distinct("user_idx").alias("users"),
+                F.count_distinct("item_idx").alias("items"),
+            )
+            .first()
+            .asDict()
+        )
+        the_split = make_split(
             interactions,
-            split=split,
+            split,
             test_fraction=test_fraction,
             test_n=test_n,
             cutoff_date=cutoff_date,
             holdout_users=holdout_users,
             seed=seed,
-            base=base,
-            ks=ks,
-            models=list(models),
-            out_dir=out_dir,
-            tune=tune,
-            tuning_grid=tuning_grid,
-            tuning_metric=tuning_metric,
-            tuning_mode=tuning_mode,
-            tuning_samples=tuning_samples,
         )
-    finally:
-        spark.sparkContext.setJobDescription(None)  # later jobs of the caller are not "evaluation"
-
-
-def _evaluate(
-    interactions: DataFrame,
-    *,
-    split: str,
-    test_fraction: float,
-    test_n: int,
-    cutoff_date: str | dt.date | None,
-    holdout_users: int,
-    seed: int,
-    base: TrainParams,
-    ks: list[int],
-    models: list[str],
-    out_dir: str | None,
-    tune: bool,
-    tuning_grid: Mapping[str, Sequence[Any]] | None,
-    tuning_metric: str,
-    tuning_mode: str,
-    tuning_samples: int,
-) -> dict[str, Any]:
-    data = (
-        interactions.agg(
-            F.count(F.lit(1)).alias("interactions"),
-            F.count_distinct("user_idx").alias("users"),
-            F.count_distinct("item_idx").alias("items"),
-        )
-        .first()
-        .asDict()
-    )
-    the_split = make_split(
-        interactions,
-        split,
-        test_fraction=test_fraction,
-        test_n=test_n,
-        cutoff_date=cutoff_date,
-        holdout_users=holdout_users,
-        seed=seed,
-    )
-    # the split is deterministic, so caching is only for speed: a lost block is recomputed identically
-    cached = [
-        df.persist(StorageLevel.MEMORY_AND_DISK)
-        for df in (the_split.train, the_split.test, the_split.fold_in)
-        if df is not None
-    ]
-    counts = the_split.counts()
-    log.info("split %s: %s", split, counts)
-    if counts["test_users"] == 0:
-        log.warning("the %s split left no test users with history; every metric is 0", split)
-    popularity = item_popularity_percentile(the_split.train).persist()
-    catalogue_size = counts["train_items"]
-    relevant = the_split.relevant
-    test_users = relevant.select("user_idx").distinct()
-
-    tuning_info: dict[str, Any] = {"enabled": bool(tune)}
-    chosen: dict[str, TrainParams] = {}
-    trials: dict[str, list[dict[str, Any]]] = {}
-    if tune:
-        grid = dict(tuning_grid or DEFAULT_TUNING_GRID)
-        validation = validation_split(
-            the_split, test_fraction=test_fraction, holdout_users=holdout_users, seed=seed
-        )
-        validation_cached = [
-            df.persist() for df in (validation.train, validation.test, validation.fold_in) if df is not None
+        # the split is deterministic, so caching is only for speed: a lost block is recomputed identically
+        cached = [
+            df.persist(StorageLevel.MEMORY_AND_DISK)
+            for df in (the_split.train, the_split.test, the_split.fold_in)
+            if df is not None
         ]
-        tuning_info.update(
-            metric=tuning_metric,
-            mode=tuning_mode,
-            samples=tuning_samples,
-            grid=grid,
-            validation_protocol=validation.protocol,
-            validation_counts=validation.counts(),
-        )
-        tuned_once: dict[str, Any] = {}
-        for model in models:
-            if model not in ALS_MODELS:
-                continue
-            # both ImplicitALS solvers share one search (same objective); the CG winner is reused for Cholesky
-            family = "implicit" if model.startswith("implicit_als") else model
-            if family not in tuned_once:
-                tuned_once[family] = tune_model(
-                    model,
-                    validation,
-                    base,
-                    grid,
-                    metric=tuning_metric,
-                    mode=tuning_mode,
-                    samples=tuning_samples,
-                    seed=seed,
-                )
-            result = tuned_once[family]
-            chosen[model] = result.best
-            trials[model] = result.trials if result.model == model else []
-        # the budget each search spent (random, refine: min(samples, distinct sets of its space))
-        tuning_info["trials"] = {r.model: len(r.trials) for r in tuned_once.values()}
-        if len(set(tuning_info["trials"].values())) > 1:
-            log.warning(
-                "the tuning searches tried different numbers of parameter sets: %s", tuning_info["trials"]
+        counts = the_split.counts()
+        log.info("split %s: %s", split, counts)
+        if counts["test_users"] == 0:
+            log.warning("the %s split left no test users with history; every metric is 0", split)
+        popularity = item_popularity_percentile(the_split.train).persist()
+        catalogue_size = counts["train_items"]
+        relevant = the_split.relevant
+        test_users = relevant.select("user_idx").distinct()
+
+        tuning_info: dict[str, Any] = {"enabled": bool(tune)}
+        chosen: dict[str, TrainParams] = {}
+        trials: dict[str, list[dict[str, Any]]] = {}
+        if tune:
+            grid = dict(tuning_grid or DEFAULT_TUNING_GRID)
+            validation = validation_split(
+                the_split, test_fraction=test_fraction, holdout_users=holdout_users, seed=seed
             )
-        for df in validation_cached:
+            validation_cached = [
+                df.persist()
+                for df in (validation.train, validation.test, validation.fold_in)
+                if df is not None
+            ]
+            tuning_info.update(
+                metric=tuning_metric,
+                mode=tuning_mode,
+                samples=tuning_samples,
+                grid=grid,
+                validation_protocol=validation.protocol,
+                validation_counts=validation.counts(),
+            )
+            tuned_once: dict[str, Any] = {}
+            for model in models:
+                if model not in ALS_MODELS:
+                    continue
+                # both ImplicitALS solvers share one search (same objective); the CG winner is reused for
+                # Cholesky
+                family = "implicit" if model.startswith("implicit_als") else model
+                if family not in tuned_once:
+                    tuned_once[family] = tune_model(
+                        model,
+                        validation,
+                        base,
+                        grid,
+                        metric=tuning_metric,
+                        mode=tuning_mode,
+                        samples=tuning_samples,
+                        seed=seed,
+                    )
+                result = tuned_once[family]
+                chosen[model] = result.best
+                trials[model] = result.trials if result.model == model else []
+            # the budget each search spent (random, refine: min(samples, distinct sets of its space))
+            tuning_info["trials"] = {r.model: len(r.trials) for r in tuned_once.values()}
+            if len(set(tuning_info["trials"].values())) > 1:
+                log.warning(
+                    "the tuning searches tried different numbers of parameter sets: %s", tuning_info["trials"]
+                )
+            for df in validation_cached:
+                df.unpersist()
+
+        runs: dict[str, Any] = {}
+        for model in models:
+            params = chosen.get(model, base)
+            run = recommend_for_users(
+                model,
+                the_split.train,
+                test_users,
+                ks[-1],
+                params,
+                fold_in=the_split.fold_in,
+                random_seed=seed,
+            )
+            recs = run.recommendations.persist()
+            metrics = ranking_metrics(
+                recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size
+            )
+            recs.unpersist()
+            runs[model] = {
+                "metrics": metrics,
+                "params": run.params,
+                "training_loss": run.training_loss,
+                "final_loss": run.final_loss,
+                "fit_seconds": round(run.fit_seconds, 3),
+                "tuning_trials": trials.get(model),
+            }
+            log.info(
+                "%s: %s",
+                model,
+                {k: round(v, 4) for k, v in metrics.items() if k.startswith(("ndcg@", "recall@"))},
+            )
+
+        for df in cached + [popularity]:
             df.unpersist()
-
-    runs: dict[str, Any] = {}
-    for model in models:
-        params = chosen.get(model, base)
-        run = recommend_for_users(
-            model, the_split.train, test_users, ks[-1], params, fold_in=the_split.fold_in, random_seed=seed
-        )
-        recs = run.recommendations.persist()
-        metrics = ranking_metrics(recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size)
-        recs.unpersist()
-        runs[model] = {
-            "metrics": metrics,
-            "params": run.params,
-            "training_loss": run.training_loss,
-            "final_loss": run.final_loss,
-            "fit_seconds": round(run.fit_seconds, 3),
-            "tuning_trials": trials.get(model),
+        result: dict[str, Any] = {
+            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "primary_model": models[0],
+            "ks": ks,
+            "split": {"protocol": split, "settings": the_split.settings, "counts": counts},
+            "data": {k: int(v) for k, v in data.items()},
+            "tuning": tuning_info,
+            "models": runs,
         }
-        log.info(
-            "%s: %s",
-            model,
-            {k: round(v, 4) for k, v in metrics.items() if k.startswith(("ndcg@", "recall@"))},
-        )
-
-    for df in cached + [popularity]:
-        df.unpersist()
-    result: dict[str, Any] = {
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "primary_model": models[0],
-        "ks": ks,
-        "split": {"protocol": split, "settings": the_split.settings, "counts": counts},
-        "data": {k: int(v) for k, v in data.items()},
-        "tuning": tuning_info,
-        "models": runs,
-    }
-    if out_dir:
-        write_report(result, out_dir)
-    return result
+        if out_dir:
+            write_report(result, out_dir)
+        return result
 
 
 def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> None:
