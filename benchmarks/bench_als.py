@@ -8,6 +8,7 @@ Commands (run from the repo root with the project venv; OpenBLAS installed so ML
     .venv/bin/python benchmarks/bench_als.py memory --dataset synthetic-2m --impl mllib
     .venv/bin/python benchmarks/bench_als.py scale --sizes 1 4 16            # millions of interactions, ours
     .venv/bin/python benchmarks/bench_als.py scale --sizes 20 --driver-memory 8g
+    .venv/bin/python benchmarks/bench_als.py scale --sizes 1 --broadcast-threshold 0   # routed, not broadcast
 
 Every result is appended as one JSON line to benchmarks/results/als.jsonl (machine, date, command).
 Hyperparameters as in the issue: rank 32, 10 iterations, alpha 10, regParam 0.1, local[2].
@@ -231,14 +232,16 @@ def cmd_scale(args) -> None:
         with MemoryPoller(interval=0.1) as mem:
             t0 = time.perf_counter()
             model = ImplicitALS(rank=RANK, maxIter=ITERS, regParam=REG, alpha=ALPHA, numUserBlocks=args.blocks,
-                                numItemBlocks=args.blocks, seed=42).fit(ratings)
+                                numItemBlocks=args.blocks, seed=42,
+                                broadcastThreshold=args.broadcast_threshold).fit(ratings)
             total = time.perf_counter() - t0
         record({"benchmark": "als_scale", "interactions": n, "users": model.userFactors.count(),
                 "items": model.itemFactors.count(), "fit_seconds": round(total, 2),
                 "seconds_per_iteration": [round(s, 2) for s in model.iterationSeconds],
                 "mean_seconds_per_iteration": round(float(np.mean(model.iterationSeconds)), 2),
                 "peak_rss_mb": round(mem.peak_rss / 2**20), "peak_pss_mb": round(mem.peak["total"] / 2**20),
-                "driver_memory": args.driver_memory, "blocks": args.blocks})
+                "driver_memory": args.driver_memory, "blocks": args.blocks,
+                "broadcast_threshold": args.broadcast_threshold})
     spark.stop()
 
 
@@ -258,6 +261,8 @@ def main() -> None:
             p.add_argument("--impl", choices=("ours", "mllib"), required=True)
         if name == "scale":
             p.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16])
+            p.add_argument("--broadcast-threshold", type=int, default=64 * 1024 * 1024,
+                           help="ImplicitALS broadcastThreshold in bytes (0: route every half-step by out-blocks)")
     args = parser.parse_args()
     {"compare": cmd_compare, "memory": cmd_memory, "scale": cmd_scale}[args.cmd](args)
 

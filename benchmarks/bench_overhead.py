@@ -13,6 +13,8 @@ measured figure, not a guess:
 * ``python collect 3.2 MB/task``: the same job collected to the driver, as for a broadcast side;
 * ``broadcast 12.8 MB``: ``sc.broadcast`` of a 100,000 x 32 float32 table, the user factors of the
   synthetic-2m benchmark;
+* ``barrier allGather 1.3 MB``: one ``BarrierTaskContext.allGather`` of a 1.3 MB string per task in a
+  2-task barrier stage, the exchange a fit held inside one barrier stage would need per half-step;
 * ``jobs per fit``: Spark jobs (and stages) run by one fit of ImplicitALS and of MLlib ALS (rank 8,
   10 iterations, 4 blocks, a seeded 50,000-rating synthetic set), counted with the status tracker.
 
@@ -95,6 +97,29 @@ def broadcast_cost(sc) -> float:
     return timed(once, repeats=10, warmup=3)
 
 
+def barrier_all_gather_cost(sc) -> float:
+    """Median seconds of one allGather of a 1.3 MB message per task, 2 tasks, inside one barrier stage."""
+
+    def exchange(_):
+        import base64
+        import statistics
+        import time
+
+        from pyspark import BarrierTaskContext
+
+        context = BarrierTaskContext.get()
+        message = base64.b64encode(bytes(975_000)).decode("ascii")  # 1.3 MB of text
+        context.barrier()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            context.allGather(message)
+            times.append(time.perf_counter() - t0)
+        yield statistics.median(times)
+
+    return round(statistics.median(sc.parallelize(range(2), 2).barrier().mapPartitions(exchange).collect()), 4)
+
+
 def jobs_per_fit(spark) -> dict:
     from pyspark.ml.recommendation import ALS
 
@@ -130,7 +155,8 @@ def main() -> None:
                           master="local[2]", log_level="ERROR")
     sc = spark.sparkContext
     result = {"benchmark": "spark_job_overhead", "median_seconds": job_costs(sc),
-              "broadcast_12_8_mb_seconds": broadcast_cost(sc), "jobs_per_fit": jobs_per_fit(spark)}
+              "broadcast_12_8_mb_seconds": broadcast_cost(sc),
+              "barrier_all_gather_1_3_mb_seconds": barrier_all_gather_cost(sc), "jobs_per_fit": jobs_per_fit(spark)}
     spark.stop()
     import pyspark
 
