@@ -219,7 +219,7 @@ def half_step(
             reg_loss = solve.regularization_loss(in_block.n_positive, factors, n_src_total, params)
         return block, FactorBlock(in_block.dst_ids, factors, float(data_loss), float(reg_loss))
 
-    parts = [dst_in_blocks, prev_dst_factors]
+    inputs = [dst_in_blocks, prev_dst_factors]
     if broadcast_src is None:
 
         def route(records):
@@ -235,9 +235,9 @@ def half_step(
             .mapPartitions(route)
             .partitionBy(num_dst_partitions, block_partition)
         )
-        parts.append(messages)
-    merged = parts[0]
-    for part in parts[1:]:
+        inputs.append(messages)
+    merged = inputs[0]
+    for part in inputs[1:]:
         merged = merged.union(part)
     return merged.mapPartitions(solve_partition, preservesPartitioning=True)
 
