@@ -64,6 +64,7 @@ def body(spark, cfg, args):
         tuning_metric=tuning["metric"],
         tuning_mode=tuning["mode"],
         tuning_samples=tuning["samples"],
+        tuning_validation_splits=tuning["validation_splits"],
     )
     print(summary_table(result))
     print(f"report: {out}/report.md")

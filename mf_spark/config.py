@@ -137,6 +137,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
             "metric": Key("str", "ndcg@20", "metric the tuning maximises on the validation split, name@K"),
             "mode": Key("str", "grid", "search every combination, a seeded random sample of them, or a seeded random start refined by steps to neighbouring grid values (see docs/evaluation.md)", choices=("grid", "random", "refine")),
             "samples": Key("int", 8, "random and refine modes: distinct parameter sets tried per model", minimum=1),
+            "validation_splits": Key("int", 1, "validation splits whose mean metric scores a parameter set (random and strong_generalization splits; a temporal split has one)", minimum=1),
             "rank": Key("list[int]", [32, 64], "ranks searched"),
             "reg_param": Key("list[float]", [0.01, 0.1], "regularisation lambdas searched"),
             "alpha": Key("list[float]", [5.0, 20.0], "confidence scales searched"),

@@ -153,6 +153,26 @@ def test_tuning_mode_picks_on_validation(communities, spark, tmp_path):
     assert "## Tuning" in report and "| frequency_nu |" in report
 
 
+def test_tuning_on_several_validation_splits_scores_their_mean(communities):
+    from mf_spark.evaluate.tuning import tune_model, validation_splits
+
+    split = make_split(communities, "user_random", test_fraction=0.25, seed=7)
+    validations = validation_splits(split, 2, test_fraction=0.25, seed=7)
+    assert len(validations) == 2
+    first, second = (sorted(map(tuple, v.test.select("user_idx", "item_idx").collect())) for v in validations)
+    assert first != second  # the two splits hold out different interactions
+    base = TrainParams.from_mapping({**TRAIN, "max_iter": 2})
+    grid = {"rank": [2, 4]}
+    both = tune_model("implicit_als", validations, base, grid, metric="ndcg@5")
+    singles = [tune_model("implicit_als", v, base, grid, metric="ndcg@5") for v in validations]
+    for trial, one, two in zip(both.trials, singles[0].trials, singles[1].trials, strict=True):
+        assert trial["values"] == pytest.approx([one["value"], two["value"]])
+        assert trial["value"] == pytest.approx((one["value"] + two["value"]) / 2)
+    # a temporal split's validation part does not depend on the seed: one split, not copies
+    temporal = make_split(communities, "user_temporal", test_fraction=0.25)
+    assert len(validation_splits(temporal, 3, test_fraction=0.25)) == 1
+
+
 def test_random_search_is_seeded():
     grid = {"rank": [8, 16, 32], "alpha": [1.0, 10.0, 40.0], "reg_param": [0.01, 0.1]}
     base = TrainParams()

@@ -16,7 +16,7 @@ from mf_spark.evaluate.metrics import item_popularity_percentile, parse_metric_n
 from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, recommend_for_users
 from mf_spark.evaluate.report import write_report
 from mf_spark.evaluate.splits import make_split
-from mf_spark.evaluate.tuning import tune_model, validation_split
+from mf_spark.evaluate.tuning import tune_model, validation_splits
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ def evaluate_holdout(
     tuning_metric: str = "ndcg@20",
     tuning_mode: str = "grid",
     tuning_samples: int = 8,
+    tuning_validation_splits: int = 1,
 ) -> dict[str, Any]:
     """Evaluate ``models`` side by side on one holdout split of ``interactions``.
 
@@ -82,6 +83,10 @@ def evaluate_holdout(
         ``tuning_metric`` and is then evaluated on the test part with the chosen parameters. In the
         random and refine modes every search tries ``tuning_samples`` distinct parameter sets (fewer only
         when its space is smaller; ``tuning.trials`` records the count per search).
+    tuning_validation_splits
+        Number of validation splits (seeds ``seed + 1``, ...) whose mean metric scores a parameter set;
+        more than one makes the choice less dependent on one split (random and strong-generalisation
+        protocols; a temporal split has one).
 
     Returns
     -------
@@ -140,11 +145,16 @@ def evaluate_holdout(
         trials: dict[str, list[dict[str, Any]]] = {}
         if tune:
             grid = dict(tuning_grid or DEFAULT_TUNING_GRID)
-            validation = validation_split(
-                the_split, test_fraction=test_fraction, holdout_users=holdout_users, seed=seed
+            validations = validation_splits(
+                the_split,
+                tuning_validation_splits,
+                test_fraction=test_fraction,
+                holdout_users=holdout_users,
+                seed=seed,
             )
             validation_cached = [
                 df.persist()
+                for validation in validations
                 for df in (validation.train, validation.test, validation.fold_in)
                 if df is not None
             ]
@@ -153,8 +163,9 @@ def evaluate_holdout(
                 mode=tuning_mode,
                 samples=tuning_samples,
                 grid=grid,
-                validation_protocol=validation.protocol,
-                validation_counts=validation.counts(),
+                validation_protocol=validations[0].protocol,
+                validation_splits=len(validations),
+                validation_counts=validations[0].counts(),
             )
             tuned_once: dict[str, Any] = {}
             for model in models:
@@ -166,7 +177,7 @@ def evaluate_holdout(
                 if family not in tuned_once:
                     tuned_once[family] = tune_model(
                         model,
-                        validation,
+                        validations,
                         base,
                         grid,
                         metric=tuning_metric,

@@ -159,6 +159,25 @@ def trial_params(params: TrainParams) -> dict[str, Any]:
     }
 
 
+def validation_splits(
+    split: Split, count: int, *, test_fraction: float = 0.2, holdout_users: int = 100, seed: int = 7
+) -> list[Split]:
+    """``count`` validation splits carved from ``split.train`` by :func:`validation_split` called with
+    seeds ``seed``, ``seed + 1``, ... (the first is the one split of ``count = 1``): different random holdouts (``user_random``) or held-out users
+    (``strong_generalization``). A temporal split's validation part does not depend on the seed, so
+    there it is one split whatever ``count`` is.
+    """
+    if count < 1:
+        raise ValueError(f"need at least one validation split, got {count}")
+    if split.protocol in ("user_temporal", "global_temporal") and count > 1:
+        log.info("validation of a %s split is the same for every seed: tuning on one split", split.protocol)
+        count = 1
+    return [
+        validation_split(split, test_fraction=test_fraction, holdout_users=holdout_users, seed=seed + i)
+        for i in range(count)
+    ]
+
+
 def validation_split(
     split: Split, *, test_fraction: float = 0.2, holdout_users: int = 100, seed: int = 7
 ) -> Split:
@@ -250,7 +269,7 @@ def _changed(a: TrainParams, b: TrainParams, names: Sequence[str]) -> set[str]:
 
 def tune_model(
     model: str,
-    validation: Split,
+    validation: Split | Sequence[Split],
     base: TrainParams,
     grid: Mapping[str, Sequence[Any]],
     *,
@@ -262,25 +281,37 @@ def tune_model(
 ) -> TuningResult:
     """Run :func:`search` with ``metric`` on ``validation`` as the score and keep the best set.
 
-    Ties keep the earlier set. ``on_trial`` is called with each finished trial (for logging).
+    ``validation`` is one split or several (:func:`validation_splits`); with several, a set's score is
+    the mean of ``metric`` over them, so the winner depends less on the luck of one split. Ties keep the
+    earlier set. ``on_trial`` is called with each finished trial (for logging).
     """
     if model not in ALS_MODELS:
         raise ValueError(f"only factor models are tuned ({', '.join(ALS_MODELS)}), not {model!r}")
     _, k = parse_metric_name(metric)
-    users = validation.relevant.select("user_idx").distinct()
+    validations = [validation] if isinstance(validation, Split) else list(validation)
+    if not validations:
+        raise ValueError("tune_model needs at least one validation split")
+    users = [v.relevant.select("user_idx").distinct() for v in validations]
     trials: list[dict[str, Any]] = []
 
     def score(params: TrainParams) -> float:
-        run = recommend_for_users(
-            model, validation.train, users, k, params, fold_in=validation.fold_in, mllib_loss=False
-        )
-        value = ranking_metrics(run.recommendations, validation.relevant, [k])[metric]
+        values, fit_seconds, final_loss = [], 0.0, None
+        for split, split_users in zip(validations, users, strict=True):
+            run = recommend_for_users(
+                model, split.train, split_users, k, params, fold_in=split.fold_in, mllib_loss=False
+            )
+            values.append(ranking_metrics(run.recommendations, split.relevant, [k])[metric])
+            fit_seconds += run.fit_seconds
+            final_loss = run.final_loss if final_loss is None else final_loss
+        value = sum(values) / len(values)
         trial = {
             "params": trial_params(params),
             "value": value,
-            "fit_seconds": run.fit_seconds,
-            "final_loss": run.final_loss,
+            "fit_seconds": fit_seconds,
+            "final_loss": final_loss,
         }
+        if len(values) > 1:
+            trial["values"] = values
         trials.append(trial)
         log.info("tuning %s: %s = %.5f with %s", model, metric, value, trial["params"])
         if on_trial:
