@@ -177,6 +177,7 @@ def seeds_check(interactions, result: dict, seeds: tuple[int, ...]) -> dict:
             for seed in seeds:
                 run = recommend_for_users(model, train, users, 20, params.replace(seed=seed))
                 metrics = ranking_metrics(run.recommendations, relevant, [20])
+                run.release()
                 for key in values:
                     values[key].append(metrics[key])
             table[model] = {

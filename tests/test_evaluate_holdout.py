@@ -173,6 +173,27 @@ def test_tuning_on_several_validation_splits_scores_their_mean(communities):
     assert len(validation_splits(temporal, 3, test_fraction=0.25)) == 1
 
 
+@pytest.mark.parametrize("model", ["implicit_als", "mllib_als"])
+def test_release_frees_what_a_fit_left_cached(communities, spark, model):
+    """A tuning run fits hundreds of models: each must leave no persisted RDD behind."""
+    from mf_spark.evaluate.metrics import ranking_metrics
+
+    split = make_split(communities, "user_random", test_fraction=0.25, seed=7)
+    split.train.persist().count()
+
+    def persistent():
+        return set(spark.sparkContext._jsc.getPersistentRDDs().keySet())
+
+    before = persistent()
+    users = split.relevant.select("user_idx").distinct()
+    run = recommend_for_users(model, split.train, users, 5, TrainParams.from_mapping(TRAIN))
+    ranking_metrics(run.recommendations, split.relevant, [5])
+    assert persistent() - before  # the fitted factors are cached
+    run.release()
+    assert persistent() == before
+    split.train.unpersist()
+
+
 def test_random_search_is_seeded():
     grid = {"rank": [8, 16, 32], "alpha": [1.0, 10.0, 40.0], "reg_param": [0.01, 0.1]}
     base = TrainParams()

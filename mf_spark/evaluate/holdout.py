@@ -214,6 +214,7 @@ def evaluate_holdout(
                 recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size
             )
             recs.unpersist()
+            run.release()
             runs[model] = {
                 "metrics": metrics,
                 "params": run.params,

@@ -111,6 +111,24 @@ class ModelRun:
     training_loss: list[float] | None
     fit_seconds: float
     final_loss: float | None = None
+    cached: list[DataFrame] = dataclasses.field(default_factory=list)
+    persistent_rdds_before: frozenset[int] | None = None
+
+    def release(self) -> None:
+        """Free what the fit and the scoring left cached, once the recommendations are consumed.
+
+        Both ALS estimators persist their factors (``finalStorageLevel``), MLlib as RDDs no public API
+        can unpersist. Left cached, a tuning run of a few hundred fits filled the driver's storage
+        memory until an aggregation failed with ``AGGREGATE_OUT_OF_MEMORY``. This unpersists the
+        DataFrames in ``cached``, then every RDD persisted since the run started.
+        """
+        for frame in self.cached:
+            frame.unpersist()
+        if self.persistent_rdds_before is None:
+            return
+        persistent = self.recommendations.sparkSession.sparkContext._jsc.getPersistentRDDs()
+        for rdd_id in set(persistent.keySet()) - self.persistent_rdds_before:
+            persistent.get(rdd_id).unpersist(False)
 
 
 def mllib_objective(
@@ -222,8 +240,10 @@ def recommend_for_users(
 
     from mf_spark.recommend import fold_in_factors, recommend_top_k
 
+    persistent_before = frozenset(train.sparkSession.sparkContext._jsc.getPersistentRDDs().keySet())
     used = params_for_model(model, params)
     user_factors, item_factors, loss = _fit_factors(model, train, used)
+    fitted = [user_factors, item_factors]
     fit_seconds = time.perf_counter() - started
     final_loss = loss[-1] if loss else None
     if model == "mllib_als" and mllib_loss:
@@ -243,4 +263,4 @@ def recommend_for_users(
         F.col("dst").cast("int").alias(ITEM),
         F.col("score").cast("float").alias("score"),
     )
-    return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss)
+    return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss, fitted, persistent_before)

@@ -301,6 +301,7 @@ def tune_model(
                 model, split.train, split_users, k, params, fold_in=split.fold_in, mllib_loss=False
             )
             values.append(ranking_metrics(run.recommendations, split.relevant, [k])[metric])
+            run.release()
             fit_seconds += run.fit_seconds
             final_loss = run.final_loss if final_loss is None else final_loss
         value = sum(values) / len(values)
