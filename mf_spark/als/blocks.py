@@ -146,7 +146,7 @@ def make_in_block(dst: np.ndarray, src: np.ndarray, ratings: np.ndarray, num_src
     # local index of each rating's src: position of src in src_ids
     local_of_unique = np.empty_like(by_block)
     local_of_unique[by_block] = np.arange(by_block.shape[0])
-    indices = local_of_unique[rank_in_unique.reshape(-1)].astype(np.int32)
+    indices = local_of_unique[rank_in_unique].astype(np.int32)
     src_offsets = np.zeros(num_src_blocks + 1, dtype=np.int64)
     np.cumsum(np.bincount(src_block, minlength=num_src_blocks), out=src_offsets[1:])
     positive_rows = np.repeat(np.arange(dst_ids.shape[0]), counts)[ratings > 0]

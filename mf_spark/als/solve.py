@@ -412,7 +412,8 @@ def _padded_lengths(counts: np.ndarray) -> np.ndarray:
 class _Gathered:
     """Ratings of a batch of rows, padded to a common length.
 
-    ``factors`` (nb, L, k), float64 for ``cholesky`` and float32 for ``cg``: the src factor of each rating (padding: any factor, weight 0);
+    ``factors`` (nb, L, k), float64 for ``cholesky`` and float32 for ``cg``: the src factor of each rating
+    (padding: any factor, weight 0);
     ``extra_confidence`` (nb, L): ``c - 1`` (0 on padding); ``positive_weights`` (nb, L): ``c`` where
     ``r > 0`` else 0.
     """
@@ -488,17 +489,17 @@ class _Block:
         if len(indices) and (indices.min() < 0 or indices.max() >= len(src)):
             raise ValueError(f"indices must lie in [0, {len(src)}), got {indices.min()}..{indices.max()}")
         n_dst = len(indptr) - 1
-        init64 = None
+        init_work = None
         if params.solver == "cg":
             if init is None:
                 raise ValueError("solver 'cg' needs init, the previous dst factors (n_dst, k)")
-            init64 = np.asarray(init, dtype=work)
-            if init64.shape != (n_dst, rank):
-                raise ValueError(f"init must be ({n_dst}, {rank}), got shape {init64.shape}")
+            init_work = np.asarray(init, dtype=work)
+            if init_work.shape != (n_dst, rank):
+                raise ValueError(f"init must be ({n_dst}, {rank}), got shape {init_work.shape}")
         extra = confidence_minus_one(ratings, params).astype(work, copy=False)
         positive_weights = np.where(ratings > 0, 1.0 + extra, 0.0).astype(work, copy=False)
         lam = regularization_weights(_positive_counts(indptr, ratings), n_src_total, params).astype(work, copy=False)
-        return cls(indptr, indices, extra, positive_weights, src, gramian_, lam, init64)
+        return cls(indptr, indices, extra, positive_weights, src, gramian_, lam, init_work)
 
     def batches(self, dense_systems: bool = True) -> Iterator[tuple[np.ndarray, int]]:
         """Yield ``(rows, length)``: rows (nb,) with counts in one length class, sized to _BATCH_BYTES.

@@ -34,6 +34,7 @@ from mf_spark.als.blocks import (
     InBlock,
     block_partition,
     build_rating_blocks,
+    group_by_block,
 )
 from mf_spark.als.params import SolveParams
 from mf_spark.blas import task_blas_threads
@@ -108,7 +109,8 @@ def factor_frame_to_blocks(factors: DataFrame, num_blocks: int, rank: int, num_p
         .groupBy("block")
         .applyInArrow(pack, schema)
     )
-    return packed.rdd.map(lambda row: (row[0], pickle.loads(row[1]))).partitionBy(num_partitions, block_partition)
+    unpacked = packed.rdd.map(lambda row: (row[0], pickle.loads(row[1])))
+    return unpacked.partitionBy(num_partitions, block_partition)
 
 
 @dataclass
@@ -124,16 +126,18 @@ class _BlockParts:
 def _blocks_of_partition(records) -> list[tuple[int, _BlockParts]]:
     """Split one partition of a co-partitioned union by block, in block order (a partition may hold
     several blocks: :func:`~mf_spark.als.blocks.num_task_partitions`)."""
-    parts: dict[int, _BlockParts] = {}
-    for block_id, value in records:
-        entry = parts.setdefault(block_id, _BlockParts())
-        if isinstance(value, InBlock):
-            entry.in_block = value
-        elif isinstance(value, FactorBlock):
-            entry.factors = value
-        else:
-            entry.others.append(value)
-    return sorted(parts.items(), key=lambda kv: kv[0])
+    grouped = []
+    for block_id, values in group_by_block(records):
+        parts = _BlockParts()
+        for value in values:
+            if isinstance(value, InBlock):
+                parts.in_block = value
+            elif isinstance(value, FactorBlock):
+                parts.factors = value
+            else:
+                parts.others.append(value)
+        grouped.append((block_id, parts))
+    return grouped
 
 
 def initialize(in_blocks: RDD, rank: int, seed: int, side: int, initial: RDD | None) -> RDD:
@@ -380,16 +384,17 @@ def train_implicit(
         checkpoint = settings.checkpoint_interval > 0 and iteration % settings.checkpoint_interval == 0
         # items from users (MLlib's implicit order), then users from the new items
         new_items, item_stats = _materialize(
-            half_step(item_in, user_out, user_factors, item_factors, blocks.item_partitions, user_stats.gramian, user_stats.count,
-                      settings.solve, False, broadcast_of(user_stats)),
+            half_step(item_in, user_out, user_factors, item_factors, blocks.item_partitions,
+                      user_stats.gramian, user_stats.count, settings.solve, False, broadcast_of(user_stats)),
             rank, level, collect_factors=broadcast_items, checkpoint=checkpoint)
         item_factors.unpersist()
         item_factors = new_items
 
         # after the last half-step no one reads the user factors on the driver
         new_users, user_stats = _materialize(
-            half_step(user_in, item_out, item_factors, user_factors, blocks.user_partitions, item_stats.gramian, item_stats.count,
-                      settings.solve, settings.compute_loss, broadcast_of(item_stats)),
+            half_step(user_in, item_out, item_factors, user_factors, blocks.user_partitions,
+                      item_stats.gramian, item_stats.count, settings.solve, settings.compute_loss,
+                      broadcast_of(item_stats)),
             rank, level, collect_factors=broadcast_users and iteration < settings.max_iter, checkpoint=checkpoint)
         user_factors.unpersist()
         user_factors = new_users

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mf_spark.evaluate.tuning import CONDITIONAL
+
 log = logging.getLogger(__name__)
 
 TABLE_METRICS = (
@@ -40,7 +42,6 @@ PARAM_COLUMNS = (
     "solver",
     "cg_steps",
 )
-FREQUENCY_COLUMNS = ("frequency_alpha0", "frequency_nu")  # shown only under frequency regularisation
 
 
 def _fmt(value: Any) -> str:
@@ -58,8 +59,11 @@ def _param(value: Any) -> str:
 
 
 def _param_value(params: dict[str, Any], name: str) -> Any:
-    if name in FREQUENCY_COLUMNS and params.get("regularization") != "frequency":
-        return None
+    """``params[name]``, or ``None`` where the parameter has no effect (tuning's ``CONDITIONAL``)."""
+    if name in CONDITIONAL:
+        other, value = CONDITIONAL[name]
+        if params.get(other) != value:
+            return None
     return params.get(name)
 
 

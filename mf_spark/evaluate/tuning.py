@@ -109,7 +109,12 @@ def neighbours(
     categorical one (``regularization``, ``confidence``) changed; switching to ``frequency``
     regularisation reaches every ``frequency_alpha0`` / ``frequency_nu`` pair (they were inactive).
     """
-    names = _searched(grid, model)
+    return _one_step_away(params, space, grid, _searched(grid, model))
+
+
+def _one_step_away(
+    params: TrainParams, space: Sequence[TrainParams], grid: Mapping[str, Sequence[Any]], names: Sequence[str]
+) -> list[TrainParams]:
     return [other for other in space if _steps(params, other, names, grid) == 1]
 
 
@@ -141,31 +146,22 @@ def _steps(a: TrainParams, b: TrainParams, names: Sequence[str], grid: Mapping[s
 
 def _without_inactive(params: TrainParams, base: TrainParams) -> TrainParams:
     """``params`` with the :data:`CONDITIONAL` dimensions that have no effect reset to ``base``."""
-    inactive = {
-        name: getattr(base, name)
-        for name, (other, value) in CONDITIONAL.items()
-        if getattr(params, other) != value
-    }
+    inactive = {name: getattr(base, name) for name in CONDITIONAL if not _active(params, name)}
     return params.replace(**inactive) if inactive else params
 
 
 def trial_params(params: TrainParams) -> dict[str, Any]:
     """The :data:`TUNABLE` values of ``params`` as a report shows them (``None`` where inactive)."""
-    return {
-        name: None
-        if name in CONDITIONAL and getattr(params, CONDITIONAL[name][0]) != CONDITIONAL[name][1]
-        else getattr(params, name)
-        for name in TUNABLE
-    }
+    return {name: getattr(params, name) if _active(params, name) else None for name in TUNABLE}
 
 
 def validation_splits(
     split: Split, count: int, *, test_fraction: float = 0.2, holdout_users: int = 100, seed: int = 7
 ) -> list[Split]:
     """``count`` validation splits carved from ``split.train`` by :func:`validation_split` called with
-    seeds ``seed``, ``seed + 1``, ... (the first is the one split of ``count = 1``): different random holdouts (``user_random``) or held-out users
-    (``strong_generalization``). A temporal split's validation part does not depend on the seed, so
-    there it is one split whatever ``count`` is.
+    seeds ``seed``, ``seed + 1``, ... (the first is the one split of ``count = 1``): different random
+    holdouts (``user_random``) or held-out users (``strong_generalization``). A temporal split's
+    validation part does not depend on the seed, so there it is one split whatever ``count`` is.
     """
     if count < 1:
         raise ValueError(f"need at least one validation split, got {count}")
@@ -253,7 +249,7 @@ def _ordered_neighbours(
 ) -> list[TrainParams]:
     """The neighbours of ``params`` in ``space`` order, except that when ``params`` was reached by a step
     from ``origin``, those one more step in the same direction come first (a climb keeps its way)."""
-    near = [other for other in space if _steps(params, other, names, grid) == 1]
+    near = _one_step_away(params, space, grid, names)
     if origin is not None:
         moved = _changed(origin, params, names)
         ahead = [
