@@ -94,13 +94,14 @@ def machine() -> dict:
             "python": platform.python_version(), "blas": blas, "load_average_1_5_15": list(os.getloadavg())}
 
 
-def record(result: dict) -> None:
+def record(result: dict, results: Path = RESULTS, script: str = "benchmarks/bench_als.py") -> None:
+    """Add date, machine, PySpark version and command to ``result``, append it to ``results``, print it."""
     import pyspark
 
     result.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                   "pyspark": pyspark.__version__, "command": " ".join(["benchmarks/bench_als.py", *sys.argv[1:]])})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
+                   "pyspark": pyspark.__version__, "command": " ".join([script, *sys.argv[1:]])})
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as f:
         f.write(json.dumps(result) + "\n")
     print(json.dumps(result, indent=2))
 

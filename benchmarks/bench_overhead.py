@@ -27,8 +27,6 @@ Appends one JSON line to ``benchmarks/results/overhead.jsonl``.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -40,7 +38,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_als import machine  # noqa: E402  (benchmarks/, the script's folder)
+from bench_als import record  # noqa: E402  (benchmarks/, the script's folder)
 
 RESULTS = REPO / "benchmarks" / "results" / "overhead.jsonl"
 TASKS = (1, 2, 4, 8)
@@ -158,14 +156,7 @@ def main() -> None:
               "broadcast_12_8_mb_seconds": broadcast_cost(sc),
               "barrier_all_gather_1_3_mb_seconds": barrier_all_gather_cost(sc), "jobs_per_fit": jobs_per_fit(spark)}
     spark.stop()
-    import pyspark
-
-    result.update({"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
-                   "pyspark": pyspark.__version__, "command": "benchmarks/bench_overhead.py"})
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(result) + "\n")
-    print(json.dumps(result, indent=2))
+    record(result, RESULTS, "benchmarks/bench_overhead.py")
 
 
 if __name__ == "__main__":
