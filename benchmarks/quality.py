@@ -84,6 +84,15 @@ GRIDS = {
 # in its larger space. (Session 2 used 24 for both; MovieLens ended 0.0003 apart on NDCG@20.)
 SAMPLES = None
 SEEDS = (42, 1, 2)
+SPLIT_SEED = 7
+# Outer splits, rule fixed on 2026-11-27 before the runs with split seeds 8 and 9: one test split moves
+# the comparison by more than the gap being judged (on Last.fm seed 7, MLlib's pick went from 0.2919 to
+# 0.2991 NDCG@20 when the validation changed from one split to three, while ImplicitALS's pick stayed).
+# So Last.fm is judged on the mean over outer split seeds 7, 8 and 9, each run with
+# --validation-splits 3 and the budget rule above (seed 7 is the session-3 run). ImplicitALS meets
+# the criterion there if its mean NDCG@20 and mean Recall@20 are both at least MLlib's; every split's
+# values are reported beside the means, whichever way they fall (benchmarks/quality_outer.py).
+OUTER_SPLIT_SEEDS = (7, 8, 9)
 BASE_PARAMS = {
     "max_iter": 10,
     "num_user_blocks": 4,
@@ -296,6 +305,12 @@ def main(argv: list[str] | None = None) -> int:
         help="validation splits whose mean NDCG@20 scores a parameter set (Last.fm's random split; "
         "MovieLens's temporal split has one)",
     )
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=SPLIT_SEED,
+        help="seed of the outer train/test split (Last.fm's random split; MovieLens's temporal split has none)",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -329,6 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if args.dataset == "all" else f" --dataset {args.dataset}")
         + ("" if args.samples is None else f" --samples {args.samples}")
         + ("" if args.validation_splits == 1 else f" --validation-splits {args.validation_splits}")
+        + ("" if args.split_seed == SPLIT_SEED else f" --split-seed {args.split_seed}")
+    )
+    # runs with non-default protocol options sit beside the default one instead of replacing it
+    suffix = ("" if args.validation_splits == 1 else f"-validation-splits-{args.validation_splits}") + (
+        "" if args.split_seed == SPLIT_SEED else f"-split-seed-{args.split_seed}"
     )
     try:
         for dataset in datasets:
@@ -341,11 +361,11 @@ def main(argv: list[str] | None = None) -> int:
                 interactions,
                 split=split,
                 test_fraction=0.2,
-                seed=7,
+                seed=args.split_seed,
                 ks=[10, 20, 50, 100],
                 models=MODELS,
                 train_params=BASE_PARAMS,
-                out_dir=str(out / f"quality_{dataset}"),
+                out_dir=str(out / f"quality_{dataset}{suffix}"),
                 tune=True,
                 tuning_grid=GRIDS[dataset],
                 tuning_metric="ndcg@20",
@@ -359,11 +379,11 @@ def main(argv: list[str] | None = None) -> int:
             interactions.unpersist()
             seconds = time.perf_counter() - started
             result["wall_seconds"] = round(seconds, 1)
-            (out / f"quality_{dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
-            (out / f"quality_{dataset}.md").write_text(
+            (out / f"quality_{dataset}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out / f"quality_{dataset}{suffix}.md").write_text(
                 markdown(dataset, result, seconds, samples, command)
             )
-            print((out / f"quality_{dataset}.md").read_text())
+            print((out / f"quality_{dataset}{suffix}.md").read_text())
     finally:
         spark.stop()
     return 0

@@ -207,6 +207,29 @@ def test_cholesky_matches_mllib_objective_and_precision(spark):
     assert p_ours >= p_mllib * 0.98
 
 
+def test_cholesky_from_mllibs_initial_factors_reproduces_mllib(spark):
+    """Same math as MLlib, not just the same objective: started from MLlib's own initial factors
+    (its ``maxIter=0`` model), the exact solver lands on MLlib's factors, negative ratings included.
+    So any quality difference at equal parameters is the draw of the initial factors."""
+    from pyspark.ml.recommendation import ALS
+
+    R = random_ratings(60, 45, 0.12, seed=8)
+    ratings = to_frame(spark, R)
+    kw = dict(rank=6, regParam=0.05, alpha=3.0, seed=5, numUserBlocks=2, numItemBlocks=3)
+    init = ALS(implicitPrefs=True, maxIter=0, userCol="user", itemCol="item", ratingCol="rating", **kw).fit(ratings)
+    mllib = ALS(implicitPrefs=True, maxIter=6, userCol="user", itemCol="item", ratingCol="rating", **kw).fit(ratings)
+    start = ImplicitALSModel(rank=6, userFactors=init.userFactors, itemFactors=init.itemFactors)
+    ours = ImplicitALS(solver="cholesky", maxIter=6, initialModel=start, **kw).fit(ratings)
+    n_u, n_i = R.shape
+    X_ours, Y_ours = factors_matrix(ours.userFactors, n_u), factors_matrix(ours.itemFactors, n_i)
+    X_mllib, Y_mllib = factors_matrix(mllib.userFactors, n_u), factors_matrix(mllib.itemFactors, n_i)
+    np.testing.assert_allclose(X_ours, X_mllib, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(Y_ours, Y_mllib, rtol=1e-3, atol=1e-4)
+    # and from its own draw it is a different (equally good) solution, so the check above is not vacuous
+    own = ImplicitALS(solver="cholesky", maxIter=6, **kw).fit(ratings)
+    assert not np.allclose(factors_matrix(own.userFactors, n_u), X_mllib, rtol=1e-3, atol=1e-4)
+
+
 # --- 3. CG vs Cholesky; 4. warm start -------------------------------------------------------------
 
 
