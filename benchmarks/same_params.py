@@ -47,13 +47,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import quality
     from pyspark.ml.recommendation import ALS
-    from pyspark.sql import functions as F
 
     from mf_spark import ImplicitALS, ImplicitALSModel
     from mf_spark.evaluate.metrics import ranking_metrics
-    from mf_spark.evaluate.models import TrainParams, _mllib_ratings, mllib_objective, recommend_for_users
+    from mf_spark.evaluate.models import (
+        TrainParams,
+        _mllib_ratings,
+        lists_from_factors,
+        mllib_objective,
+        recommend_for_users,
+    )
     from mf_spark.evaluate.splits import make_split
-    from mf_spark.recommend import recommend_top_k
     from mf_spark.session import build_session
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -74,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         params = TrainParams.from_mapping({**quality.BASE_PARAMS, **PARAMS})
 
         def test_metrics(user_factors, item_factors) -> dict:
-            wanted = user_factors.join(users.withColumnRenamed("user_idx", "id"), "id", "left_semi")
-            recs = recommend_top_k(wanted, item_factors, 20, seen=seen, seen_src_col="user_idx",
-                                   seen_dst_col="item_idx").select(
-                F.col("src").cast("int").alias("user_idx"), F.col("rank").cast("int").alias("rank"),
-                F.col("dst").cast("int").alias("item_idx"), F.col("score").cast("float").alias("score"))
-            m = ranking_metrics(recs, relevant, [20])
+            m = ranking_metrics(lists_from_factors(user_factors, item_factors, users, 20, seen), relevant, [20])
             return {"ndcg@20": m["ndcg@20"], "recall@20": m["recall@20"]}
 
         # 1. one start for both: MLlib's initial factors

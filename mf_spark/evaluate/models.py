@@ -191,6 +191,22 @@ def _fit_factors(
     return fitted.userFactors, fitted.itemFactors, [float(x) for x in fitted.trainingLoss]
 
 
+def lists_from_factors(
+    user_factors: DataFrame, item_factors: DataFrame, users: DataFrame, k: int, seen: DataFrame
+) -> DataFrame:
+    """The top ``k`` items of each of ``users`` (``user_idx``) by factor score, ``seen`` pairs
+    (``user_idx``, ``item_idx``) left out; in the layout of :attr:`ModelRun.recommendations`."""
+    from mf_spark.recommend import recommend_top_k
+
+    wanted = user_factors.join(users.withColumnRenamed(USER, "id"), "id", "left_semi")
+    return recommend_top_k(wanted, item_factors, k, seen=seen, seen_src_col=USER, seen_dst_col=ITEM).select(
+        F.col("src").cast("int").alias(USER),
+        F.col("rank").cast("int").alias("rank"),
+        F.col("dst").cast("int").alias(ITEM),
+        F.col("score").cast("float").alias("score"),
+    )
+
+
 def recommend_for_users(
     model: str,
     train: DataFrame,
@@ -238,7 +254,7 @@ def recommend_for_users(
         recs = random_items(train.select(ITEM), users, k, seen=seen, seed=random_seed)
         return ModelRun(model, recs, {"seed": random_seed}, None, time.perf_counter() - started)
 
-    from mf_spark.recommend import fold_in_factors, recommend_top_k
+    from mf_spark.recommend import fold_in_factors
 
     persistent_before = frozenset(train.sparkSession.sparkContext._jsc.getPersistentRDDs().keySet())
     used = params_for_model(model, params)
@@ -256,11 +272,5 @@ def recommend_for_users(
         user_factors = fold_in_factors(
             ratings, item_factors, solve, src_col=ITEM, dst_col=USER, rating_col=STRENGTH
         )
-    wanted = user_factors.join(users.withColumnRenamed(USER, "id"), "id", "left_semi")
-    recs = recommend_top_k(wanted, item_factors, k, seen=seen, seen_src_col=USER, seen_dst_col=ITEM).select(
-        F.col("src").cast("int").alias(USER),
-        F.col("rank").cast("int").alias("rank"),
-        F.col("dst").cast("int").alias(ITEM),
-        F.col("score").cast("float").alias("score"),
-    )
+    recs = lists_from_factors(user_factors, item_factors, users, k, seen)
     return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss, fitted, persistent_before)
