@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from quality import OUTER_SPLIT_SEEDS, SPLIT_SEED  # noqa: E402
 
 VALIDATION_SPLITS = 3
-METRICS = (("ndcg@20", "NDCG@20"), ("recall@20", "Recall@20"))
+METRICS = (("ndcg@20", "NDCG@20"), ("recall@20", "Recall@20"))  # the criterion's
+SHOWN = (*METRICS, ("precision@10", "P@10"))
 MODELS = ("implicit_als", "implicit_als_cholesky", "mllib_als", "popular")
 
 
@@ -61,7 +62,7 @@ def summarise(runs: dict[int, dict]) -> dict:
     """Per-model per-metric values by seed and their mean, and the verdict of the rule."""
     table = {
         model: {
-            key: {seed: run["models"][model]["metrics"][key] for seed, run in runs.items()} for key, _ in METRICS
+            key: {seed: run["models"][model]["metrics"][key] for seed, run in runs.items()} for key, _ in SHOWN
         }
         for model in MODELS
     }
@@ -85,6 +86,10 @@ def markdown(dataset: str, runs: dict[int, dict], summary: dict) -> str:
         cells = [f"{summary['table'][model][key][seed]:.4f}" for key, _ in METRICS for seed in seeds]
         cells += [f"**{summary['means'][model][key]:.4f}**" for key, _ in METRICS]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    lines += ["", "Means over the splits:", "", "| model | " + " | ".join(label for _, label in SHOWN) + " |",
+              "|---" * (1 + len(SHOWN)) + "|"]
+    for model in MODELS:
+        lines.append(f"| {model} | " + " | ".join(f"{summary['means'][model][key]:.4f}" for key, _ in SHOWN) + " |")
     lines += ["", "Chosen parameters per split:", "", "| split | model | rank | reg_param | alpha | regularization |",
               "|---|---|---|---|---|---|"]
     for seed, run in runs.items():
