@@ -104,6 +104,16 @@ BASE_PARAMS = {
 }
 
 
+def run_name(dataset: str, validation_splits: int, split_seed: int) -> str:
+    """File stem of a run's results: runs with non-default protocol options sit beside the default one
+    instead of replacing it."""
+    return (
+        f"quality_{dataset}"
+        + ("" if validation_splits == 1 else f"-validation-splits-{validation_splits}")
+        + ("" if split_seed == SPLIT_SEED else f"-split-seed-{split_seed}")
+    )
+
+
 def baseline_grid_size(dataset: str) -> int:
     """How many distinct parameter sets MLlib ALS can train from ``GRIDS[dataset]``."""
     from mf_spark.evaluate.models import TrainParams
@@ -346,10 +356,6 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if args.validation_splits == 1 else f" --validation-splits {args.validation_splits}")
         + ("" if args.split_seed == SPLIT_SEED else f" --split-seed {args.split_seed}")
     )
-    # runs with non-default protocol options sit beside the default one instead of replacing it
-    suffix = ("" if args.validation_splits == 1 else f"-validation-splits-{args.validation_splits}") + (
-        "" if args.split_seed == SPLIT_SEED else f"-split-seed-{args.split_seed}"
-    )
     try:
         for dataset in datasets:
             started = time.perf_counter()
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 ks=[10, 20, 50, 100],
                 models=MODELS,
                 train_params=BASE_PARAMS,
-                out_dir=str(out / f"quality_{dataset}{suffix}"),
+                out_dir=str(out / run_name(dataset, args.validation_splits, args.split_seed)),
                 tune=True,
                 tuning_grid=GRIDS[dataset],
                 tuning_metric="ndcg@20",
@@ -379,11 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             interactions.unpersist()
             seconds = time.perf_counter() - started
             result["wall_seconds"] = round(seconds, 1)
-            (out / f"quality_{dataset}{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-            (out / f"quality_{dataset}{suffix}.md").write_text(
-                markdown(dataset, result, seconds, samples, command)
-            )
-            print((out / f"quality_{dataset}{suffix}.md").read_text())
+            name = run_name(dataset, args.validation_splits, args.split_seed)
+            (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out / f"{name}.md").write_text(markdown(dataset, result, seconds, samples, command))
+            print((out / f"{name}.md").read_text())
     finally:
         spark.stop()
     return 0

@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality import OUTER_SPLIT_SEEDS, SPLIT_SEED  # noqa: E402
+from quality import OUTER_SPLIT_SEEDS, run_name  # noqa: E402
 
 VALIDATION_SPLITS = 3
 METRICS = (("ndcg@20", "NDCG@20"), ("recall@20", "Recall@20"))  # the criterion's
@@ -32,8 +32,7 @@ MODELS = ("implicit_als", "implicit_als_cholesky", "mllib_als", "popular")
 
 def run_path(results: Path, dataset: str, seed: int) -> Path:
     """Where quality.py writes the run with this outer ``seed`` and three validation splits."""
-    suffix = f"-validation-splits-{VALIDATION_SPLITS}" + ("" if seed == SPLIT_SEED else f"-split-seed-{seed}")
-    return results / f"quality_{dataset}{suffix}.json"
+    return results / f"{run_name(dataset, VALIDATION_SPLITS, seed)}.json"
 
 
 def load_runs(results: Path, dataset: str, seeds: tuple[int, ...]) -> dict[int, dict]:

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error(f"--seeds must be at least 2 (a standard deviation needs two draws), got {args.seeds}")
     if not (Path(args.data_root) / "lastfm-2k").is_dir():
         print(f"error: lastfm-2k not found under {args.data_root}", file=sys.stderr)
         return 3
@@ -82,20 +84,15 @@ def main(argv: list[str] | None = None) -> int:
             return {"ndcg@20": m["ndcg@20"], "recall@20": m["recall@20"]}
 
         # 1. one start for both: MLlib's initial factors
-        shared = dict(rank=params.rank, maxIter=params.max_iter, regParam=params.reg_param, alpha=params.alpha,
-                      userCol="user_idx", itemCol="item_idx", ratingCol="strength", seed=params.seed,
-                      numUserBlocks=params.num_user_blocks, numItemBlocks=params.num_item_blocks)
         mllib_train = _mllib_ratings(train, params)
-        init = ALS(implicitPrefs=True, **{**shared, "maxIter": 0}).fit(mllib_train)
+        init = ALS(implicitPrefs=True, **params.replace(max_iter=0).als_params()).fit(mllib_train)
         start = ImplicitALSModel(rank=params.rank, userFactors=init.userFactors.cache(),
                                  itemFactors=init.itemFactors.cache())
-        mllib = ALS(implicitPrefs=True, **shared).fit(mllib_train)
+        mllib = ALS(implicitPrefs=True, **params.als_params()).fit(mllib_train)
         common = {"mllib_als": {**test_metrics(mllib.userFactors, mllib.itemFactors),
                                 "objective": mllib_objective(train, mllib.userFactors, mllib.itemFactors, params)}}
         for solver in ("cholesky", "cg"):
-            fitted = ImplicitALS(solver=solver, cgSteps=params.cg_steps, confidence="log",
-                                 confidenceEpsilon=params.confidence_epsilon, initialModel=start,
-                                 **shared).fit(train)
+            fitted = ImplicitALS(**params.replace(solver=solver).implicit_als_params(), initialModel=start).fit(train)
             common[f"implicit_als_{solver}"] = {**test_metrics(fitted.userFactors, fitted.itemFactors),
                                                 "objective": float(fitted.trainingLoss[-1])}
             print(solver, common[f"implicit_als_{solver}"], flush=True)

@@ -65,6 +65,36 @@ class TrainParams:
     def replace(self, **changes: Any) -> TrainParams:
         return dataclasses.replace(self, **changes)
 
+    def als_params(self) -> dict[str, Any]:
+        """Keyword arguments of MLlib's ``ALS`` (and ImplicitALS, which takes MLlib's names), on the
+        evaluation's columns: both models get the same values from this one place."""
+        return dict(
+            rank=self.rank,
+            maxIter=self.max_iter,
+            regParam=self.reg_param,
+            alpha=self.alpha,
+            userCol=USER,
+            itemCol=ITEM,
+            ratingCol=STRENGTH,
+            seed=self.seed,
+            numUserBlocks=self.num_user_blocks,
+            numItemBlocks=self.num_item_blocks,
+            checkpointInterval=self.checkpoint_interval,
+        )
+
+    def implicit_als_params(self) -> dict[str, Any]:
+        """:meth:`als_params` plus ImplicitALS's own parameters."""
+        return dict(
+            self.als_params(),
+            solver=self.solver,
+            cgSteps=self.cg_steps,
+            regularization=self.regularization,
+            confidence=self.confidence,
+            confidenceEpsilon=self.confidence_epsilon,
+            frequencyAlpha0=self.frequency_alpha0,
+            frequencyNu=self.frequency_nu,
+        )
+
     def solve_params(self) -> SolveParams:
         return SolveParams(
             alpha=self.alpha,
@@ -156,37 +186,14 @@ def _fit_factors(
     model: str, train: DataFrame, params: TrainParams
 ) -> tuple[DataFrame, DataFrame, list[float] | None]:
     """Train ``model``; returns user and item factors (``id`` int, ``features`` array<float>) and the loss."""
-    # ImplicitALS takes MLlib's parameter names: both get the same values from one place
-    shared = dict(
-        rank=params.rank,
-        maxIter=params.max_iter,
-        regParam=params.reg_param,
-        alpha=params.alpha,
-        userCol=USER,
-        itemCol=ITEM,
-        ratingCol=STRENGTH,
-        seed=params.seed,
-        numUserBlocks=params.num_user_blocks,
-        numItemBlocks=params.num_item_blocks,
-        checkpointInterval=params.checkpoint_interval,
-    )
     if model == "mllib_als":
         from pyspark.ml.recommendation import ALS
 
-        fitted = ALS(implicitPrefs=True, **shared).fit(_mllib_ratings(train, params))
+        fitted = ALS(implicitPrefs=True, **params.als_params()).fit(_mllib_ratings(train, params))
         return fitted.userFactors, fitted.itemFactors, None
     from mf_spark import ImplicitALS
 
-    estimator = ImplicitALS(
-        **shared,
-        solver=params.solver,
-        cgSteps=params.cg_steps,
-        regularization=params.regularization,
-        confidence=params.confidence,
-        confidenceEpsilon=params.confidence_epsilon,
-        frequencyAlpha0=params.frequency_alpha0,
-        frequencyNu=params.frequency_nu,
-    )
+    estimator = ImplicitALS(**params.implicit_als_params())
     fitted = estimator.fit(train)
     return fitted.userFactors, fitted.itemFactors, [float(x) for x in fitted.trainingLoss]
 
