@@ -135,8 +135,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
                       "models compared, the first is the one the gate reads: implicit_als, implicit_als_cholesky, mllib_als, popular, random"),
         "tuning": {
             "metric": Key("str", "ndcg@20", "metric the tuning maximises on the validation split, name@K"),
-            "mode": Key("str", "grid", "search every combination, a seeded random sample of them, or a seeded random start refined by steps to neighbouring grid values (see docs/evaluation.md)", choices=("grid", "random", "refine")),
-            "samples": Key("int", 8, "random and refine modes: distinct parameter sets tried per model", minimum=1),
+            "mode": Key("str", "grid", "search every combination, a seeded random sample of them, a seeded random start refined by steps to neighbouring grid values, or (cover) MLlib's part of the grid refined the same way (see docs/evaluation.md)", choices=("grid", "random", "refine", "cover")),
+            "samples": Key("int", 8, "random, refine and cover modes: distinct parameter sets tried per model", minimum=1),
             "validation_splits": Key("int", 1, "validation splits whose mean metric scores a parameter set (random and strong_generalization splits; a temporal split has one)", minimum=1),
             "rank": Key("list[int]", [32, 64], "ranks searched"),
             "reg_param": Key("list[float]", [0.01, 0.1], "regularisation lambdas searched"),

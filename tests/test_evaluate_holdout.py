@@ -318,3 +318,78 @@ def test_refine_search_climbs_to_the_best_within_the_budget():
     assert len(search(base, small, score, model="mllib_als", mode="refine", samples=30)) == 4
     with pytest.raises(ValueError, match="tuning mode"):
         search(base, small, score, model="mllib_als", mode="bayes")
+
+
+def test_cover_search_scores_mllibs_part_of_the_grid_first():
+    from mf_spark.evaluate.tuning import search, search_space
+
+    grid = {
+        "rank": [8, 16, 32],
+        "reg_param": [0.1, 1.0],
+        "alpha": [1.0, 3.0],
+        "regularization": ["count", "frequency"],
+        "frequency_nu": [0.5, 1.0],
+    }
+    base = TrainParams()
+    mllib_space = search_space(base, grid, model="mllib_als")
+    start = candidate_params(base, grid, model="implicit_als", mode="cover", samples=20)
+    # the same models MLlib trains, in its grid order, as ImplicitALS trains them
+    assert [(p.rank, p.reg_param, p.alpha, p.regularization) for p in start] == [
+        (p.rank, p.reg_param, p.alpha, p.regularization) for p in mllib_space
+    ]
+    assert {p.solver for p in start} == {"cg"}
+    assert set(start) <= set(search_space(base, grid, model="implicit_als"))
+    assert candidate_params(base, grid, model="mllib_als", mode="cover", samples=20) == mllib_space
+    drawn = candidate_params(base, grid, model="implicit_als", mode="cover", samples=5, seed=1)
+    assert len(drawn) == 5 and set(drawn) <= set(start)
+
+    def score(p):  # best at rank 16 with frequency regularisation, which MLlib cannot reach
+        return -abs(p.rank - 16) - (0 if p.regularization == "frequency" else 1) - p.reg_param
+
+    results = search(base, grid, score, model="implicit_als", mode="cover", samples=18, seed=3)
+    assert [stage for _, _, stage in results] == ["cover"] * 12 + ["local"] * 6
+    assert [p for p, _, _ in results[:12]] == start
+    assert len({p for p, _, _ in results}) == 18
+    best = max(results, key=lambda r: r[1])[0]
+    assert (best.rank, best.reg_param, best.regularization) == (16, 0.1, "frequency")
+    assert results == search(base, grid, score, model="implicit_als", mode="cover", samples=18, seed=3)
+    # MLlib's cover search is its whole grid
+    mllib = search(base, grid, score, model="mllib_als", mode="cover", samples=18, seed=3)
+    assert [p for p, _, _ in mllib] == mllib_space
+
+
+def test_tuning_budget_per_model(communities, spark):
+    train_params = {**TRAIN, "max_iter": 2}
+    result = evaluate_holdout(
+        spark,
+        communities,
+        split="user_random",
+        models=["implicit_als", "mllib_als", "implicit_als_cholesky"],
+        train_params=train_params,
+        ks=[5],
+        tune=True,
+        tuning_grid={"rank": [2, 4], "reg_param": [0.1, 1.0], "regularization": ["count", "frequency"]},
+        tuning_metric="ndcg@5",
+        tuning_mode="cover",
+        tuning_samples={"implicit_als": 6, "mllib_als": 3},
+    )
+    assert result["tuning"]["trials"] == {"implicit_als": 6, "mllib_als": 3}
+    assert result["tuning"]["samples"] == {"implicit_als": 6, "mllib_als": 3}
+    stages = [t["stage"] for t in result["models"]["implicit_als"]["tuning_trials"]]
+    assert stages == ["cover"] * 4 + ["local"] * 2
+    chosen = {m: dict(result["models"][m]["params"]) for m in ("implicit_als", "implicit_als_cholesky")}
+    assert chosen["implicit_als"].pop("solver") == "cg"
+    assert chosen["implicit_als_cholesky"].pop("solver") == "cholesky"
+    assert chosen["implicit_als"] == chosen["implicit_als_cholesky"]
+    with pytest.raises(ValueError, match="no budget for 'mllib_als'"):
+        evaluate_holdout(
+            spark,
+            communities,
+            split="user_random",
+            models=["mllib_als"],
+            train_params=train_params,
+            ks=[5],
+            tune=True,
+            tuning_grid={"rank": [2, 4]},
+            tuning_samples={"implicit_als": 6},
+        )

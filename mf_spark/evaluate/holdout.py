@@ -54,7 +54,7 @@ def evaluate_holdout(
     tuning_grid: Mapping[str, Sequence[Any]] | None = None,
     tuning_metric: str = "ndcg@20",
     tuning_mode: str = "grid",
-    tuning_samples: int = 8,
+    tuning_samples: int | Mapping[str, int] = 8,
     tuning_validation_splits: int = 1,
 ) -> dict[str, Any]:
     """Evaluate ``models`` side by side on one holdout split of ``interactions``.
@@ -81,8 +81,10 @@ def evaluate_holdout(
         (``name -> values``; names from :data:`mf_spark.evaluate.tuning.TUNABLE`; default
         :data:`DEFAULT_TUNING_GRID`) on a validation split carved from the training part, chooses by
         ``tuning_metric`` and is then evaluated on the test part with the chosen parameters. In the
-        random and refine modes every search tries ``tuning_samples`` distinct parameter sets (fewer only
-        when its space is smaller; ``tuning.trials`` records the count per search).
+        random, refine and cover modes every search tries ``tuning_samples`` distinct parameter sets
+        (fewer only when its space is smaller; ``tuning.trials`` records the count per search), or, when
+        it maps model names to counts, its own count (an equal compute budget for models of unequal
+        speed; both ImplicitALS solvers share the search of the first of them in ``models``).
     tuning_validation_splits
         Number of validation splits (seeds ``seed + 1``, ...) whose mean metric scores a parameter set;
         more than one makes the choice less dependent on one split (random and strong-generalisation
@@ -161,7 +163,7 @@ def evaluate_holdout(
             tuning_info.update(
                 metric=tuning_metric,
                 mode=tuning_mode,
-                samples=tuning_samples,
+                samples=tuning_samples if isinstance(tuning_samples, int) else dict(tuning_samples),
                 grid=grid,
                 validation_protocol=validations[0].protocol,
                 validation_splits=len(validations),
@@ -182,7 +184,7 @@ def evaluate_holdout(
                         grid,
                         metric=tuning_metric,
                         mode=tuning_mode,
-                        samples=tuning_samples,
+                        samples=_samples_for(model, tuning_samples),
                         seed=seed,
                     )
                 result = tuned_once[family]
@@ -190,7 +192,7 @@ def evaluate_holdout(
                 trials[model] = result.trials if result.model == model else []
             # the budget each search spent (random, refine: min(samples, distinct sets of its space))
             tuning_info["trials"] = {r.model: len(r.trials) for r in tuned_once.values()}
-            if len(set(tuning_info["trials"].values())) > 1:
+            if isinstance(tuning_samples, int) and len(set(tuning_info["trials"].values())) > 1:
                 log.warning(
                     "the tuning searches tried different numbers of parameter sets: %s", tuning_info["trials"]
                 )
@@ -335,3 +337,11 @@ def summary_table(result: Mapping[str, Any], k: int | None = None) -> str:
         for name, run in result["models"].items()
     ]
     return f"K = {k}\n" + _table(["model"] + [label for _, label in TABLE_METRICS], rows)
+
+
+def _samples_for(model: str, tuning_samples: int | Mapping[str, int]) -> int:
+    if isinstance(tuning_samples, int):
+        return tuning_samples
+    if model not in tuning_samples:
+        raise ValueError(f"tuning_samples names no budget for {model!r}: {dict(tuning_samples)}")
+    return int(tuning_samples[model])

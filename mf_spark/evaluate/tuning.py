@@ -35,7 +35,9 @@ TUNABLE = (
 # dimensions a model cannot vary; searching them would only repeat identical fits
 UNSUPPORTED = {"mllib_als": ("regularization", "frequency_alpha0", "frequency_nu")}
 CATEGORICAL = ("regularization", "confidence")  # the other dimensions are numeric, ordered by value
-MODES = ("grid", "random", "refine")
+MODES = ("grid", "random", "refine", "cover")
+# the model whose space every factor model's space contains: "cover" searches its part first
+BASELINE_MODEL = "mllib_als"
 # dimensions that act only under one value of another; elsewhere they keep the base value
 CONDITIONAL = {
     "frequency_alpha0": ("regularization", "frequency"),
@@ -89,11 +91,27 @@ def candidate_params(
     mode
         ``grid``: the whole space, in grid order; ``random``: ``samples`` of its distinct sets drawn with
         ``random.Random(seed)`` (all of them when there are fewer); ``refine``: the random start of the
-        refine search, ``ceil(samples / 2)`` sets drawn the same way (:func:`search` adds the rest).
+        refine search, ``ceil(samples / 2)`` sets drawn the same way (:func:`search` adds the rest);
+        ``cover``: every set of the space that MLlib ALS can also train (:data:`BASELINE_MODEL`: the
+        rank x reg_param x alpha x confidence part, count regularisation), in grid order, as ``model``
+        trains them; ``samples`` of them drawn as in ``random`` when there are more (:func:`search` adds
+        refine steps over the whole space up to ``samples``).
     """
     if mode not in MODES:
         raise ValueError(f"tuning mode must be one of {', '.join(MODES)}, got {mode!r}")
     space = search_space(base, grid, model=model)
+    if mode == "cover":
+        # a model with more options than the baseline never knows less about the baseline's part
+        members = set(space)
+        start = [
+            p
+            for p in (
+                _without_inactive(params_for_model(model, b), base)
+                for b in search_space(base, grid, model=BASELINE_MODEL)
+            )
+            if p in members
+        ]
+        return random.Random(seed).sample(start, samples) if samples < len(start) else start
     wanted = {"grid": len(space), "random": samples, "refine": (samples + 1) // 2}[mode]
     if wanted < len(space):
         return random.Random(seed).sample(space, wanted)
@@ -211,12 +229,16 @@ def search(
     time, the first untried :func:`neighbours` of the best set so far (of the next best when all of its
     neighbours are tried; of a further seeded random set when every tried set's are), a deterministic
     hill climb that keeps a large space (ImplicitALS's regularisation modes) from being sampled thinly.
-    ``stage`` is ``grid``/``random`` for the up-front sets and ``local`` for the refine steps.
+    ``cover`` starts from MLlib's part of the space instead of the random start and then takes the same
+    steps: a model whose space contains MLlib's (ImplicitALS) scores everything MLlib's search scores
+    before its own options. ``stage`` is ``grid``/``random``/``cover`` for the up-front sets and
+    ``local`` for the refine steps.
     """
     results: list[tuple[TrainParams, float, str]] = []
+    stage = {"refine": "random"}.get(mode, mode)
     for params in candidate_params(base, grid, model=model, mode=mode, samples=samples, seed=seed):
-        results.append((params, score(params), "grid" if mode == "grid" else "random"))
-    if mode != "refine":
+        results.append((params, score(params), stage))
+    if mode not in ("refine", "cover"):
         return results
     space = search_space(base, grid, model=model)
     names = _searched(grid, model)
