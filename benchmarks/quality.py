@@ -137,6 +137,15 @@ def tuning_budget(dataset: str, budget: str, samples: int | None) -> tuple[str, 
     return "cover", {"implicit_als": math.floor(COMPUTE_BUDGET_RATIO * mllib), "mllib_als": mllib}
 
 
+def tuning_fit_seconds(run: dict) -> dict[str, float]:
+    """Seconds spent fitting in each model's tuning search (all of its trials and validation splits)."""
+    return {
+        model: round(sum(t["fit_seconds"] for t in result["tuning_trials"]), 1)
+        for model, result in run["models"].items()
+        if result.get("tuning_trials")
+    }
+
+
 def reuse_baseline(result: dict, earlier: dict, model: str = "mllib_als") -> None:
     """Put ``model``'s result from ``earlier`` (a run on the same split with the same grid) into
     ``result``, after checking that it is the same experiment: the split and its counts, the validation
@@ -485,11 +494,7 @@ def main(argv: list[str] | None = None) -> int:
             trials = result["tuning"]["trials"]
             if trials != samples if isinstance(samples, dict) else len(set(trials.values())) != 1:
                 raise RuntimeError(f"tuning budgets {trials} do not follow the {args.budget} rule")
-            result["tuning"]["fit_seconds"] = {
-                m: round(sum(t["fit_seconds"] for t in run.get("tuning_trials") or []), 1)
-                for m, run in result["models"].items()
-                if run.get("tuning_trials")
-            }
+            result["tuning"]["fit_seconds"] = tuning_fit_seconds(result)
             result["seeds_check"] = seeds_check(interactions, result, SEEDS, earlier)
             interactions.unpersist()
             seconds = time.perf_counter() - started
