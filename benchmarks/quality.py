@@ -156,8 +156,11 @@ def reuse_baseline(result: dict, earlier: dict, model: str = "mllib_als") -> Non
     for key in same:
         if result[key] != earlier[key]:
             raise ValueError(f"--baselines-from is not the same experiment: {key} differs")
+    # runs made before a field existed: one validation split, whose counts were not recorded (the split
+    # and most-popular checks still pin it, since the validation split is carved deterministically)
+    before = {"validation_splits": 1, "validation_counts": result["tuning"]["validation_counts"]}
     for key in ("grid", "metric", "validation_protocol", "validation_splits", "validation_counts"):
-        if result["tuning"][key] != earlier["tuning"][key]:
+        if result["tuning"][key] != earlier["tuning"].get(key, before.get(key)):
             raise ValueError(f"--baselines-from is not the same experiment: tuning.{key} differs")
     ours, theirs = result["models"]["popular"]["metrics"], earlier["models"]["popular"]["metrics"]
     if ours.keys() != theirs.keys() or any(abs(ours[k] - theirs[k]) > 1e-9 for k in ours):

@@ -72,3 +72,15 @@ def test_budget_rules():
     assert tuning_budget("lastfm-2k", "trials", None) == ("refine", 60)
     assert tuning_budget("lastfm-2k", "compute", None) == ("cover", {"implicit_als": 90, "mllib_als": 60})
     assert tuning_budget("ml-latest-small", "compute", 10) == ("cover", {"implicit_als": 15, "mllib_als": 10})
+
+
+def test_reuse_baseline_reads_runs_from_before_several_validation_splits():
+    result, earlier = _run(mllib=False), _run(mllib=True)
+    result["tuning"]["validation_splits"] = 1
+    del earlier["tuning"]["validation_splits"], earlier["tuning"]["validation_counts"]
+    reuse_baseline(result, earlier)
+    assert "mllib_als" in result["models"]
+    result, earlier = _run(mllib=False), _run(mllib=True)
+    del earlier["tuning"]["validation_splits"]  # such a run had one validation split, this one three
+    with pytest.raises(ValueError, match="tuning.validation_splits differs"):
+        reuse_baseline(result, earlier)
