@@ -128,13 +128,17 @@ def run_name(dataset: str, validation_splits: int, split_seed: int, budget: str 
     )
 
 
+def compute_budget(mllib_trials: int) -> dict[str, int]:
+    """Distinct parameter sets per model under the equal-compute rule, from MLlib's."""
+    return {"implicit_als": math.floor(COMPUTE_BUDGET_RATIO * mllib_trials), "mllib_als": mllib_trials}
+
+
 def tuning_budget(dataset: str, budget: str, samples: int | None) -> tuple[str, int | dict[str, int]]:
     """Search mode and distinct parameter sets per model under a budget rule (see the rules above)."""
     grid_size = baseline_grid_size(dataset)
     if budget == "trials":
         return "refine", samples or grid_size
-    mllib = samples or grid_size
-    return "cover", {"implicit_als": math.floor(COMPUTE_BUDGET_RATIO * mllib), "mllib_als": mllib}
+    return "cover", compute_budget(samples or grid_size)
 
 
 def tuning_fit_seconds(run: dict) -> dict[str, float]:
@@ -152,10 +156,8 @@ def reuse_baseline(result: dict, earlier: dict, model: str = "mllib_als") -> Non
     protocol, the grid, and that ``model``'s search there scored its whole space (which is what the
     ``cover`` search of it scores). The most-popular model, trained again in this run, must score the
     same as there, which also pins the split."""
-    same = ("split",)
-    for key in same:
-        if result[key] != earlier[key]:
-            raise ValueError(f"--baselines-from is not the same experiment: {key} differs")
+    if result["split"] != earlier["split"]:
+        raise ValueError("--baselines-from is not the same experiment: split differs")
     # runs made before a field existed: one validation split, whose counts were not recorded (the split
     # and most-popular checks still pin it, since the validation split is carved deterministically)
     before = {"validation_splits": 1, "validation_counts": result["tuning"]["validation_counts"]}
@@ -251,13 +253,13 @@ def seeds_check(interactions, result: dict, seeds: tuple[int, ...], earlier: dic
         "same_params": {model: mllib for model in factor_models},
         "tuned": {m: TrainParams.from_mapping(result["models"][m]["params"]) for m in factor_models},
     }
+    if earlier is not None and earlier["seeds_check"]["seeds"] != list(seeds):
+        raise ValueError("--baselines-from ran its seeds check with other seeds")
     out: dict = {"seeds": list(seeds), "same_params_params": _shown(mllib)}
     for plan, params_by_model in plans.items():
         table = {}
         for model, params in params_by_model.items():
             if earlier is not None and model == "mllib_als":
-                if earlier["seeds_check"]["seeds"] != list(seeds):
-                    raise ValueError("--baselines-from ran its seeds check with other seeds")
                 table[model] = earlier["seeds_check"][plan][model]
                 continue
             values = {"ndcg@20": [], "recall@20": []}
@@ -350,12 +352,12 @@ def markdown(dataset: str, result: dict, seconds: float, command: str) -> str:
             *_seed_rows(check["same_params"]),
         ]
     tuning = result["tuning"]
+    reused = "".join(
+        f" {model}'s result is reused from the run of {when} on the same split (same search)."
+        for model, when in tuning.get("reused", {}).items()
+    )
     if tuning["mode"] == "cover":
         fit = ", ".join(f"{model} {s / 60:.1f} min" for model, s in tuning["fit_seconds"].items())
-        reused = "".join(
-            f" {model}'s result is reused from the run of {when} on the same split (same search)."
-            for model, when in tuning.get("reused", {}).items()
-        )
         how = (
             "Tuning: an equal compute budget (`--budget compute`): ImplicitALS "
             f"{COMPUTE_BUDGET_RATIO}x MLlib's distinct parameter sets ({budget}; tuning fit time {fit}; "
@@ -377,8 +379,7 @@ def markdown(dataset: str, result: dict, seconds: float, command: str) -> str:
         f"max_iter={BASE_PARAMS['max_iter']}, chosen by validation {result['tuning']['metric']}; "
         "`implicit_als_cholesky` reuses the CG search's winner. "
         f"Wall time {seconds / 60:.1f} min on {os.cpu_count()} cores (local[2], shared with other work: "
-        f"timings are indicative only). Python {platform.python_version()}."
-        + ("" if tuning["mode"] != "cover" else reused),
+        f"timings are indicative only). Python {platform.python_version()}.{reused}",
         f"Produced by `{command}`.",
         "",
     ]
@@ -428,6 +429,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     data_root = Path(args.data_root)
     datasets = DATASETS if args.dataset == "all" else (args.dataset,)
+    earlier = None
+    if args.baselines_from is not None:
+        # checked before any Spark work: a wrong file must not cost a tuning run
+        if args.budget != "compute" or len(datasets) != 1:
+            parser.error("--baselines-from needs --budget compute and one --dataset")
+        try:
+            earlier = json.loads(Path(args.baselines_from).read_text())
+        except (OSError, ValueError) as err:
+            print(f"error: --baselines-from {args.baselines_from}: {err}", file=sys.stderr)
+            return 2
     missing = [d for d in datasets if not (data_root / d).is_dir()]
     if missing:
         print(f"error: data set(s) not found under {data_root}: {', '.join(missing)}", file=sys.stderr)
@@ -460,12 +471,6 @@ def main(argv: list[str] | None = None) -> int:
         + ("" if args.budget == "trials" else f" --budget {args.budget}")
         + ("" if args.baselines_from is None else f" --baselines-from {args.baselines_from}")
     )
-    earlier = None
-    if args.baselines_from is not None:
-        if len(datasets) != 1:
-            print("error: --baselines-from needs one --dataset", file=sys.stderr)
-            return 2
-        earlier = json.loads(Path(args.baselines_from).read_text())
     try:
         for dataset in datasets:
             started = time.perf_counter()
@@ -495,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
                 reuse_baseline(result, earlier)
                 write_report(result, out / name)
             trials = result["tuning"]["trials"]
-            if trials != samples if isinstance(samples, dict) else len(set(trials.values())) != 1:
+            followed = trials == samples if isinstance(samples, dict) else len(set(trials.values())) == 1
+            if not followed:
                 raise RuntimeError(f"tuning budgets {trials} do not follow the {args.budget} rule")
             result["tuning"]["fit_seconds"] = tuning_fit_seconds(result)
             result["seeds_check"] = seeds_check(interactions, result, SEEDS, earlier)

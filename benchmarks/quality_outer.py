@@ -31,7 +31,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from quality import COMPUTE_BUDGET_RATIO, OUTER_SPLIT_SEEDS, run_name, tuning_fit_seconds  # noqa: E402
+from quality import (  # noqa: E402
+    COMPUTE_BUDGET_RATIO,
+    OUTER_SPLIT_SEEDS,
+    compute_budget,
+    run_name,
+    tuning_fit_seconds,
+)
 
 VALIDATION_SPLITS = 3
 METRICS = (("ndcg@20", "NDCG@20"), ("recall@20", "Recall@20"))  # the criterion's
@@ -64,7 +70,7 @@ def load_runs(results: Path, dataset: str, seeds: tuple[int, ...], budget: str =
             problems.append(f"unequal tuning budgets {trials}")
         if budget == "compute" and (
             run["tuning"]["mode"] != "cover"
-            or trials.get("implicit_als") != int(COMPUTE_BUDGET_RATIO * trials.get("mllib_als", 0))
+            or trials != compute_budget(trials.get("mllib_als", 0))
         ):
             problems.append(f"tuning budgets {trials} ({run['tuning']['mode']} search) are not the compute rule's")
         if problems:

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from quality import reuse_baseline, tuning_budget, tuning_fit_seconds  # noqa: E402
+from quality import main, reuse_baseline, tuning_budget, tuning_fit_seconds  # noqa: E402
 
 
 def _run(mllib: bool) -> dict:
@@ -84,3 +84,17 @@ def test_reuse_baseline_reads_runs_from_before_several_validation_splits():
     del earlier["tuning"]["validation_splits"]  # such a run had one validation split, this one three
     with pytest.raises(ValueError, match="tuning.validation_splits differs"):
         reuse_baseline(result, earlier)
+
+
+def test_baselines_from_is_refused_before_any_spark_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # the trials rule searches MLlib differently
+        main(["--dataset", "lastfm-2k", "--baselines-from", str(tmp_path / "run.json")])
+    assert exit_info.value.code == 2
+    assert "--baselines-from needs --budget compute" in capsys.readouterr().err
+    missing = tmp_path / "missing.json"
+    assert main(["--dataset", "lastfm-2k", "--budget", "compute", "--baselines-from", str(missing)]) == 2
+    assert f"--baselines-from {missing}" in capsys.readouterr().err
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    assert main(["--dataset", "lastfm-2k", "--budget", "compute", "--baselines-from", str(broken)]) == 2
+    assert f"--baselines-from {broken}" in capsys.readouterr().err
