@@ -6,7 +6,9 @@ import math
 
 import pytest
 from pyspark.ml.evaluation import RankingEvaluator
+from pyspark.sql import Window
 from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
 
 from mf_spark.evaluate.metrics import (
     item_popularity_percentile,
@@ -105,6 +107,22 @@ def test_coverage_and_popularity(spark):
     assert metrics["coverage@2"] == pytest.approx(3 / 4)
     assert metrics["popularity@1"] == pytest.approx((0.5 + 0.5) / 2)
     assert metrics["popularity@2"] == pytest.approx((0.5 + 1.0 + 0.5 + 1.0) / 4)
+
+
+def test_popularity_percentile_is_cume_dist_without_a_global_window(spark):
+    # ties, a long tail and one very popular item
+    lists = {u: [1] + [2 + (u * j) % 37 for j in range(1 + u % 7)] for u in range(1, 60)}
+    train = _test(spark, {u: list(dict.fromkeys(items)) for u, items in lists.items()})
+    percentiles = item_popularity_percentile(train)
+    expected = (
+        train.groupBy("item_idx")
+        .agg(F.count(F.lit(1)).alias("n_users"))
+        .withColumn("percentile", F.cume_dist().over(Window.orderBy("n_users")))
+    )
+    assertDataFrameEqual(percentiles, expected, rtol=1e-12)
+    # the warning this avoids: a window with no partition moves the whole catalogue into one task
+    assert "Window" not in percentiles._jdf.queryExecution().executedPlan().toString()
+    assert item_popularity_percentile(train.limit(0)).count() == 0
 
 
 def test_agrees_with_ranking_evaluator(spark):

@@ -76,8 +76,21 @@ def item_popularity_percentile(train: DataFrame, item_col: str = "item_idx") -> 
         the fraction of catalogue items with ``n_users`` at most this item's.
     """
     counts = train.groupBy(item_col).agg(F.count(F.lit(1)).alias("n_users"))
-    # the catalogue is small next to the interactions; one ordered window over it is cheap
-    return counts.withColumn("percentile", F.cume_dist().over(Window.orderBy("n_users")))
+    # A percentile depends only on the item's count, and there are at most about sqrt(2 * interactions)
+    # distinct counts, so their cumulative shares are summed on the driver. A cume_dist window over the
+    # catalogue gives the same numbers but pulls every item into one partition (Spark's "No Partition
+    # Defined for Window operation" warning).
+    histogram = sorted(
+        (row["n_users"], row["n_items"])
+        for row in counts.groupBy("n_users").agg(F.count(F.lit(1)).alias("n_items")).collect()
+    )
+    n_catalogue = sum(n_items for _, n_items in histogram)
+    cumulative, shares = 0, []
+    for n_users, n_items in histogram:
+        cumulative += n_items
+        shares.append((n_users, cumulative / n_catalogue))
+    share_table = train.sparkSession.createDataFrame(shares, "n_users long, percentile double")
+    return counts.join(F.broadcast(share_table), "n_users").select(item_col, "n_users", "percentile")
 
 
 def per_user_metrics(
