@@ -34,7 +34,8 @@ import scipy.sparse as sp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.validation_study import MLLIB_LASTFM_WINNER, study_session, validation_frames  # noqa: E402
+from benchmarks.quality import quality_session  # noqa: E402
+from benchmarks.validation_study import MLLIB_LASTFM_WINNER, validation_frames  # noqa: E402
 from mf_spark.cli import setup_logging  # noqa: E402
 
 
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mf_spark.evaluate.metrics import ranking_metrics
 
-    spark = study_session()
+    spark = quality_session("mf-spark-missing-weight-study")
     rows = {beta: {"ndcg@20": [], "recall@20": []} for beta in betas}
     try:
         for train, relevant in validation_frames(

@@ -186,6 +186,24 @@ def baseline_grid_size(dataset: str) -> int:
     return len(search_space(TrainParams.from_mapping(BASE_PARAMS), GRIDS[dataset], model="mllib_als"))
 
 
+def quality_session(app_name: str, log_level: str = "WARN"):
+    """The local[2] session of the quality runs and of the validation studies beside them."""
+    from mf_spark.session import build_session
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    return build_session(
+        app_name,
+        {
+            "spark.sql.shuffle.partitions": "4",
+            "spark.driver.memory": "3g",
+            "spark.ui.showConsoleProgress": "false",
+        },
+        master="local[2]",
+        checkpoint_dir=tempfile.mkdtemp(prefix=f"{app_name}-"),
+        log_level=log_level,
+    )
+
+
 def load(spark, data_root: Path, dataset: str):
     """Interactions in the pipeline's layout: user_idx, item_idx, strength, n_events, first_ts, last_ts."""
     from pyspark.sql import functions as F
@@ -446,22 +464,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from mf_spark.evaluate import evaluate_holdout
     from mf_spark.evaluate.report import write_report
-    from mf_spark.session import build_session
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spark = build_session(
-        "mf-spark-quality",
-        {
-            "spark.sql.shuffle.partitions": "4",
-            "spark.driver.memory": "3g",
-            "spark.ui.showConsoleProgress": "false",
-        },
-        master="local[2]",
-        checkpoint_dir=tempfile.mkdtemp(prefix="mf-spark-quality-"),
-        log_level="ERROR",
-    )
+    spark = quality_session("mf-spark-quality", log_level="ERROR")
     command = (
         "python benchmarks/quality.py"
         + ("" if args.dataset == "all" else f" --dataset {args.dataset}")

@@ -15,37 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import BASE_PARAMS, load  # noqa: E402
+from benchmarks.quality import BASE_PARAMS, load, quality_session  # noqa: E402
 from mf_spark.cli import setup_logging  # noqa: E402
 
 MLLIB_LASTFM_WINNER = {"rank": 64, "reg_param": 0.3, "alpha": 0.3, "confidence": "log"}
-
-
-def study_session():
-    """The local session of the quality benchmark, for studies."""
-    from mf_spark.session import build_session
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    return build_session(
-        "mf-spark-validation-study",
-        {
-            "spark.sql.shuffle.partitions": "4",
-            "spark.driver.memory": "3g",
-            "spark.ui.showConsoleProgress": "false",
-        },
-        master="local[2]",
-        checkpoint_dir=tempfile.mkdtemp(prefix="mf-spark-study-"),
-    )
 
 
 def validation_frames(spark, data_root: Path, dataset: str, split_seed: int, count: int) -> list[tuple]:
@@ -89,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from mf_spark.evaluate.metrics import ranking_metrics
     from mf_spark.evaluate.models import TrainParams, recommend_for_users
 
-    spark = study_session()
+    spark = quality_session("mf-spark-validation-study")
     rows = []
     try:
         frames = validation_frames(spark, data_root, args.dataset, args.split_seed, args.validation_splits)
