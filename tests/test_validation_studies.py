@@ -96,3 +96,26 @@ def test_validation_study_refuses_bad_json(tmp_path, capsys):
     (tmp_path / "lastfm-2k").mkdir()
     assert validation_study.main(["--data-root", str(tmp_path), "--variant", "{max_iter: 20}"]) == 2
     assert "JSON" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_averages_split_means_and_brackets_the_mean():
+    import paired_difference
+
+    constant = paired_difference.bootstrap_difference([np.full(5, 0.01), np.full(50, -0.03)], reps=200)
+    # split means 0.01 and -0.03 weigh equally, whatever the splits' sizes
+    assert constant == pytest.approx({"mean": -0.01, "low": -0.01, "high": -0.01, "share_at_least_zero": 0.0})
+    rng = np.random.default_rng(1)
+    noisy = [rng.normal(0.002, 0.05, 2000) for _ in range(3)]
+    first = paired_difference.bootstrap_difference(noisy, reps=500)
+    assert first == paired_difference.bootstrap_difference(noisy, reps=500)  # seeded
+    assert first["low"] < first["mean"] < first["high"]
+    # standard error of the mean of three split means: 0.05 / sqrt(3 * 2000)
+    assert first["high"] - first["low"] == pytest.approx(2 * 1.96 * 0.05 / np.sqrt(6000), rel=0.15)
+    assert 0 < first["share_at_least_zero"] < 1
+
+
+def test_paired_difference_refuses_missing_runs(tmp_path, capsys):
+    import paired_difference
+
+    assert paired_difference.main(["--results", str(tmp_path)]) == 3
+    assert "quality run results not found" in capsys.readouterr().err
