@@ -20,6 +20,9 @@ BATCH_DEFAULTS: dict[str, str] = {
     "spark.executorEnv.OMP_NUM_THREADS": "1",
     "spark.executorEnv.MKL_NUM_THREADS": "1",
     "spark.python.worker.reuse": "true",
+    # The evaluation's per-user metric table has one column per metric and K (28 by default); with
+    # Spark's limit of 25 fields every nightly printed a WARN that a plan string was truncated.
+    "spark.sql.debug.maxToStringFields": "100",
 }
 
 
