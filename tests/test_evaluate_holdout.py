@@ -44,6 +44,10 @@ def communities(spark):
     return df.persist()
 
 
+def scores_at(result: dict, model: str, metric: str) -> float:
+    return result["models"][model]["metrics"][metric]
+
+
 def test_models_side_by_side_and_report(communities, spark, tmp_path):
     models = ["implicit_als", "mllib_als", "popular", "random"]
     result = evaluate_holdout(
@@ -89,6 +93,18 @@ def test_models_side_by_side_and_report(communities, spark, tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "## Results at K = 10" in report and "| mllib_als |" in report
     assert "MLlib ALS does not expose a training loss; the same objective on its final factors" in report
+
+    # every other model against the primary one, user by user, with an interval over the test users
+    assert result["models"]["implicit_als"]["primary_minus_model"] is None
+    for name in ("mllib_als", "popular", "random"):
+        differences = result["models"][name]["primary_minus_model"]
+        assert list(differences) == ["ndcg@5", "recall@5", "ndcg@10", "recall@10"]
+        for metric, d in differences.items():
+            gap = scores_at(result, "implicit_als", metric) - scores_at(result, name, metric)
+            assert d["mean"] == pytest.approx(gap, abs=1e-12) and d["n_users"] == 60
+            assert d["low"] <= d["mean"] <= d["high"]
+    assert result["models"]["random"]["primary_minus_model"]["ndcg@10"]["low"] > 0  # far above chance
+    assert "## implicit_als minus each other model" in report and "| random | +" in report
 
 
 def test_no_training_items_in_any_list(communities):

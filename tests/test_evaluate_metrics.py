@@ -12,6 +12,7 @@ from pyspark.testing import assertDataFrameEqual
 
 from mf_spark.evaluate.metrics import (
     item_popularity_percentile,
+    paired_differences,
     parse_metric_name,
     per_user_metrics,
     ranking_metrics,
@@ -158,3 +159,21 @@ def test_parse_metric_name():
     for bad in ("ndcg", "ndcg@0", "auc@10", "ndcg@x"):
         with pytest.raises(ValueError):
             parse_metric_name(bad)
+
+
+def test_paired_differences_against_numpy(spark):
+    import numpy as np
+
+    a = {1: (0.5, 1.0), 2: (0.0, 0.0), 3: (1.0, 0.5), 4: (0.25, 0.25), 9: (1.0, 1.0)}
+    b = {1: (0.25, 1.0), 2: (0.5, 0.5), 3: (1.0, 0.0), 4: (0.0, 0.25), 8: (0.0, 0.0)}  # 8, 9: one side only
+    schema = "user_idx int, `ndcg@2` double, `recall@2` double"
+    frame_a = spark.createDataFrame([(u, *v) for u, v in a.items()], schema)
+    frame_b = spark.createDataFrame([(u, *v) for u, v in b.items()], schema)
+    got = paired_differences(frame_a, frame_b, ["ndcg@2", "recall@2"])
+    for column, name in enumerate(["ndcg@2", "recall@2"]):
+        d = np.array([a[u][column] - b[u][column] for u in (1, 2, 3, 4)])
+        half = 1.959963984540054 * d.std(ddof=1) / np.sqrt(len(d))
+        assert got[name] == pytest.approx({"mean": d.mean(), "low": d.mean() - half, "high": d.mean() + half,
+                                           "n_users": 4})
+    one_user = paired_differences(frame_a.where("user_idx = 1"), frame_b, ["ndcg@2"])["ndcg@2"]
+    assert one_user == pytest.approx({"mean": 0.25, "low": 0.25, "high": 0.25, "n_users": 1})

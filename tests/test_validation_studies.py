@@ -103,7 +103,8 @@ def test_paired_bootstrap_averages_split_means_and_brackets_the_mean():
 
     constant = paired_difference.bootstrap_difference([np.full(5, 0.01), np.full(50, -0.03)], reps=200)
     # split means 0.01 and -0.03 weigh equally, whatever the splits' sizes
-    assert constant == pytest.approx({"mean": -0.01, "low": -0.01, "high": -0.01, "share_at_least_zero": 0.0})
+    assert constant == pytest.approx({"mean": -0.01, "low": -0.01, "high": -0.01, "share_at_least_zero": 0.0,
+                                      "normal_low": -0.01, "normal_high": -0.01})
     rng = np.random.default_rng(1)
     noisy = [rng.normal(0.002, 0.05, 2000) for _ in range(3)]
     first = paired_difference.bootstrap_difference(noisy, reps=500)
@@ -111,6 +112,8 @@ def test_paired_bootstrap_averages_split_means_and_brackets_the_mean():
     assert first["low"] < first["mean"] < first["high"]
     # standard error of the mean of three split means: 0.05 / sqrt(3 * 2000)
     assert first["high"] - first["low"] == pytest.approx(2 * 1.96 * 0.05 / np.sqrt(6000), rel=0.15)
+    normal_width = first["normal_high"] - first["normal_low"]
+    assert normal_width == pytest.approx(2 * 1.96 * 0.05 / np.sqrt(6000), rel=0.05)
     assert 0 < first["share_at_least_zero"] < 1
 
 

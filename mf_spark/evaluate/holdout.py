@@ -12,7 +12,14 @@ from pyspark import SparkContext, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from mf_spark.evaluate.metrics import item_popularity_percentile, parse_metric_name, ranking_metrics
+from mf_spark.evaluate.metrics import (
+    item_popularity_percentile,
+    metric_name,
+    paired_differences,
+    parse_metric_name,
+    per_user_metrics,
+    ranking_metrics,
+)
 from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, recommend_for_users
 from mf_spark.evaluate.report import write_report
 from mf_spark.evaluate.splits import make_split
@@ -200,6 +207,9 @@ def evaluate_holdout(
                 df.unpersist()
 
         runs: dict[str, Any] = {}
+        # each model against the primary one, user by user: is a gap more than which users were drawn?
+        compared = [metric_name(m, k) for k in ks for m in ("ndcg", "recall")]
+        primary_per_user: DataFrame | None = None
         for model in models:
             params = chosen.get(model, base)
             run = recommend_for_users(
@@ -212,13 +222,21 @@ def evaluate_holdout(
                 random_seed=seed,
             )
             recs = run.recommendations.persist()
+            per_user = per_user_metrics(recs, relevant, ks).persist()
             metrics = ranking_metrics(
-                recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size
+                recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size, per_user=per_user
             )
+            differences = None
+            if primary_per_user is None:
+                primary_per_user = per_user
+            else:
+                differences = paired_differences(primary_per_user, per_user, compared)
+                per_user.unpersist()
             recs.unpersist()
             run.release()
             runs[model] = {
                 "metrics": metrics,
+                "primary_minus_model": differences,
                 "params": run.params,
                 "training_loss": run.training_loss,
                 "final_loss": run.final_loss,
@@ -231,7 +249,7 @@ def evaluate_holdout(
                 {k: round(v, 4) for k, v in metrics.items() if k.startswith(("ndcg@", "recall@"))},
             )
 
-        for df in cached + [popularity]:
+        for df in cached + [popularity] + ([primary_per_user] if primary_per_user is not None else []):
             df.unpersist()
         result: dict[str, Any] = {
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -67,6 +67,10 @@ def _param_value(params: dict[str, Any], name: str) -> Any:
     return params.get(name)
 
 
+def _interval(difference: dict[str, float]) -> str:
+    return f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
@@ -106,6 +110,25 @@ def render_markdown(result: dict[str, Any]) -> str:
             for name, run in models.items()
         ]
         out += [_table(["model"] + [label for _, label in TABLE_METRICS], rows), ""]
+    compared = [
+        (name, run["primary_minus_model"]) for name, run in models.items() if run.get("primary_minus_model")
+    ]
+    if compared:
+        primary = result.get("primary_model", next(iter(models)))
+        columns = list(compared[0][1])
+        out += [
+            f"## {primary} minus each other model",
+            "",
+            "Mean per-user difference with a 95% interval over the test users (paired: both models are "
+            "scored on the same users). A gap whose interval excludes 0 is more than which users were "
+            "drawn; the interval does not cover the seed of the initial factors or the choice of parameters.",
+            "",
+            _table(
+                ["model", *columns],
+                [[name, *(_interval(d[c]) for c in columns)] for name, d in compared],
+            ),
+            "",
+        ]
     out += ["## Parameters", ""]
     rows = [
         [name, *(_param(_param_value(run["params"], c)) for c in PARAM_COLUMNS), f"{run['fit_seconds']:.1f}"]
