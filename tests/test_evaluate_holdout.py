@@ -8,6 +8,7 @@ import json
 import pytest
 
 from mf_spark.evaluate import evaluate_holdout
+from mf_spark.evaluate.holdout import summary_table
 from mf_spark.evaluate.models import TrainParams, recommend_for_users
 from mf_spark.evaluate.splits import make_split
 from mf_spark.evaluate.tuning import candidate_params
@@ -105,6 +106,9 @@ def test_models_side_by_side_and_report(communities, spark, tmp_path):
             assert d["low"] <= d["mean"] <= d["high"]
     assert result["models"]["random"]["primary_minus_model"]["ndcg@10"]["low"] > 0  # far above chance
     assert "## implicit_als minus each other model" in report and "| random | +" in report
+    printed = summary_table(result, 10)  # what jobs/evaluate.py prints
+    assert "implicit_als minus model, ndcg@10 [95%]" in printed
+    assert f"{result['models']['random']['primary_minus_model']['ndcg@10']['mean']:+.4f} [" in printed
 
 
 def test_no_training_items_in_any_list(communities):
