@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import OUTER_SPLIT_SEEDS, load, quality_session, run_name  # noqa: E402
+from benchmarks.quality import OUTER_SPLIT_SEEDS, load, quality_session, run_name, split_of  # noqa: E402
 from mf_spark.cli import setup_logging  # noqa: E402
 
 METRICS = ("ndcg@20", "recall@20")
@@ -85,16 +85,8 @@ def per_user_values(spark, interactions, run: dict, model: str) -> tuple[dict[st
     Recall@20 ordered by user, and the means next to the ones ``run`` reports."""
     from mf_spark.evaluate.metrics import per_user_metrics
     from mf_spark.evaluate.models import TrainParams, recommend_for_users
-    from mf_spark.evaluate.splits import make_split
 
-    settings = run["split"]["settings"]
-    split = make_split(
-        interactions,
-        run["split"]["protocol"],
-        test_fraction=settings["test_fraction"],
-        test_n=settings["test_n"],
-        seed=settings.get("seed", 7),
-    )
+    split = split_of(interactions, run)
     relevant = split.relevant
     users = relevant.select("user_idx").distinct()
     params = TrainParams.from_mapping(run["models"][model]["params"])

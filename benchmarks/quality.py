@@ -239,6 +239,21 @@ def load(spark, data_root: Path, dataset: str):
     )
 
 
+def split_of(interactions, run: dict):
+    """The outer split ``run`` (a quality run's result) was scored on, rebuilt from its recorded settings
+    (deterministic, so the same rows)."""
+    from mf_spark.evaluate.splits import make_split
+
+    settings = run["split"]["settings"]
+    return make_split(
+        interactions,
+        run["split"]["protocol"],
+        test_fraction=settings["test_fraction"],
+        test_n=settings["test_n"],
+        seed=settings.get("seed", 7),
+    )
+
+
 def seeds_check(interactions, result: dict, seeds: tuple[int, ...], earlier: dict | None = None) -> dict:
     """NDCG@20 and Recall@20 on test of the factor models trained with several seeds on the same split:
 
@@ -253,16 +268,8 @@ def seeds_check(interactions, result: dict, seeds: tuple[int, ...], earlier: dic
 
     from mf_spark.evaluate.metrics import ranking_metrics
     from mf_spark.evaluate.models import TrainParams, recommend_for_users
-    from mf_spark.evaluate.splits import make_split
 
-    settings = result["split"]["settings"]
-    split = make_split(
-        interactions,
-        result["split"]["protocol"],
-        test_fraction=settings["test_fraction"],
-        test_n=settings["test_n"],
-        seed=settings.get("seed", 7),
-    )
+    split = split_of(interactions, result)
     train, relevant = split.train.persist(), split.relevant.persist()
     users = relevant.select("user_idx").distinct()
     factor_models = ("implicit_als", "implicit_als_cholesky", "mllib_als")
