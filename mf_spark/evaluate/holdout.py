@@ -229,6 +229,7 @@ def evaluate_holdout(
             differences = None
             if primary_per_user is None:
                 primary_per_user = per_user
+                cached.append(per_user)  # kept for the other models' comparisons, freed with the split
             else:
                 differences = paired_differences(primary_per_user, per_user, compared)
                 per_user.unpersist()
@@ -249,7 +250,7 @@ def evaluate_holdout(
                 {k: round(v, 4) for k, v in metrics.items() if k.startswith(("ndcg@", "recall@"))},
             )
 
-        for df in cached + [popularity] + ([primary_per_user] if primary_per_user is not None else []):
+        for df in cached + [popularity]:
             df.unpersist()
         result: dict[str, Any] = {
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

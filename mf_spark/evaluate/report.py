@@ -114,10 +114,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         (name, run["primary_minus_model"]) for name, run in models.items() if run.get("primary_minus_model")
     ]
     if compared:
-        primary = result.get("primary_model", next(iter(models)))
         columns = list(compared[0][1])
         out += [
-            f"## {primary} minus each other model",
+            f"## {result['primary_model']} minus each other model",
             "",
             "Mean per-user difference with a 95% interval over the test users (paired: both models are "
             "scored on the same users). A gap whose interval excludes 0 is more than which users were "
