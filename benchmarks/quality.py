@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                 ks=[10, 20, 50, 100],
                 models=models,
                 train_params=BASE_PARAMS,
-                out_dir=str(out / name),
+                out_dir=None,  # written below, once MLlib's reused result is in
                 tune=True,
                 tuning_grid=GRIDS[dataset],
                 tuning_metric="ndcg@20",
@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             if earlier is not None:
                 reuse_baseline(result, earlier)
-                write_report(result, out / name)
+            write_report(result, out / name)
             trials = result["tuning"]["trials"]
             followed = trials == samples if isinstance(samples, dict) else len(set(trials.values())) == 1
             if not followed:
