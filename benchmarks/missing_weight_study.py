@@ -45,17 +45,14 @@ def missing_weights(item_counts: np.ndarray, beta: float) -> np.ndarray:
     return weights * (len(weights) / weights.sum())
 
 
-def solve_side(confidence: sp.csr_matrix, fixed: np.ndarray, weight_of_fixed: np.ndarray | None,
-               weight_of_row: np.ndarray | None, reg_param: float) -> np.ndarray:
+def solve_side(confidence: sp.csr_matrix, fixed: np.ndarray, fixed_weights: np.ndarray,
+               row_weights: np.ndarray, reg_param: float) -> np.ndarray:
     """Exact weighted least squares for every row of ``confidence`` (rows x fixed entities, data = c).
 
-    ``weight_of_fixed`` (user solves): each fixed item's missing weight; ``weight_of_row`` (item
-    solves): the row item's missing weight on every user."""
+    The missing pair (row, j) weighs ``row_weights[row] * fixed_weights[j]``: item weights as
+    ``fixed_weights`` and ones as ``row_weights`` in a user solve, the other way round in an item solve."""
     rank = fixed.shape[1]
-    if weight_of_fixed is not None:
-        gramian = (fixed * weight_of_fixed[:, None]).T @ fixed
-    else:
-        plain_gramian = fixed.T @ fixed
+    gramian = (fixed * fixed_weights[:, None]).T @ fixed
     out = np.zeros((confidence.shape[0], rank))
     for row in range(confidence.shape[0]):
         lo, hi = confidence.indptr[row], confidence.indptr[row + 1]
@@ -63,11 +60,8 @@ def solve_side(confidence: sp.csr_matrix, fixed: np.ndarray, weight_of_fixed: np
             continue
         cols, c = confidence.indices[lo:hi], confidence.data[lo:hi]
         factors = fixed[cols]
-        if weight_of_fixed is not None:
-            base, missing = gramian, weight_of_fixed[cols]
-        else:
-            base, missing = weight_of_row[row] * plain_gramian, weight_of_row[row]
-        a = base + (factors * (c - missing)[:, None]).T @ factors
+        missing = row_weights[row] * fixed_weights[cols]
+        a = row_weights[row] * gramian + (factors * (c - missing)[:, None]).T @ factors
         a[np.diag_indices(rank)] += reg_param * (hi - lo)
         out[row] = np.linalg.solve(a, factors.T @ c)
     return out
@@ -85,8 +79,8 @@ def fit(strength: sp.csr_matrix, *, rank: int, reg_param: float, alpha: float, b
     confidence_t = confidence.T.tocsr()
     weights = missing_weights(np.diff(confidence_t.indptr), beta)
     for _ in range(max_iter):
-        user_factors = solve_side(confidence, item_factors, weights, None, reg_param)
-        item_factors = solve_side(confidence_t, user_factors, None, weights, reg_param)
+        user_factors = solve_side(confidence, item_factors, weights, np.ones(users), reg_param)
+        item_factors = solve_side(confidence_t, user_factors, np.ones(users), weights, reg_param)
     return user_factors, item_factors
 
 

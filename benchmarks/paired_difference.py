@@ -66,6 +66,8 @@ def bootstrap_difference(
         resampled += values[draws].mean(axis=1)
     resampled /= len(differences)
     low, high = np.percentile(resampled, [2.5, 97.5])
+    from mf_spark.evaluate.metrics import Z_95
+
     mean = float(np.mean([v.mean() for v in differences]))
     # the normal interval the evaluation report gives (mf_spark.evaluate.metrics.paired_differences),
     # for the mean of split means: variance sum(var_i / n_i) / splits**2
@@ -75,22 +77,20 @@ def bootstrap_difference(
         "low": float(low),
         "high": float(high),
         "share_at_least_zero": float(np.mean(resampled >= 0)),
-        "normal_low": float(mean - 1.959963984540054 * standard_error),
-        "normal_high": float(mean + 1.959963984540054 * standard_error),
+        "normal_low": float(mean - Z_95 * standard_error),
+        "normal_high": float(mean + Z_95 * standard_error),
     }
 
 
-def per_user_values(spark, interactions, run: dict, model: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Retrain ``model`` with the parameters ``run`` chose, on ``run``'s split; per-user NDCG@20 and
-    Recall@20 ordered by user, and the means next to the ones ``run`` reports."""
+def per_user_values(train, relevant, run: dict, model: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Retrain ``model`` on ``train`` (``run``'s split) with the parameters ``run`` chose; per-user NDCG@20
+    and Recall@20 on ``relevant`` ordered by user, and the means next to the ones ``run`` reports."""
     from mf_spark.evaluate.metrics import per_user_metrics
     from mf_spark.evaluate.models import TrainParams, recommend_for_users
 
-    split = split_of(interactions, run)
-    relevant = split.relevant
     users = relevant.select("user_idx").distinct()
     params = TrainParams.from_mapping(run["models"][model]["params"])
-    fitted = recommend_for_users(model, split.train, users, 20, params, mllib_loss=False)
+    fitted = recommend_for_users(model, train, users, 20, params, mllib_loss=False)
     rows = per_user_metrics(fitted.recommendations, relevant, [20]).select("user_idx", *METRICS)
     frame = rows.toPandas().sort_values("user_idx")
     fitted.release()
@@ -135,16 +135,22 @@ def main(argv: list[str] | None = None) -> int:
                 loaded = {
                     rule: json.loads((results / f"{name}.json").read_text()) for rule, name in by_rule.items()
                 }
+                if loaded["compute"]["split"] != loaded["trials"]["split"]:
+                    raise RuntimeError(f"{dataset} split {split_seed}: the two rules' runs used other splits")
+                split = split_of(interactions, loaded["trials"])
+                train, relevant = split.train.persist(), split.relevant.persist()
                 # MLlib's search is the same under both rules (the compute run reuses it): train it once
-                mllib, check = per_user_values(spark, interactions, loaded["trials"], "mllib_als")
+                mllib, check = per_user_values(train, relevant, loaded["trials"], "mllib_als")
                 checks.append({"split_seed": split_seed, "model": "mllib_als", **check})
                 for rule in RULES:
-                    ours, check = per_user_values(spark, interactions, loaded[rule], "implicit_als")
+                    ours, check = per_user_values(train, relevant, loaded[rule], "implicit_als")
                     checks.append({"split_seed": split_seed, "rule": rule, "model": "implicit_als", **check})
                     if not np.array_equal(ours["user_idx"], mllib["user_idx"]):
                         raise RuntimeError(f"{dataset} split {split_seed}: models scored on other users")
                     for m in METRICS:
                         differences[rule][m].append(ours[m] - mllib[m])
+                train.unpersist()
+                relevant.unpersist()
             interactions.unpersist()
             out["datasets"][dataset] = {
                 "splits": list(runs),

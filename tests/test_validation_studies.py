@@ -42,15 +42,16 @@ def test_missing_weights_are_uniform_at_beta_zero_and_average_one():
 def test_beta_zero_is_implicit_als_half_step():
     strength, confidence, item_factors, user_factors = _problem()
     params = SolveParams(alpha=0.7, reg_param=0.3, confidence="log", solver="cholesky")
-    uniform = np.ones(strength.shape[1])  # one missing weight per item, on both sides
-    users_solved = missing_weight_study.solve_side(confidence, item_factors, uniform, None, 0.3)
+    uniform = np.ones(strength.shape[1])  # one missing weight per item
+    every_user = np.ones(strength.shape[0])
+    users_solved = missing_weight_study.solve_side(confidence, item_factors, uniform, every_user, 0.3)
     expected = solve_block(
         strength.indptr, strength.indices, strength.data.astype(np.float32), item_factors.astype(np.float32),
         gramian(item_factors.astype(np.float32)), strength.shape[1], params,
     )
     np.testing.assert_allclose(users_solved, expected, rtol=1e-4, atol=1e-5)
     strength_t, confidence_t = strength.T.tocsr(), confidence.T.tocsr()
-    items_solved = missing_weight_study.solve_side(confidence_t, user_factors, None, uniform, 0.3)
+    items_solved = missing_weight_study.solve_side(confidence_t, user_factors, every_user, uniform, 0.3)
     expected = solve_block(
         strength_t.indptr, strength_t.indices, strength_t.data.astype(np.float32),
         user_factors.astype(np.float32), gramian(user_factors.astype(np.float32)), strength.shape[0], params,
@@ -65,13 +66,15 @@ def test_weighted_solves_minimise_the_stated_objective():
     dense_c = confidence.toarray()
     observed = dense_c > 0
     pair_weight = np.where(observed, dense_c, weights[None, :])
+    every_user = np.ones(strength.shape[0])
     reg, rank = 0.3, item_factors.shape[1]
-    users_solved = missing_weight_study.solve_side(confidence, item_factors, weights, None, reg)
+    users_solved = missing_weight_study.solve_side(confidence, item_factors, weights, every_user, reg)
     for u in range(strength.shape[0]):
         a = (item_factors * pair_weight[u][:, None]).T @ item_factors + reg * observed[u].sum() * np.eye(rank)
         b = (item_factors * (pair_weight[u] * observed[u])[:, None]).sum(0)
         np.testing.assert_allclose(users_solved[u], np.linalg.solve(a, b), rtol=1e-8, atol=1e-10)
-    items_solved = missing_weight_study.solve_side(confidence.T.tocsr(), user_factors, None, weights, reg)
+    by_item = confidence.T.tocsr()
+    items_solved = missing_weight_study.solve_side(by_item, user_factors, every_user, weights, reg)
     for i in range(strength.shape[1]):
         col = pair_weight[:, i]
         a = (user_factors * col[:, None]).T @ user_factors + reg * observed[:, i].sum() * np.eye(rank)

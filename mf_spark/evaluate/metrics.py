@@ -171,7 +171,7 @@ def per_user_metrics(
 
 
 # two-sided 95% quantile of the standard normal
-_Z_95 = 1.959963984540054
+Z_95 = 1.959963984540054
 
 
 def paired_differences(
@@ -208,7 +208,7 @@ def paired_differences(
     result = {}
     for i, name in enumerate(names):
         mean = float(row[f"mean{i}"] or 0.0)
-        half_width = _Z_95 * float(row[f"sd{i}"]) / math.sqrt(n) if n > 1 else 0.0
+        half_width = Z_95 * float(row[f"sd{i}"]) / math.sqrt(n) if n > 1 else 0.0
         result[name] = {"mean": mean, "low": mean - half_width, "high": mean + half_width, "n_users": n}
     return result
 
