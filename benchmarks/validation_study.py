@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.quality import BASE_PARAMS, load, quality_session  # noqa: E402
+from benchmarks.quality import BASE_PARAMS, SPLITS, load, quality_session  # noqa: E402
 from mf_spark.cli import setup_logging  # noqa: E402
 
 MLLIB_LASTFM_WINNER = {"rank": 64, "reg_param": 0.3, "alpha": 0.3, "confidence": "log"}
@@ -36,8 +36,7 @@ def validation_frames(spark, data_root: Path, dataset: str, split_seed: int, cou
     from mf_spark.evaluate.tuning import validation_splits
 
     interactions = load(spark, data_root, dataset)
-    protocol = "user_random" if dataset == "lastfm-2k" else "user_temporal"
-    outer = make_split(interactions, protocol, test_fraction=0.2, seed=split_seed)
+    outer = make_split(interactions, SPLITS[dataset], test_fraction=0.2, seed=split_seed)
     validations = validation_splits(outer, count, test_fraction=0.2, seed=split_seed)
     return [(v.train.persist(), v.relevant.persist()) for v in validations]
 
