@@ -138,6 +138,31 @@ def test_routing_equals_broadcast(spark, small):
     assert routed.trainingLoss == pytest.approx(broadcast.trainingLoss, rel=1e-6)
 
 
+@pytest.mark.parametrize("broadcast_threshold", [0, 1 << 30])
+def test_half_step_closures_do_not_grow_with_rank(spark, small, monkeypatch, broadcast_threshold):
+    """Every half-step's closure stays in the lineage until the next checkpoint, so nothing of size
+    rank x rank may ride in it (a captured Gramian made 3 MiB task binaries at rank 256 on Last.fm)."""
+    from pyspark import cloudpickle
+
+    from mf_spark.als import train
+
+    R, ratings = small
+    sizes: dict[int, list[int]] = {}
+    real_half_step = train.half_step
+
+    def measured(*args, **kwargs):
+        rdd = real_half_step(*args, **kwargs)
+        sizes.setdefault(rank, []).append(len(cloudpickle.dumps(rdd.func)))
+        return rdd
+
+    monkeypatch.setattr(train, "half_step", measured)
+    for rank in (4, 128):
+        ImplicitALS(rank=rank, maxIter=1, seed=3, broadcastThreshold=broadcast_threshold).fit(ratings)
+    assert len(sizes[4]) == len(sizes[128]) == 2
+    # a 128 x 128 float64 Gramian alone is 131 kB
+    assert max(abs(a - b) for a, b in zip(sizes[4], sizes[128])) < 2_000
+
+
 def test_same_seed_and_blocks_give_same_factors(spark, small):
     R, ratings = small
     a = ImplicitALS(rank=4, maxIter=2, numUserBlocks=2, numItemBlocks=3, seed=9).fit(ratings)
