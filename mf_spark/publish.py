@@ -639,7 +639,7 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
         log.info("latest.json now names %s", run.relative_path)
     fault_point("after_latest")
     if keep_runs is not None:
-        apply_retention(run.root, keep_runs)
+        apply_retention(run.root, keep_runs, protect=run.run_id)
     for older in _iter_run_dirs(Path(run.root)):
         if older.run_date == run.run_date and older.run_id < run.run_id and run_status(older) == "published":
             write_json_atomic(Path(older.path) / SUPERSEDED_MARKER,
@@ -647,11 +647,13 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
             log.info("run %s superseded by %s", older.relative_path, run.run_id)
 
 
-def apply_retention(root: str, keep_runs: int) -> list[str]:
+def apply_retention(root: str, keep_runs: int, protect: str | None = None) -> list[str]:
     """Keep the newest ``keep_runs`` published runs (superseded ones included), delete older ones.
 
-    The run ``latest.json`` names is never deleted, whatever its age. Failed runs older than the
-    oldest kept published run go too. Returns the removed paths relative to ``root``.
+    The run ``latest.json`` names and the run whose id is ``protect`` are never deleted, whatever their
+    age: publishing passes its own run, since a backfill of an older date is not among the newest runs
+    but is what the next backfill day warm-starts from. Failed runs older than the oldest kept published
+    run go too. Returns the removed paths relative to ``root``.
     """
     if keep_runs < 1:
         raise ValueError(f"keep_runs must be at least 1, got {keep_runs}")
@@ -670,7 +672,7 @@ def apply_retention(root: str, keep_runs: int) -> list[str]:
             (status in ("published", "superseded") and run not in kept)
             or (status == "failed" and (run.run_date, run.run_id) < oldest_kept)
         )
-        if doomed and run.run_id != latest_id:
+        if doomed and run.run_id not in (latest_id, protect):
             _remove_tree(Path(run.path))
             removed.append(run.relative_path)
             log.info("retention: removed %s (%s)", run.relative_path, status)

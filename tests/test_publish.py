@@ -259,6 +259,20 @@ def test_retention_keeps_the_newest_runs_and_the_latest(tmp_path):
         apply_retention(str(tmp_path), 0)
 
 
+def test_a_backfilled_run_survives_its_own_retention(tmp_path):
+    """A backfill of older dates with keep_runs smaller than the newer runs: each date's run must stay
+    until a later publish, or the next date finds nothing to warm-start from."""
+    published(tmp_path, D3)
+    published(tmp_path, D4)
+    first = published(tmp_path, D1, keep_runs=1)
+    assert Path(first.path).is_dir()
+    assert previous_published(str(tmp_path), before=D2)["run_id"] == first.run_id
+    second = published(tmp_path, D2, keep_runs=1)
+    # the newest date and latest.json's run stay; the earlier backfill run has done its job
+    assert {r["run_id"] for r in list_runs(str(tmp_path))} == {second.run_id, read_latest(str(tmp_path))["run_id"]}
+    assert not Path(first.path).exists()
+
+
 def test_rollback_by_run_id_and_by_date(tmp_path):
     day1 = published(tmp_path, D1)
     day2_first = published(tmp_path, D2)
