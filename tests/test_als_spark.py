@@ -318,6 +318,7 @@ def test_many_iterations_with_checkpointing(spark, small):
         ([(1, 2**40, 1.0)], "user int, item long, rating float", "'item'.*Int range"),
         ([(1, None, 1.0)], "user int, item long, rating float", "'item'"),
         ([(1.5, 1, 1.0)], "user double, item int, rating float", "'user'"),
+        ([], "user int, item int, rating float", "no ratings to train on .*'user', 'item', 'rating'"),
     ],
 )
 def test_bad_input_is_rejected_with_the_column_named(spark, rows, schema, message):

@@ -143,6 +143,16 @@ def test_strong_generalization_folds_users_in(communities, spark):
     assert metrics["implicit_als"]["recall@5"] > metrics["popular"]["recall@5"]
 
 
+def test_a_split_with_no_training_part_is_refused_with_its_settings(communities, spark):
+    """A cutoff before every interaction (e.g. a fixed date the data's window has passed) leaves nothing
+    to train on: the message names the split and its setting, not a numpy error from the solver."""
+    from mf_spark.errors import InputDataError
+
+    with pytest.raises(InputDataError, match="global_temporal split .cutoff_date=2019-12-31. left no training"):
+        evaluate_holdout(spark, communities, split="global_temporal", cutoff_date="2019-12-31", ks=[5],
+                         models=["implicit_als", "popular"], train_params=TRAIN)
+
+
 def test_tuning_mode_picks_on_validation(communities, spark, tmp_path):
     result = evaluate_holdout(
         spark,

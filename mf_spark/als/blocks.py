@@ -367,8 +367,8 @@ def build_rating_blocks(
     Raises
     ------
     InputDataError
-        Some id is null, fractional or outside the Int range, or some rating is null, NaN or infinite;
-        the message names the input column.
+        The input is empty, or some id is null, fractional or outside the Int range, or some rating is
+        null, NaN or infinite; the message names the input column.
     """
     names = column_names
     sc = ratings.sparkSession.sparkContext
@@ -404,6 +404,14 @@ def build_rating_blocks(
         )
     user_sizes = [v for k, v in summaries if k == USER_SIDE]
     item_sizes = [v for k, v in summaries if k == ITEM_SIDE]
+    if not user_sizes:
+        # nothing to factorise; without this check the first half-step fails deep in numpy
+        user_in.unpersist()
+        item_in.unpersist()
+        raise InputDataError(
+            f"ImplicitALS: no ratings to train on (the input with columns '{names[0]}', '{names[1]}', "
+            f"'{names[2]}' is empty)"
+        )
     return RatingBlocks(
         user_in, item_in, num_user_blocks, num_item_blocks, user_partitions, item_partitions,
         nnz=int(sum(n for _, n in user_sizes)), n_users=int(sum(n for n, _ in user_sizes)),

@@ -142,6 +142,18 @@ def evaluate_holdout(
         ]
         counts = the_split.counts()
         log.info("split %s: %s", split, counts)
+        if counts["train_interactions"] == 0:
+            from mf_spark.errors import InputDataError
+
+            for df in cached:
+                df.unpersist()
+            settings = f"cutoff_date={cutoff_date}" if split == "global_temporal" else (
+                f"holdout_users={holdout_users}" if split == "strong_generalization" else
+                f"test_fraction={test_fraction}, test_n={test_n}")
+            raise InputDataError(
+                f"the {split} split ({settings}) left no training interactions out of "
+                f"{data['interactions']}; nothing to train on (check [evaluate] in the config)"
+            )
         if counts["test_users"] == 0:
             log.warning("the %s split left no test users with history; every metric is 0", split)
         popularity = item_popularity_percentile(the_split.train).persist()
@@ -318,6 +330,9 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
 def published_interactions_path(root: str, run_date: dt.date) -> str:
     """The ``interactions`` table of the run published for ``run_date`` under ``root``.
 
+    That is the newest run of ``run_date`` whose status is ``published`` (not superseded), whether or
+    not ``latest.json`` names it: a rollback to an earlier date does not hide it.
+
     Raises
     ------
     InputDataError
@@ -328,10 +343,18 @@ def published_interactions_path(root: str, run_date: dt.date) -> str:
     from mf_spark import publish
     from mf_spark.errors import InputDataError
 
-    manifest = publish.previous_published(root, before=run_date + dt.timedelta(days=1))
-    if manifest is None or manifest.get("run", {}).get("run_date") != run_date.isoformat():
+    # Look the date up among the published runs rather than through previous_published: that one
+    # answers "what to warm-start from", and after a rollback to an earlier date it returns the
+    # rolled-back-to run, although the run of run_date is still published and evaluable.
+    # Superseded runs are skipped: a newer run of the same date replaced them.
+    published = [
+        row for row in publish.list_runs(root)
+        if row["run_date"] == run_date.isoformat() and row["status"] == "published"
+    ]
+    if not published:
         raise InputDataError(f"no run published for {run_date} under {root}; pass --interactions PATH")
-    path = os.path.join(manifest["run_dir"], "interactions")
+    newest = max(published, key=lambda row: row["run_id"])  # run ids sort by start time
+    path = os.path.join(root, newest["path"], "interactions")
     if not os.path.isdir(path):
         raise InputDataError(f"{path}: the published run has no interactions table; pass --interactions PATH")
     return path
