@@ -33,6 +33,7 @@ class Key:
     required: bool = False
     choices: tuple[str, ...] = ()
     minimum: float | None = None
+    above_minimum: bool = False  # the value must exceed ``minimum`` (a divisor or a log's scale)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "cg_steps": Key("int", 3, "conjugate gradient steps per half-iteration", minimum=1),
         "regularization": Key("str", "count", "lambda scaling", choices=("count", "constant", "frequency")),
         "confidence": Key("str", "linear", "confidence function of the strength", choices=("linear", "log")),
-        "confidence_epsilon": Key("float", 1.0, "epsilon of the log confidence", minimum=0),
+        "confidence_epsilon": Key("float", 1.0, "epsilon of the log confidence", minimum=0,
+                                  above_minimum=True),
         "frequency_alpha0": Key("float", 0.1, "alpha0 of frequency regularisation", minimum=0),
         "frequency_nu": Key("float", 1.0, "exponent nu of frequency regularisation", minimum=0),
         "num_user_blocks": Key("int", 4, "user blocks", minimum=1),
@@ -125,7 +127,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
     "evaluate": {
         "enabled": Key("bool", True, "run the holdout evaluation and the quality gate in the nightly"),
         "split": Key("str", "user_temporal", "split protocol", choices=("user_temporal", "global_temporal", "user_random", "strong_generalization")),
-        "test_fraction": Key("float", 0.2, "fraction of each user's interactions held out", minimum=0),
+        "test_fraction": Key("float", 0.2, "fraction of each user's interactions held out, strictly between 0 and 1", minimum=0, above_minimum=True),
         "test_n": Key("int", 0, "hold out each user's last n instead of a fraction; 0 = use test_fraction", minimum=0),
         "cutoff_date": Key("str", "", "global_temporal: test = interactions after this date"),
         "holdout_users": Key("int", 100, "strong_generalization: number of held-out users", minimum=1),
@@ -194,6 +196,8 @@ def _check_value(key: Key | str, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(key.choices)}")
         if key.minimum is not None and value < key.minimum:
             raise ConfigError(f"{where}: {value!r} is below the minimum {key.minimum:g}")
+        if key.above_minimum and value == key.minimum:
+            raise ConfigError(f"{where}: {value!r} must be above {key.minimum:g}")
     return value
 
 

@@ -45,7 +45,8 @@ def _rows(table: dict, prefix: str) -> list[str]:
         full = f"{prefix}{name}"
         if isinstance(spec, Key):
             extra = f" One of: {', '.join(spec.choices)}." if spec.choices else ""
-            extra += f" Minimum {spec.minimum:g}." if spec.minimum is not None else ""
+            if spec.minimum is not None:
+                extra += f" Above {spec.minimum:g}." if spec.above_minimum else f" Minimum {spec.minimum:g}."
             rows.append(f"| `{full}` | {spec.type} | {_default(spec)} | {spec.doc}.{extra} |")
         elif isinstance(spec, MapOf):
             if isinstance(spec.value, dict):

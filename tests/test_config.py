@@ -45,6 +45,8 @@ def test_defaults_are_filled_and_relative_paths_resolved(tmp_path, monkeypatch):
         ("[train]\nreg_param = true\n", r"key 'train\.reg_param': expected a number"),
         ("[train]\nsolver = \"lu\"\n", r"key 'train\.solver': 'lu' is not one of cg, cholesky"),
         ("[train]\nrank = 0\n", r"key 'train\.rank': 0 is below the minimum 1"),
+        ("[train]\nconfidence_epsilon = 0.0\n", r"key 'train\.confidence_epsilon': 0\.0 must be above 0"),
+        ("[evaluate]\ntest_fraction = 0.0\n", r"key 'evaluate\.test_fraction': 0\.0 must be above 0"),
         ("[input.columns]\nuser = \"u\"\n", r"unknown key 'input\.columns\.user'"),
         ("[ingest.event_types.view]\nweigth = 1.0\n", r"unknown key 'ingest\.event_types\.view\.weigth'"),
         ("[ingest.event_types.view]\nweight = \"x\"\n", r"key 'ingest\.event_types\.view\.weight': expected a number"),
@@ -123,3 +125,26 @@ def test_nightly_checks_evaluate_settings_before_spark(tmp_path):
     proc = subprocess.run([sys.executable, "jobs/nightly.py", "--config", str(path), "--date", "2011-12-09"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "deep_magic" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("split, test_fraction, test_n, refused", [
+    ("user_temporal", 1.0, 0, True),
+    ("user_random", 1.5, 0, True),
+    ("strong_generalization", 1.0, 3, True),
+    ("user_temporal", 1.0, 3, False),  # test_n replaces the fraction
+    ("global_temporal", 1.5, 0, False),  # the cutoff date replaces it
+    ("user_temporal", 0.5, 0, False),
+])
+def test_a_test_fraction_of_one_or_more_is_refused_where_the_split_uses_it(
+    tmp_path, split, test_fraction, test_n, refused
+):
+    """Before, 1.0 and 1.5 passed and the nightly failed after training with a bare ValueError."""
+    from mf_spark.evaluate.holdout import validate_settings
+
+    evaluate = load_config(write(tmp_path, MINIMAL))["evaluate"]
+    evaluate.update(split=split, test_fraction=test_fraction, test_n=test_n, cutoff_date="2011-12-01")
+    if refused:
+        with pytest.raises(ConfigError, match=r"key 'evaluate\.test_fraction': the \w+ split needs a fraction"):
+            validate_settings(evaluate)
+    else:
+        validate_settings(evaluate)

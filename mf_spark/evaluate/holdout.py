@@ -285,7 +285,8 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
     ------
     ConfigError
         Naming the key: an unknown model or metric, a gate or tuning metric whose K is not evaluated,
-        a global temporal split without ``cutoff_date``, an unknown regularisation or confidence to tune,
+        a test fraction outside (0, 1) where the split uses it, a global temporal split without
+        ``cutoff_date``, an unknown regularisation or confidence to tune,
         a negative tuning value or a rank below 1.
     """
     from mf_spark.als.params import CONFIDENCES, REGULARIZATIONS
@@ -306,6 +307,14 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
             raise ConfigError(f"key '{key}': {exc}") from None
         if key.startswith("evaluate.gate") and k not in evaluate["ks"]:
             raise ConfigError(f"key '{key}': K={k} of {name!r} is not in evaluate.ks {evaluate['ks']}")
+    fraction_used = evaluate["split"] == "strong_generalization" or (
+        evaluate["split"] != "global_temporal" and evaluate["test_n"] == 0)
+    if fraction_used and not 0 < evaluate["test_fraction"] < 1:
+        raise ConfigError(
+            f"key 'evaluate.test_fraction': the {evaluate['split']} split needs a fraction strictly between "
+            f"0 and 1{'' if evaluate['split'] == 'strong_generalization' else ' (or evaluate.test_n > 0)'}, "
+            f"got {evaluate['test_fraction']!r}"
+        )
     if evaluate["split"] == "global_temporal" and not evaluate["cutoff_date"]:
         raise ConfigError("key 'evaluate.cutoff_date': the global_temporal split needs a date (YYYY-MM-DD)")
     if evaluate["cutoff_date"]:
