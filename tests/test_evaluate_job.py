@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,31 @@ def test_tuning_metric_checked_only_when_tuning():
 def test_missing_published_run_suggests_interactions(tmp_path):
     with pytest.raises(InputDataError, match="--interactions"):
         published_interactions_path(str(tmp_path), dt.date(2024, 1, 2))
+
+
+def _published_run(root, run_date):
+    from mf_spark.publish import begin_run, publish_run
+
+    run = begin_run(str(root), run_date)
+    Path(run.sub("interactions")).mkdir()
+    publish_run(run, {})
+    return run
+
+
+def test_published_run_of_a_date_is_found_after_a_rollback_to_an_earlier_date(tmp_path):
+    from mf_spark.publish import rollback
+
+    first = _published_run(tmp_path, dt.date(2011, 12, 8))
+    second = _published_run(tmp_path, dt.date(2011, 12, 9))
+    rerun = _published_run(tmp_path, dt.date(2011, 12, 9))  # supersedes `second`
+    rollback(str(tmp_path), "2011-12-08")
+    # latest.json now names 12-08, but the 12-09 rerun is still published: evaluate it, not the
+    # superseded first run of 12-09 (the old lookup said "no run published for 2011-12-09")
+    assert published_interactions_path(str(tmp_path), dt.date(2011, 12, 9)) == rerun.sub("interactions")
+    assert published_interactions_path(str(tmp_path), dt.date(2011, 12, 8)) == first.sub("interactions")
+    assert second.sub("interactions") != rerun.sub("interactions")
+    with pytest.raises(InputDataError, match="no run published for 2011-12-10"):
+        published_interactions_path(str(tmp_path), dt.date(2011, 12, 10))
 
 
 def test_report_dir_is_per_date(tmp_path):

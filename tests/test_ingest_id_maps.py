@@ -153,3 +153,35 @@ def test_new_ids_are_numbered_in_sorted_order_across_partitions(spark):
         [("zz", 0), ("aa", 1), ("mm", 2), *((user, 3 + k) for k, user in enumerate(new))], USER_MAP
     )
     assert_df_equality(extended, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_a_concurrent_update_is_refused_not_lost(spark, tmp_path, monkeypatch):
+    """Two writers read the same pointer; the second to swap must fail, not reuse the first's indices."""
+    update(spark, tmp_path, "run0", ["a"], ["x"])
+    real_append = id_maps.append_new_ids
+    interleaved = []
+
+    def other_writer_first(existing, existing_size, new_ids, name):
+        # Runs after "mine" has read the pointer (size 1) and before it swaps: "other" completes here.
+        if not interleaved:
+            interleaved.append(name)
+            update(spark, tmp_path, "other", ["b"], ["x"])
+        return real_append(existing, existing_size, new_ids, name)
+
+    monkeypatch.setattr(id_maps, "append_new_ids", other_writer_first)
+    with pytest.raises(id_maps.IdMapConflictError, match=r"CURRENT\.json changed while run mine") as raised:
+        update(spark, tmp_path, "mine", ["c"], ["x"])
+    assert interleaved == ["dim_user"]
+    assert raised.value.exit_code == 6  # a LockHeldError: two writers ran at once
+    # the other writer's update stands: b keeps index 1, c was not given it too
+    assert read_pointer(str(tmp_path))["run_id"] == "other"
+    assert sorted(tuple(r) for r in load_id_map(spark, str(tmp_path), "dim_user").collect()) == [
+        ("a", 0),
+        ("b", 1),
+    ]
+    assert not (tmp_path / "dim_user" / "version=mine").exists()  # never current: removed
+    monkeypatch.undo()
+
+    # the refused run succeeds when rerun, numbering from the other writer's map
+    rerun = update(spark, tmp_path, "mine", ["c"], ["x"])
+    assert sorted(tuple(r) for r in rerun.dim_user.collect()) == [("a", 0), ("b", 1), ("c", 2)]

@@ -1,10 +1,15 @@
 """run_ingest end to end on tiny hand-built event files: every reject reason, the conservation identity,
-dedup, bots, support filters, the reject threshold, the window and determinism."""
+dedup, bots, support filters, the reject threshold, the window and determinism; the standalone ingest job
+(run_ingest_job, jobs/ingest.py) and the output-root lock it holds."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -307,3 +312,69 @@ def test_two_runs_give_identical_outputs(spark, tmp_path):
     json.dumps(first.report)  # the report is plain JSON
     for result in (first, second, fresh):
         result.unpersist()
+
+
+ONE_PURCHASE = [("u1", "i1", "purchase", "2024-03-09 10:00:00", "1")]
+
+
+def job_config(tmp_path: Path, events: Path) -> tuple[Path, list[str]]:
+    """conf/local.toml pointed at ``events`` and a fresh output root: the ingest job's config."""
+    repo = Path(__file__).resolve().parents[1]
+    overrides = [
+        f"input.path={events}",
+        f"output.root={tmp_path / 'root'}",
+        "ingest.lookback_days=10",
+        "ingest.max_reject_fraction=1.0",
+    ]
+    return repo / "conf" / "local.toml", overrides
+
+
+def test_ingest_job_writes_its_outputs_holding_the_output_root_lock(spark, tmp_path, monkeypatch):
+    from mf_spark.config import load_config
+    from mf_spark.ingest import stage
+    from mf_spark.publish import read_lock
+
+    events = write_parquet(tmp_path / "events.parquet", ONE_PURCHASE)
+    config, overrides = job_config(tmp_path, events)
+    cfg = load_config(config, overrides)
+    root = tmp_path / "root"
+    holders = []
+    real_update = stage.update_id_maps
+
+    def spy(*args, **kwargs):
+        holders.append(read_lock(str(root)))
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "update_id_maps", spy)
+    report = stage.run_ingest_job(spark, cfg, RUN_DATE)
+    assert [(h["purpose"], h["pid"]) for h in holders] == [("ingest", os.getpid())]
+    assert read_lock(str(root)) is None  # released
+    out = root / "ingest" / "dt=2024-03-10"
+    assert json.loads((out / "report.json").read_text())["interactions"] == report["interactions"] == 1
+    assert spark.read.parquet(str(out / "interactions")).count() == 1
+    assert read_pointer(str(root / "id_maps"))["maps"]["dim_user"]["size"] == 1
+
+
+def test_ingest_job_on_a_locked_root_exits_6_naming_the_holder(tmp_path):
+    """A nightly holds the lock: the ingest job must not touch the ID maps it is extending."""
+    from mf_spark.errors import LockHeldError
+    from mf_spark.publish import RunLock
+
+    events = write_parquet(tmp_path / "events.parquet", ONE_PURCHASE)
+    config, overrides = job_config(tmp_path, events)
+    root = tmp_path / "root"
+    repo = config.parents[1]
+    command = [
+        sys.executable, str(repo / "jobs" / "ingest.py"), "--config", str(config), "--date", "2024-03-10",
+        "--break-stale-lock",  # never breaks a live holder's lock
+    ]
+    for override in overrides:
+        command += ["--set", override]
+    env = {**os.environ, "SPARK_LOCAL_IP": "127.0.0.1", "PYTHONPATH": str(repo)}
+    with RunLock(str(root), RUN_DATE):  # held by this (live) process, as a running nightly would
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=repo, env=env)
+    assert done.returncode == LockHeldError.exit_code, done.stderr[-4000:]
+    message = next(line for line in done.stderr.splitlines() if line.startswith("error: "))
+    assert f"is locked by nightly run on host {socket.gethostname()} pid {os.getpid()}" in message
+    assert "still running" in message and "Traceback" not in done.stderr
+    assert not (root / "id_maps").exists() and not (root / "ingest").exists()

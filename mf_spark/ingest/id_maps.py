@@ -11,11 +11,17 @@ A run writes a new map version into its own directory, then replaces ``CURRENT.j
 previous maps current. Indices are append-only: an id keeps its index forever, new ids get the next
 indices in the sorted order of the id string. The pointer needs a POSIX rename, so ``root`` must be a
 local (or NFS) path.
+
+Writers should hold the output root's lock (:class:`mf_spark.publish.RunLock`); the nightly and the
+ingest job do. The swap is also a compare-and-swap: it is refused with :class:`IdMapConflictError`
+when ``CURRENT.json`` changed since the run read it, because the run numbered its new ids from the
+sizes it read, and swapping anyway would give those indices to different ids.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
@@ -23,17 +29,21 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from mf_spark.errors import InputDataError
+from mf_spark.errors import InputDataError, LockHeldError
 
 log = logging.getLogger(__name__)
 
 POINTER_FILE = "CURRENT.json"
+#: flock()ed around the compare-and-swap of the pointer; never deleted, so its lock cannot go stale.
+SWAP_LOCK_FILE = ".pointer-swap.flock"
 POINTER_FORMAT = 1
 #: Largest index an int column can hold (the ALS and MLlib use Int ids).
 MAX_INDEX = 2**31 - 1
@@ -44,6 +54,13 @@ KEEP_VERSIONS = 5
 DIMENSIONS = {"dim_user": ("user_id", "user_idx"), "dim_item": ("item_id", "item_idx")}
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]*$")
+
+
+class IdMapConflictError(LockHeldError):
+    """Another writer replaced ``CURRENT.json`` while this run was extending the maps.
+
+    A :class:`LockHeldError` (exit code 6): like a held lock, it means two writers ran at once.
+    """
 
 
 @dataclass(frozen=True)
@@ -93,7 +110,11 @@ def _schema(name: str) -> T.StructType:
 
 def load_id_map(spark: SparkSession, root: str, name: str) -> DataFrame:
     """The current map ``name`` (``dim_user`` or ``dim_item``); an empty frame when none exists yet."""
-    pointer = read_pointer(root)
+    return _load_version(spark, root, read_pointer(root), name)
+
+
+def _load_version(spark: SparkSession, root: str, pointer: dict[str, Any] | None, name: str) -> DataFrame:
+    """The map ``name`` as ``pointer`` names it (which need not be the current pointer any more)."""
     if pointer is None or name not in pointer["maps"]:
         return spark.createDataFrame([], _schema(name))
     path = local_root(root) / pointer["maps"][name]["path"]
@@ -188,6 +209,50 @@ def swap_pointer(root: Path, pointer: dict[str, Any]) -> None:
     write_json_atomic(root / POINTER_FILE, pointer)
 
 
+@contextmanager
+def _swap_guard(root: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the swap lock file, so that compare and swap are one step.
+
+    flock, unlike an O_EXCL file, is released by the kernel when the process dies, so a SIGKILL
+    between compare and swap cannot leave the maps locked. Separate ``open`` calls conflict even in
+    one process, so threads are serialised too.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / SWAP_LOCK_FILE, "a", encoding="utf-8") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def compare_and_swap_pointer(root: Path, expected: dict[str, Any] | None, pointer: dict[str, Any]) -> None:
+    """Make ``pointer`` current only if ``CURRENT.json`` still holds ``expected`` (None: no pointer yet).
+
+    Raises
+    ------
+    IdMapConflictError
+        When another writer swapped the pointer since ``expected`` was read; nothing is changed.
+    """
+    with _swap_guard(root):
+        found = read_pointer(str(root))
+        if found != expected:
+            raise IdMapConflictError(
+                f"id map pointer {root / POINTER_FILE} changed while run {pointer.get('run_id')} was "
+                f"extending the maps (read {_describe(expected)}, now {_describe(found)}): another "
+                "writer updated the ID maps at the same time. This run's maps were not made current; "
+                "rerun it (hold the output root's lock, as the nightly and jobs/ingest.py do)."
+            )
+        swap_pointer(root, pointer)
+
+
+def _describe(pointer: dict[str, Any] | None) -> str:
+    if pointer is None:
+        return "no pointer"
+    sizes = ", ".join(f"{name} {entry['size']}" for name, entry in sorted(pointer["maps"].items()))
+    return f"version of run {pointer.get('run_id')} ({sizes or 'empty'})"
+
+
 def _version_dir(root: Path, name: str, run_id: str, current: str | None) -> Path:
     """A directory for this run's version that is not the current one (a rerun with the same run id)."""
     base = f"{name}/version={run_id}"
@@ -234,16 +299,25 @@ def update_id_maps(
     Nothing is written when no id is new. Otherwise each changed map is written to
     ``<name>/version=<run_id>/`` and then the pointer is swapped; a failure before the swap leaves the
     previous maps current.
+
+    Raises
+    ------
+    IdMapConflictError
+        When ``CURRENT.json`` changed since this call read it (a concurrent writer): the pointer is
+        left as the other writer made it and this run's version directories are removed.
     """
     if not _RUN_ID.match(run_id):
         raise ValueError(f"run_id {run_id!r} must be letters, digits and _.:+- only")
     root_path = local_root(root)
-    pointer = read_pointer(root) or {"format": POINTER_FORMAT, "maps": {}}
+    # Read once: the sizes new ids are numbered from, the maps extended and the compare-and-swap
+    # must all refer to this same version.
+    read = read_pointer(root)
+    pointer = read or {"format": POINTER_FORMAT, "maps": {}}
     extended: dict[str, tuple[DataFrame, int, int]] = {}
     for name, ids in (("dim_user", users), ("dim_item", items)):
         entry = pointer["maps"].get(name)
         size = int(entry["size"]) if entry else 0
-        existing = load_id_map(spark, root, name)
+        existing = _load_version(spark, root, pointer, name)
         if entry:
             _checked_size(existing, name, size, root_path / entry["path"])
         new_map, n_new = append_new_ids(existing, size, ids, name)
@@ -256,21 +330,30 @@ def update_id_maps(
             "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "maps": dict(pointer["maps"]),
         }
+        written: list[Path] = []
         for name, (new_map, size, n_new) in extended.items():
             if n_new == 0:
                 continue
             current = pointer["maps"].get(name, {}).get("path")
             target = _version_dir(root_path, name, run_id, current)
+            written.append(target)
             new_map.write.mode("errorifexists").parquet(str(target))
             new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
             log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
-        swap_pointer(root_path, new_pointer)
+        try:
+            compare_and_swap_pointer(root_path, read, new_pointer)
+        except IdMapConflictError:
+            for target in written:  # never current; a rerun with this run id would remove them anyway
+                shutil.rmtree(target, ignore_errors=True)
+            raise
         for name in extended:
             _prune_versions(root_path, name, new_pointer["maps"][name]["path"], keep_versions)
         pointer = new_pointer
+    # The maps this run's pointer names, not whatever is current by now: the caller joins its
+    # interactions with them, so they must be the ones the indices were assigned in.
     return IdMapUpdate(
-        dim_user=load_id_map(spark, root, "dim_user"),
-        dim_item=load_id_map(spark, root, "dim_item"),
+        dim_user=_load_version(spark, root, pointer, "dim_user"),
+        dim_item=_load_version(spark, root, pointer, "dim_item"),
         new_users=extended["dim_user"][2],
         new_items=extended["dim_item"][2],
         pointer=pointer,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from mf_spark import publish
 from mf_spark.errors import InputDataError
 from mf_spark.ingest.id_maps import update_id_maps
 from mf_spark.ingest.read import (
@@ -27,6 +29,7 @@ from mf_spark.ingest.report import (
     check_conservation,
     check_reject_threshold,
     ordered_reasons,
+    write_report,
 )
 from mf_spark.ingest.rules import (
     BELOW_MIN_SUPPORT,
@@ -251,3 +254,59 @@ def run_ingest(
 
     log.info("ingest %s: %s", run_date, report)
     return IngestResult(interactions, rejects, maps.dim_user, maps.dim_item, report)
+
+
+def run_ingest_job(
+    spark: SparkSession, cfg: dict[str, Any], run_date: dt.date, *, break_stale_lock: bool = False
+) -> dict[str, Any]:
+    """The standalone ingest (``jobs/ingest.py``): :func:`run_ingest` for ``run_date`` plus its outputs.
+
+    Writes ``<output.root>/ingest/dt=D/{interactions,rejects}`` (Parquet) and ``report.json`` and
+    updates ``<output.root>/id_maps``, all while holding the output root's lock
+    (:class:`mf_spark.publish.RunLock`, purpose ``ingest``). The ID maps are shared with the nightly,
+    which numbers new ids from the sizes it reads: without the lock, a nightly and this job running
+    at once would give the same index to different ids.
+
+    Parameters
+    ----------
+    cfg : dict
+        The validated config (``input``, ``ingest``, ``output.root``).
+    break_stale_lock : bool
+        Break a lock left by a dead process on this host (as ``--break-stale-lock`` of the nightly).
+
+    Returns
+    -------
+    dict
+        The ingest report (see :func:`run_ingest`).
+
+    Raises
+    ------
+    LockHeldError
+        When another run (a nightly, a rollback, another ingest) holds the lock; nothing is written.
+    InputDataError, RejectThresholdError
+        As :func:`run_ingest`.
+    """
+    root = cfg["output"]["root"]
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    out = os.path.join(root, "ingest", f"dt={run_date.isoformat()}")
+    with publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock, purpose="ingest"):
+        result = run_ingest(
+            spark,
+            input_path=cfg["input"]["path"],
+            input_format=cfg["input"]["format"],
+            columns=cfg["input"]["columns"],
+            reader_options=cfg["input"]["options"],
+            settings=IngestSettings.from_config(cfg["ingest"]),
+            run_date=run_date,
+            id_map_root=os.path.join(root, "id_maps"),
+            run_id=f"ingest-{run_date.isoformat()}-{stamp}",
+        )
+        try:
+            result.interactions.orderBy("user_idx", "item_idx").write.mode("overwrite").parquet(
+                os.path.join(out, "interactions")
+            )
+            result.rejects.write.mode("overwrite").parquet(os.path.join(out, "rejects"))
+            write_report(result.report, os.path.join(out, "report.json"))
+        finally:
+            result.unpersist()
+    return result.report
