@@ -13,7 +13,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -21,6 +21,9 @@ from pyspark.sql import functions as F
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
 from mf_spark.errors import InputDataError, PipelineError, QualityGateError
+
+if TYPE_CHECKING:  # imported lazily at run time, as run_nightly does, to keep this module light
+    from mf_spark.recommend import RecommendSettings
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,20 @@ def solve_params_from(train: dict[str, Any]) -> SolveParams:
         alpha=train["alpha"], reg_param=train["reg_param"], regularization=train["regularization"],
         confidence=train["confidence"], confidence_epsilon=train["confidence_epsilon"],
         frequency_alpha0=train["frequency_alpha0"], frequency_nu=train["frequency_nu"], solver="cholesky",
+    )
+
+
+def recommend_settings_from(cfg: dict[str, Any]) -> RecommendSettings:
+    """The validated ``[recommend]`` section (and the ``[train]`` settings fold-in solves with) as a
+    :class:`~mf_spark.recommend.RecommendSettings`: what the nightly's recommend stage runs with."""
+    from mf_spark.recommend import RecommendSettings
+
+    rec = cfg["recommend"]
+    return RecommendSettings(
+        top_n=rec["top_n"], similar_n=rec["similar_n"], exclude_seen=rec["exclude_seen"],
+        fold_in_new_users=rec["fold_in_new_users"], user_block_size=rec["user_block_size"],
+        item_chunk_size=rec["item_chunk_size"], max_broadcast_bytes=rec["broadcast_max_mb"] * 2**20,
+        solve_params=solve_params_from(cfg["train"]),
     )
 
 
@@ -111,14 +128,13 @@ def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: s
     return factors.join(dim.select(F.col(idx_col).alias("id"), id_col), "id", "left").select("id", id_col, "features")
 
 
-def _read_id_table(spark: SparkSession, path: str, dim_item: DataFrame) -> DataFrame | None:
+def _read_item_table(spark: SparkSession, path: str) -> DataFrame | None:
+    """The ``item_id`` table at ``path`` (item filter or allow list), or None when no path is set."""
     if not path:
         return None
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"recommend: table not found: {path}")
-    from mf_spark.recommend.tables import item_ids_to_index
-
-    return item_ids_to_index(spark.read.parquet(path), dim_item, f"recommend table {path}")
+    return spark.read.parquet(path)
 
 
 def run_nightly(
@@ -136,7 +152,7 @@ def run_nightly(
     """
     from mf_spark.evaluate import evaluate_gate, evaluate_holdout
     from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
-    from mf_spark.recommend import recommend_top_k, similar_items, similar_to_string_ids, to_string_ids
+    from mf_spark.recommend import build_recommendation_tables
 
     root = cfg["output"]["root"]
     os.makedirs(root, exist_ok=True)
@@ -181,19 +197,20 @@ def run_nightly(
                 }
 
             with timer.stage("recommend"):
-                user_factors = spark.read.parquet(run.sub("user_factors")).select("id", "features")
-                item_factors = spark.read.parquet(run.sub("item_factors")).select("id", "features")
-                recs = recommend_top_k(
-                    user_factors, item_factors, rec_cfg["top_n"],
-                    seen=interactions if rec_cfg["exclude_seen"] else None,
-                    exclude_dst=_read_id_table(spark, rec_cfg["item_filter_path"], dim_item),
-                    allow_dst=_read_id_table(spark, rec_cfg["allow_list_path"], dim_item),
-                    src_block_size=rec_cfg["user_block_size"], dst_chunk_size=rec_cfg["item_chunk_size"],
+                # The same function as jobs/recommend.py, so that the item filter, the allow list,
+                # broadcast_max_mb and fold-in mean the same in both (they once drifted apart).
+                tables = build_recommendation_tables(
+                    spark.read.parquet(run.sub("user_factors")).select("id", "features"),
+                    spark.read.parquet(run.sub("item_factors")).select("id", "features"),
+                    interactions, dim_user, dim_item, recommend_settings_from(cfg),
+                    item_filter=_read_item_table(spark, rec_cfg["item_filter_path"]),
+                    allow_list=_read_item_table(spark, rec_cfg["allow_list_path"]),
                 )
-                to_string_ids(recs, dim_user, dim_item).write.parquet(run.sub("recommendations"))
-                sims = similar_items(item_factors, rec_cfg["similar_n"], src_block_size=rec_cfg["user_block_size"],
-                                     dst_chunk_size=rec_cfg["item_chunk_size"])
-                similar_to_string_ids(sims, dim_item).write.parquet(run.sub("similar_items"))
+                # Plain writes, not write_table_replacing: this run is not published yet and nobody reads it.
+                tables.recommendations.write.parquet(run.sub("recommendations"))
+                tables.similar_items.write.parquet(run.sub("similar_items"))
+                if tables.folded_users is not None:
+                    tables.folded_users.unpersist()  # persisted for the scoring; the session lives on
 
             with timer.stage("evaluate"):
                 metrics = None

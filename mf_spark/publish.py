@@ -101,6 +101,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def temp_sibling(path: str | os.PathLike[str]) -> Path:
+    """A fresh temporary name beside ``path``: ``.<name>.tmp-<pid>-<random>``.
+
+    Same directory, so that the final rename stays inside one file system (and so is atomic); a
+    leading dot, so that Spark and Hadoop, which skip names starting with ``.`` or ``_``, never read
+    a temporary as data.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
     """Write ``payload`` as JSON to ``path`` so that readers see the old file or the new one, never a mix.
 
@@ -109,7 +120,7 @@ def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> 
     """
     path = Path(path)
     text = json.dumps(_json_ready(payload), indent=2, sort_keys=True) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -138,6 +149,38 @@ def _remove_tree(path: Path) -> None:
     trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{secrets.token_hex(3)}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def replace_dir(new: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
+    """Move the complete directory ``new`` to ``dest`` (same parent), replacing ``dest`` if it exists.
+
+    ``rename(2)`` cannot move a directory over a non-empty one, so the old ``dest`` is first renamed
+    to a hidden trash name, then ``new`` renamed into place, then the old one deleted: at every moment
+    one complete version exists, and the old one is deleted only once the new one is in place. Between
+    the two renames (two system calls) a reader finds no ``dest``; a crash exactly there leaves the old
+    version at ``.deleting-<name>-*`` beside it.
+
+    Raises
+    ------
+    ValueError
+        When ``new`` and ``dest`` are not in the same directory (the renames would not be atomic).
+    """
+    new, dest = Path(new), Path(dest)
+    if new.parent.resolve() != dest.parent.resolve():
+        raise ValueError(f"replace_dir: {new} and {dest} must be in the same directory")
+    old = None
+    if dest.exists():
+        old = dest.with_name(f"{_TRASH_PREFIX}{dest.name}-{secrets.token_hex(3)}")
+        os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)  # put the old version back rather than leave no table at all
+        raise
+    _fsync_dir(dest.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _utc_now() -> dt.datetime:

@@ -22,9 +22,23 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def two_days(spark, tmp_path_factory):
+def filtered_items(spark, tmp_path_factory) -> tuple[Path, list[str]]:
+    """An item filter of the three most bought items of both days' windows (so they have factors and
+    would be neighbours of many items if the filter were ignored)."""
+    events = spark.read.parquet(str(REPO / "data" / "sample" / "events"))
+    top = (events.where(F.col("event_date") >= "2011-11-28").groupBy("item_id").count()
+           .orderBy(F.desc("count"), "item_id").limit(3).collect())
+    items = [r.item_id for r in top]
+    path = tmp_path_factory.mktemp("item-filter") / "filter"
+    spark.createDataFrame([(i,) for i in items], "item_id string").write.parquet(str(path))
+    return path, items
+
+
+@pytest.fixture(scope="module")
+def two_days(spark, tmp_path_factory, filtered_items):
     root = tmp_path_factory.mktemp("nightly-root")
-    cfg = load_config(REPO / "conf" / "local.toml", [*SMALL, f"output.root={root}"])
+    cfg = load_config(REPO / "conf" / "local.toml",
+                      [*SMALL, f"output.root={root}", f"recommend.item_filter_path={filtered_items[0]}"])
     first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
     second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
     return root, first, second
@@ -63,6 +77,34 @@ def test_outputs_follow_the_contract(spark, two_days):
     assert recs.join(seen, ["user_id", "item_id"], "inner").count() == 0
     sims = spark.read.parquet(str(run / "similar_items"))
     assert sims.where(F.col("item_id") == F.col("similar_item_id")).count() == 0
+
+
+def test_filtered_items_are_never_recommended_nor_anyones_similar_item(spark, two_days, filtered_items):
+    """The nightly builds its tables as jobs/recommend.py does (docs/recommend.md: filtered items are
+    never recommended and keep their own similar-items list); it once left them in similar_items."""
+    _, _, second = two_days
+    run, items = Path(second.run_dir), filtered_items[1]
+    item_factors = spark.read.parquet(str(run / "item_factors"))
+    assert item_factors.where(F.col("item_id").isin(items)).count() == len(items)  # the filter bites
+    recs = spark.read.parquet(str(run / "recommendations"))
+    sims = spark.read.parquet(str(run / "similar_items"))
+    assert recs.where(F.col("item_id").isin(items)).count() == 0
+    assert sims.where(F.col("similar_item_id").isin(items)).count() == 0
+    assert sims.where(F.col("item_id").isin(items)).select("item_id").distinct().count() == len(items)
+
+
+def test_recommend_settings_follow_the_config():
+    """broadcast_max_mb and fold_in_new_users reach the nightly's recommend stage (it ignored both)."""
+    from mf_spark.pipeline import recommend_settings_from
+
+    cfg = load_config(REPO / "conf" / "local.toml", [
+        "recommend.broadcast_max_mb=3", "recommend.fold_in_new_users=false", "recommend.top_n=7",
+        "recommend.user_block_size=16", "train.alpha=2.5"])
+    settings = recommend_settings_from(cfg)
+    assert settings.max_broadcast_bytes == 3 * 2**20
+    assert settings.fold_in_new_users is False
+    assert (settings.top_n, settings.user_block_size, settings.solve_params.alpha) == (7, 16, 2.5)
+    assert settings.solve_params.solver == "cholesky"  # fold-in always solves exactly
 
 
 def test_manifest_and_latest(two_days):

@@ -452,3 +452,38 @@ def test_sigterm_releases_the_lock(tmp_path):
         proc.kill()
         proc.wait()
     assert not (tmp_path / "_LOCK").exists()
+
+
+def test_replace_dir_swaps_a_complete_directory_in_and_restores_the_old_one_on_failure(tmp_path, monkeypatch):
+    dest = tmp_path / "recommendations"
+    first = publish.temp_sibling(dest)
+    assert first.parent == tmp_path and first.name.startswith(".recommendations.tmp-")
+    first.mkdir()
+    (first / "part-0.parquet").write_text("old")
+    publish.replace_dir(first, dest)  # no table yet: a plain rename
+    assert (dest / "part-0.parquet").read_text() == "old" and not first.exists()
+
+    second = publish.temp_sibling(dest)
+    second.mkdir()
+    (second / "part-0.parquet").write_text("new")
+    publish.replace_dir(second, dest)
+    assert (dest / "part-0.parquet").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recommendations"]  # old one deleted
+
+    with pytest.raises(ValueError, match="same directory"):
+        publish.replace_dir(tmp_path / "elsewhere" / "x", dest)
+
+    # the rename into place fails after the old table was moved aside: the old table goes back
+    third = publish.temp_sibling(dest)
+    third.mkdir()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == third:
+            raise OSError("injected")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(publish.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="injected"):
+        publish.replace_dir(third, dest)
+    assert (dest / "part-0.parquet").read_text() == "new"

@@ -334,3 +334,58 @@ def test_recommend_stage_writes_both_tables_with_string_ids(spark, tmp_path):
 
     with pytest.raises(InputDataError, match="dim_user"):
         run_recommend_stage(spark, str(run_dir), settings)
+
+
+def tiny_run_dir(spark, path):
+    """A run directory holding everything the recommend stage reads, id maps included."""
+    rng = np.random.default_rng(8)
+    factor_frame(spark, range(4), rng.normal(size=(4, 3))).write.parquet(str(path / "user_factors"))
+    factor_frame(spark, range(6), rng.normal(size=(6, 3))).write.parquet(str(path / "item_factors"))
+    for rows, schema, name in (
+        ([(u, (u + 1) % 6, 1.0) for u in range(4)], "user_idx int, item_idx int, strength float",
+         "interactions"),
+        ([(f"u{u}", u) for u in range(4)], "user_id string, user_idx int", "dim_user"),
+        ([(f"i{i}", i) for i in range(6)], "item_id string, item_idx int", "dim_item"),
+    ):
+        spark.createDataFrame(rows, schema).write.parquet(str(path / name))
+    return path
+
+
+def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, monkeypatch):
+    """A failed rewrite of a (possibly published) run leaves its old tables readable and no temporaries.
+
+    mode("overwrite") deleted the old table before computing the new one, so the run was left without one.
+    """
+    from mf_spark.recommend import RecommendSettings, run_recommend_stage
+    from mf_spark.recommend import tables as tables_module
+
+    run_dir = tiny_run_dir(spark, tmp_path / "run")
+    settings = RecommendSettings(top_n=2, similar_n=2)
+    run_recommend_stage(spark, str(run_dir), settings)
+    cols = ("user_id", "rank", "item_id", "score")
+    before = collected(spark.read.parquet(str(run_dir / "recommendations")), cols)
+    assert len(before) == 8
+
+    @F.udf("float")
+    def fail(score):
+        raise RuntimeError("injected failure while writing")
+
+    real_build = tables_module.build_recommendation_tables
+
+    def failing_build(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        built.recommendations = built.recommendations.withColumn("score", fail("score"))
+        return built
+
+    monkeypatch.setattr(tables_module, "build_recommendation_tables", failing_build)
+    with pytest.raises(Exception, match="injected failure"):
+        run_recommend_stage(spark, str(run_dir), RecommendSettings(top_n=3, similar_n=2))
+    assert collected(spark.read.parquet(str(run_dir / "recommendations")), cols) == before
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+    # and a rerun that succeeds replaces the tables, leaving nothing hidden behind
+    monkeypatch.setattr(tables_module, "build_recommendation_tables", real_build)
+    counts = run_recommend_stage(spark, str(run_dir), RecommendSettings(top_n=3, similar_n=1))
+    assert counts["recommendations"] == 12 and counts["similar_items"] == 6
+    assert spark.read.parquet(str(run_dir / "recommendations")).count() == 12
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []

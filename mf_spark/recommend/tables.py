@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from mf_spark import publish
 from mf_spark.als.params import SolveParams
 from mf_spark.errors import InputDataError
 from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, recommend_top_k, similar_items
@@ -176,6 +178,23 @@ def _read_id_map(spark: SparkSession, run_dir: str, id_map_dir: str | None, name
                          + (f" nor under {id_map_dir} (no CURRENT.json)" if id_map_dir else ""))
 
 
+def write_table_replacing(df: DataFrame, path: str) -> None:
+    """Write ``df`` as Parquet at ``path`` so that a reader finds the old complete table or the new one.
+
+    ``mode("overwrite")`` deletes the old table before computing the new one, so a failure or a kill
+    during the write would leave the run - possibly the published one - without the table. Instead the
+    table is written to a hidden temporary directory beside ``path`` and swapped in only once the
+    write succeeded (:func:`mf_spark.publish.replace_dir`); the temporary is removed on failure.
+    """
+    tmp = publish.temp_sibling(path)
+    try:
+        df.write.parquet(str(tmp))
+        publish.replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def run_recommend_stage(
     spark: SparkSession,
     run_dir: str,
@@ -188,6 +207,8 @@ def run_recommend_stage(
     """Read a run's factors, interactions and id maps, write ``recommendations`` and ``similar_items``.
 
     Id maps are read from ``run_dir/dim_user`` and ``run_dir/dim_item``, else from ``id_map_dir``.
+    ``run_dir`` may be a published run that consumers are reading: each table is replaced with
+    :func:`write_table_replacing`, so a failed or killed job leaves the previous tables in place.
 
     Returns
     -------
@@ -207,8 +228,10 @@ def run_recommend_stage(
     counts = {}
     for name, df in (("recommendations", tables.recommendations), ("similar_items", tables.similar_items)):
         path = os.path.join(run_dir, name)
-        df.write.mode("overwrite").parquet(path)
+        write_table_replacing(df, path)
         counts[name] = spark.read.parquet(path).count()
     counts["folded_in_users"] = 0 if tables.folded_users is None else tables.folded_users.count()
+    if tables.folded_users is not None:
+        tables.folded_users.unpersist()  # persisted by build_recommendation_tables; no longer needed
     logger.info("recommend: wrote %s", counts)
     return counts
