@@ -376,6 +376,21 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     assert est2.getOrDefault("rank") == 7 and est2.getOrDefault("regularization") == "frequency"
 
 
+def test_transform_takes_long_ids_beyond_int_range_as_cold_start(spark, small):
+    # cast("int") raised CAST_OVERFLOW under ANSI mode and failed the job; MLlib users pass bigint ids.
+    R, ratings = small
+    model = ImplicitALS(rank=3, maxIter=1, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+    queries = spark.createDataFrame([(0, 0), (2**40, 0), (0, -(2**40))], "user bigint, item bigint")
+    scored = {(r.user, r.item): r.prediction for r in model.transform(queries).collect()}
+    X = factors_matrix(model.userFactors, R.shape[0])
+    Y = factors_matrix(model.itemFactors, R.shape[1])
+    assert scored[(0, 0)] == pytest.approx(float(X[0] @ Y[0]), rel=1e-5)
+    assert np.isnan(scored[(2**40, 0)]) and np.isnan(scored[(0, -(2**40))])
+    strings = spark.createDataFrame([("a", 0)], "user string, item int")
+    with pytest.raises(InputDataError, match="column 'user' must be numeric"):
+        model.transform(strings)
+
+
 def test_recommend_for_all_has_mllib_schema(spark, small):
     R, ratings = small
     model = ImplicitALS(rank=3, maxIter=2, numUserBlocks=2, numItemBlocks=2).fit(ratings)

@@ -11,6 +11,9 @@ from pyspark.ml.param.shared import HasBlockSize, HasPredictionCol
 from pyspark.ml.util import DefaultParamsReader, DefaultParamsWriter, MLReadable, MLReader, MLWritable, MLWriter
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from mf_spark.errors import InputDataError
 
 
 class _ImplicitALSModelParams(HasPredictionCol, HasBlockSize):
@@ -93,11 +96,20 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
     # -- scoring ---------------------------------------------------------------------------------
     def _transform(self, dataset: DataFrame) -> DataFrame:
         user_col, item_col, pred_col = self.getUserCol(), self.getItemCol(), self.getPredictionCol()
+        for col in (user_col, item_col):
+            if col not in dataset.columns:
+                raise InputDataError(f"ImplicitALSModel: input has no column '{col}' (columns: {', '.join(dataset.columns)})")
+            if not isinstance(dataset.schema[col].dataType, T.NumericType):
+                raise InputDataError(f"ImplicitALSModel: column '{col}' must be numeric ids, "
+                                     f"got {dataset.schema[col].dataType.simpleString()}")
         users = self.userFactors.select(F.col("id").alias("__uid"), F.col("features").alias("__uf"))
         items = self.itemFactors.select(F.col("id").alias("__iid"), F.col("features").alias("__if"))
+        # Joined without a cast to int: Spark widens both sides, so an id beyond the int range (or 1.5)
+        # simply matches no factor and is a cold start, where cast("int") failed the whole job with
+        # CAST_OVERFLOW under ANSI mode (Spark 4's default).
         joined = (
-            dataset.join(users, F.col(user_col).cast("int") == F.col("__uid"), "left")
-            .join(items, F.col(item_col).cast("int") == F.col("__iid"), "left")
+            dataset.join(users, F.col(user_col) == F.col("__uid"), "left")
+            .join(items, F.col(item_col) == F.col("__iid"), "left")
         )
         dot = F.aggregate(F.zip_with("__uf", "__if", lambda a, b: a * b), F.lit(0.0), lambda acc, x: acc + x)
         prediction = F.when(F.col("__uf").isNull() | F.col("__if").isNull(), F.lit(float("nan"))).otherwise(dot)
