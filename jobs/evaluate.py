@@ -29,21 +29,30 @@ def add_arguments(parser):
 
 
 def validate(args, cfg):
-    from mf_spark.evaluate.holdout import validate_settings
+    """Settings and the input table, before Spark starts: a wrong path should not cost a cluster start-up."""
+    import os
+
+    from mf_spark.errors import InputDataError
+    from mf_spark.evaluate.holdout import published_interactions_path, validate_settings
 
     validate_settings(cfg["evaluate"], tune=args.tune)
+    if args.interactions:
+        if "://" not in args.interactions and not os.path.exists(args.interactions):
+            raise InputDataError(f"evaluate: --interactions {args.interactions} does not exist")
+        args.interactions_path = args.interactions
+    else:
+        args.interactions_path = published_interactions_path(cfg["output"]["root"], args.date)
 
 
 def body(spark, cfg, args):
     from mf_spark.evaluate.holdout import (
         evaluate_holdout,
-        published_interactions_path,
         report_dir,
         summary_table,
     )
     from mf_spark.evaluate.tuning import TUNABLE
 
-    path = args.interactions or published_interactions_path(cfg["output"]["root"], args.date)
+    path = args.interactions_path
     out = args.out or report_dir(cfg["output"]["root"], args.date)
     ev, tuning = cfg["evaluate"], cfg["evaluate"]["tuning"]
     result = evaluate_holdout(

@@ -1,10 +1,15 @@
 """Train ImplicitALS on an interaction table and save the model (MLlib's layout).
 
-    ./spark-submit.sh jobs/train.py --config conf/local.toml --interactions DIR --model-out DIR
+    ./spark-submit.sh jobs/train.py --config conf/local.toml \\
+        --interactions output/local/ingest/dt=2011-12-09/interactions --model-out output/model
+
+The model directory holds ``metadata/``, ``userFactors/`` and ``itemFactors/``;
+``ImplicitALSModel.load(DIR)`` reads it and ``jobs/recommend.py --model DIR`` scores it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mf_spark.cli import run_job
@@ -15,6 +20,13 @@ def add_arguments(parser):
     parser.add_argument("--model-out", required=True, help="directory to save the ImplicitALSModel to")
 
 
+def check_paths(args, cfg):
+    from mf_spark.errors import InputDataError
+
+    if "://" not in args.interactions and not os.path.exists(args.interactions):
+        raise InputDataError(f"train: interactions not found: {args.interactions}")
+
+
 def body(spark, cfg, args):
     from mf_spark.pipeline import train_and_save
 
@@ -22,4 +34,4 @@ def body(spark, cfg, args):
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("mf-spark-train", __doc__, body, add_arguments))
+    sys.exit(run_job("mf-spark-train", __doc__, body, add_arguments, validate_args=check_paths))

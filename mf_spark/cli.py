@@ -1,8 +1,9 @@
 """Command-line plumbing shared by the thin entry points in ``jobs/``.
 
-Each job is ``run_job(name, add_arguments, body)``: parse arguments, load and validate the config
-(before Spark starts), build the session, call ``body(spark, cfg, args)`` and turn known errors into a
-one-line message and an exit code (see :mod:`mf_spark.errors`).
+Each job is ``run_job(name, add_arguments, body)``: parse arguments, load and validate the config and
+the job's own arguments (before a SparkSession is built, so mistakes cost seconds, not a cluster
+start-up), build the session, call ``body(spark, cfg, args)`` and turn known errors into a one-line
+message and an exit code (see :mod:`mf_spark.errors`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from mf_spark.errors import ConfigError, PipelineError
 
 log = logging.getLogger("mf_spark")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def parse_date(text: str) -> dt.date:
     try:
@@ -32,13 +35,14 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", required=True, help="TOML config file, e.g. conf/local.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key (repeatable)")
-    parser.add_argument("--log-level", default="INFO", help="Python log level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="Python log level (default INFO)")
     return parser
 
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
+        level=getattr(logging, level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -61,10 +65,19 @@ def run_job(
     setup_logging(args.log_level)
     try:
         cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
         if validate_args:
             validate_args(args, cfg)
     except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
+        # Checks across keys (gate metric vs ks, models) know the key, not the file it came from.
+        where = "" if args.config in str(exc) else f"{cfg.get('_source', args.config)}: "
+        print(f"config error: {where}{exc}", file=sys.stderr)
+        return exc.exit_code
+    except PipelineError as exc:  # e.g. an input path given on the command line that does not exist
+        print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     from mf_spark.session import build_session  # imported late: config errors never wait for pyspark
 

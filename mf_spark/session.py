@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -64,5 +66,16 @@ def build_session(
     spark.sparkContext.setLogLevel(log_level)
     checkpoint_dir = checkpoint_dir or merged.get("spark.checkpoint.dir")
     if not spark.sparkContext.getCheckpointDir():
-        spark.sparkContext.setCheckpointDir(checkpoint_dir or tempfile.mkdtemp(prefix="mf-spark-ckpt-"))
+        spark.sparkContext.setCheckpointDir(checkpoint_dir or temporary_checkpoint_dir("mf-spark-ckpt-"))
     return spark
+
+
+def temporary_checkpoint_dir(prefix: str) -> str:
+    """A fresh local directory for checkpoints, deleted when the Python process exits.
+
+    Checkpoints are only needed while the driver lives; without the clean-up every job run left one
+    directory (with every checkpointed factor RDD) in /tmp.
+    """
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path

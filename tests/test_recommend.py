@@ -389,3 +389,23 @@ def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, m
     assert counts["recommendations"] == 12 and counts["similar_items"] == 6
     assert spark.read.parquet(str(run_dir / "recommendations")).count() == 12
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_users_with_only_negative_interactions_get_no_list(spark):
+    """A user whose only interactions are returns has a zero factor; a list for them ranked ties at 0."""
+    from mf_spark.recommend import RecommendSettings, build_recommendation_tables
+
+    rng = np.random.default_rng(9)
+    users, items = rng.normal(size=(3, 3)), rng.normal(size=(5, 3))
+    users[2] = 0.0  # what ALS gives a user with no positive interaction
+    history = [(0, 0, 1.0), (0, 1, -1.0), (1, 2, 2.0), (2, 3, -1.0), (2, 4, -2.0),
+               (3, 1, -1.0)]  # user 3: no factors and nothing positive to fold in from
+    interactions = spark.createDataFrame(history, "user_idx int, item_idx int, strength float")
+    dim_user = spark.createDataFrame([(f"u{u}", u) for u in range(4)], "user_id string, user_idx int")
+    dim_item = spark.createDataFrame([(f"i{i}", i) for i in range(5)], "item_id string, item_idx int")
+    tables = build_recommendation_tables(
+        factor_frame(spark, range(3), users), factor_frame(spark, range(5), items), interactions,
+        dim_user, dim_item, RecommendSettings(top_n=2, similar_n=1, solve_params=SolveParams(alpha=1.0)),
+    )
+    per_user = {r.user_id: r["count"] for r in tables.recommendations.groupBy("user_id").count().collect()}
+    assert per_user == {"u0": 2, "u1": 2}

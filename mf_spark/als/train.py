@@ -344,9 +344,9 @@ def train_implicit(
     level = settings.intermediate_storage
     rank, nub, nib = settings.rank, settings.num_user_blocks, settings.num_item_blocks
     if not sc.getCheckpointDir() and settings.checkpoint_interval > 0:
-        import tempfile
+        from mf_spark.session import temporary_checkpoint_dir
 
-        ckpt = tempfile.mkdtemp(prefix="mf-spark-als-ckpt-")
+        ckpt = temporary_checkpoint_dir("mf-spark-als-ckpt-")
         log.warning("no checkpoint dir set; checkpointing ALS factors to %s (set spark.checkpoint.dir on a cluster)", ckpt)
         sc.setCheckpointDir(ckpt)
 

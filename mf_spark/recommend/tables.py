@@ -118,6 +118,9 @@ def build_recommendation_tables(
 ) -> RecommendationTables:
     """Top-N per user (seen excluded, new users folded in) and similar items, with string ids.
 
+    Only users with at least one positive ``strength`` in ``interactions`` get a list (a user with only
+    negative interactions has a zero factor and nothing to rank by).
+
     Parameters
     ----------
     user_factors, item_factors : DataFrame
@@ -139,6 +142,11 @@ def build_recommendation_tables(
         # The user table is read more than once (sizes, then scoring): solve the new users only once.
         folded = folded.persist()
         users = user_factors.select("id", "features").unionByName(folded)
+    # A user whose interactions are all negative (only returns) has no positive evidence: ALS gives them
+    # a zero factor, so their "top N" would be items ranked by ties at score 0. They get no list; the
+    # serving side falls back (e.g. to popular items) as for any user without one.
+    positive_users = interactions.where(F.col("strength") > 0).select(F.col("user_idx").alias("id")).distinct()
+    users = users.join(positive_users, "id", "left_semi")
     exclude = None if item_filter is None else item_ids_to_index(item_filter, dim_item, "item filter")
     allow = None if allow_list is None else item_ids_to_index(allow_list, dim_item, "allow list")
     recs = recommend_top_k(
@@ -203,6 +211,8 @@ def run_recommend_stage(
     id_map_dir: str | None = None,
     item_filter_path: str = "",
     allow_list_path: str = "",
+    model_dir: str | None = None,
+    interactions_path: str | None = None,
 ) -> dict[str, int]:
     """Read a run's factors, interactions and id maps, write ``recommendations`` and ``similar_items``.
 
@@ -210,14 +220,22 @@ def run_recommend_stage(
     ``run_dir`` may be a published run that consumers are reading: each table is replaced with
     :func:`write_table_replacing`, so a failed or killed job leaves the previous tables in place.
 
+    ``model_dir`` (a model saved by :class:`~mf_spark.als.model.ImplicitALSModel`, e.g. by
+    ``jobs/train.py``: ``userFactors/``, ``itemFactors/``) and ``interactions_path`` replace the run's
+    ``user_factors``/``item_factors`` and ``interactions``; ``run_dir`` then only receives the tables.
+
     Returns
     -------
     dict
         Row counts: ``recommendations``, ``similar_items``, ``folded_in_users``.
     """
-    user_factors = _read_table(spark, os.path.join(run_dir, "user_factors"), "user factors")
-    item_factors = _read_table(spark, os.path.join(run_dir, "item_factors"), "item factors")
-    interactions = _read_table(spark, os.path.join(run_dir, "interactions"), "interactions")
+    if model_dir:
+        user_path, item_path = os.path.join(model_dir, "userFactors"), os.path.join(model_dir, "itemFactors")
+    else:
+        user_path, item_path = os.path.join(run_dir, "user_factors"), os.path.join(run_dir, "item_factors")
+    user_factors = _read_table(spark, user_path, "user factors")
+    item_factors = _read_table(spark, item_path, "item factors")
+    interactions = _read_table(spark, interactions_path or os.path.join(run_dir, "interactions"), "interactions")
     maps = {name: _read_id_map(spark, run_dir, id_map_dir, name) for name in ("dim_user", "dim_item")}
     item_filter = _read_table(spark, item_filter_path, "item filter table") if item_filter_path else None
     allow_list = _read_table(spark, allow_list_path, "allow-list table") if allow_list_path else None

@@ -1,0 +1,89 @@
+"""The job command lines: argument mistakes caught before Spark starts, and the standalone job chain
+ingest -> train -> recommend that docs/operations.md documents."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import DAY, REPO_ROOT, SMALL_NIGHTLY, base_env, read_table, run_submit
+
+MINIMAL = '[input]\npath = "data/sample/events"\n[output]\nroot = "{root}"\n'
+
+
+def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``python jobs/JOB ARGS`` with a minimal config: enough for every check that runs before Spark."""
+    config = tmp_path / "job.toml"
+    if not config.exists():
+        config.write_text(MINIMAL.format(root=tmp_path / "root"))
+    return subprocess.run([sys.executable, f"jobs/{job}", "--config", str(config), *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+
+
+@pytest.mark.parametrize("job, args, code, message", [
+    ("evaluate.py", ["--date", DAY, "--interactions", "/no/such/table"], 3, "--interactions /no/such/table does not exist"),
+    ("evaluate.py", ["--date", DAY], 3, f"no run published for {DAY}"),
+    ("train.py", ["--interactions", "/no/such/table", "--model-out", "m"], 3, "interactions not found: /no/such/table"),
+    ("recommend.py", ["--date", DAY, "--run-dir", "/no/such/run"], 3, "--run-dir /no/such/run does not exist"),
+    ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "/no/such/model", "--interactions", "."], 3,
+     "--model /no/such/model does not exist"),
+    ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "."], 2, "--model needs --interactions"),
+    ("nightly.py", ["--date", DAY, "--log-level", "CHATTY"], 2, "invalid choice: 'CHATTY'"),
+])
+def test_job_argument_mistakes_stop_before_spark(tmp_path, job, args, code, message):
+    done = run_job_directly(job, *args, tmp_path=tmp_path)
+    assert done.returncode == code, done.stderr[-3000:]
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert "Setting default log level" not in done.stderr  # Spark's start-up line: no session was built
+
+
+def test_log_level_is_case_insensitive(tmp_path):
+    done = run_job_directly("evaluate.py", "--date", DAY, "--log-level", "debug", tmp_path=tmp_path)
+    assert done.returncode == 3 and "invalid choice" not in done.stderr
+
+
+def test_settings_checked_across_keys_name_the_config_file(tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text(MINIMAL.format(root=tmp_path / "root") + '[evaluate]\nks = [10]\n')
+    done = run_job_directly("nightly.py", "--date", DAY, tmp_path=tmp_path)
+    assert done.returncode == 2
+    line = next(line for line in done.stderr.splitlines() if line.startswith("config error"))
+    assert f"config error: {config}: key 'evaluate.gate.metric'" in line
+
+
+@pytest.mark.slow
+def test_standalone_chain_ingest_train_recommend(tmp_path):
+    """The documented path without the nightly: the ingest job's table and id maps, the train job's saved
+    model and the recommend job's --model/--interactions (train wrote userFactors/, recommend read only
+    a run's user_factors/: the chain had no documented way through). Temporary checkpoint directories
+    are removed when each job exits."""
+    root, model, recs = tmp_path / "root", tmp_path / "model", tmp_path / "recs"
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = base_env(TMPDIR=str(scratch))
+    common = ["--master", "local[2]"]
+    settings = ["--config", "conf/local.toml", "--set", f"output.root={root}", *SMALL_NIGHTLY]
+    interactions = root / "ingest" / f"dt={DAY}" / "interactions"
+    steps = [
+        ("ingest", [*common, "jobs/ingest.py", *settings, "--date", DAY]),
+        ("train", [*common, "jobs/train.py", *settings, "--interactions", str(interactions),
+                   "--model-out", str(model)]),
+        ("recommend", [*common, "jobs/recommend.py", *settings, "--date", DAY, "--model", str(model),
+                       "--interactions", str(interactions), "--run-dir", str(recs)]),
+    ]
+    for name, args in steps:
+        code, out = run_submit(args, tmp_path / f"{name}.log", env=env)
+        assert code == 0, f"{name}:\n{out[-4000:]}"
+
+    table = read_table(recs / "recommendations")
+    history = read_table(interactions)
+    positive_users = history.loc[history["strength"] > 0, "user_idx"].nunique()
+    assert table["user_id"].nunique() == positive_users
+    assert table.groupby("user_id")["rank"].max().max() == 10  # recommend.top_n
+    assert len(read_table(recs / "similar_items")) > 0
+    assert not [p.name for p in scratch.iterdir() if p.name.startswith("mf-spark-")]
