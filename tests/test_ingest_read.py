@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import gzip
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -112,6 +114,99 @@ def test_missing_path_and_empty_directory(spark, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputDataError, match="no readable parquet files"):
         read_raw(spark, str(tmp_path / "empty"), "parquet", {})
+
+
+def _events_dirs(tmp_path: Path) -> dict[str, Path]:
+    """The same event as partitioned Parquet, a CSV directory and a JSON file, with Spark's side files."""
+    row = {"uid": "u", "sku": "a", "kind": "view", "at": "2024-03-10 08:00:00", "qty": "1"}
+    parquet = tmp_path / "parquet"
+    write_parquet(parquet / "event_date=2024-03-10" / "part-0.parquet", {k: [v] for k, v in row.items()})
+    (parquet / "_SUCCESS").touch()
+    csv = tmp_path / "csv"
+    csv.mkdir()
+    (csv / "_SUCCESS").touch()
+    (csv / ".part-0.csv.crc").write_bytes(b"crc\x00\x01")  # hidden: Spark skips it, so must the check
+    (csv / "part-0.csv").write_text(",".join(row) + "\n" + ",".join(row.values()) + "\n")
+    json_file = tmp_path / "events.json"
+    json_file.write_text("\n" + json.dumps(row) + "\n")  # a leading blank line is still JSON lines
+    return {"parquet": parquet, "csv": csv, "json": json_file}
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "options", "found"),
+    [
+        ("parquet", "csv", {"header": "true"}, r"part-0.parquet looks like Parquet"),
+        ("parquet", "csv", {}, r"part-0.parquet looks like Parquet"),
+        ("parquet", "json", {}, r"part-0.parquet looks like Parquet"),
+        ("csv", "parquet", {}, r"part-0.csv looks like CSV"),
+        ("json", "parquet", {}, r"the file looks like JSON"),
+        ("json", "csv", {"header": "true"}, r"the file looks like JSON"),
+        ("csv", "json", {}, r"no line is a JSON record"),
+    ],
+)
+def test_wrong_format_names_path_key_and_what_was_found(spark, tmp_path, data, fmt, options, found):
+    path = _events_dirs(tmp_path)[data]
+    # before: a missing column listing garbage or _corrupt_record, or a raw Spark footer trace (exit 1)
+    with pytest.raises(InputDataError) as info:
+        canonical(spark, path, fmt=fmt, options=options)
+    message = str(info.value)
+    assert f"input path {path} does not hold {fmt} data (input.format = '{fmt}')" in message
+    assert re.search(found, message), message
+
+
+def test_wrong_format_of_a_remote_path(spark, tmp_path):
+    # a URI skips the local magic-byte check: Spark's own failure or schema is translated
+    dirs = _events_dirs(tmp_path)
+    uri = dirs["csv"].as_uri()
+    with pytest.raises(InputDataError, match=r"'parquet'\): Spark found files that are not Parquet \(e.g. "):
+        read_raw(spark, uri, "parquet", {})
+    uri = dirs["parquet"].as_uri()
+    with pytest.raises(InputDataError, match=r"input.format = 'csv'\): the CSV header is binary"):
+        read_raw(spark, uri, "csv", {"header": "true"})
+    with pytest.raises(InputDataError, match=r"input.format = 'json'\): no line is a JSON record"):
+        read_raw(spark, uri, "json", {})
+
+
+def test_right_format_still_reads(spark, tmp_path):
+    dirs = _events_dirs(tmp_path)
+    gz = tmp_path / "gz"
+    gz.mkdir()
+    with gzip.open(gz / "part-0.json.gz", "wt") as f:  # compressed text is not mistaken for a format
+        f.write(dirs["json"].read_text())
+    reads = [
+        (dirs["parquet"], "parquet", {}),
+        (dirs["parquet"] / "event_date=2024-03-10" / "part-0.parquet", "parquet", {}),
+        (dirs["csv"], "csv", {"header": "true"}),
+        (dirs["csv"] / "part-0.csv", "csv", {"header": "true"}),
+        (dirs["json"], "json", {}),
+        (gz, "json", {}),
+    ]
+    for path, fmt, options in reads:
+        assert canonical(spark, path, fmt=fmt, options=options).select("item_id").collect() == [("a",)]
+
+
+def test_empty_csv_names_the_file(spark, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.touch()
+    # before: "column 'uid' ... is missing in ...; columns found: " with an empty list
+    with pytest.raises(InputDataError, match=r"input file .*empty.csv is empty: no header and no rows"):
+        canonical(spark, empty, fmt="csv", options={"header": "true"})
+    blank = tmp_path / "blank.csv"
+    blank.write_text("\n\n")
+    with pytest.raises(InputDataError, match=r"input file .*blank.csv is empty: no header and no rows"):
+        canonical(spark, blank, fmt="csv", options={"header": "true"})
+    directory = tmp_path / "dir" / "event_date=2024-03-10"
+    directory.mkdir(parents=True)
+    (directory / "a.csv").touch()
+    (directory / "b.csv").touch()
+    with pytest.raises(InputDataError, match=r"every file under input path .*dir is empty"):
+        canonical(spark, tmp_path / "dir", fmt="csv", options={"header": "true"})
+    with pytest.raises(InputDataError, match=r"input file .*empty.csv is empty: no records"):
+        canonical(spark, empty, fmt="json")
+    # a header and no rows is a readable, empty table: the stage reports "no events in the window"
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("uid,sku,kind,at,qty\n")
+    assert canonical(spark, header_only, fmt="csv", options={"header": "true"}).count() == 0
 
 
 def test_missing_column_names_column_and_path(spark, tmp_path):

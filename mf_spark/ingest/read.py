@@ -20,11 +20,14 @@ malformed       boolean   the reader flagged the record as corrupt (JSON/CSV ``_
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -83,13 +86,19 @@ def read_raw(spark: SparkSession, path: str, input_format: str, options: Mapping
     Raises
     ------
     InputDataError
-        When the path does not exist or Spark cannot infer a schema (an empty directory).
+        When the path does not exist, Spark cannot infer a schema (an empty directory), the files are not
+        in ``input.format`` (Parquet read as CSV or JSON, text read as Parquet, no line of a JSON input
+        is a JSON record), or a CSV/JSON input is empty (no header and no rows).
     """
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"input path {path} does not exist (input.path)")
+    if "://" not in path:
+        # Spark reads the wrong format without complaint (CSV of binary garbage, JSON of corrupt records)
+        # or fails with a footer trace; one file's magic bytes tell the formats apart before Spark starts.
+        _check_format_locally(path, input_format, options)
     reader = spark.read.format(input_format).options(**dict(options))
     try:
-        return reader.load(path)
+        df = reader.load(path)
     except AnalysisException as exc:
         condition = exc.getCondition() or ""
         if condition == "PATH_NOT_FOUND":
@@ -97,6 +106,102 @@ def read_raw(spark: SparkSession, path: str, input_format: str, options: Mapping
         if condition.startswith("UNABLE_TO_INFER_SCHEMA"):
             raise InputDataError(f"input path {path} holds no readable {input_format} files") from None
         raise
+    except Py4JJavaError as exc:
+        # Parquet schema inference opens the footers; only this failure is the wrong format
+        if input_format == "parquet" and any(m in str(exc) for m in _NOT_PARQUET_MARKERS):
+            named = re.search(r"while reading file (\S+?)\.\s", str(exc))
+            example = f" (e.g. {named.group(1)})" if named else ""
+            detail = f"Spark found files that are not Parquet{example}"
+            raise _format_error(path, input_format, detail) from None
+        raise
+    _check_schema(df, path, input_format, options)
+    return df
+
+
+#: How Spark reports a non-Parquet file met while inferring a Parquet schema.
+_NOT_PARQUET_MARKERS = ("CANNOT_READ_FILE_FOOTER", "is not a Parquet file")
+_PARQUET_MAGIC = b"PAR1"
+
+
+def _format_error(path: str, input_format: str, detail: str) -> InputDataError:
+    return InputDataError(
+        f"input path {path} does not hold {input_format} data (input.format = '{input_format}'): "
+        f"{detail}; set input.format to the files' format"
+    )
+
+
+def _spark_ignores(name: str) -> bool:
+    # Spark's own listing rule (InMemoryFileIndex): hidden files, _SUCCESS and the like, partial copies
+    return (name.startswith("_") and "=" not in name) or name.startswith(".") or name.endswith("._COPYING_")
+
+
+def _first_data_file(path: str, options: Mapping[str, str]) -> str | None:
+    """The first non-empty file Spark would read under ``path`` (sorted order), or None."""
+    if os.path.isfile(path):
+        return path if os.path.getsize(path) > 0 else None
+    glob = next((v for k, v in options.items() if k.lower() == "pathglobfilter"), None)
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not _spark_ignores(d))
+        for name in sorted(files):
+            if _spark_ignores(name) or (glob and not fnmatch.fnmatch(name, glob)):
+                continue
+            full = os.path.join(root, name)
+            if os.path.getsize(full) > 0:
+                return full
+    return None
+
+
+def _describe(head: bytes) -> str:
+    if head.startswith(_PARQUET_MAGIC):
+        return "Parquet"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed data"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if text.startswith((b"{", b"[")):
+        return "JSON"
+    return "CSV or other text"
+
+
+def _check_format_locally(path: str, input_format: str, options: Mapping[str, str]) -> None:
+    if input_format not in ("parquet", "csv", "json"):
+        return
+    first = _first_data_file(path, options)
+    if first is None:  # nothing to sniff; Spark reports an empty input itself
+        return
+    with open(first, "rb") as f:
+        head = f.read(64)
+    # Every Parquet file starts with PAR1 whatever its codec, and no CSV/JSON file (plain or compressed) does
+    found = _describe(head)
+    where = f"{first} looks like {found}" if first != path else f"the file looks like {found}"
+    if (input_format == "parquet") != (found == "Parquet"):
+        raise _format_error(path, input_format, where)
+    if input_format == "csv" and found == "JSON":  # a CSV header starting with '{' is not plausible
+        raise _format_error(path, input_format, where)
+
+
+def _data_columns(df: DataFrame) -> list[str]:
+    """The columns of ``df`` read from the files, without Hive partition columns."""
+    files = df.inputFiles()
+    return [c for c in df.columns if not (files and f"/{c}=" in files[0])]
+
+
+def _check_schema(df: DataFrame, path: str, input_format: str, options: Mapping[str, str]) -> None:
+    if input_format not in ("csv", "json"):
+        return
+    columns = _data_columns(df)
+    if not columns:
+        files = df.inputFiles()
+        if "://" not in path and os.path.isfile(path):
+            what = f"input file {path}"
+        else:
+            what = f"input file {files[0]}" if len(files) == 1 else f"every file under input path {path}"
+        content = "no header and no rows" if input_format == "csv" else "no records"
+        raise InputDataError(f"{what} is empty: {content} (input.format = '{input_format}', input.path)")
+    if input_format == "json":
+        if columns == [_corrupt_record_name(options)]:
+            raise _format_error(path, input_format, "no line is a JSON record (Parquet or CSV?)")
+    elif any(c.startswith(_PARQUET_MAGIC.decode()) for c in columns):  # header of a remote Parquet file
+        raise _format_error(path, input_format, "the CSV header is binary: the files look like Parquet")
 
 
 def partition_column(df: DataFrame, column: str) -> str | None:
@@ -121,10 +226,14 @@ def prune_to_window(df: DataFrame, column: str, window: EventWindow) -> DataFram
     return df.filter(day.between(F.lit(window.start), F.lit(window.end)))
 
 
-def _corrupt_record_column(df: DataFrame, options: Mapping[str, str], mapped: set[str]) -> str | None:
-    name = next(
+def _corrupt_record_name(options: Mapping[str, str]) -> str:
+    return next(
         (v for k, v in options.items() if k.lower() == "columnnameofcorruptrecord"), "_corrupt_record"
     )
+
+
+def _corrupt_record_column(df: DataFrame, options: Mapping[str, str], mapped: set[str]) -> str | None:
+    name = _corrupt_record_name(options)
     return name if name in df.columns and name not in mapped else None
 
 
