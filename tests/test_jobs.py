@@ -87,3 +87,14 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
     assert table.groupby("user_id")["rank"].max().max() == 10  # recommend.top_n
     assert len(read_table(recs / "similar_items")) > 0
     assert not [p.name for p in scratch.iterdir() if p.name.startswith("mf-spark-")]
+
+
+@pytest.mark.parametrize("job", ["nightly.py", "ingest.py", "train.py", "recommend.py", "evaluate.py", "rollback.py"])
+def test_help_keeps_the_example_command_lines(job):
+    """The docstring examples are the help's point; argparse's default formatter ran them into one paragraph."""
+    done = subprocess.run([sys.executable, f"jobs/{job}", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert done.returncode == 0
+    examples = [line for line in done.stdout.splitlines() if line.lstrip().startswith(("./spark-submit.sh", "python"))]
+    assert examples and all(line.startswith("    ") for line in examples), done.stdout
+    assert all(f"jobs/{job}" in line for line in examples)
