@@ -20,9 +20,16 @@ set -euo pipefail
 
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+# usage [CODE]: asked-for help (-h, --help: CODE 0) is the whole header comment on stdout, for
+# "| less"; a usage error (CODE 2) is only the usage lines, on stderr.
 usage() {
-    sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
-    exit 2
+    local code="${1:-2}"
+    if [[ "$code" == 0 ]]; then
+        sed -n '2,/^[^#]/{/^#/p}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    else
+        sed -n '2,9p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    fi
+    exit "$code"
 }
 
 zip_only=false
@@ -43,7 +50,7 @@ while [[ $# -gt 0 ]]; do
         --verbose|-v|--supervise|--load-spark-defaults)
             spark_opts+=("$1"); shift ;;
         --help|-h)
-            usage ;;
+            usage 0 ;;
         --master) master="$2"; shift 2 ;;
         --master=*) master="${1#--master=}"; shift ;;
         --deploy-mode) deploy_mode="$2"; spark_opts+=("$1" "$2"); shift 2 ;;

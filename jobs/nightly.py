@@ -2,40 +2,56 @@
 
     ./spark-submit.sh jobs/nightly.py --config conf/local.toml --date 2011-12-09
     ./spark-submit.sh jobs/nightly.py --config conf/local.toml --from 2011-12-01 --to 2011-12-09   # backfill
+
+A backfill stops at the first failing date. With --skip-empty-days (backfill only) it passes over dates
+whose window holds no event, logs each, lists them at the end and goes on; any other failure still stops it.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import Any
 
 from mf_spark.cli import parse_date, run_job
 
 
-def add_arguments(parser):
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--date", type=parse_date, help="run date D: the window ends on D")
     parser.add_argument("--from", dest="start", type=parse_date, help="backfill: first date")
     parser.add_argument("--to", dest="end", type=parse_date, help="backfill: last date")
-    parser.add_argument("--break-stale-lock", action="store_true", help="break a lock whose owner process is gone")
+    parser.add_argument("--skip-empty-days", action="store_true",
+                        help="backfill only: pass over dates with no events in their window, do not stop")
+    parser.add_argument("--break-stale-lock", action="store_true",
+                        help="break a lock whose owner process is gone")
 
 
-def check_dates(args, cfg):
+def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
+    """Refuse a bad date range or flag before Spark starts (exit 2, nothing created)."""
     from mf_spark.errors import ConfigError
 
     if bool(args.date) == bool(args.start or args.end) or bool(args.start) != bool(args.end):
         raise ConfigError("give either --date D or both --from D1 --to D2")
+    if args.start and args.end < args.start:
+        raise ConfigError(f"--from {args.start} is after --to {args.end}: the backfill runs from the earlier "
+                          "date to the later one")
+    if args.date and args.skip_empty_days:
+        # A single date with no events must fail (exit 3): skipping it would exit 0 with nothing published.
+        raise ConfigError("--skip-empty-days applies only to a backfill (--from D1 --to D2), not to --date")
     if cfg["evaluate"]["enabled"]:
         from mf_spark.evaluate.holdout import validate_settings
 
         validate_settings(cfg["evaluate"])
 
 
-def body(spark, cfg, args):
+def body(spark: Any, cfg: dict[str, Any], args: argparse.Namespace) -> None:
     from mf_spark.pipeline import run_backfill, run_nightly
 
     if args.date:
         run_nightly(spark, cfg, args.date, break_stale_lock=args.break_stale_lock)
     else:
-        run_backfill(spark, cfg, args.start, args.end, break_stale_lock=args.break_stale_lock)
+        run_backfill(spark, cfg, args.start, args.end, break_stale_lock=args.break_stale_lock,
+                     skip_empty_days=args.skip_empty_days)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 
 No Spark is started: this only rewrites latest.json (atomically, holding the output root's lock).
 Nothing is deleted; the next nightly publishes as usual and moves latest.json forward again.
+An output.root that does not exist is a configuration error (exit 2): nothing is created there.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     from mf_spark import publish
 
     try:
-        root = load_config(args.config, args.overrides)["output"]["root"]
+        cfg = load_config(args.config, args.overrides)
+        root = cfg["output"]["root"]
+        overridden = any(o.split("=", 1)[0].strip() == "output.root" for o in args.overrides)
+        # Before the lock: taking it would create a mistyped root, and --list would call it "no runs".
+        publish.check_output_root(root, "--set output.root" if overridden else cfg["_source"])
         if args.list:
             print(publish.format_runs(publish.list_runs(root)))
             return 0

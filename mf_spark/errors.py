@@ -25,6 +25,12 @@ class InputDataError(PipelineError, ValueError):
     exit_code = 3
 
 
+class NoEventsError(InputDataError):
+    """No event in the run date's window: an empty day (a holiday, a short ``ingest.lookback_days``) or
+    the wrong input. Its own class so that a backfill can skip such dates (``--skip-empty-days``)
+    without skipping damaged input."""
+
+
 class RejectThresholdError(PipelineError):
     """Too many input rows were rejected; nothing was published."""
 

@@ -260,7 +260,8 @@ def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTime
     print(timer.table())
     print()
     print(f"published run: {run.path}")
-    print(f"latest:        {os.path.join(root, 'latest.json')}")
+    # publish_run leaves latest.json on a later date when an older date is (re)run: say which run it names.
+    print(f"latest:        {publish.describe_latest(root, run)}")
     for name in ("recommendations", "similar_items", "user_factors", "item_factors", "interactions", "rejects", "evaluation"):
         print(f"  {name:<16} {run.sub(name)}")
     print()
@@ -277,20 +278,51 @@ def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTime
 
 
 def run_backfill(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: dt.date, *,
-                 break_stale_lock: bool = False) -> list[NightlyResult]:
+                 break_stale_lock: bool = False, skip_empty_days: bool = False) -> list[NightlyResult]:
     """Run the nightly for each date from ``start`` to ``end`` in order, each warm-started from the
-    previous one; stop at the first failure with a message naming the date to resume from."""
+    previous one; stop at the first failure with a message naming the date to resume from.
+
+    With ``skip_empty_days`` a date whose window holds no event (:class:`~mf_spark.errors.NoEventsError`)
+    is logged, keeps its failed run directory and is passed over; the skipped dates are listed at the
+    end. Every other failure still stops the backfill. Returns the published runs, oldest first.
+
+    Raises
+    ------
+    ConfigError
+        When ``end`` is before ``start``.
+    NoEventsError
+        With ``skip_empty_days``, when every date was empty (nothing was published: most likely the
+        wrong ``input.path``, not a run of holidays).
+    """
+    from mf_spark.errors import ConfigError, NoEventsError
+
     if end < start:
-        raise PipelineError(f"backfill: --to {end} is before --from {start}")
-    results = []
+        raise ConfigError(f"backfill: --to {end} is before --from {start}")
+    results: list[NightlyResult] = []
+    skipped: list[dt.date] = []
     day = start
     while day <= end:
         try:
             results.append(run_nightly(spark, cfg, day, break_stale_lock=break_stale_lock))
+        except NoEventsError as exc:
+            if not skip_empty_days:
+                exc.args = (f"backfill stopped at {day}: {exc}. Resume with --from {day} --to {end}, "
+                            "or add --skip-empty-days to pass over dates without events",)
+                raise
+            log.warning("backfill: skipped %s, no events in its window (failed run kept): %s", day, exc)
+            skipped.append(day)
         except PipelineError as exc:
             exc.args = (f"backfill stopped at {day}: {exc}. Resume with --from {day} --to {end}",)
             raise
         day += dt.timedelta(days=1)
+    if skipped:
+        listed = ", ".join(d.isoformat() for d in skipped)
+        if not results:
+            raise NoEventsError(f"backfill {start} .. {end}: no date had events in its window, nothing was "
+                                f"published (skipped: {listed}); check input.path and ingest.lookback_days")
+        log.warning("backfill %s .. %s: published %d date(s), skipped %d with no events: %s",
+                    start, end, len(results), len(skipped), listed)
+        print(f"backfill: skipped {len(skipped)} date(s) with no events: {listed}")
     return results
 
 

@@ -42,7 +42,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mf_spark.errors import LockHeldError, PublishError
+from mf_spark.errors import ConfigError, LockHeldError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -649,6 +649,43 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
         return None
     candidates = [r for r in _iter_run_dirs(Path(root)) if r.run_date < before and run_status(r) == "published"]
     return _read_manifest(root, candidates[-1].relative_path) if candidates else None
+
+
+def describe_latest(root: str, run: RunDir) -> str:
+    """One line saying what ``<root>/latest.json`` names after ``run`` was published.
+
+    :func:`publish_run` leaves ``latest.json`` on a later date when an older date is (re)run, so "this
+    run was published" does not mean consumers read it.
+    """
+    path = Path(root) / LATEST_NAME
+    latest = read_latest(root)
+    if latest is None:
+        return f"{path} does not exist: no run is published to consumers"
+    if latest.get("run_id") == run.run_id:
+        return f"{path} names this run"
+    why = "a later date stays current; " if str(latest.get("run_date")) > run.run_date.isoformat() else ""
+    return (f"{path} left on run {latest.get('run_id')} of date {latest.get('run_date')}, not on this run "
+            f"({why}jobs/rollback.py --to {run.run_id} would serve this one)")
+
+
+def check_output_root(root: str, source: str = "the config") -> Path:
+    """The existing output root, for commands that only read or rewrite a publication (rollback).
+
+    Only the nightly and the ingest job create the root; a rollback or listing on a mistyped
+    ``output.root`` must neither create it (taking the lock would) nor report "no runs".
+
+    Raises
+    ------
+    ConfigError
+        When ``root`` does not exist or is not a directory; the message names the key and ``source``.
+    """
+    path = Path(root)
+    if not path.exists():
+        raise ConfigError(f"output.root = {root} (from {source}) does not exist, so there is no run to list "
+                          "or roll back to; check the path. Nothing was created")
+    if not path.is_dir():
+        raise ConfigError(f"output.root = {root} (from {source}) is not a directory; check the path")
+    return path
 
 
 def _latest_entry(run: RunDir, published_at: str, **extra: Any) -> dict[str, Any]:

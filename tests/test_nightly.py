@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import importlib.util
+import io
 import json
+import logging
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mf_spark.config import load_config
-from mf_spark.pipeline import run_nightly
+from mf_spark.pipeline import run_backfill, run_nightly
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = [
@@ -124,3 +129,159 @@ def test_manifest_and_latest(two_days):
     assert len(manifest["train"]["training_loss"]) == 2
     assert first.manifest["train"]["warm_start_from"] is None
 
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments checked before Spark starts, and spark-submit.sh's own help
+
+
+def nightly_job():
+    """jobs/nightly.py as a module (jobs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("nightly_job", REPO / "jobs" / "nightly.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--from", "2011-12-09", "--to", "2011-12-01"], "--from 2011-12-09 is after --to 2011-12-01"),
+    (["--date", "2011-12-09", "--skip-empty-days"], "--skip-empty-days applies only to a backfill"),
+])
+def test_bad_date_arguments_exit_2_before_spark_starts(argv, message, tmp_path, monkeypatch, capsys):
+    """--from after --to exited 1 once Spark had started; the docs promise 2 and nothing started."""
+    import mf_spark.session
+    from mf_spark.cli import run_job
+
+    def no_spark(*args, **kwargs):
+        raise AssertionError("Spark was started")
+
+    monkeypatch.setattr(mf_spark.session, "build_session", no_spark)
+    job = nightly_job()
+    root = tmp_path / "out"
+    command = ["--config", str(REPO / "conf" / "local.toml"), "--set", f"output.root={root}", *argv]
+    code = run_job("mf-spark-nightly", job.__doc__, job.body, job.add_arguments, argv=command,
+                   validate_args=job.check_dates)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not root.exists()
+
+
+def test_spark_submit_sh_help_exits_0():
+    """--help printed the usage to stderr and exited 2, like a usage error."""
+    for flag in ("--help", "-h"):
+        done = subprocess.run(["./spark-submit.sh", flag], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "./spark-submit.sh [spark-submit options] jobs/<job>.py [job arguments]" in done.stdout
+        assert "MF_SPARK_VENV_ARCHIVE" in done.stdout and done.stderr == ""
+    done = subprocess.run(["./spark-submit.sh"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "no job file given" in done.stderr and done.stdout == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# a backfill across a date without events (tiny synthetic input, one-day window)
+
+GAP = [dt.date(2024, 3, 1), dt.date(2024, 3, 2), dt.date(2024, 3, 3)]  # no event on the middle date
+
+
+@pytest.fixture(scope="module")
+def events_with_a_gap(tmp_path_factory) -> Path:
+    """Hive-partitioned purchases on the first and last date of GAP only: 6 users, 5 items."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path_factory.mktemp("gap-events")
+    for day in (GAP[0], GAP[2]):
+        rows = [
+            {"user_id": f"u{u}", "item_id": f"i{(u + k) % 5}", "event_type": "purchase", "value": 1.0,
+             "event_ts": dt.datetime(day.year, day.month, day.day, 9 + k, tzinfo=dt.timezone.utc)}
+            for u in range(6) for k in range(3)
+        ]
+        part = path / f"event_date={day.isoformat()}"
+        part.mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), part / "part-0.parquet")
+    return path
+
+
+def gap_config(root: Path, events: Path) -> dict:
+    return load_config(REPO / "conf" / "local.toml", [
+        f"input.path={events}", f"output.root={root}", "ingest.lookback_days=1", "train.rank=2",
+        "train.max_iter=2", "train.warm_start_iterations=1", "recommend.top_n=3", "recommend.similar_n=2",
+        "evaluate.enabled=false",
+    ])
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(scope="module")
+def backfill_with_a_gap(spark, tmp_path_factory, events_with_a_gap):
+    """A --skip-empty-days backfill over GAP, then a rerun of its first (older) date."""
+    root = tmp_path_factory.mktemp("gap-root")
+    cfg = gap_config(root, events_with_a_gap)
+    warnings = _Records()
+    logger = logging.getLogger("mf_spark.pipeline")
+    logger.addHandler(warnings)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            results = run_backfill(spark, cfg, GAP[0], GAP[2], skip_empty_days=True)
+            split = len(printed.getvalue())
+            rerun = run_nightly(spark, cfg, GAP[0])  # an older date than latest.json's: latest stays
+    finally:
+        logger.removeHandler(warnings)
+    text = printed.getvalue()
+    return root, results, rerun, text[:split], text[split:], warnings.records
+
+
+def test_backfill_skips_a_date_without_events_when_asked(backfill_with_a_gap):
+    from mf_spark.publish import list_runs, read_latest
+
+    root, results, _, printed, _, warnings = backfill_with_a_gap
+    assert [r.manifest["run"]["run_date"] for r in results] == ["2024-03-01", "2024-03-03"]
+    # the third date went on, warm-started from the first
+    assert results[1].manifest["train"]["warm_start_from"] == results[0].manifest["run"]["run_id"]
+    assert [w.getMessage() for w in warnings if "skipped 2024-03-02" in w.getMessage()]
+    assert "backfill: skipped 1 date(s) with no events: 2024-03-02" in printed
+    # the skipped date's failed run is kept, as for any failed run
+    failed = [r for r in list_runs(str(root)) if r["run_date"] == "2024-03-02"]
+    assert [r["status"] for r in failed] == ["failed"]
+    manifest = json.loads((Path(root) / failed[0]["path"] / "manifest.json").read_text())
+    assert "no events in the window 2024-03-02 .. 2024-03-02" in manifest["error"]
+    assert read_latest(str(root))["run_id"] == results[1].manifest["run"]["run_id"]
+
+
+def test_run_summary_says_which_run_latest_json_names(backfill_with_a_gap):
+    """The summary printed "latest: <root>/latest.json" also when latest.json stayed on a later date."""
+    root, results, rerun, printed, rerun_printed, _ = backfill_with_a_gap
+    latest = Path(root) / "latest.json"
+    assert f"latest:        {latest} names this run" in printed
+    later = results[1].manifest["run"]["run_id"]
+    assert f"latest:        {latest} left on run {later} of date 2024-03-03" in rerun_printed
+    assert "names this run" not in rerun_printed
+    assert json.loads(latest.read_text())["run_id"] == later
+    assert rerun.manifest["run"]["run_id"] != later
+
+
+def test_a_date_without_events_still_fails_without_the_flag(spark, tmp_path, events_with_a_gap):
+    from mf_spark.errors import InputDataError, NoEventsError
+
+    cfg = gap_config(tmp_path / "out", events_with_a_gap)
+    with pytest.raises(NoEventsError, match="no events in the window") as single:
+        run_nightly(spark, cfg, GAP[1])
+    assert isinstance(single.value, InputDataError) and single.value.exit_code == 3
+    with pytest.raises(NoEventsError) as backfill:
+        run_backfill(spark, cfg, GAP[1], GAP[2])
+    message = str(backfill.value)
+    assert message.startswith("backfill stopped at 2024-03-02: no events in the window")
+    assert "Resume with --from 2024-03-02 --to 2024-03-03" in message and "--skip-empty-days" in message
+    # skipping every date publishes nothing: that is an error, not a success
+    with pytest.raises(NoEventsError, match="no date had events"):
+        run_backfill(spark, cfg, GAP[1], GAP[1], skip_empty_days=True)
+    assert not (tmp_path / "out" / "latest.json").exists()

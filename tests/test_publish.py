@@ -431,6 +431,48 @@ def test_rollback_command(tmp_path):
     assert run_rollback_job(config).returncode == 2  # one of --to/--date/--list is required
 
 
+@pytest.mark.parametrize("action", [["--list"], ["--date", "2011-12-08"], ["--to", "20111209T0315Z-a1b2c3"]])
+def test_rollback_on_a_missing_root_names_it_and_creates_nothing(tmp_path, action):
+    """A mistyped output.root once got created by the rollback's lock, and --list called it "no runs"."""
+    root = tmp_path / "typo" / "out"
+    config = tmp_path / "job.toml"
+    config.write_text(f'[input]\npath = "{tmp_path}/events"\n[output]\nroot = "{root}"\n')
+    done = run_rollback_job(config, *action)
+    assert done.returncode == 2, (done.stdout, done.stderr)  # ConfigError: fix output.root
+    assert f"output.root = {root}" in done.stderr and str(config) in done.stderr
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert "no runs" not in done.stdout
+    assert not (tmp_path / "typo").exists()
+
+    overridden = run_rollback_job(config, "--set", f"output.root={root}-2", *action)
+    assert overridden.returncode == 2
+    assert f"output.root = {root}-2 (from --set output.root)" in overridden.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"]
+
+
+def test_rollback_on_a_root_that_is_a_file_is_refused(tmp_path):
+    root = tmp_path / "out"
+    root.write_text("not a directory")
+    config = tmp_path / "job.toml"
+    config.write_text(f'[input]\npath = "{tmp_path}/events"\n[output]\nroot = "{root}"\n')
+    done = run_rollback_job(config, "--date", "2011-12-08")
+    assert done.returncode == 2 and "is not a directory" in done.stderr and "Traceback" not in done.stderr
+    assert root.read_text() == "not a directory"
+
+
+def test_describe_latest_says_which_run_latest_json_names(tmp_path):
+    """The nightly summary printed "latest: <root>/latest.json" even when publishing an older date left
+    latest.json on a later run."""
+    later = published(tmp_path, D4)
+    assert publish.describe_latest(str(tmp_path), later) == f"{tmp_path / 'latest.json'} names this run"
+    older = published(tmp_path, D2)  # a backfill of an older date: latest.json stays on D4
+    line = publish.describe_latest(str(tmp_path), older)
+    assert line.startswith(f"{tmp_path / 'latest.json'} left on run {later.run_id} of date 2011-12-09")
+    assert "a later date stays current" in line and f"--to {older.run_id}" in line
+    rollback(str(tmp_path), older.run_id)
+    assert publish.describe_latest(str(tmp_path), older).endswith("names this run")
+
+
 def test_sigterm_releases_the_lock(tmp_path):
     script = textwrap.dedent(
         """

@@ -151,7 +151,9 @@ def run_ingest(
         rows_read = valid_rows + sum(by_reason.values())
         in_window = rows_read - by_reason.get("outside_window", 0) - by_reason.get("future_timestamp", 0)
         if rows_read == 0 or in_window == 0:
-            raise InputDataError(
+            from mf_spark.errors import NoEventsError
+
+            raise NoEventsError(
                 f"no events in the window {window.start} .. {window.end} in {input_path} "
                 f"({rows_read} rows read{', partitions pruned by ' + pruned_by if pruned_by else ''})"
             )
