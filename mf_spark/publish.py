@@ -702,6 +702,9 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
     consumers back in time; use :func:`rollback` for that); retention when ``keep_runs`` is given;
     finally older runs of the same date are marked superseded.
     """
+    # Read first: a corrupt latest.json must stop the publication before the _PUBLISHED marker exists,
+    # or the failed run would still list as published and be a rollback target. The lock keeps it current.
+    latest = read_latest(run.root)
     published_at = _iso(_utc_now())
     payload = {**manifest, "status": "published", "published_at": published_at,
                "run": {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}}
@@ -710,7 +713,6 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
     fault_point("before_published_marker")
     write_json_atomic(Path(run.path) / PUBLISHED_MARKER, {"published_at": published_at})
     fault_point("before_latest")
-    latest = read_latest(run.root)
     if latest and dt.date.fromisoformat(latest["run_date"]) > run.run_date:
         log.warning("published %s but left latest.json on the later date %s (%s)",
                     run.relative_path, latest["run_date"], latest["run_id"])

@@ -303,6 +303,16 @@ def test_corrupt_latest_is_a_clear_error(tmp_path):
         read_latest(str(tmp_path))
 
 
+def test_corrupt_latest_stops_publishing_before_the_run_is_marked_published(tmp_path):
+    # The marker used to be written first: the run failed (exit 7) yet listed as published.
+    run = begin_run(str(tmp_path), D1)
+    (tmp_path / "latest.json").write_text("{not json")
+    with pytest.raises(PublishError, match="latest.json: not valid JSON"):
+        publish_run(run, {})
+    assert not (Path(run.path) / publish.PUBLISHED_MARKER).exists()
+    assert run_status(run) != "published"
+
+
 def test_json_payloads_are_plain_json(tmp_path):
     path = tmp_path / "m.json"
     publish.write_json_atomic(path, {"d": D1, "nan": float("nan"), "np": np.float32(0.5), "n": np.int64(3),
