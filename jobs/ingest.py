@@ -24,6 +24,14 @@ def add_arguments(parser):
     )
 
 
+def check_before_spark(args, cfg):
+    from mf_spark.pipeline import check_local_inputs
+    from mf_spark.publish import RunLock
+
+    check_local_inputs(cfg, item_tables=False)
+    RunLock(cfg["output"]["root"], args.date, break_stale=args.break_stale_lock).check_free()
+
+
 def body(spark, cfg, args):
     from mf_spark.ingest import format_report_table
     from mf_spark.ingest.stage import run_ingest_job
@@ -33,4 +41,4 @@ def body(spark, cfg, args):
 
 
 if __name__ == "__main__":
-    sys.exit(run_job("mf-spark-ingest", __doc__, body, add_arguments))
+    sys.exit(run_job("mf-spark-ingest", __doc__, body, add_arguments, validate_args=check_before_spark))

@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
-    """Refuse a bad date range or flag before Spark starts (exit 2, nothing created)."""
+    """Before Spark starts, nothing created: refuse a bad date range or flag (exit 2), a missing local
+    input (exit 3) or a root another run holds (exit 6)."""
     from mf_spark.errors import ConfigError
 
     if bool(args.date) == bool(args.start or args.end) or bool(args.start) != bool(args.end):
@@ -42,6 +43,11 @@ def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
         from mf_spark.evaluate.holdout import validate_settings
 
         validate_settings(cfg["evaluate"])
+    from mf_spark.pipeline import check_local_inputs
+    from mf_spark.publish import RunLock
+
+    check_local_inputs(cfg)
+    RunLock(cfg["output"]["root"], args.date or args.start, break_stale=args.break_stale_lock).check_free()
 
 
 def body(spark: Any, cfg: dict[str, Any], args: argparse.Namespace) -> None:

@@ -36,6 +36,9 @@ def check_paths(args, cfg):
 
     if args.model and not args.interactions:
         raise ConfigError("--model needs --interactions (the history whose items are excluded and folded in)")
+    from mf_spark.pipeline import check_local_inputs
+
+    check_local_inputs(cfg, events=False)
     for flag, path in (("--model", args.model), ("--interactions", args.interactions),
                        ("--run-dir", None if args.model else args.run_dir)):
         if path and "://" not in path and not os.path.exists(path):

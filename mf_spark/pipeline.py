@@ -128,12 +128,29 @@ def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: s
     return factors.join(dim.select(F.col(idx_col).alias("id"), id_col), "id", "left").select("id", id_col, "features")
 
 
-def _read_item_table(spark: SparkSession, path: str) -> DataFrame | None:
-    """The ``item_id`` table at ``path`` (item filter or allow list), or None when no path is set."""
+ITEM_TABLE_KEYS = ("item_filter_path", "allow_list_path")
+
+
+def check_local_inputs(cfg: dict[str, Any], *, events: bool = True, item_tables: bool = True) -> None:
+    """Raise :class:`InputDataError` naming the key when a local input path in ``cfg`` does not exist.
+
+    Jobs call this before Spark starts; URIs (``s3a://...``) are left to the readers.
+    """
+    keys = [("input", "path")] if events else []
+    keys += [("recommend", key) for key in ITEM_TABLE_KEYS] if item_tables else []
+    for section, key in keys:
+        path = cfg[section][key]
+        if path and "://" not in path and not os.path.exists(path):
+            raise InputDataError(f"{section}.{key} = {path} does not exist (config {cfg.get('_source', '?')})")
+
+
+def _read_item_table(spark: SparkSession, rec_cfg: dict[str, Any], key: str) -> DataFrame | None:
+    """The ``item_id`` table of ``recommend.<key>`` (item filter or allow list), or None when unset."""
+    path = rec_cfg[key]
     if not path:
         return None
     if "://" not in path and not os.path.exists(path):
-        raise InputDataError(f"recommend: table not found: {path}")
+        raise InputDataError(f"recommend.{key} = {path} does not exist")
     return spark.read.parquet(path)
 
 
@@ -203,8 +220,8 @@ def run_nightly(
                     spark.read.parquet(run.sub("user_factors")).select("id", "features"),
                     spark.read.parquet(run.sub("item_factors")).select("id", "features"),
                     interactions, dim_user, dim_item, recommend_settings_from(cfg),
-                    item_filter=_read_item_table(spark, rec_cfg["item_filter_path"]),
-                    allow_list=_read_item_table(spark, rec_cfg["allow_list_path"]),
+                    item_filter=_read_item_table(spark, rec_cfg, "item_filter_path"),
+                    allow_list=_read_item_table(spark, rec_cfg, "allow_list_path"),
                 )
                 # Plain writes, not write_table_replacing: this run is not published yet and nobody reads it.
                 tables.recommendations.write.parquet(run.sub("recommendations"))

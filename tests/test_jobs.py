@@ -3,6 +3,7 @@ ingest -> train -> recommend that docs/operations.md documents."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -40,6 +41,31 @@ def test_job_argument_mistakes_stop_before_spark(tmp_path, job, args, code, mess
     assert done.returncode == code, done.stderr[-3000:]
     assert message in done.stderr and "Traceback" not in done.stderr
     assert "Setting default log level" not in done.stderr  # Spark's start-up line: no session was built
+
+
+@pytest.mark.parametrize("job, setting, message", [
+    ("nightly.py", "input.path=/no/such/events", "input.path = /no/such/events does not exist"),
+    ("ingest.py", "input.path=/no/such/events", "input.path = /no/such/events does not exist"),
+    ("nightly.py", "recommend.allow_list_path=/no/such/list", "recommend.allow_list_path = /no/such/list does not"),
+    ("nightly.py", "recommend.item_filter_path=/no/such/f", "recommend.item_filter_path = /no/such/f does not"),
+])
+def test_missing_local_inputs_of_the_config_stop_before_spark(tmp_path, job, setting, message):
+    done = run_job_directly(job, "--date", DAY, "--set", setting, tmp_path=tmp_path)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert message in done.stderr and str(tmp_path / "job.toml") in done.stderr
+    assert "Setting default log level" not in done.stderr and not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("job", ["nightly.py", "ingest.py"])
+def test_a_held_root_stops_the_writing_jobs_before_spark(tmp_path, job):
+    from mf_spark.errors import LockHeldError
+    from mf_spark.publish import RunLock
+
+    with RunLock(str(tmp_path / "root"), dt.date(2011, 12, 9)):  # held by this live process
+        done = run_job_directly(job, "--date", DAY, "--break-stale-lock", tmp_path=tmp_path)
+    assert done.returncode == LockHeldError.exit_code, done.stderr[-3000:]
+    assert f"pid {os.getpid()}" in done.stderr and "still running" in done.stderr
+    assert "Setting default log level" not in done.stderr
 
 
 def test_log_level_is_case_insensitive(tmp_path):

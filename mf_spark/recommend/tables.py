@@ -237,8 +237,10 @@ def run_recommend_stage(
     item_factors = _read_table(spark, item_path, "item factors")
     interactions = _read_table(spark, interactions_path or os.path.join(run_dir, "interactions"), "interactions")
     maps = {name: _read_id_map(spark, run_dir, id_map_dir, name) for name in ("dim_user", "dim_item")}
-    item_filter = _read_table(spark, item_filter_path, "item filter table") if item_filter_path else None
-    allow_list = _read_table(spark, allow_list_path, "allow-list table") if allow_list_path else None
+    item_filter = _read_table(spark, item_filter_path, "item filter (recommend.item_filter_path)") \
+        if item_filter_path else None
+    allow_list = _read_table(spark, allow_list_path, "allow list (recommend.allow_list_path)") \
+        if allow_list_path else None
     tables = build_recommendation_tables(
         user_factors.select("id", "features"), item_factors.select("id", "features"), interactions,
         maps["dim_user"], maps["dim_item"], settings, item_filter=item_filter, allow_list=allow_list,
