@@ -108,7 +108,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "frequency_nu": Key("float", 1.0, "exponent nu of frequency regularisation", minimum=0),
         "num_user_blocks": Key("int", 4, "user blocks", minimum=1),
         "num_item_blocks": Key("int", 4, "item blocks", minimum=1),
-        "checkpoint_interval": Key("int", 5, "checkpoint the factors every N iterations; -1 = never"),
+        "checkpoint_interval": Key("int", 5, "checkpoint the factors every N iterations; 0 or -1 = never"),
         "seed": Key("int", 42, "random seed of the initial factors"),
         "warm_start": Key("bool", True, "warm-start from the last published model when one exists"),
         "warm_start_iterations": Key("int", 5, "iterations when warm-started", minimum=1),

@@ -423,3 +423,27 @@ def test_tuning_budget_per_model(communities, spark):
             tuning_grid={"rank": [2, 4]},
             tuning_samples={"implicit_als": 6},
         )
+
+
+def test_mllib_gets_implicit_als_confidence_for_negative_strengths_under_log(spark):
+    """log1p(r / eps) was null for a return (r <= -eps), which MLlib refuses, and the wrong size above -eps."""
+    import math
+
+    from pyspark.sql import functions as F
+
+    from mf_spark.evaluate.models import _mllib_ratings
+
+    params = TrainParams(rank=2, max_iter=2, alpha=10.0, confidence="log", confidence_epsilon=1.0,
+                         num_user_blocks=1, num_item_blocks=1, checkpoint_interval=0)
+    strengths = [-2.0, -0.5, 0.5, 3.0]
+    train = spark.createDataFrame([(0, i, s) for i, s in enumerate(strengths)] + [(1, 0, 1.0), (1, 1, 2.0)],
+                                  "user_idx int, item_idx int, strength float")
+    fed = {r.item_idx: r.strength for r in _mllib_ratings(train, params).where(F.col("user_idx") == 0).collect()}
+    for i, s in enumerate(strengths):  # MLlib: c = 1 + alpha*|r|, p = [r > 0]
+        assert 1 + params.alpha * abs(fed[i]) == pytest.approx(1 + params.alpha * math.log1p(abs(s)))
+        assert (fed[i] > 0) == (s > 0)
+    # and MLlib trains on them (also with checkpoint_interval 0, which MLlib refuses as such)
+    assert params.als_params()["checkpointInterval"] == -1
+    users = spark.createDataFrame([(0,), (1,)], "user_idx int")
+    run = recommend_for_users("mllib_als", train, users, 2, params, mllib_loss=False)
+    assert run.recommendations.count() > 0

@@ -79,7 +79,8 @@ class TrainParams:
             seed=self.seed,
             numUserBlocks=self.num_user_blocks,
             numItemBlocks=self.num_item_blocks,
-            checkpointInterval=self.checkpoint_interval,
+            # ImplicitALS reads any value <= 0 as "never"; MLlib accepts only -1 for that
+            checkpointInterval=self.checkpoint_interval if self.checkpoint_interval > 0 else -1,
         )
 
     def implicit_als_params(self) -> dict[str, Any]:
@@ -177,8 +178,16 @@ def mllib_objective(
 
 
 def _mllib_ratings(train: DataFrame, params: TrainParams) -> DataFrame:
+    """The ratings to give MLlib so that its c = 1 + alpha*|r|, p = [r > 0] equals ImplicitALS's confidence.
+
+    For the log confidence that is sign(r) * log1p(|r| / eps): log1p(r / eps) of a negative strength (a
+    return) is null below -eps, which MLlib refuses, and the wrong magnitude above it.
+    """
     if params.confidence == "log":
-        return train.withColumn(STRENGTH, F.log1p(F.col(STRENGTH) / params.confidence_epsilon))
+        strength = F.col(STRENGTH)
+        return train.withColumn(
+            STRENGTH, F.signum(strength) * F.log1p(F.abs(strength) / params.confidence_epsilon)
+        )
     return train
 
 
