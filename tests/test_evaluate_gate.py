@@ -54,3 +54,9 @@ def test_unknown_metric_and_raising_helper():
         check_gate(_result(0.01), None, "ndcg@20", min_value=0.1, max_relative_drop=0.5)
     assert info.value.exit_code == 5
     assert check_gate(_result(0.3), _result(0.3), "ndcg@20", 0.1, 0.5).passed
+
+
+def test_a_nan_metric_fails_the_gate():
+    # NaN < minimum and the drop check are both false, so a NaN passed the gate
+    result = evaluate_gate(_result(float("nan")), _result(0.2), "ndcg@20", min_value=0.05, max_relative_drop=0.1)
+    assert not result.passed and "NaN" in result.reason

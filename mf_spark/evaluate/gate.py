@@ -7,6 +7,7 @@ an absolute minimum, and a maximum relative drop against the previous published 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,8 @@ def evaluate_gate(
             "set evaluate.gate.metric to one of them or add its K to evaluate.ks"
         )
     previous = metric_value(previous_metrics, metric)
+    if math.isnan(value):  # every comparison with NaN is false: without this it passed both checks
+        return GateResult(False, f"{metric} is NaN (no test user scored?)", value, previous)
     if value < min_value:
         return GateResult(
             False, f"{metric} = {value:.5f} is below the minimum {min_value:.5f}", value, previous
