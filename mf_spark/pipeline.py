@@ -144,16 +144,6 @@ def check_local_inputs(cfg: dict[str, Any], *, events: bool = True, item_tables:
             raise InputDataError(f"{section}.{key} = {path} does not exist (config {cfg.get('_source', '?')})")
 
 
-def _read_item_table(spark: SparkSession, rec_cfg: dict[str, Any], key: str) -> DataFrame | None:
-    """The ``item_id`` table of ``recommend.<key>`` (item filter or allow list), or None when unset."""
-    path = rec_cfg[key]
-    if not path:
-        return None
-    if "://" not in path and not os.path.exists(path):
-        raise InputDataError(f"recommend.{key} = {path} does not exist")
-    return spark.read.parquet(path)
-
-
 def run_nightly(
     spark: SparkSession,
     cfg: dict[str, Any],
@@ -170,6 +160,7 @@ def run_nightly(
     from mf_spark.evaluate import evaluate_gate, evaluate_holdout
     from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
     from mf_spark.recommend import build_recommendation_tables
+    from mf_spark.recommend.tables import read_item_table
 
     root = cfg["output"]["root"]
     os.makedirs(root, exist_ok=True)
@@ -220,8 +211,8 @@ def run_nightly(
                     spark.read.parquet(run.sub("user_factors")).select("id", "features"),
                     spark.read.parquet(run.sub("item_factors")).select("id", "features"),
                     interactions, dim_user, dim_item, recommend_settings_from(cfg),
-                    item_filter=_read_item_table(spark, rec_cfg, "item_filter_path"),
-                    allow_list=_read_item_table(spark, rec_cfg, "allow_list_path"),
+                    item_filter=read_item_table(spark, rec_cfg["item_filter_path"], "item_filter_path"),
+                    allow_list=read_item_table(spark, rec_cfg["allow_list_path"], "allow_list_path"),
                 )
                 # Plain writes, not write_table_replacing: this run is not published yet and nobody reads it.
                 tables.recommendations.write.parquet(run.sub("recommendations"))

@@ -172,6 +172,16 @@ def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:
     return spark.read.parquet(path)
 
 
+def read_item_table(spark: SparkSession, path: str, key: str) -> DataFrame | None:
+    """The ``item_id`` table of config key ``recommend.<key>`` (item filter or allow list), or None when
+    the key is empty. The nightly and the recommend job both read them here."""
+    if not path:
+        return None
+    if "://" not in path and not os.path.exists(path):
+        raise InputDataError(f"recommend.{key} = {path} does not exist")
+    return spark.read.parquet(path)
+
+
 def _read_id_map(spark: SparkSession, run_dir: str, id_map_dir: str | None, name: str) -> DataFrame:
     """``run_dir/<name>`` when the run carries its own map, else the *current* version of the
     versioned map under ``id_map_dir`` (following its pointer: the directory holds older versions too)."""
@@ -237,10 +247,8 @@ def run_recommend_stage(
     item_factors = _read_table(spark, item_path, "item factors")
     interactions = _read_table(spark, interactions_path or os.path.join(run_dir, "interactions"), "interactions")
     maps = {name: _read_id_map(spark, run_dir, id_map_dir, name) for name in ("dim_user", "dim_item")}
-    item_filter = _read_table(spark, item_filter_path, "item filter (recommend.item_filter_path)") \
-        if item_filter_path else None
-    allow_list = _read_table(spark, allow_list_path, "allow list (recommend.allow_list_path)") \
-        if allow_list_path else None
+    item_filter = read_item_table(spark, item_filter_path, "item_filter_path")
+    allow_list = read_item_table(spark, allow_list_path, "allow_list_path")
     tables = build_recommendation_tables(
         user_factors.select("id", "features"), item_factors.select("id", "features"), interactions,
         maps["dim_user"], maps["dim_item"], settings, item_filter=item_filter, allow_list=allow_list,
