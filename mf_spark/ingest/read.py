@@ -179,18 +179,17 @@ def _check_format_locally(path: str, input_format: str, options: Mapping[str, st
         raise _format_error(path, input_format, where)
 
 
-def _data_columns(df: DataFrame) -> list[str]:
-    """The columns of ``df`` read from the files, without Hive partition columns."""
-    files = df.inputFiles()
+def _data_columns(df: DataFrame, files: list[str]) -> list[str]:
+    """The columns of ``df`` read from ``files`` (its input files), without Hive partition columns."""
     return [c for c in df.columns if not (files and f"/{c}=" in files[0])]
 
 
 def _check_schema(df: DataFrame, path: str, input_format: str, options: Mapping[str, str]) -> None:
     if input_format not in ("csv", "json"):
         return
-    columns = _data_columns(df)
+    files = df.inputFiles()  # one listing for both uses: it walks every input file on the driver
+    columns = _data_columns(df, files)
     if not columns:
-        files = df.inputFiles()
         if "://" not in path and os.path.isfile(path):
             what = f"input file {path}"
         else:
