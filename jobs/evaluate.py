@@ -1,7 +1,7 @@
 """Offline evaluation: split the interactions, train and compare the configured models, write a report.
 
     ./spark-submit.sh jobs/evaluate.py --config conf/local.toml --date 2011-12-09
-    ./spark-submit.sh jobs/evaluate.py --config conf/local.toml --date 2011-12-09 --tune \
+    ./spark-submit.sh jobs/evaluate.py --config conf/local.toml --date 2011-12-09 --tune \\
         --set 'evaluate.models=["implicit_als","mllib_als","popular","random"]'
 
 Without --interactions it evaluates the interactions of the run published for --date. The report

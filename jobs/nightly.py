@@ -29,16 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     """Before Spark starts, nothing created: refuse a bad date range or flag (exit 2), a missing local
     input (exit 3) or a root another run holds (exit 6)."""
-    from mf_spark.errors import ConfigError
+    from mf_spark.errors import UsageError
 
     if bool(args.date) == bool(args.start or args.end) or bool(args.start) != bool(args.end):
-        raise ConfigError("give either --date D or both --from D1 --to D2")
+        raise UsageError("give either --date D or both --from D1 --to D2")
     if args.start and args.end < args.start:
-        raise ConfigError(f"--from {args.start} is after --to {args.end}: the backfill runs from the earlier "
+        raise UsageError(f"--from {args.start} is after --to {args.end}: the backfill runs from the earlier "
                           "date to the later one")
     if args.date and args.skip_empty_days:
         # A single date with no events must fail (exit 3): skipping it would exit 0 with nothing published.
-        raise ConfigError("--skip-empty-days applies only to a backfill (--from D1 --to D2), not to --date")
+        raise UsageError("--skip-empty-days applies only to a backfill (--from D1 --to D2), not to --date")
     if cfg["evaluate"]["enabled"]:
         from mf_spark.evaluate.holdout import validate_settings
 

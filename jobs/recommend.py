@@ -32,10 +32,10 @@ def add_arguments(parser):
 
 
 def check_paths(args, cfg):
-    from mf_spark.errors import ConfigError, InputDataError
+    from mf_spark.errors import InputDataError, UsageError
 
     if args.model and not args.interactions:
-        raise ConfigError("--model needs --interactions (the history whose items are excluded and folded in)")
+        raise UsageError("--model needs --interactions (the history whose items are excluded and folded in)")
     from mf_spark.pipeline import check_local_inputs
 
     check_local_inputs(cfg, events=False)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mf_spark.config import load_config, spark_properties
-from mf_spark.errors import ConfigError, PipelineError
+from mf_spark.errors import ConfigError, PipelineError, UsageError
 
 log = logging.getLogger("mf_spark")
 
@@ -39,6 +39,35 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="Python log level (default INFO)")
     return parser
+
+
+def config_source(cfg: dict[str, Any], overrides: Sequence[str], message: str = "") -> str:
+    """Where a setting came from, for an error message: the config file, plus the ``--set`` overrides
+    whose key ``message`` mentions (all of them when it mentions none but the error may lie there)."""
+    source = cfg.get("_source", "the config")
+    named = [o for o in overrides if o.split("=", 1)[0].strip() and o.split("=", 1)[0].strip() in message]
+    return f"{source} with --set {', '.join(named)}" if named else source
+
+
+def _mentioned(value: str, text: str) -> bool:
+    # Path-like values only: "4" (executor cores) is in every message. Hadoop prints hdfs:///x as hdfs:/x.
+    return len(value) > 3 and not value.isdigit() and (value in text or value.replace(":///", ":/") in text)
+
+
+def session_failure_message(exc: BaseException, cfg: dict[str, Any], overrides: Sequence[str]) -> str:
+    """One line for a SparkSession that would not start: the Java cause and the ``[spark]`` settings."""
+    text = str(exc).strip()
+    # Py4J puts the Java exception after the Python text; its first line names the cause.
+    java = [line for line in text.splitlines() if line.startswith(("java.", "org.", ": java.", ": org."))]
+    cause = (java[0].lstrip(": ") if java else text.splitlines()[0] if text else type(exc).__name__)
+    # Name the setting the cause mentions (Hadoop prints hdfs:///x as hdfs:/x).
+    suspects = [f"spark.{k} = {v}" for k, v in cfg.get("spark", {}).items() if _mentioned(str(v), cause)]
+    spark_overrides = [o for o in overrides if o.strip().startswith("spark.")]
+    source = cfg.get("_source", "the config")
+    source += f" with --set {', '.join(spark_overrides)}" if spark_overrides else ""
+    where = f"{'; '.join(suspects)} in" if suspects else "the [spark] table of"
+    return (f"Spark could not start with {where} {source}: {cause}. Nothing was written. A cluster config "
+            "needs its cluster (HDFS, the master); to try it elsewhere, override the setting with --set")
 
 
 def setup_logging(level: str) -> None:
@@ -72,9 +101,13 @@ def run_job(
     try:
         if validate_args:
             validate_args(args, cfg)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     except ConfigError as exc:
         # Checks across keys (gate metric vs ks, models) know the key, not the file it came from.
-        where = "" if args.config in str(exc) else f"{cfg.get('_source', args.config)}: "
+        where = "" if args.config in str(exc) else f"{config_source(cfg, args.overrides, str(exc))}: "
         print(f"config error: {where}{exc}", file=sys.stderr)
         return exc.exit_code
     except PipelineError as exc:  # e.g. an input path given on the command line that does not exist
@@ -82,7 +115,14 @@ def run_job(
         return exc.exit_code
     from mf_spark.session import build_session  # imported late: config errors never wait for pyspark
 
-    spark = build_session(app_name, spark_properties(cfg))
+    properties = spark_properties(cfg)
+    try:
+        spark = build_session(app_name, properties)
+    except Exception as exc:  # noqa: BLE001 - any start-up failure is reported against the [spark] table
+        # A cluster config run on a laptop (hdfs:///... checkpoint dir, unknown master) fails here,
+        # before anything is written; a traceback would hide which setting is wrong.
+        print(f"error: {session_failure_message(exc, cfg, args.overrides)}", file=sys.stderr)
+        return ConfigError.exit_code
     try:
         code = body(spark, cfg, args)
         return int(code or 0)

@@ -211,14 +211,22 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _validate_table(schema: dict[str, Any], raw: dict[str, Any], path: str, source: str) -> dict[str, Any]:
+def _validate_table(
+    schema: dict[str, Any], raw: dict[str, Any], path: str, source: str, overridden: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    overridden = overridden or {}
+
+    def origin(key: str) -> str:
+        # A value set on the command line is reported against that --set, not against the file.
+        return f"--set {overridden[key]!r}" if key in overridden else source
+
     result: dict[str, Any] = {}
     for name in raw:
         if name not in schema:
             known = ", ".join(sorted(schema))
-            raise ConfigError(f"{source}: unknown key '{path}{name}' (known keys here: {known})")
+            raise ConfigError(f"{origin(path + name)}: unknown key '{path}{name}' (known keys here: {known})")
     for name, spec in schema.items():
-        where = f"{source}: key '{path}{name}'"
+        where = f"{origin(path + name)}: key '{path}{name}'"
         present = name in raw
         value = raw.get(name)
         if isinstance(spec, Key):
@@ -234,15 +242,19 @@ def _validate_table(schema: dict[str, Any], raw: dict[str, Any], path: str, sour
                 raise ConfigError(f"{where}: expected a table, got {value!r}")
             if isinstance(spec.value, dict):
                 result[name] = {
-                    sub: _validate_table(spec.value, _as_table(v, f"{where}.{sub}"), f"{path}{name}.{sub}.", source)
+                    sub: _validate_table(spec.value, _as_table(v, f"{where}.{sub}"), f"{path}{name}.{sub}.",
+                                         source, overridden)
                     for sub, v in value.items()
                 }
             else:
                 flat = _flatten(value)
-                result[name] = {sub: _check_value(spec.value, v, f"{source}: key '{path}{name}.{sub}'") for sub, v in flat.items()}
+                result[name] = {
+                    sub: _check_value(spec.value, v, f"{origin(f'{path}{name}.{sub}')}: key '{path}{name}.{sub}'")
+                    for sub, v in flat.items()
+                }
         else:
             value = {} if not present else value
-            result[name] = _validate_table(spec, _as_table(value, where), f"{path}{name}.", source)
+            result[name] = _validate_table(spec, _as_table(value, where), f"{path}{name}.", source, overridden)
     return result
 
 
@@ -282,9 +294,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return merged
 
 
-def validate(raw: dict[str, Any], source: str = "<config>") -> dict[str, Any]:
-    """Validate a raw config dict against :data:`SCHEMA` and fill in the defaults."""
-    return _validate_table(SCHEMA, raw, "", source)
+def validate(
+    raw: dict[str, Any], source: str = "<config>", overridden: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Validate a raw config dict against :data:`SCHEMA` and fill in the defaults.
+
+    ``overridden`` maps dotted keys set with ``--set`` to the override's text, so that an error in one
+    of them names the ``--set``, not the file.
+    """
+    return _validate_table(SCHEMA, raw, "", source, overridden)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -308,7 +326,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         raise ConfigError(f"{source}: config file not found") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    cfg = validate(apply_overrides(raw, overrides or []), source + (" (with --set overrides)" if overrides else ""))
+    overridden = {}
+    for text in overrides or []:
+        parts, _ = _parse_override(text)
+        overridden[".".join(parts)] = text
+    cfg = validate(apply_overrides(raw, overrides or []), source, overridden)
     for section, key in (("input", "path"), ("output", "root"), ("recommend", "item_filter_path"), ("recommend", "allow_list_path")):
         value = cfg[section][key]
         if value and "://" not in value:

@@ -19,6 +19,11 @@ class ConfigError(PipelineError, ValueError):
     exit_code = 2
 
 
+class UsageError(ConfigError):
+    """Arguments that contradict each other (``--from`` after ``--to``, ``--model`` without
+    ``--interactions``): reported argparse-style as the job's usage error, not against the config file."""
+
+
 class InputDataError(PipelineError, ValueError):
     """Bad or missing input data: a missing column or file, an uncastable type, no events for the date."""
 

@@ -82,8 +82,19 @@ def test_overrides(tmp_path):
     assert spark_properties(cfg)["spark.sql.shuffle.partitions"] == "8"
     assert cfg["ingest"]["event_types"]["view"]["weight"] == 2.0
     assert cfg["evaluate"]["ks"] == [5, 10]
-    with pytest.raises(ConfigError, match=r"with --set overrides.*train\.rank.*expected an integer"):
-        load_config(path, ["train.rank=lots"])
+    # The error names the --set that caused it, not the file (which says rank = whatever it says).
+    with pytest.raises(ConfigError, match=r"^--set 'train\.rank=lots': key 'train\.rank': expected an integer"):
+        load_config(path, ["train.rank=lots", "train.alpha=2.0"])
+    with pytest.raises(ConfigError, match=r"^--set 'train\.rnak=8': unknown key 'train\.rnak'"):
+        load_config(path, ["train.rnak=8"])
+    with pytest.raises(ConfigError, match=r"^--set 'spark\.sql\.shuffle\.partitions=\[1\]': key 'spark\.sql"):
+        load_config(path, ["spark.sql.shuffle.partitions=[1]"])
+    with pytest.raises(ConfigError, match=r"^--set 'ingest\.event_types\.view\.weight=\"x\"': key"):
+        load_config(path, ['ingest.event_types.view.weight="x"'])
+    # An error in the file itself still names the file, whatever else was overridden.
+    bad = write(tmp_path, MINIMAL + "[train]\nrank = -1\n", name="bad.toml")
+    with pytest.raises(ConfigError, match=r"bad\.toml: key 'train\.rank'"):
+        load_config(bad, ["train.alpha=2.0"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(path, ["train.rank"])
 

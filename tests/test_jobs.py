@@ -33,7 +33,7 @@ def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.Complet
     ("recommend.py", ["--date", DAY, "--run-dir", "/no/such/run"], 3, "--run-dir /no/such/run does not exist"),
     ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "/no/such/model", "--interactions", "."], 3,
      "--model /no/such/model does not exist"),
-    ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "."], 2, "--model needs --interactions"),
+    ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "."], 2, "error: --model needs --interactions"),
     ("nightly.py", ["--date", DAY, "--log-level", "CHATTY"], 2, "invalid choice: 'CHATTY'"),
 ])
 def test_job_argument_mistakes_stop_before_spark(tmp_path, job, args, code, message):
@@ -82,6 +82,25 @@ def test_settings_checked_across_keys_name_the_config_file(tmp_path):
     assert f"config error: {config}: key 'evaluate.gate.metric'" in line
 
 
+def test_settings_checked_across_keys_name_the_set_that_caused_the_error(tmp_path):
+    done = run_job_directly("nightly.py", "--date", DAY, "--set", "evaluate.ks=[10]", tmp_path=tmp_path)
+    assert done.returncode == 2
+    line = next(line for line in done.stderr.splitlines() if line.startswith("config error"))
+    assert f"config error: {tmp_path / 'job.toml'} with --set evaluate.ks=[10]: key 'evaluate.gate.metric'" in line
+
+
+def test_a_spark_session_that_cannot_start_names_the_setting_and_writes_nothing(tmp_path):
+    """conf/cluster.toml run on a laptop: its hdfs:/// checkpoint dir failed SparkContext start-up with a
+    Java traceback and exit 1."""
+    done = run_job_directly("nightly.py", "--date", DAY, "--set", "spark.checkpoint.dir=hdfs:///tmp/ckpt",
+                            tmp_path=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    line = next(line for line in done.stderr.splitlines() if line.startswith("error:"))
+    assert "Spark could not start with spark.checkpoint.dir = hdfs:///tmp/ckpt in" in line
+    assert "--set spark.checkpoint.dir=hdfs:///tmp/ckpt" in line and "Incomplete HDFS URI" in line
+    assert "Traceback" not in done.stderr and not (tmp_path / "root").exists()
+
+
 @pytest.mark.slow
 def test_standalone_chain_ingest_train_recommend(tmp_path):
     """The documented path without the nightly: the ingest job's table and id maps, the train job's saved
@@ -124,3 +143,7 @@ def test_help_keeps_the_example_command_lines(job):
     examples = [line for line in done.stdout.splitlines() if line.lstrip().startswith(("./spark-submit.sh", "python"))]
     assert examples and all(line.startswith("    ") for line in examples), done.stdout
     assert all(f"jobs/{job}" in line for line in examples)
+    # Every line of the docstring as written, so a "\\" continuation is shown, not joined by Python.
+    source = (REPO_ROOT / "jobs" / job).read_text().split('"""')[1].replace("\\\\", "\\")
+    shown = done.stdout.splitlines()
+    assert all(line in shown for line in source.splitlines() if line.strip()), done.stdout

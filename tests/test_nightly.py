@@ -162,7 +162,9 @@ def test_bad_date_arguments_exit_2_before_spark_starts(argv, message, tmp_path, 
     code = run_job("mf-spark-nightly", job.__doc__, job.body, job.add_arguments, argv=command,
                    validate_args=job.check_dates)
     assert code == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # A usage error, argparse-style: these are the command line's mistakes, not the config file's.
+    assert f"error: {message}" in err and "usage:" in err and "config error" not in err
     assert not root.exists()
 
 
