@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mf_spark.config import load_config, spark_properties
-from mf_spark.errors import ConfigError, PipelineError, UsageError
+from mf_spark.errors import ConfigError, PipelineError, UsageError, java_cause
 
 log = logging.getLogger("mf_spark")
 
@@ -56,10 +56,7 @@ def _mentioned(value: str, text: str) -> bool:
 
 def session_failure_message(exc: BaseException, cfg: dict[str, Any], overrides: Sequence[str]) -> str:
     """One line for a SparkSession that would not start: the Java cause and the ``[spark]`` settings."""
-    text = str(exc).strip()
-    # Py4J puts the Java exception after the Python text; its first line names the cause.
-    java = [line for line in text.splitlines() if line.startswith(("java.", "org.", ": java.", ": org."))]
-    cause = (java[0].lstrip(": ") if java else text.splitlines()[0] if text else type(exc).__name__)
+    cause = java_cause(exc)
     # Name the setting the cause mentions (Hadoop prints hdfs:///x as hdfs:/x).
     suspects = [f"spark.{k} = {v}" for k, v in cfg.get("spark", {}).items() if _mentioned(str(v), cause)]
     spark_overrides = [o for o in overrides if o.strip().startswith("spark.")]

@@ -59,3 +59,13 @@ class PublishError(PipelineError):
     latest.json or manifest."""
 
     exit_code = 7
+
+
+def java_cause(exc: BaseException) -> str:
+    """The first line of the Java exception inside a Py4J error (``java.io.IOException: ...``), or the
+    error's own first line: what an operator needs, without the JVM stack."""
+    text = str(exc).strip()
+    java = [line.lstrip(": ") for line in text.splitlines() if line.lstrip(": ").startswith(("java.", "org."))]
+    if java:
+        return java[0]
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -251,9 +251,11 @@ def run_nightly(
             with timer.stage("publish"):
                 publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
             manifest["timings"] = timer.seconds
-        except PipelineError as exc:
+        except Exception as exc:
+            # Any failure, not only the expected ones: a run directory without a manifest would look
+            # like a crash ("partial") and say nothing of why.
             manifest["status"] = "failed"
-            manifest["error"] = str(exc)
+            manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             manifest["timings"] = timer.seconds
             publish.write_failed_manifest(run, manifest)
             raise

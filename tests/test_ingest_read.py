@@ -116,6 +116,12 @@ def test_missing_path_and_empty_directory(spark, tmp_path):
         read_raw(spark, str(tmp_path / "empty"), "parquet", {})
 
 
+def test_an_unreadable_uri_names_the_key(spark):
+    # conf/cluster.toml's hdfs:/// input run without HDFS: a Py4J traceback and exit 1 before.
+    with pytest.raises(InputDataError, match=r"^input.path = hdfs:///no/name/node cannot be read: java.io.IOExc"):
+        read_raw(spark, "hdfs:///no/name/node", "parquet", {})
+
+
 def _events_dirs(tmp_path: Path) -> dict[str, Path]:
     """The same event as partitioned Parquet, a CSV directory and a JSON file, with Spark's side files."""
     row = {"uid": "u", "sku": "a", "kind": "view", "at": "2024-03-10 08:00:00", "qty": "1"}

@@ -287,3 +287,23 @@ def test_a_date_without_events_still_fails_without_the_flag(spark, tmp_path, eve
     with pytest.raises(NoEventsError, match="no date had events"):
         run_backfill(spark, cfg, GAP[1], GAP[1], skip_empty_days=True)
     assert not (tmp_path / "out" / "latest.json").exists()
+
+
+def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, events_with_a_gap, monkeypatch):
+    """Only PipelineErrors wrote the failed manifest; a bug (or a Java error) left a run directory
+    without one, which list_runs calls "partial" with no word of why."""
+    import mf_spark.pipeline
+    from mf_spark.publish import list_runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("solver exploded")
+
+    monkeypatch.setattr(mf_spark.pipeline, "build_estimator", broken)
+    root = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="solver exploded"):
+        run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
+    [run] = list_runs(str(root))
+    assert run["status"] == "failed"
+    manifest = json.loads((root / run["path"] / "manifest.json").read_text())
+    assert manifest["error"] == "RuntimeError: solver exploded" and "ingest" in manifest["timings"]
+    assert not (root / "latest.json").exists()

@@ -409,3 +409,15 @@ def test_users_with_only_negative_interactions_get_no_list(spark):
     )
     per_user = {r.user_id: r["count"] for r in tables.recommendations.groupBy("user_id").count().collect()}
     assert per_user == {"u0": 2, "u1": 2}
+
+
+def test_item_tables_that_cannot_be_read_name_the_key(spark, tmp_path):
+    from mf_spark.errors import InputDataError
+    from mf_spark.recommend.tables import read_item_table
+
+    with pytest.raises(InputDataError, match=r"^recommend.item_filter_path = hdfs:///x cannot be read as Parquet"):
+        read_item_table(spark, "hdfs:///x", "item_filter_path")
+    (tmp_path / "list.txt").write_text("not parquet\n")
+    with pytest.raises(InputDataError, match=r"^recommend.allow_list_path = .*list.txt cannot be read as Parquet"):
+        read_item_table(spark, str(tmp_path / "list.txt"), "allow_list_path")
+    assert read_item_table(spark, "", "allow_list_path") is None

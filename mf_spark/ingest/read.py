@@ -33,7 +33,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from mf_spark.errors import InputDataError
+from mf_spark.errors import InputDataError, java_cause
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ def read_raw(spark: SparkSession, path: str, input_format: str, options: Mapping
             example = f" (e.g. {named.group(1)})" if named else ""
             detail = f"Spark found files that are not Parquet{example}"
             raise _format_error(path, input_format, detail) from None
-        raise
+        # Listing the input failed in the JVM: an unreachable or malformed URI (hdfs:/// without a
+        # name node, no FileSystem for the scheme), permissions. The input, not the job, is wrong.
+        raise InputDataError(f"input.path = {path} cannot be read: {java_cause(exc)}") from None
     _check_schema(df, path, input_format, options)
     return df
 

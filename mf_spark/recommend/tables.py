@@ -11,12 +11,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
-from mf_spark.errors import InputDataError
+from mf_spark.errors import InputDataError, java_cause
 from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, recommend_top_k, similar_items
 from mf_spark.recommend.fold_in import fold_in_new_users
 
@@ -179,7 +181,10 @@ def read_item_table(spark: SparkSession, path: str, key: str) -> DataFrame | Non
         return None
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"recommend.{key} = {path} does not exist")
-    return spark.read.parquet(path)
+    try:
+        return spark.read.parquet(path)
+    except (AnalysisException, Py4JJavaError) as exc:  # an unreachable URI, not a Parquet table
+        raise InputDataError(f"recommend.{key} = {path} cannot be read as Parquet: {java_cause(exc)}") from None
 
 
 def _read_id_map(spark: SparkSession, run_dir: str, id_map_dir: str | None, name: str) -> DataFrame:
