@@ -36,6 +36,19 @@ class NoEventsError(InputDataError):
     without skipping damaged input."""
 
 
+class NoInteractionsLeftError(InputDataError):
+    """Events were read but none survived the rules (all rejected or below the support minimums).
+
+    Carries the ``rejects`` DataFrame and the ingest ``report`` so that the job can still write them:
+    the rows and their reasons are what the operator needs to see.
+    """
+
+    def __init__(self, message: str, rejects: object = None, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.rejects = rejects
+        self.report = report
+
+
 class RejectThresholdError(PipelineError):
     """Too many input rows were rejected; nothing was published."""
 

@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
-from mf_spark.errors import InputDataError, PipelineError, QualityGateError
+from mf_spark.errors import InputDataError, NoInteractionsLeftError, PipelineError, QualityGateError
 
 if TYPE_CHECKING:  # imported lazily at run time, as run_nightly does, to keep this module light
     from mf_spark.recommend import RecommendSettings
@@ -159,6 +159,7 @@ def run_nightly(
     """
     from mf_spark.evaluate import evaluate_gate, evaluate_holdout
     from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
+    from mf_spark.ingest.stage import write_rejects_for_inspection
     from mf_spark.recommend import build_recommendation_tables
     from mf_spark.recommend.tables import read_item_table
 
@@ -175,12 +176,16 @@ def run_nightly(
         manifest["status"] = "running"
         try:
             with timer.stage("ingest"):
-                ingested = run_ingest(
-                    spark, input_path=cfg["input"]["path"], input_format=cfg["input"]["format"],
-                    columns=cfg["input"]["columns"], reader_options=cfg["input"]["options"],
-                    settings=IngestSettings.from_config(cfg["ingest"]), run_date=run_date,
-                    id_map_root=os.path.join(root, "id_maps"), run_id=run.run_id,
-                )
+                try:
+                    ingested = run_ingest(
+                        spark, input_path=cfg["input"]["path"], input_format=cfg["input"]["format"],
+                        columns=cfg["input"]["columns"], reader_options=cfg["input"]["options"],
+                        settings=IngestSettings.from_config(cfg["ingest"]), run_date=run_date,
+                        id_map_root=os.path.join(root, "id_maps"), run_id=run.run_id,
+                    )
+                except NoInteractionsLeftError as exc:
+                    write_rejects_for_inspection(exc, run.sub("rejects"))
+                    raise
                 ingested.interactions.write.parquet(run.sub("interactions"))
                 ingested.rejects.write.parquet(run.sub("rejects"))
                 interactions = spark.read.parquet(run.sub("interactions"))

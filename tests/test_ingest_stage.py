@@ -378,3 +378,22 @@ def test_ingest_job_on_a_locked_root_exits_6_naming_the_holder(tmp_path):
     assert f"is locked by nightly run on host {socket.gethostname()} pid {os.getpid()}" in message
     assert "still running" in message and "Traceback" not in done.stderr
     assert not (root / "id_maps").exists() and not (root / "ingest").exists()
+
+
+def test_when_every_row_is_rejected_the_ingest_job_still_writes_the_rejects(spark, tmp_path):
+    """The documented way to inspect the rejects of an exit-4 run is this job with
+    max_reject_fraction=1.0; when every row was rejected it exited 3 before writing rejects/ or the report."""
+    from mf_spark.config import load_config
+    from mf_spark.errors import NoInteractionsLeftError
+    from mf_spark.ingest import stage
+
+    rows = [("u1", "i1", "click", "2024-03-09 10:00:00", None), ("", "i2", "view", "2024-03-09 11:00:00", None)]
+    events = write_parquet(tmp_path / "events.parquet", rows)
+    config, overrides = job_config(tmp_path, events)
+    out = tmp_path / "root" / "ingest" / "dt=2024-03-10"
+    with pytest.raises(NoInteractionsLeftError, match=f"rejected rows, with their reason, are in {out / 'rejects'}"):
+        stage.run_ingest_job(spark, load_config(config, overrides), RUN_DATE)
+    reasons = sorted(r.reason for r in spark.read.parquet(str(out / "rejects")).collect())
+    report = json.loads((out / "report.json").read_text())
+    assert len(reasons) == 2 and report["rejected"] == 2 and "no interaction left" in report["error"]
+    assert not (out / "interactions").exists()

@@ -307,3 +307,18 @@ def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, e
     manifest = json.loads((root / run["path"] / "manifest.json").read_text())
     assert manifest["error"] == "RuntimeError: solver exploded" and "ingest" in manifest["timings"]
     assert not (root / "latest.json").exists()
+
+
+def test_a_nightly_with_no_interaction_left_keeps_the_rejects_in_its_failed_run(spark, tmp_path, events_with_a_gap):
+    from mf_spark.errors import NoInteractionsLeftError
+    from mf_spark.publish import list_runs
+
+    root = tmp_path / "out"
+    cfg = gap_config(root, events_with_a_gap)
+    cfg["ingest"]["min_events_per_user"] = 100  # nobody has that many: every pair is below the support
+    with pytest.raises(NoInteractionsLeftError, match="no interaction left") as info:
+        run_nightly(spark, cfg, GAP[0], print_summary=False)
+    [run] = list_runs(str(root))
+    rejects = root / run["path"] / "rejects"
+    assert run["status"] == "failed" and str(rejects) in str(info.value)
+    assert {r.reason for r in spark.read.parquet(str(rejects)).collect()} == {"below_min_support"}

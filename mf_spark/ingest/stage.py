@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark import publish
-from mf_spark.errors import InputDataError
+from mf_spark.errors import NoInteractionsLeftError
 from mf_spark.ingest.id_maps import update_id_maps
 from mf_spark.ingest.read import (
     PARTITION_FIELD,
@@ -130,7 +130,8 @@ def run_ingest(
     ------
     InputDataError
         Missing input path, missing or uncastable mapped column (naming column and path), no events in
-        the window, no interaction left after the rules.
+        the window (:class:`~mf_spark.errors.NoEventsError`), no interaction left after the rules
+        (:class:`~mf_spark.errors.NoInteractionsLeftError`, which carries the rejects and the report).
     RejectThresholdError
         The reject fraction exceeds ``settings.max_reject_fraction``; no ID map is written.
     """
@@ -229,11 +230,12 @@ def run_ingest(
         }
         check_conservation(report)
         if report["interactions"] == 0:
-            raise InputDataError(
+            raise NoInteractionsLeftError(
                 f"no interaction left in {input_path} for {window.start} .. {window.end} after the rules "
                 f"(min_events_per_user={settings.min_events_per_user}, "
                 f"min_events_per_item={settings.min_events_per_item}, k_core={settings.k_core}); "
-                f"rejects by reason: {rejected_by_reason}"
+                f"rejects by reason: {rejected_by_reason}",
+                rejects=rejects, report=report,
             )
 
         maps = update_id_maps(spark, id_map_root, run_id, kept.select("user_id"), kept.select("item_id"))
@@ -292,17 +294,24 @@ def run_ingest_job(
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
     out = os.path.join(root, "ingest", f"dt={run_date.isoformat()}")
     with publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock, purpose="ingest"):
-        result = run_ingest(
-            spark,
-            input_path=cfg["input"]["path"],
-            input_format=cfg["input"]["format"],
-            columns=cfg["input"]["columns"],
-            reader_options=cfg["input"]["options"],
-            settings=IngestSettings.from_config(cfg["ingest"]),
-            run_date=run_date,
-            id_map_root=os.path.join(root, "id_maps"),
-            run_id=f"ingest-{run_date.isoformat()}-{stamp}",
-        )
+        try:
+            result = run_ingest(
+                spark,
+                input_path=cfg["input"]["path"],
+                input_format=cfg["input"]["format"],
+                columns=cfg["input"]["columns"],
+                reader_options=cfg["input"]["options"],
+                settings=IngestSettings.from_config(cfg["ingest"]),
+                run_date=run_date,
+                id_map_root=os.path.join(root, "id_maps"),
+                run_id=f"ingest-{run_date.isoformat()}-{stamp}",
+            )
+        except NoInteractionsLeftError as exc:
+            # Every row rejected is exactly when the operator wants to see the rejects (the documented
+            # way to inspect an exit-4 run goes through here), so write them before failing.
+            write_rejects_for_inspection(exc, os.path.join(out, "rejects"))
+            write_report({**exc.report, "error": str(exc)}, os.path.join(out, "report.json"))
+            raise
         try:
             result.interactions.orderBy("user_idx", "item_idx").write.mode("overwrite").parquet(
                 os.path.join(out, "interactions")
@@ -312,3 +321,9 @@ def run_ingest_job(
         finally:
             result.unpersist()
     return result.report
+
+
+def write_rejects_for_inspection(exc: NoInteractionsLeftError, path: str) -> None:
+    """Write the rejects an ingest failed with to ``path`` and say so in the error's message."""
+    exc.rejects.write.mode("overwrite").parquet(path)
+    exc.args = (f"{exc.args[0]}. The rejected rows, with their reason, are in {path}",)
