@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     """Before Spark starts, nothing created: refuse a bad date range or flag (exit 2), a missing local
-    input (exit 3) or a root another run holds (exit 6)."""
+    input (exit 3), a root another run holds (exit 6) or a corrupt latest.json (exit 7)."""
     from mf_spark.errors import UsageError
 
     if bool(args.date) == bool(args.start or args.end) or bool(args.start) != bool(args.end):
@@ -44,10 +44,11 @@ def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
         validate_settings(cfg["evaluate"])
     from mf_spark.pipeline import check_local_inputs
-    from mf_spark.publish import RunLock
+    from mf_spark.publish import RunLock, check_latest
 
     check_local_inputs(cfg)
     RunLock(cfg["output"]["root"], args.date or args.start, break_stale=args.break_stale_lock).check_free()
+    check_latest(cfg["output"]["root"])
 
 
 def body(spark: Any, cfg: dict[str, Any], args: argparse.Namespace) -> None:

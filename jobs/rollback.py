@@ -1,9 +1,10 @@
 """Point latest.json at an older published run, or list the runs under output.root.
 
-    python jobs/rollback.py --config conf/local.toml --list
-    python jobs/rollback.py --config conf/local.toml --date 2011-12-08      # that date's newest published run
-    python jobs/rollback.py --config conf/local.toml --to 20111209T031502123456Z-a1b2c3
+    .venv/bin/python jobs/rollback.py --config conf/local.toml --list
+    .venv/bin/python jobs/rollback.py --config conf/local.toml --date 2011-12-08   # that date's newest run
+    .venv/bin/python jobs/rollback.py --config conf/local.toml --to 20111209T031502123456Z-a1b2c3
 
+Any Python with mf_spark installed will do (`make venv` makes .venv/bin/python one).
 No Spark is started: this only rewrites latest.json (atomically, holding the output root's lock).
 Nothing is deleted; the next nightly publishes as usual and moves latest.json forward again.
 An output.root that does not exist is a configuration error (exit 2): nothing is created there.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 
-from mf_spark.cli import base_parser, setup_logging
+from mf_spark.cli import base_parser, parse_date, setup_logging
 from mf_spark.config import load_config
 from mf_spark.errors import PipelineError
 
@@ -23,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", metavar="RUN_ID", help="run id to publish again")
-    target.add_argument("--date", metavar="YYYY-MM-DD", help="publish that date's newest published run")
+    target.add_argument("--date", type=parse_date, metavar="YYYY-MM-DD",
+                        help="publish that date's newest published run")
     target.add_argument("--list", action="store_true", help="list the runs and their status")
     parser.add_argument("--break-stale-lock", action="store_true", help="break a lock whose owner process is gone")
     args = parser.parse_args(argv)
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             print(publish.format_runs(publish.list_runs(root)))
             return 0
         with publish.RunLock(root, dt.date.today(), break_stale=args.break_stale_lock, purpose="rollback"):
-            entry = publish.rollback(root, args.to or args.date)
+            entry = publish.rollback(root, args.to or args.date.isoformat())
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

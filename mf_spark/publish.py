@@ -494,9 +494,32 @@ def run_status(run: RunDir) -> str:
     return "partial"
 
 
+def check_latest(root: str) -> None:
+    """Raise :class:`PublishError` when ``<root>/latest.json`` exists but cannot be read.
+
+    The nightly calls this before Spark starts: publishing reads latest.json, so a corrupt one would
+    otherwise fail the run after ingest and training.
+    """
+    try:
+        read_latest(root)
+    except PublishError as exc:
+        raise PublishError(f"{exc}. Nothing was run. To repair it, point it at a published run: "
+                           "jobs/rollback.py --list, then --to RUN_ID (rollback rewrites latest.json)") from None
+
+
+def _latest_or_none(root: str) -> dict[str, Any] | None:
+    """latest.json, or None with a warning when it is corrupt: listing and rolling back must still work,
+    since a rollback is how a corrupt latest.json is repaired."""
+    try:
+        return read_latest(root)
+    except PublishError as exc:
+        log.warning("%s", exc)
+        return None
+
+
 def list_runs(root: str) -> list[dict[str, Any]]:
     """Every run under ``root``, oldest first: run_date, run_id, path (relative), status, is_latest."""
-    latest = read_latest(root)
+    latest = _latest_or_none(root)
     rows = []
     for run in _iter_run_dirs(Path(root)):
         rows.append({
@@ -793,7 +816,7 @@ def rollback(root: str, target: str) -> dict[str, Any]:
         known = ", ".join(f"{r.run_date} {r.run_id}" for r in runs) or "none"
         raise PublishError(f"{root}: no published run matches {target!r} (published runs: {known})")
     run = matches[-1]
-    previous = read_latest(root)
+    previous = _latest_or_none(root)
     entry = _latest_entry(run, _iso(_utc_now()), rolled_back_from=(previous or {}).get("run_id"))
     write_json_atomic(Path(root) / LATEST_NAME, entry)
     log.warning("rolled back: latest.json now names %s (was %s)", run.relative_path,

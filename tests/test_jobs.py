@@ -68,6 +68,15 @@ def test_a_held_root_stops_the_writing_jobs_before_spark(tmp_path, job):
     assert "Setting default log level" not in done.stderr
 
 
+def test_a_corrupt_latest_json_stops_the_nightly_before_spark(tmp_path):
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "latest.json").write_text("{not json")
+    done = run_job_directly("nightly.py", "--date", DAY, tmp_path=tmp_path)
+    assert done.returncode == 7, done.stderr[-3000:]
+    assert "latest.json: not valid JSON" in done.stderr and "jobs/rollback.py --list" in done.stderr
+    assert "Setting default log level" not in done.stderr
+
+
 def test_log_level_is_case_insensitive(tmp_path):
     done = run_job_directly("evaluate.py", "--date", DAY, "--log-level", "debug", tmp_path=tmp_path)
     assert done.returncode == 3 and "invalid choice" not in done.stderr
@@ -140,7 +149,7 @@ def test_help_keeps_the_example_command_lines(job):
     done = subprocess.run([sys.executable, f"jobs/{job}", "--help"], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert done.returncode == 0
-    examples = [line for line in done.stdout.splitlines() if line.lstrip().startswith(("./spark-submit.sh", "python"))]
+    examples = [line for line in done.stdout.splitlines() if line.lstrip().startswith(("./spark-submit.sh", ".venv/bin/python"))]
     assert examples and all(line.startswith("    ") for line in examples), done.stdout
     assert all(f"jobs/{job}" in line for line in examples)
     # Every line of the docstring as written, so a "\\" continuation is shown, not joined by Python.

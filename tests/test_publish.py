@@ -313,6 +313,36 @@ def test_corrupt_latest_stops_publishing_before_the_run_is_marked_published(tmp_
     assert run_status(run) != "published"
 
 
+def test_a_corrupt_latest_is_repaired_by_rollback_and_does_not_hide_the_runs(tmp_path):
+    """Listing and rolling back read latest.json and failed on a corrupt one, although a rollback is how
+    it gets repaired; the evaluate job's lookup of a date's run failed on it too."""
+    from mf_spark.evaluate.holdout import published_interactions_path
+
+    root = tmp_path / "out"
+    config = tmp_path / "job.toml"
+    config.write_text(f'[input]\npath = "{tmp_path}/events"\n[output]\nroot = "{root}"\n')
+    day1 = published(root, D1)
+    (Path(day1.path) / "interactions").mkdir()
+    (root / "latest.json").write_text("{not json")
+    with pytest.raises(PublishError, match="latest.json: not valid JSON.*Nothing was run.*--to RUN_ID"):
+        publish.check_latest(str(root))
+    assert [r["is_latest"] for r in list_runs(str(root))] == [False]
+    assert published_interactions_path(str(root), D1).endswith("interactions")
+    listing = run_rollback_job(config, "--list")
+    assert listing.returncode == 0 and day1.run_id in listing.stdout and "not valid JSON" in listing.stderr
+    done = run_rollback_job(config, "--to", day1.run_id)
+    assert done.returncode == 0, done.stderr
+    assert read_latest(str(root))["run_id"] == day1.run_id
+    publish.check_latest(str(root))
+
+
+def test_rollback_refuses_an_impossible_date_as_a_usage_error(tmp_path):
+    config = tmp_path / "job.toml"
+    config.write_text(f'[input]\npath = "{tmp_path}/events"\n[output]\nroot = "{tmp_path}"\n')
+    done = run_rollback_job(config, "--date", "2011-13-08")  # exit 7, "no published run matches", before
+    assert done.returncode == 2 and "not a date in YYYY-MM-DD form: '2011-13-08'" in done.stderr
+
+
 def test_json_payloads_are_plain_json(tmp_path):
     path = tmp_path / "m.json"
     publish.write_json_atomic(path, {"d": D1, "nan": float("nan"), "np": np.float32(0.5), "n": np.int64(3),
