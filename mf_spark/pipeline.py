@@ -278,7 +278,8 @@ def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTime
     # publish_run leaves latest.json on a later date when an older date is (re)run: say which run it names.
     print(f"latest:        {publish.describe_latest(root, run)}")
     for name in ("recommendations", "similar_items", "user_factors", "item_factors", "interactions", "rejects", "evaluation"):
-        print(f"  {name:<16} {run.sub(name)}")
+        if os.path.exists(run.sub(name)):  # no evaluation/ when evaluate.enabled = false
+            print(f"  {name:<16} {run.sub(name)}")
     print()
     print("top-N sample (the 3 users with the longest history, top 5 each):")
     recs = spark.read.parquet(run.sub("recommendations"))
@@ -313,6 +314,7 @@ def run_backfill(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: 
 
     if end < start:
         raise ConfigError(f"backfill: --to {end} is before --from {start}")
+    warn_about_retention(cfg["output"]["root"], start, end, cfg["publish"]["keep_runs"])
     results: list[NightlyResult] = []
     skipped: list[dt.date] = []
     day = start
@@ -324,7 +326,8 @@ def run_backfill(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: 
                 exc.args = (f"backfill stopped at {day}: {exc}. Resume with --from {day} --to {end}, "
                             "or add --skip-empty-days to pass over dates without events",)
                 raise
-            log.warning("backfill: skipped %s, no events in its window (failed run kept): %s", day, exc)
+            log.warning("backfill: skipped %s, no events in its window (its failed run is kept for "
+                        "inspection until retention removes it): %s", day, exc)
             skipped.append(day)
         except PipelineError as exc:
             exc.args = (f"backfill stopped at {day}: {exc}. Resume with --from {day} --to {end}",)
@@ -338,7 +341,28 @@ def run_backfill(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: 
         log.warning("backfill %s .. %s: published %d date(s), skipped %d with no events: %s",
                     start, end, len(results), len(skipped), listed)
         print(f"backfill: skipped {len(skipped)} date(s) with no events: {listed}")
+    removed = [r for r in results if not os.path.isdir(r.run_dir)]
+    if removed:
+        dates = ", ".join(r.manifest["run"]["run_date"] for r in removed)
+        message = (f"backfill: retention has removed {len(removed)} of the {len(results)} run(s) this backfill "
+                   f"published ({dates}): publish.keep_runs = {cfg['publish']['keep_runs']} keeps the newest "
+                   "run dates")
+        log.warning("%s", message)
+        print(message)
     return results
+
+
+def warn_about_retention(root: str, start: dt.date, end: dt.date, keep_runs: int) -> None:
+    """Warn before a backfill whose runs retention will remove: it keeps the newest ``keep_runs`` run
+    *dates*, so old dates published today go first (each run is protected only while it is published)."""
+    later = sum(1 for r in publish.list_runs(root)
+                if r["status"] in ("published", "superseded") and r["run_date"] > end.isoformat())
+    days = (end - start).days + 1
+    if later + days > keep_runs:
+        log.warning("backfill %s .. %s: retention (publish.keep_runs = %d) keeps the newest run dates; with %d "
+                    "published run(s) dated after %s, it will remove backfilled runs as later ones are "
+                    "published. To keep them all, add --set publish.keep_runs=%d",
+                    start, end, keep_runs, later, end, later + days)
 
 
 def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path: str, model_out: str) -> None:

@@ -355,6 +355,12 @@ class RunLock:
         raise LockHeldError(self._held_message(holder))
 
     def acquire(self) -> RunLock:
+        if not self.root.exists():
+            # Loud, because a mistyped output.root looks like success: a fresh root, fresh ID maps
+            # (every id renumbered), no warm start and no previous run for the quality gate.
+            log.warning("output root %s does not exist: creating it. This run starts from nothing: new ID "
+                        "maps, no warm start, no previous run for the quality gate. If an existing root was "
+                        "meant, stop and check output.root", self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             if self._try_create():
@@ -791,7 +797,8 @@ def apply_retention(root: str, keep_runs: int, protect: str | None = None) -> li
         if doomed and run.run_id not in (latest_id, protect):
             _remove_tree(Path(run.path))
             removed.append(run.relative_path)
-            log.info("retention: removed %s (%s)", run.relative_path, status)
+            log.info("retention: removed %s (%s; publish.keep_runs = %d keeps the newest run dates)",
+                     run.relative_path, status, keep_runs)
     _remove_empty_date_dirs(Path(root))
     return removed
 

@@ -267,6 +267,8 @@ def test_run_summary_says_which_run_latest_json_names(backfill_with_a_gap):
     later = results[1].manifest["run"]["run_id"]
     assert f"latest:        {latest} left on run {later} of date 2024-03-03" in rerun_printed
     assert "names this run" not in rerun_printed
+    # evaluate.enabled = false: no evaluation/ directory, so the summary must not list one
+    assert "  recommendations  " in printed and "  evaluation " not in printed
     assert json.loads(latest.read_text())["run_id"] == later
     assert rerun.manifest["run"]["run_id"] != later
 
@@ -322,3 +324,24 @@ def test_a_nightly_with_no_interaction_left_keeps_the_rejects_in_its_failed_run(
     rejects = root / run["path"] / "rejects"
     assert run["status"] == "failed" and str(rejects) in str(info.value)
     assert {r.reason for r in spark.read.parquet(str(rejects)).collect()} == {"below_min_support"}
+
+
+def test_a_backfill_says_which_of_its_runs_retention_removed(spark, tmp_path, events_with_a_gap, caplog):
+    """Retention keeps the newest run dates, so a backfill's older runs go as later ones are published;
+    the backfill logged each as published and never said that most were gone."""
+    from mf_spark.publish import list_runs
+
+    root = tmp_path / "out"
+    cfg = gap_config(root, events_with_a_gap)
+    cfg["ingest"]["lookback_days"] = 3  # every date of GAP has events in its window
+    cfg["publish"]["keep_runs"] = 1
+    printed = io.StringIO()
+    with caplog.at_level(logging.WARNING, logger="mf_spark"), contextlib.redirect_stdout(printed):
+        results = run_backfill(spark, cfg, GAP[0], GAP[2])
+    assert len(results) == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("it will remove backfilled runs" in w and "--set publish.keep_runs=3" in w for w in warnings)
+    expected = ("backfill: retention has removed 2 of the 3 run(s) this backfill published (2024-03-01, "
+                "2024-03-02): publish.keep_runs = 1 keeps the newest run dates")
+    assert expected in printed.getvalue() and expected in warnings
+    assert [r["run_date"] for r in list_runs(str(root))] == ["2024-03-03"]

@@ -336,6 +336,20 @@ def test_a_corrupt_latest_is_repaired_by_rollback_and_does_not_hide_the_runs(tmp
     publish.check_latest(str(root))
 
 
+def test_taking_the_lock_of_a_missing_root_warns_that_it_is_created(tmp_path, caplog):
+    """A mistyped output.root silently became a fresh root with new ID maps."""
+    root = tmp_path / "typo"
+    with caplog.at_level("WARNING", logger="mf_spark.publish"), RunLock(str(root), D1):
+        pass
+    assert root.is_dir()
+    assert any(f"output root {root} does not exist: creating it" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mf_spark.publish"), RunLock(str(root), D1):
+        pass
+    assert not [r for r in caplog.records if "does not exist" in r.getMessage()]
+
+
 def test_rollback_refuses_an_impossible_date_as_a_usage_error(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text(f'[input]\npath = "{tmp_path}/events"\n[output]\nroot = "{tmp_path}"\n')
