@@ -1,6 +1,6 @@
 """Top-N recommendations and similar items of a trained run, written as Parquet with string ids.
 
-    ./spark-submit.sh jobs/recommend.py --config conf/local.toml --date 2011-12-09 \\
+    ./spark-submit.sh jobs/recommend.py --config conf/local.toml \\
         --run-dir output/local/runs/dt=2011-12-09/run_id=<run id>
     ./spark-submit.sh jobs/recommend.py --config conf/local.toml --date 2011-12-09 \\
         --model output/model --interactions output/local/ingest/dt=2011-12-09/interactions \\
@@ -10,20 +10,23 @@ Reads ``RUN_DIR/user_factors``, ``RUN_DIR/item_factors``, ``RUN_DIR/interactions
 (``RUN_DIR/dim_user``, ``RUN_DIR/dim_item``, else ``output.root/id_maps/``); writes
 ``RUN_DIR/recommendations`` and ``RUN_DIR/similar_items``. With ``--model`` (a model saved by
 jobs/train.py) and ``--interactions`` (e.g. the ingest job's table) the factors and the history come
-from there and RUN_DIR only receives the two tables.
+from there and RUN_DIR only receives the two tables. ``--date`` only labels the log (by default the
+``dt=`` of RUN_DIR); a --date that contradicts RUN_DIR's ``dt=`` is refused.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 from mf_spark.cli import parse_date, run_job
 
 
 def add_arguments(parser):
-    parser.add_argument("--date", type=parse_date, required=True, help="run date D (for the log)")
+    parser.add_argument("--date", type=parse_date,
+                        help="run date D, for the log only; checked against the dt=D of --run-dir when it has one")
     parser.add_argument("--run-dir", required=True, help="run directory holding the factors and interactions "
                         "(with --model: where the tables are written)")
     parser.add_argument("--model", help="model directory saved by jobs/train.py, instead of RUN_DIR's factors")
@@ -36,6 +39,12 @@ def check_paths(args, cfg):
 
     if args.model and not args.interactions:
         raise UsageError("--model needs --interactions (the history whose items are excluded and folded in)")
+    # The date selects nothing (the run directory does); a different dt= in the path is a mix-up.
+    in_path = re.search(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})(?:/|$)", args.run_dir)
+    if args.date and in_path and in_path.group(1) != args.date.isoformat():
+        raise UsageError(f"--date {args.date} but --run-dir is a run of {in_path.group(1)}; the run directory "
+                         "decides what is read, --date only labels the log")
+    args.date = args.date or (in_path.group(1) if in_path else "not given")
     from mf_spark.pipeline import check_local_inputs
 
     check_local_inputs(cfg, events=False)

@@ -35,6 +35,9 @@ def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.Complet
      "--model /no/such/model does not exist"),
     ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "."], 2, "error: --model needs --interactions"),
     ("nightly.py", ["--date", DAY, "--log-level", "CHATTY"], 2, "invalid choice: 'CHATTY'"),
+    ("recommend.py", ["--date", DAY, "--run-dir", "/x/runs/dt=2011-12-08/run_id=a"], 2,
+     f"error: --date {DAY} but --run-dir is a run of 2011-12-08"),
+    ("recommend.py", ["--run-dir", "/x/runs/dt=2011-12-08/run_id=a"], 3, "--run-dir /x/runs/dt=2011-12-08/run_id=a does not"),
 ])
 def test_job_argument_mistakes_stop_before_spark(tmp_path, job, args, code, message):
     done = run_job_directly(job, *args, tmp_path=tmp_path)
