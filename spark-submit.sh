@@ -32,6 +32,15 @@ usage() {
     exit "$code"
 }
 
+# needs_value "$@": the option in $1 takes a value (the next argument); without one it is a usage
+# error here, before anything is built or started, not bash's "unbound variable" (set -u) and exit 1.
+needs_value() {
+    if [[ $# -lt 2 ]]; then
+        echo "spark-submit.sh: $1 needs a value" >&2
+        exit 2
+    fi
+}
+
 zip_only=false
 if [[ "${1:-}" == --zip-only ]]; then
     zip_only=true
@@ -51,21 +60,20 @@ while [[ $# -gt 0 ]]; do
             spark_opts+=("$1"); shift ;;
         --help|-h)
             usage 0 ;;
-        --master) master="$2"; shift 2 ;;
+        --master) needs_value "$@"; master="$2"; shift 2 ;;
         --master=*) master="${1#--master=}"; shift ;;
-        --deploy-mode) deploy_mode="$2"; spark_opts+=("$1" "$2"); shift 2 ;;
+        --deploy-mode) needs_value "$@"; deploy_mode="$2"; spark_opts+=("$1" "$2"); shift 2 ;;
         --deploy-mode=*) deploy_mode="${1#--deploy-mode=}"; spark_opts+=("$1"); shift ;;
-        --py-files) py_files="$2"; shift 2 ;;
+        --py-files) needs_value "$@"; py_files="$2"; shift 2 ;;
         --py-files=*) py_files="${1#--py-files=}"; shift ;;
-        --archives) archives="$2"; shift 2 ;;
+        --archives) needs_value "$@"; archives="$2"; shift 2 ;;
         --archives=*) archives="${1#--archives=}"; shift ;;
         --conf|-c)
+            needs_value "$@"
             [[ "$2" == spark.submit.deployMode=* ]] && deploy_mode="${2#spark.submit.deployMode=}"
             spark_opts+=("$1" "$2"); shift 2 ;;
         --*=*) spark_opts+=("$1"); shift ;;
-        -*)
-            [[ $# -ge 2 ]] || { echo "spark-submit.sh: option $1 needs a value" >&2; exit 2; }
-            spark_opts+=("$1" "$2"); shift 2 ;;
+        -*) needs_value "$@"; spark_opts+=("$1" "$2"); shift 2 ;;
         *) job_file="$1"; shift; break ;;
     esac
 done
