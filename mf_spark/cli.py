@@ -43,7 +43,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
 
 def config_source(cfg: dict[str, Any], overrides: Sequence[str], message: str = "") -> str:
     """Where a setting came from, for an error message: the config file, plus the ``--set`` overrides
-    whose key ``message`` mentions (all of them when it mentions none but the error may lie there)."""
+    whose key ``message`` mentions."""
     source = cfg.get("_source", "the config")
     named = [o for o in overrides if o.split("=", 1)[0].strip() and o.split("=", 1)[0].strip() in message]
     return f"{source} with --set {', '.join(named)}" if named else source
@@ -112,9 +112,8 @@ def run_job(
         return exc.exit_code
     from mf_spark.session import build_session  # imported late: config errors never wait for pyspark
 
-    properties = spark_properties(cfg)
     try:
-        spark = build_session(app_name, properties)
+        spark = build_session(app_name, spark_properties(cfg))
     except Exception as exc:  # noqa: BLE001 - any start-up failure is reported against the [spark] table
         # A cluster config run on a laptop (hdfs:///... checkpoint dir, unknown master) fails here,
         # before anything is written; a traceback would hide which setting is wrong.
