@@ -26,9 +26,11 @@ def add_arguments(parser):
 
 def check_before_spark(args, cfg):
     from mf_spark.pipeline import check_local_inputs
-    from mf_spark.publish import RunLock
+    from mf_spark.config import key_source
+    from mf_spark.publish import RunLock, check_writable_root
 
     check_local_inputs(cfg, item_tables=False)
+    check_writable_root(cfg["output"]["root"], key_source(cfg, "output.root"))
     RunLock(cfg["output"]["root"], args.date, break_stale=args.break_stale_lock).check_free()
 
 

@@ -44,9 +44,11 @@ def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
         validate_settings(cfg["evaluate"])
     from mf_spark.pipeline import check_local_inputs
-    from mf_spark.publish import RunLock, check_latest
+    from mf_spark.config import key_source
+    from mf_spark.publish import RunLock, check_latest, check_writable_root
 
     check_local_inputs(cfg)
+    check_writable_root(cfg["output"]["root"], key_source(cfg, "output.root"))
     RunLock(cfg["output"]["root"], args.date or args.start, break_stale=args.break_stale_lock).check_free()
     check_latest(cfg["output"]["root"])
 

@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             print(publish.format_runs(publish.list_runs(root)))
             return 0
+        publish.check_writable_root(root, "--set output.root" if overridden else cfg["_source"])
         with publish.RunLock(root, dt.date.today(), break_stale=args.break_stale_lock, purpose="rollback"):
             entry = publish.rollback(root, args.to or args.date.isoformat())
     except PipelineError as exc:

@@ -15,12 +15,13 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mf_spark.config import load_config, spark_properties
+from mf_spark.config import key_source, load_config, spark_properties
 from mf_spark.errors import ConfigError, PipelineError, UsageError, java_cause
 
 log = logging.getLogger("mf_spark")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+INTERRUPTED_EXIT_CODE = 130  # the shell's code for SIGINT
 
 
 def parse_date(text: str) -> dt.date:
@@ -65,6 +66,22 @@ def session_failure_message(exc: BaseException, cfg: dict[str, Any], overrides: 
     where = f"{'; '.join(suspects)} in" if suspects else "the [spark] table of"
     return (f"Spark could not start with {where} {source}: {cause}. Nothing was written. A cluster config "
             "needs its cluster (HDFS, the master); to try it elsewhere, override the setting with --set")
+
+
+#: Settings of the driver JVM itself, which is already running when a job reads its config.
+DRIVER_JVM_KEYS = (
+    "driver.memory", "driver.extraJavaOptions", "driver.extraClassPath", "driver.extraLibraryPath",
+)
+
+
+def warn_about_driver_settings(cfg: dict[str, Any]) -> list[str]:
+    """Warn about ``[spark]`` keys that cannot take effect from the config; returns their names."""
+    ignored = [key for key in DRIVER_JVM_KEYS if key in cfg.get("spark", {})]
+    for key in ignored:
+        log.warning("spark.%s in the [spark] table (%s) has no effect: the driver JVM is already running "
+                    "when the job reads its config. Pass it to ./spark-submit.sh (--conf spark.%s=...) or set "
+                    "it in conf/spark-defaults.conf", key, key_source(cfg, f"spark.{key}"), key)
+    return ignored
 
 
 def setup_logging(level: str) -> None:
@@ -112,6 +129,7 @@ def run_job(
         return exc.exit_code
     from mf_spark.session import build_session  # imported late: config errors never wait for pyspark
 
+    warn_about_driver_settings(cfg)
     try:
         spark = build_session(app_name, spark_properties(cfg))
     except Exception as exc:  # noqa: BLE001 - any start-up failure is reported against the [spark] table
@@ -126,5 +144,9 @@ def run_job(
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C: the run's failed manifest and the lock release are already done on the way out.
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     finally:
         spark.stop()

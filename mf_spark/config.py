@@ -61,12 +61,12 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
             "value": Key("str", "value", "raw column holding the event value (play count, quantity, dwell); may be absent when no event type uses values"),
             "event_date": Key("str", "event_date", "Hive partition column (event_date=YYYY-MM-DD directories) used to prune the window; ignored when the input is not partitioned by it"),
         },
-        "options": MapOf("str", {}, "reader options passed to Spark, e.g. header = \"true\" for CSV"),
+        "options": MapOf("scalar", {}, "reader options passed to Spark, e.g. header = true for CSV (Spark receives strings: true -> \"true\")"),
     },
     "output": {
         "root": Key("str", required=True, doc="root directory of all outputs (runs/, id_maps/, latest.json)"),
     },
-    "spark": MapOf("scalar", {}, "Spark properties without the 'spark.' prefix, passed to the session"),
+    "spark": MapOf("scalar", {}, "Spark properties without the 'spark.' prefix, passed to the session; driver JVM settings (driver.memory, driver.extraJavaOptions) have no effect here (a warning says so): give them to ./spark-submit.sh"),
     "ingest": {
         "lookback_days": Key("int", 365, "events with event date in [D - lookback + 1, D] are used", minimum=1),
         "half_life_days": Key("float", 0.0, "exponential time decay half-life in days relative to the run date; 0 = off", minimum=0),
@@ -335,8 +335,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         value = cfg[section][key]
         if value and "://" not in value:
             cfg[section][key] = str(Path(value).expanduser().resolve())
+    # Spark's reader options are strings; `--set input.options.header=true` parses as a TOML boolean.
+    cfg["input"]["options"] = {
+        name: (str(value).lower() if isinstance(value, bool) else str(value))
+        for name, value in cfg["input"]["options"].items()
+    }
     cfg["_source"] = source
+    cfg["_set"] = overridden
     return cfg
+
+
+def key_source(cfg: dict[str, Any], dotted: str) -> str:
+    """Where key ``dotted`` (e.g. ``output.root``) got its value: ``--set 'output.root=...'`` or the file."""
+    overridden = cfg.get("_set", {})
+    return f"--set {overridden[dotted]!r}" if dotted in overridden else f"config {cfg.get('_source', '?')}"
 
 
 def spark_properties(cfg: dict[str, Any]) -> dict[str, str]:

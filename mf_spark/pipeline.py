@@ -20,6 +20,7 @@ from pyspark.sql import functions as F
 
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
+from mf_spark.config import key_source
 from mf_spark.errors import InputDataError, NoInteractionsLeftError, PipelineError, QualityGateError
 
 if TYPE_CHECKING:  # imported lazily at run time, as run_nightly does, to keep this module light
@@ -141,7 +142,7 @@ def check_local_inputs(cfg: dict[str, Any], *, events: bool = True, item_tables:
     for section, key in keys:
         path = cfg[section][key]
         if path and "://" not in path and not os.path.exists(path):
-            raise InputDataError(f"{section}.{key} = {path} does not exist (config {cfg.get('_source', '?')})")
+            raise InputDataError(f"{section}.{key} = {path} does not exist ({key_source(cfg, f'{section}.{key}')})")
 
 
 def run_nightly(
@@ -164,8 +165,7 @@ def run_nightly(
     from mf_spark.recommend.tables import read_item_table
 
     root = cfg["output"]["root"]
-    os.makedirs(root, exist_ok=True)
-    timer = StageTimer()
+    timer = StageTimer()  # the lock creates a missing root, with a warning (a typo there renumbers every id)
     train_cfg, rec_cfg, eval_cfg = cfg["train"], cfg["recommend"], cfg["evaluate"]
     with publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock):
         run = publish.begin_run(root, run_date)
@@ -256,11 +256,14 @@ def run_nightly(
             with timer.stage("publish"):
                 publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
             manifest["timings"] = timer.seconds
-        except Exception as exc:
-            # Any failure, not only the expected ones: a run directory without a manifest would look
-            # like a crash ("partial") and say nothing of why.
+        except (Exception, KeyboardInterrupt) as exc:
+            # Any failure, not only the expected ones, and Ctrl-C: a run directory without a manifest
+            # would look like a crash ("partial") and say nothing of why.
             manifest["status"] = "failed"
-            manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, KeyboardInterrupt):
+                manifest["error"] = "interrupted (SIGINT)"
+            else:
+                manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             manifest["timings"] = timer.seconds
             publish.write_failed_manifest(run, manifest)
             raise

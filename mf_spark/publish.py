@@ -422,6 +422,13 @@ class RunLock:
         self.release()
 
 
+def _holder_may_be_alive(holder: dict[str, Any]) -> bool:
+    # On another host the pid cannot be checked: assume the holder is alive, as the lock does.
+    if holder.get("host") != socket.gethostname():
+        return True
+    return pid_alive(int(holder.get("pid", -1)), holder.get("pid_start_ticks"))
+
+
 def read_lock(root: str) -> dict[str, Any] | None:
     """The current lock holder's record, or None when the root is not locked."""
     try:
@@ -486,7 +493,8 @@ def _iter_run_dirs(root: Path) -> list[RunDir]:
 
 
 def run_status(run: RunDir) -> str:
-    """``published``, ``superseded``, ``failed`` or ``partial`` (see the module docstring)."""
+    """``published``, ``superseded``, ``failed`` or ``partial`` (see the module docstring); :func:`list_runs`
+    shows a partial run that the lock's live holder is writing as ``running``."""
     path = Path(run.path)
     if (path / PUBLISHED_MARKER).exists():
         return "superseded" if (path / SUPERSEDED_MARKER).exists() else "published"
@@ -526,13 +534,20 @@ def _latest_or_none(root: str) -> dict[str, Any] | None:
 def list_runs(root: str) -> list[dict[str, Any]]:
     """Every run under ``root``, oldest first: run_date, run_id, path (relative), status, is_latest."""
     latest = _latest_or_none(root)
+    try:
+        holder = read_lock(root) or {}
+    except PublishError:  # a lock cut short while being written: no run id to match
+        holder = {}
     rows = []
     for run in _iter_run_dirs(Path(root)):
+        status = run_status(run)
+        if status == "partial" and holder.get("run_id") == run.run_id and _holder_may_be_alive(holder):
+            status = "running"  # not a crash: the lock's live holder is writing it
         rows.append({
             "run_date": run.run_date.isoformat(),
             "run_id": run.run_id,
             "path": run.relative_path,
-            "status": run_status(run),
+            "status": status,
             "is_latest": bool(latest) and latest.get("run_id") == run.run_id,
         })
     return rows
@@ -706,6 +721,30 @@ def describe_latest(root: str, run: RunDir) -> str:
     why = "a later date stays current; " if str(latest.get("run_date")) > run.run_date.isoformat() else ""
     return (f"{path} left on run {latest.get('run_id')} of date {latest.get('run_date')}, not on this run "
             f"({why}jobs/rollback.py --to {run.run_id} would serve this one)")
+
+
+def check_writable_root(root: str, source: str = "the config") -> None:
+    """Refuse, before any work, an ``output.root`` that is a file or cannot be created or written.
+
+    The nightly and the ingest job create a missing root; this checks that they could (the nearest
+    existing ancestor is a writable directory), so the mistake costs seconds and names the key.
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, ``source`` and the reason.
+    """
+    path = Path(root)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    reason = None
+    if not existing.is_dir():
+        reason = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = f"{existing} is not writable by this user"
+    if reason:
+        raise ConfigError(f"output.root = {root} (from {source}) cannot be used: {reason}. Nothing was created")
 
 
 def check_output_root(root: str, source: str = "the config") -> Path:

@@ -159,3 +159,20 @@ def test_a_test_fraction_of_one_or_more_is_refused_where_the_split_uses_it(
             validate_settings(evaluate)
     else:
         validate_settings(evaluate)
+
+
+def test_reader_options_accept_toml_scalars_and_reach_spark_as_strings(tmp_path):
+    """`--set input.options.header=true` is a TOML boolean; it failed with "expected a string"."""
+    cfg = load_config(write(tmp_path, MINIMAL), ["input.options.header=true", "input.options.samplingRatio=0.5",
+                                                 'input.options.sep=";"'])
+    assert cfg["input"]["options"] == {"header": "true", "samplingRatio": "0.5", "sep": ";"}
+
+
+def test_driver_jvm_settings_in_the_config_are_called_ineffective(tmp_path, caplog):
+    from mf_spark.cli import warn_about_driver_settings
+
+    cfg = load_config(write(tmp_path, MINIMAL + '[spark]\n"driver.memory" = "1g"\n'), ["spark.executor.memory=2g"])
+    with caplog.at_level("WARNING", logger="mf_spark"):
+        assert warn_about_driver_settings(cfg) == ["driver.memory"]
+    [record] = caplog.records
+    assert "spark.driver.memory in the [spark] table" in record.getMessage() and "has no effect" in record.getMessage()

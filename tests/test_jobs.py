@@ -55,7 +55,7 @@ def test_job_argument_mistakes_stop_before_spark(tmp_path, job, args, code, mess
 def test_missing_local_inputs_of_the_config_stop_before_spark(tmp_path, job, setting, message):
     done = run_job_directly(job, "--date", DAY, "--set", setting, tmp_path=tmp_path)
     assert done.returncode == 3, done.stderr[-3000:]
-    assert message in done.stderr and str(tmp_path / "job.toml") in done.stderr
+    assert message in done.stderr and f"(--set '{setting}')" in done.stderr  # named the file before
     assert "Setting default log level" not in done.stderr and not (tmp_path / "root").exists()
 
 
@@ -78,6 +78,19 @@ def test_a_corrupt_latest_json_stops_the_nightly_before_spark(tmp_path):
     assert done.returncode == 7, done.stderr[-3000:]
     assert "latest.json: not valid JSON" in done.stderr and "jobs/rollback.py --list" in done.stderr
     assert "Setting default log level" not in done.stderr
+
+
+@pytest.mark.parametrize("job", ["nightly.py", "ingest.py"])
+def test_an_output_root_that_cannot_be_created_stops_before_spark(tmp_path, job):
+    """A file as output.root gave a NotADirectoryError traceback (exit 1); a root under a file failed
+    after Spark had started."""
+    (tmp_path / "afile").write_text("x")
+    for root in (tmp_path / "afile", tmp_path / "afile" / "root"):
+        done = run_job_directly(job, "--date", DAY, "--set", f"output.root={root}", tmp_path=tmp_path)
+        assert done.returncode == 2, done.stderr[-3000:]
+        assert f"output.root = {root} (from --set 'output.root={root}') cannot be used: " in done.stderr
+        assert f"{tmp_path / 'afile'} is not a directory" in done.stderr
+        assert "Traceback" not in done.stderr and "Setting default log level" not in done.stderr
 
 
 def test_log_level_is_case_insensitive(tmp_path):

@@ -168,6 +168,26 @@ def test_bad_date_arguments_exit_2_before_spark_starts(argv, message, tmp_path, 
     assert not root.exists()
 
 
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    """Ctrl-C printed a KeyboardInterrupt traceback and exited 1 (a bug, by the exit code table)."""
+    import mf_spark.session
+    from mf_spark.cli import run_job
+
+    stopped = []
+
+    class FakeSession:
+        def stop(self):
+            stopped.append(True)
+
+    def body(spark, cfg, args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mf_spark.session, "build_session", lambda *a, **k: FakeSession())
+    code = run_job("x", "x", body, argv=["--config", str(REPO / "conf" / "local.toml")])
+    assert code == 130 and stopped
+    assert "error: interrupted; nothing was published" in capsys.readouterr().err
+
+
 def test_spark_submit_sh_help_exits_0():
     """--help printed the usage to stderr and exited 2, like a usage error."""
     for flag in ("--help", "-h"):
@@ -291,7 +311,8 @@ def test_a_date_without_events_still_fails_without_the_flag(spark, tmp_path, eve
     assert not (tmp_path / "out" / "latest.json").exists()
 
 
-def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, events_with_a_gap, monkeypatch):
+def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, events_with_a_gap, monkeypatch,
+                                                               caplog):
     """Only PipelineErrors wrote the failed manifest; a bug (or a Java error) left a run directory
     without one, which list_runs calls "partial" with no word of why."""
     import mf_spark.pipeline
@@ -302,13 +323,25 @@ def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, e
 
     monkeypatch.setattr(mf_spark.pipeline, "build_estimator", broken)
     root = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="solver exploded"):
+    with caplog.at_level(logging.WARNING, logger="mf_spark"), pytest.raises(RuntimeError, match="solver exploded"):
         run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
     [run] = list_runs(str(root))
     assert run["status"] == "failed"
     manifest = json.loads((root / run["path"] / "manifest.json").read_text())
     assert manifest["error"] == "RuntimeError: solver exploded" and "ingest" in manifest["timings"]
     assert not (root / "latest.json").exists()
+    # the nightly created the root itself before the lock could see it was missing: no warning came
+    assert any(f"output root {root} does not exist: creating it" in r.getMessage() for r in caplog.records)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mf_spark.pipeline, "build_estimator", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
+    statuses = [(r["status"], json.loads((root / r["path"] / "manifest.json").read_text())["error"])
+                for r in list_runs(str(root))]
+    assert ("failed", "interrupted (SIGINT)") in statuses
 
 
 def test_a_nightly_with_no_interaction_left_keeps_the_rejects_in_its_failed_run(spark, tmp_path, events_with_a_gap):

@@ -350,6 +350,27 @@ def test_taking_the_lock_of_a_missing_root_warns_that_it_is_created(tmp_path, ca
     assert not [r for r in caplog.records if "does not exist" in r.getMessage()]
 
 
+def test_list_runs_shows_the_run_the_live_lock_holder_writes_as_running(tmp_path):
+    """It showed "partial", which the docs call a crashed run, removed by the next run."""
+    root = str(tmp_path / "out")
+    with RunLock(root, D1):
+        run = begin_run(root, D1)
+        assert [r["status"] for r in list_runs(root)] == ["running"]
+    assert [r["status"] for r in list_runs(root)] == ["partial"]  # the holder is gone: a crash
+
+
+def test_check_writable_root(tmp_path):
+    from mf_spark.errors import ConfigError
+
+    publish.check_writable_root(str(tmp_path / "new" / "deeper"), "x.toml")  # creatable: fine
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")
+    for root in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ConfigError, match=rf"output.root = {root} \(from x.toml\) cannot be used: .*afile "
+                                              "is not a directory. Nothing was created"):
+            publish.check_writable_root(str(root), "x.toml")
+
+
 def test_rollback_refuses_an_impossible_date_as_a_usage_error(tmp_path):
     config = tmp_path / "job.toml"
     config.write_text(f'[input]\npath = "{tmp_path}/events"\n[output]\nroot = "{tmp_path}"\n')
