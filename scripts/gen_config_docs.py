@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -50,7 +51,13 @@ def _rows(table: dict, prefix: str) -> list[str]:
             rows.append(f"| `{full}` | {spec.type} | {_default(spec)} | {spec.doc}.{extra} |")
         elif isinstance(spec, MapOf):
             if isinstance(spec.value, dict):
-                rows.append(f"| `{full}.<name>` | table | | {spec.doc}; each has: |")
+                # The default set itself matters (any other name is rejected): show it inline.
+                default = "; ".join(
+                    f"{sub}: " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in fields.items())
+                    for sub, fields in spec.default.items()
+                )
+                shown = f"`{default}`" if default else ""
+                rows.append(f"| `{full}.<name>` | table | {shown} | {spec.doc}; each has: |")
                 rows += _rows(spec.value, f"{full}.<name>.")
             else:
                 rows.append(f"| `{full}.<name>` | {spec.value} | | {spec.doc} |")

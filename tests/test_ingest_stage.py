@@ -253,6 +253,9 @@ def test_reject_threshold_fails_and_publishes_no_id_map(spark, tmp_path):
     message = str(info.value)
     assert "66.67%" in message and "null_user_id=1" in message and "unknown_event_type=1" in message
     assert "max_reject_fraction" in message and str(path) in message
+    # which event types the config lacks: a wrong ingest.event_types rejects everything for this reason
+    assert ("Event types rejected as unknown, commonest first: 'click' (1); configured in ingest.event_types: "
+            "purchase, return, view.") in message
     assert read_pointer(str(tmp_path / "id_maps")) is None
     # exactly at the limit passes
     assert ingest(spark, path, tmp_path, max_reject_fraction=2 / 3).report["rejected"] == 3

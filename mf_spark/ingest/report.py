@@ -50,9 +50,12 @@ def _format_counts(counts: dict[str, int]) -> str:
 
 
 def check_reject_threshold(
-    rows_read: int, rejected_by_reason: dict[str, int], max_reject_fraction: float, input_path: str
+    rows_read: int, rejected_by_reason: dict[str, int], max_reject_fraction: float, input_path: str,
+    hint: str = "",
 ) -> float:
-    """Return the reject fraction; raise :class:`RejectThresholdError` when it exceeds the maximum."""
+    """Return the reject fraction; raise :class:`RejectThresholdError` when it exceeds the maximum.
+
+    ``hint`` is appended to the message (e.g. which event types were seen but not configured)."""
     fraction = reject_fraction(rows_read, rejected_by_reason)
     if fraction > max_reject_fraction:
         counted = {
@@ -62,7 +65,7 @@ def check_reject_threshold(
             f"{fraction:.2%} of the rows read from {input_path} were rejected, above "
             f"ingest.max_reject_fraction = {max_reject_fraction:.2%} (rows read in the window: "
             f"{rows_read - rejected_by_reason.get('outside_window', 0):,}); rejects by reason: "
-            f"{_format_counts(counted)}. Nothing was published."
+            f"{_format_counts(counted)}.{' ' + hint if hint else ''} Nothing was published."
         )
     return fraction
 

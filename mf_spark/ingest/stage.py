@@ -29,6 +29,7 @@ from mf_spark.ingest.report import (
     check_conservation,
     check_reject_threshold,
     ordered_reasons,
+    reject_fraction,
     write_report,
 )
 from mf_spark.ingest.rules import (
@@ -170,7 +171,11 @@ def run_ingest(
         bot_rows = valid.join(bots, "user_id", "left_semi")
         if settings.max_events_per_user_day > 0:
             by_reason[BOT_USER] = bot_rows.count()
-        fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path)
+        hint = ""
+        too_many = reject_fraction(rows_read, by_reason) > settings.max_reject_fraction
+        if too_many and by_reason.get("unknown_event_type"):
+            hint = unknown_event_type_hint(classified, settings)
+        fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path, hint)
 
         events = unique_events.join(bots, "user_id", "left_anti").transform(
             with_contribution(settings, window)
@@ -327,3 +332,13 @@ def write_rejects_for_inspection(exc: NoInteractionsLeftError, path: str) -> Non
     """Write the rejects an ingest failed with to ``path`` and say so in the error's message."""
     exc.rejects.write.mode("overwrite").parquet(path)
     exc.args = (f"{exc.args[0]}. The rejected rows, with their reason, are in {path}",)
+
+
+def unknown_event_type_hint(classified: DataFrame, settings: IngestSettings) -> str:
+    """The commonest event types that were rejected as unknown, against the configured ones: when most
+    rows are rejected for this, the config's ``ingest.event_types`` does not describe the input."""
+    top = (classified.where(F.col("reason") == "unknown_event_type").groupBy("event_type").count()
+           .orderBy(F.desc("count"), "event_type").limit(5).collect())
+    seen = ", ".join(f"{row['event_type']!r} ({row['count']:,})" for row in top)
+    return (f"Event types rejected as unknown, commonest first: {seen}; configured in ingest.event_types: "
+            f"{', '.join(sorted(settings.event_types))}.")
