@@ -10,6 +10,7 @@ Without --interactions it evaluates the interactions of the run published for --
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from mf_spark.cli import parse_date, run_job
@@ -42,6 +43,8 @@ def validate(args, cfg):
         args.interactions_path = args.interactions
     else:
         args.interactions_path = published_interactions_path(cfg["output"]["root"], args.date)
+        logging.getLogger("mf_spark").info("evaluate: the interactions of the run published for %s: %s",
+                                           args.date, args.interactions_path)
 
 
 def body(spark, cfg, args):

@@ -12,6 +12,7 @@ are still written, to see why), 4 when too many rows are rejected, 6 when anothe
 
 from __future__ import annotations
 
+import os
 import sys
 
 from mf_spark.cli import parse_date, run_job
@@ -40,6 +41,8 @@ def body(spark, cfg, args):
 
     report = run_ingest_job(spark, cfg, args.date, break_stale_lock=args.break_stale_lock)
     print(format_report_table(report))
+    out = os.path.join(cfg["output"]["root"], "ingest", f"dt={args.date.isoformat()}")
+    print(f"written: {out}/interactions, {out}/rejects, {out}/report.json")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import datetime as dt
 import logging
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -152,6 +152,7 @@ def run_nightly(
     *,
     break_stale_lock: bool = False,
     print_summary: bool = True,
+    take_lock: bool = True,
 ) -> NightlyResult:
     """Run the whole nightly for ``run_date`` and publish it when the quality gate passes.
 
@@ -167,7 +168,9 @@ def run_nightly(
     root = cfg["output"]["root"]
     timer = StageTimer()  # the lock creates a missing root, with a warning (a typo there renumbers every id)
     train_cfg, rec_cfg, eval_cfg = cfg["train"], cfg["recommend"], cfg["evaluate"]
-    with publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock):
+    # A backfill holds the lock over all its dates (take_lock=False here) so nothing slips in between.
+    lock = publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock) if take_lock else nullcontext()
+    with lock:
         run = publish.begin_run(root, run_date)
         log.info("run %s for %s in %s", run.run_id, run_date, run.path)
         manifest: dict[str, Any] = publish.manifest_base(
@@ -304,6 +307,8 @@ def run_backfill(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: 
     With ``skip_empty_days`` a date whose window holds no event (:class:`~mf_spark.errors.NoEventsError`)
     is logged, keeps its failed run directory and is passed over; the skipped dates are listed at the
     end. Every other failure still stops the backfill. Returns the published runs, oldest first.
+    The output root's lock is held from the first date to the last, so no other run or rollback
+    slips in between two dates.
 
     Raises
     ------
@@ -313,17 +318,25 @@ def run_backfill(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: 
         With ``skip_empty_days``, when every date was empty (nothing was published: most likely the
         wrong ``input.path``, not a run of holidays).
     """
-    from mf_spark.errors import ConfigError, NoEventsError
+    from mf_spark.errors import ConfigError
 
     if end < start:
         raise ConfigError(f"backfill: --to {end} is before --from {start}")
     warn_about_retention(cfg["output"]["root"], start, end, cfg["publish"]["keep_runs"])
+    with publish.RunLock(cfg["output"]["root"], run_date=start, break_stale=break_stale_lock, purpose="backfill"):
+        return _backfill_dates(spark, cfg, start, end, skip_empty_days)
+
+
+def _backfill_dates(spark: SparkSession, cfg: dict[str, Any], start: dt.date, end: dt.date,
+                    skip_empty_days: bool) -> list[NightlyResult]:
+    from mf_spark.errors import NoEventsError
+
     results: list[NightlyResult] = []
     skipped: list[dt.date] = []
     day = start
     while day <= end:
         try:
-            results.append(run_nightly(spark, cfg, day, break_stale_lock=break_stale_lock))
+            results.append(run_nightly(spark, cfg, day, take_lock=False))
         except NoEventsError as exc:
             if not skip_empty_days:
                 exc.args = (f"backfill stopped at {day}: {exc}. Resume with --from {day} --to {end}, "

@@ -149,6 +149,8 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
     for name, args in steps:
         code, out = run_submit(args, tmp_path / f"{name}.log", env=env)
         assert code == 0, f"{name}:\n{out[-4000:]}"
+        if name == "ingest":  # it printed the report but not where it wrote
+            assert f"written: {interactions}, {interactions.parent / 'rejects'}" in out
 
     table = read_table(recs / "recommendations")
     history = read_table(interactions)

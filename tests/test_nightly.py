@@ -368,10 +368,24 @@ def test_a_backfill_says_which_of_its_runs_retention_removed(spark, tmp_path, ev
     cfg = gap_config(root, events_with_a_gap)
     cfg["ingest"]["lookback_days"] = 3  # every date of GAP has events in its window
     cfg["publish"]["keep_runs"] = 1
+    import mf_spark.pipeline
+    from mf_spark.publish import read_lock
+
+    holders = []
+    real_run_nightly = mf_spark.pipeline.run_nightly
+
+    def spy(*args, **kwargs):  # the lock between two dates: it was released and retaken per date
+        holders.append(read_lock(str(root)))
+        return real_run_nightly(*args, **kwargs)
+
     printed = io.StringIO()
-    with caplog.at_level(logging.WARNING, logger="mf_spark"), contextlib.redirect_stdout(printed):
+    with (caplog.at_level(logging.WARNING, logger="mf_spark"), contextlib.redirect_stdout(printed),
+          pytest.MonkeyPatch.context() as patch):
+        patch.setattr(mf_spark.pipeline, "run_nightly", spy)
         results = run_backfill(spark, cfg, GAP[0], GAP[2])
     assert len(results) == 3
+    assert [(h or {}).get("purpose") for h in holders] == ["backfill"] * 3
+    assert len({h["token"] for h in holders}) == 1 and read_lock(str(root)) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("it will remove backfilled runs" in w and "--set publish.keep_runs=3" in w for w in warnings)
     expected = ("backfill: retention has removed 2 of the 3 run(s) this backfill published (2024-03-01, "
