@@ -12,7 +12,6 @@ are still written, to see why), 4 when too many rows are rejected, 6 when anothe
 
 from __future__ import annotations
 
-import os
 import sys
 
 from mf_spark.cli import parse_date, run_job
@@ -37,11 +36,11 @@ def check_before_spark(args, cfg):
 
 def body(spark, cfg, args):
     from mf_spark.ingest import format_report_table
-    from mf_spark.ingest.stage import run_ingest_job
+    from mf_spark.ingest.stage import ingest_job_output_dir, run_ingest_job
 
     report = run_ingest_job(spark, cfg, args.date, break_stale_lock=args.break_stale_lock)
     print(format_report_table(report))
-    out = os.path.join(cfg["output"]["root"], "ingest", f"dt={args.date.isoformat()}")
+    out = ingest_job_output_dir(cfg["output"]["root"], args.date)
     print(f"written: {out}/interactions, {out}/rejects, {out}/report.json")
 
 

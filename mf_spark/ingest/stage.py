@@ -265,6 +265,11 @@ def run_ingest(
     return IngestResult(interactions, rejects, maps.dim_user, maps.dim_item, report)
 
 
+def ingest_job_output_dir(root: str, run_date: dt.date) -> str:
+    """The directory :func:`run_ingest_job` writes ``interactions``, ``rejects`` and ``report.json`` to."""
+    return os.path.join(root, "ingest", f"dt={run_date.isoformat()}")
+
+
 def run_ingest_job(
     spark: SparkSession, cfg: dict[str, Any], run_date: dt.date, *, break_stale_lock: bool = False
 ) -> dict[str, Any]:
@@ -297,7 +302,7 @@ def run_ingest_job(
     """
     root = cfg["output"]["root"]
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    out = os.path.join(root, "ingest", f"dt={run_date.isoformat()}")
+    out = ingest_job_output_dir(root, run_date)
     with publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock, purpose="ingest"):
         try:
             result = run_ingest(
