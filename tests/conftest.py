@@ -26,6 +26,8 @@ def spark(tmp_path_factory):
             "spark.sql.session.timeZone": "UTC",
             "spark.local.dir": str(tmp_path_factory.mktemp("spark-local")),
             "spark.driver.memory": "2g",
+            # as conf/local.toml: list local partition directories on the driver, not as a Spark job
+            "spark.sql.sources.parallelPartitionDiscovery.threshold": "100000",
         },
         master="local[2]",
         checkpoint_dir=str(tmp_path_factory.mktemp("checkpoints")),
