@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -78,9 +79,14 @@ def render() -> str:
     return "\n".join(parts) + "\n"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    # argparse so that --help (or a typo) explains itself instead of silently rewriting the file
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 without writing when docs/configuration.md is out of date")
+    args = parser.parse_args(argv)
     text = render()
-    if "--check" in sys.argv:
+    if args.check:
         if not TARGET.exists() or TARGET.read_text() != text:
             print(f"{TARGET} is out of date: run scripts/gen_config_docs.py", file=sys.stderr)
             return 1

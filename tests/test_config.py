@@ -131,6 +131,19 @@ def test_configuration_reference_is_current():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_configuration_reference_script_explains_itself_and_writes_nothing():
+    """--help (or a mistyped option) rewrote docs/configuration.md: any argument but --check was ignored."""
+    target = REPO / "docs" / "configuration.md"
+    before = target.stat().st_mtime_ns
+    shown = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--help"], cwd=REPO,
+                           capture_output=True, text=True)
+    assert shown.returncode == 0 and "--check" in shown.stdout and "SCHEMA" in shown.stdout
+    typo = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--chek"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert typo.returncode == 2 and "--chek" in typo.stderr
+    assert target.stat().st_mtime_ns == before
+
+
 def test_nightly_checks_evaluate_settings_before_spark(tmp_path):
     path = write(tmp_path, MINIMAL + '[evaluate]\nmodels = ["implicit_als", "deep_magic"]\n')
     proc = subprocess.run([sys.executable, "jobs/nightly.py", "--config", str(path), "--date", "2011-12-09"],
