@@ -31,15 +31,12 @@ def add_arguments(parser):
 
 def validate(args, cfg):
     """Settings and the input table, before Spark starts: a wrong path should not cost a cluster start-up."""
-    import os
-
-    from mf_spark.errors import InputDataError
     from mf_spark.evaluate.holdout import published_interactions_path, validate_settings
+    from mf_spark.pipeline import require_local_path
 
     validate_settings(cfg["evaluate"], tune=args.tune)
     if args.interactions:
-        if "://" not in args.interactions and not os.path.exists(args.interactions):
-            raise InputDataError(f"evaluate: --interactions {args.interactions} does not exist")
+        require_local_path(args.interactions, f"evaluate: --interactions {args.interactions} does not exist")
         args.interactions_path = args.interactions
     else:
         args.interactions_path = published_interactions_path(cfg["output"]["root"], args.date)

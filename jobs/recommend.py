@@ -35,7 +35,7 @@ def add_arguments(parser):
 
 
 def check_paths(args, cfg):
-    from mf_spark.errors import InputDataError, UsageError
+    from mf_spark.errors import UsageError
 
     if args.model and not args.interactions:
         raise UsageError("--model needs --interactions (the history whose items are excluded and folded in)")
@@ -45,13 +45,12 @@ def check_paths(args, cfg):
         raise UsageError(f"--date {args.date} but --run-dir is a run of {in_path.group(1)}; the run directory "
                          "decides what is read, --date only labels the log")
     args.date = args.date or (in_path.group(1) if in_path else "not given")
-    from mf_spark.pipeline import check_local_inputs
+    from mf_spark.pipeline import check_local_inputs, require_local_path
 
     check_local_inputs(cfg, events=False)
     for flag, path in (("--model", args.model), ("--interactions", args.interactions),
                        ("--run-dir", None if args.model else args.run_dir)):
-        if path and "://" not in path and not os.path.exists(path):
-            raise InputDataError(f"recommend: {flag} {path} does not exist")
+        require_local_path(path, f"recommend: {flag} {path} does not exist")
 
 
 def body(spark, cfg, args):

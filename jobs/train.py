@@ -9,7 +9,6 @@ The model directory holds ``metadata/``, ``userFactors/`` and ``itemFactors/``;
 
 from __future__ import annotations
 
-import os
 import sys
 
 from mf_spark.cli import run_job
@@ -21,10 +20,9 @@ def add_arguments(parser):
 
 
 def check_paths(args, cfg):
-    from mf_spark.errors import InputDataError
+    from mf_spark.pipeline import require_local_path
 
-    if "://" not in args.interactions and not os.path.exists(args.interactions):
-        raise InputDataError(f"train: interactions not found: {args.interactions}")
+    require_local_path(args.interactions, f"train: interactions not found: {args.interactions}")
 
 
 def body(spark, cfg, args):

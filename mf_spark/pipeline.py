@@ -132,6 +132,15 @@ def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: s
 ITEM_TABLE_KEYS = ("item_filter_path", "allow_list_path")
 
 
+def require_local_path(path: str | None, message: str) -> None:
+    """Raise :class:`InputDataError` with ``message`` when ``path`` is a local path that does not exist.
+
+    URIs (``s3a://...``, ``hdfs://...``) and an empty path are left to the readers: only Spark can see them.
+    """
+    if path and "://" not in path and not os.path.exists(path):
+        raise InputDataError(message)
+
+
 def check_local_inputs(cfg: dict[str, Any], *, events: bool = True, item_tables: bool = True) -> None:
     """Raise :class:`InputDataError` naming the key when a local input path in ``cfg`` does not exist.
 
@@ -141,8 +150,7 @@ def check_local_inputs(cfg: dict[str, Any], *, events: bool = True, item_tables:
     keys += [("recommend", key) for key in ITEM_TABLE_KEYS] if item_tables else []
     for section, key in keys:
         path = cfg[section][key]
-        if path and "://" not in path and not os.path.exists(path):
-            raise InputDataError(f"{section}.{key} = {path} does not exist ({key_source(cfg, f'{section}.{key}')})")
+        require_local_path(path, f"{section}.{key} = {path} does not exist ({key_source(cfg, f'{section}.{key}')})")
 
 
 def run_nightly(
@@ -383,10 +391,7 @@ def warn_about_retention(root: str, start: dt.date, end: dt.date, keep_runs: int
 
 def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path: str, model_out: str) -> None:
     """Fit on a stored interaction table and save the model; prints the loss per iteration."""
-    from mf_spark.errors import InputDataError
-
-    if not os.path.exists(interactions_path):
-        raise InputDataError(f"train: interactions not found: {interactions_path}")
+    require_local_path(interactions_path, f"train: interactions not found: {interactions_path}")
     interactions = spark.read.parquet(interactions_path)
     model = build_estimator(train, train["max_iter"]).fit(interactions)
     model.write().overwrite().save(model_out)

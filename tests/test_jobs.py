@@ -174,3 +174,15 @@ def test_help_keeps_the_example_command_lines(job):
     source = (REPO_ROOT / "jobs" / job).read_text().split('"""')[1].replace("\\\\", "\\")
     shown = done.stdout.splitlines()
     assert all(line in shown for line in source.splitlines() if line.strip()), done.stdout
+
+
+def test_only_local_paths_are_checked_before_spark(tmp_path):
+    """train_and_save refused every hdfs:// or s3a:// table as 'not found' (os.path.exists of a URI)."""
+    from mf_spark.errors import InputDataError
+    from mf_spark.pipeline import require_local_path
+
+    for left_to_spark in ("hdfs://namenode/warehouse/interactions", "s3a://bucket/interactions", "", None):
+        require_local_path(left_to_spark, "unused")
+    require_local_path(str(tmp_path), "unused")
+    with pytest.raises(InputDataError, match=r"^train: interactions not found: /no/such/table$"):
+        require_local_path("/no/such/table", "train: interactions not found: /no/such/table")
