@@ -46,7 +46,13 @@ def check_paths(args, cfg):
                          "decides what is read, --date only labels the log")
     args.date = args.date or (in_path.group(1) if in_path else "not given")
     from mf_spark.pipeline import check_local_inputs, require_local_path
+    from mf_spark.publish import unwritable_reason
 
+    if "://" in args.run_dir:
+        # Its tables are swapped in with rename(2), like output.root's (docs/operations.md, Storage).
+        raise UsageError(f"--run-dir {args.run_dir}: must be a local (POSIX) path, not a URL")
+    if args.model and unwritable_reason(args.run_dir):
+        raise UsageError(f"--run-dir {args.run_dir} cannot be written: {unwritable_reason(args.run_dir)}")
     check_local_inputs(cfg, events=False)
     for flag, path in (("--model", args.model), ("--interactions", args.interactions),
                        ("--run-dir", None if args.model else args.run_dir)):

@@ -16,13 +16,15 @@ from mf_spark.cli import run_job
 
 def add_arguments(parser):
     parser.add_argument("--interactions", required=True, help="Parquet: user_idx, item_idx, strength")
-    parser.add_argument("--model-out", required=True, help="directory to save the ImplicitALSModel to")
+    parser.add_argument("--model-out", required=True, help="directory to save the ImplicitALSModel to (a new "
+                        "directory, or a model saved before, which is replaced once the new one is written)")
 
 
 def check_paths(args, cfg):
-    from mf_spark.pipeline import require_local_path
+    from mf_spark.pipeline import check_model_out, require_local_path
 
     require_local_path(args.interactions, f"train: interactions not found: {args.interactions}")
+    check_model_out(args.model_out)
 
 
 def body(spark, cfg, args):

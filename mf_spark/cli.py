@@ -144,9 +144,14 @@ def run_job(
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # Ctrl-C: the run's failed manifest and the lock release are already done on the way out.
-        print("error: interrupted; nothing was published", file=sys.stderr)
+        published = getattr(exc, "published_run", None)
+        if published:
+            print(f"error: interrupted after {published} was published (retention may not have run; the next "
+                  "nightly does it)", file=sys.stderr)
+        else:
+            print("error: interrupted; nothing was published", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     finally:
         spark.stop()

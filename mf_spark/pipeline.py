@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import shutil
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -268,6 +269,13 @@ def run_nightly(
                 publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
             manifest["timings"] = timer.seconds
         except (Exception, KeyboardInterrupt) as exc:
+            if publish.run_status(run) in ("published", "superseded"):
+                # Ctrl-C after the _PUBLISHED marker and latest.json: consumers read this run, so its
+                # manifest must keep saying published; the CLI reports what happened.
+                exc.published_run = run.relative_path  # type: ignore[union-attr]
+                log.warning("interrupted after run %s was published: %s", run.relative_path,
+                            publish.describe_latest(root, run))
+                raise
             # Any failure, not only the expected ones, and Ctrl-C: a run directory without a manifest
             # would look like a crash ("partial") and say nothing of why.
             manifest["status"] = "failed"
@@ -389,12 +397,54 @@ def warn_about_retention(root: str, start: dt.date, end: dt.date, keep_runs: int
                     start, end, keep_runs, later, end, later + days)
 
 
+def check_model_out(path: str) -> None:
+    """Refuse, before Spark starts, a local ``--model-out`` that could not be written, or that exists and
+    is not a saved model: saving replaces the directory, and a mistyped output root or run directory
+    would be deleted with everything in it.
+
+    Raises
+    ------
+    UsageError
+        Naming the flag and the reason.
+    """
+    from mf_spark.errors import UsageError
+
+    if "://" in path:
+        return  # only Spark can see it
+    reason = publish.unwritable_reason(path)
+    if reason:
+        raise UsageError(f"--model-out {path} cannot be written: {reason}")
+    if os.path.exists(path) and not os.path.isdir(os.path.join(path, "metadata")):
+        raise UsageError(f"--model-out {path} exists and is not a saved model (no metadata/ in it); refusing to "
+                         "replace it. Give a new directory, or remove this one by hand")
+
+
+def save_model(model: Any, path: str) -> None:
+    """Save ``model`` to ``path``, replacing a previous model there.
+
+    A local path is written to a hidden sibling first and swapped in once complete
+    (:func:`mf_spark.publish.replace_dir`): ``overwrite()`` would delete the previous model before a
+    write that may fail. URIs go through Spark's overwrite.
+    """
+    if "://" in path:
+        model.write().overwrite().save(path)
+        return
+    tmp = publish.temp_sibling(path)
+    try:
+        model.write().save(str(tmp))
+        publish.replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path: str, model_out: str) -> None:
     """Fit on a stored interaction table and save the model; prints the loss per iteration."""
     require_local_path(interactions_path, f"train: interactions not found: {interactions_path}")
+    check_model_out(model_out)
     interactions = spark.read.parquet(interactions_path)
     model = build_estimator(train, train["max_iter"]).fit(interactions)
-    model.write().overwrite().save(model_out)
+    save_model(model, model_out)
     for i, (loss, sec) in enumerate(zip(model.trainingLoss, model.iterationSeconds), 1):
         print(f"iteration {i:3d}  loss {loss:.6e}  {sec:6.2f}s")
     print(f"model saved to {model_out}")

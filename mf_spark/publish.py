@@ -313,9 +313,12 @@ class RunLock:
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("unreadable"):
-            # Cut short by a crash between create and write; give a creator that is still writing a minute.
-            stat = self.path.stat()
-            return stat.st_size == 0 and stat.st_mtime < dt.datetime.now().timestamp() - 60
+            # Cut short or damaged (a crash between create and write, a full disk): nobody can be named or
+            # asked. A creator still writing gets a minute; after that only --break-stale-lock breaks it.
+            try:
+                return self.path.stat().st_mtime < dt.datetime.now().timestamp() - 60
+            except FileNotFoundError:
+                return True
         if holder.get("host") != socket.gethostname():
             return False
         return not pid_alive(int(holder.get("pid", -1)), holder.get("pid_start_ticks"))
@@ -378,6 +381,11 @@ class RunLock:
         raise LockHeldError(f"{self.path}: could not take the lock after 3 attempts (another run is racing)")
 
     def _held_message(self, holder: dict[str, Any]) -> str:
+        if holder.get("unreadable"):
+            return (f"output root {self.root} is locked, but the lock file {self.path} cannot be read (cut short "
+                    "by a crash or a full disk), so its holder is unknown. If no run is active on any host using "
+                    "this root, rerun with --break-stale-lock (a minute after the file was last written) or "
+                    "delete the file by hand.")
         message = f"output root {self.root} is locked by {describe_holder(holder)}; lock file {self.path}."
         if holder.get("host") not in (socket.gethostname(), "?"):
             return (message + " The lock was taken on another host, so it is never broken automatically: "
@@ -665,11 +673,27 @@ def write_failed_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
 
 
 def read_latest(root: str) -> dict[str, Any] | None:
-    """The content of ``<root>/latest.json`` (run_date, run_id, path, published_at), or None."""
+    """The content of ``<root>/latest.json`` (run_date, run_id, path, published_at), or None.
+
+    Raises
+    ------
+    PublishError
+        When the file is not a JSON object holding ``run_date`` (a date), ``run_id`` and ``path``:
+        consumers and publishing both depend on those three.
+    """
+    path = Path(root) / LATEST_NAME
     try:
-        return _read_json(Path(root) / LATEST_NAME)
+        latest = _read_json(path)
     except FileNotFoundError:
         return None
+    missing = [key for key in ("run_date", "run_id", "path") if not isinstance(latest.get(key), str)]
+    if missing:
+        raise PublishError(f"{path}: missing or not a string: {', '.join(missing)}")
+    try:
+        dt.date.fromisoformat(latest["run_date"])
+    except ValueError:
+        raise PublishError(f"{path}: run_date {latest['run_date']!r} is not a YYYY-MM-DD date") from None
+    return latest
 
 
 def _read_manifest(root: str, relative_path: str) -> dict[str, Any] | None:
@@ -734,17 +758,22 @@ def check_writable_root(root: str, source: str = "the config") -> None:
     ConfigError
         Naming the key, ``source`` and the reason.
     """
-    path = Path(root)
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    reason = None
-    if not existing.is_dir():
-        reason = f"{existing} is not a directory"
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        reason = f"{existing} is not writable by this user"
+    reason = unwritable_reason(root)
     if reason:
         raise ConfigError(f"output.root = {root} (from {source}) cannot be used: {reason}. Nothing was created")
+
+
+def unwritable_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why the local directory ``path`` could not be created or written to, or None when it could (its
+    nearest existing ancestor is a writable directory)."""
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
 
 
 def check_output_root(root: str, source: str = "the config") -> Path:
@@ -790,28 +819,44 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
     fault_point("before_manifest")
     write_manifest(run, payload)
     fault_point("before_published_marker")
-    write_json_atomic(Path(run.path) / PUBLISHED_MARKER, {"published_at": published_at})
+    marker = Path(run.path) / PUBLISHED_MARKER
+    write_json_atomic(marker, {"published_at": published_at})
     fault_point("before_latest")
-    if latest and dt.date.fromisoformat(latest["run_date"]) > run.run_date:
-        log.warning("published %s but left latest.json on the later date %s (%s)",
-                    run.relative_path, latest["run_date"], latest["run_id"])
-    else:
-        write_json_atomic(Path(run.root) / LATEST_NAME, _latest_entry(run, published_at))
-        log.info("latest.json now names %s", run.relative_path)
+    try:
+        if latest and dt.date.fromisoformat(latest["run_date"]) > run.run_date:
+            log.warning("published %s but left latest.json on the later date %s (%s)",
+                        run.relative_path, latest["run_date"], latest["run_id"])
+        else:
+            write_json_atomic(Path(run.root) / LATEST_NAME, _latest_entry(run, published_at))
+            log.info("latest.json now names %s", run.relative_path)
+    except BaseException:
+        # latest.json could not be written (a full disk, Ctrl-C): the job fails and the caller marks the
+        # run failed, so it must not stay listed as published, nor be a rollback target.
+        marker.unlink(missing_ok=True)
+        raise
     fault_point("after_latest")
-    if keep_runs is not None:
-        apply_retention(run.root, keep_runs, protect=run.run_id)
-    for older in _iter_run_dirs(Path(run.root)):
-        if older.run_date == run.run_date and older.run_id < run.run_id and run_status(older) == "published":
-            write_json_atomic(Path(older.path) / SUPERSEDED_MARKER,
-                              {"superseded_by": run.run_id, "superseded_at": published_at})
-            log.info("run %s superseded by %s", older.relative_path, run.run_id)
+    # The run is published from here on: a failure in the housekeeping below must not turn it into a
+    # "failed" run that consumers are reading. The next publication retries it.
+    try:
+        if keep_runs is not None:
+            apply_retention(run.root, keep_runs, protect=run.run_id)
+        for older in _iter_run_dirs(Path(run.root)):
+            if older.run_date == run.run_date and older.run_id < run.run_id and run_status(older) == "published":
+                write_json_atomic(Path(older.path) / SUPERSEDED_MARKER,
+                                  {"superseded_by": run.run_id, "superseded_at": published_at})
+                log.info("run %s superseded by %s", older.relative_path, run.run_id)
+    except Exception as exc:  # noqa: BLE001 - any error here leaves a valid publication
+        log.error("run %s is published, but the housekeeping after it failed (retention, marking older runs of "
+                  "%s superseded): %s: %s. The next publication retries it", run.relative_path, run.run_date,
+                  type(exc).__name__, exc)
 
 
 def apply_retention(root: str, keep_runs: int, protect: str | None = None) -> list[str]:
-    """Keep the newest ``keep_runs`` published runs (superseded ones included), delete older ones.
+    """Keep the published runs (superseded ones included) of the newest ``keep_runs`` run dates, delete
+    the runs of older dates.
 
-    The run ``latest.json`` names and the run whose id is ``protect`` are never deleted, whatever their
+    Dates, not runs: reruns of one date must not push the previous dates, which are the rollback
+    targets and a rerun's warm start and gate baseline, out of the history. The run ``latest.json`` names and the run whose id is ``protect`` are never deleted, whatever their
     age: publishing passes its own run, since a backfill of an older date is not among the newest runs
     but is what the next backfill day warm-starts from. Failed runs older than the oldest kept published
     run go too. Returns the removed paths relative to ``root``.
@@ -822,7 +867,8 @@ def apply_retention(root: str, keep_runs: int, protect: str | None = None) -> li
     latest_id = latest.get("run_id") if latest else None
     runs = _iter_run_dirs(Path(root))
     published = [r for r in runs if run_status(r) in ("published", "superseded")]
-    kept = published[-keep_runs:]
+    kept_dates = sorted({r.run_date for r in published})[-keep_runs:]
+    kept = [r for r in published if r.run_date in kept_dates]
     if not kept:
         return []
     oldest_kept = (kept[0].run_date, kept[0].run_id)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 
 from pyspark.sql import SparkSession
 
+from mf_spark.errors import ConfigError
+
 # Batch defaults a nightly job wants whatever the cluster: UTC so event dates do not shift with the
 # machine, no console progress bar in logs, and one BLAS thread per Python worker so numpy block
 # kernels do not oversubscribe the executor's cores.
@@ -47,7 +49,13 @@ def build_session(
         Only for tests and local tools; jobs get their master from ``spark-submit``.
     checkpoint_dir : str, optional
         Checkpoint directory. When neither this nor ``spark.checkpoint.dir`` is given, a fresh
-        temporary directory is used, so ALS checkpointing is never silently off (MLlib's trap).
+        temporary directory is used in local mode, so ALS checkpointing is never silently off (MLlib's
+        trap); any other master needs a shared directory.
+
+    Raises
+    ------
+    ConfigError
+        When no checkpoint directory is given and the master is not local (the session is stopped).
     log_level : str
         JVM log level after start-up.
     """
@@ -65,8 +73,16 @@ def build_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(log_level)
     checkpoint_dir = checkpoint_dir or merged.get("spark.checkpoint.dir")
-    if not spark.sparkContext.getCheckpointDir():
-        spark.sparkContext.setCheckpointDir(checkpoint_dir or temporary_checkpoint_dir("mf-spark-ckpt-"))
+    sc = spark.sparkContext
+    if not sc.getCheckpointDir():
+        if not checkpoint_dir and not sc.master.startswith("local"):
+            # A temporary directory is on the driver's disk: executors on other hosts would checkpoint to
+            # their own disks and the driver would not find the files (the ID maps and ALS need them).
+            master = sc.master
+            spark.stop()
+            raise ConfigError(f"spark.checkpoint.dir is not set and the master {master} is not local: set it "
+                              "to a directory every node shares (HDFS, S3, NFS), as conf/cluster.toml does")
+        sc.setCheckpointDir(checkpoint_dir or temporary_checkpoint_dir("mf-spark-ckpt-"))
     return spark
 
 

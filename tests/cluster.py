@@ -263,6 +263,9 @@ def nightly_args(root: Path, *extra: str, date: str | None = DAY, master: str = 
     ``spark_options`` go to spark-submit."""
     args = ["--master", master, *spark_options, "jobs/nightly.py", "--config", "conf/local.toml",
             "--set", f"output.root={root}", *SMALL_NIGHTLY]
+    if not master.startswith("local"):
+        # one host, so a local directory is shared by every executor, as HDFS or NFS would be on a cluster
+        args += ["--set", f"spark.checkpoint.dir={root.parent / (root.name + '-checkpoints')}"]
     if date:
         args += ["--date", date]
     return [*args, *extra]

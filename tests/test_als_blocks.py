@@ -50,3 +50,14 @@ def test_make_in_block_matches_reference_and_ignores_row_order(id_range):
     shuffled = make_in_block(dst[perm], src[perm], ratings[perm], 4)
     for name in ("dst_ids", "indptr", "indices", "ratings", "src_ids", "src_offsets", "n_positive"):
         assert np.array_equal(getattr(shuffled, name), getattr(block, name)), name
+
+
+def test_initial_factors_use_all_64_bits_of_the_seed():
+    """MLlib's seed is a Long; cutting it to 32 bits gave seeds 7 and 7 + 2**32 the same factors."""
+    from mf_spark.als.train import random_factors
+
+    base = random_factors(5, 3, 7, side=0, block=0)
+    assert not np.array_equal(base, random_factors(5, 3, 7 + 2**32, side=0, block=0))
+    assert np.array_equal(base, random_factors(5, 3, 7, side=0, block=0))
+    assert np.isfinite(random_factors(5, 3, -1, side=1, block=2)).all()  # negative seeds too
+    np.testing.assert_allclose(np.linalg.norm(base, axis=1), 1.0, rtol=1e-6)

@@ -315,6 +315,8 @@ def test_many_iterations_with_checkpointing(spark, small):
         ([(None, 1, 1.0), (1, 1, 1.0)], "user int, item int, rating float", "'user'"),
         ([(1, 1, float("nan"))], "user int, item int, rating float", "'rating'.*NaN"),
         ([(1, 1, float("inf")), (2, 1, None)], "user int, item int, rating double", "2 values of 'rating'.*infinite"),
+        # finite in float64, infinite in the float32 blocks: it trained an all-NaN model without a word
+        ([(1, 1, 1e39), (2, 1, 1.0)], "user int, item int, rating double", "1 values of 'rating'.*float32"),
         ([(1, 2**40, 1.0)], "user int, item long, rating float", "'item'.*Int range"),
         ([(1, None, 1.0)], "user int, item long, rating float", "'item'"),
         ([(1.5, 1, 1.0)], "user double, item int, rating float", "'user'"),
@@ -340,6 +342,17 @@ def test_missing_column_and_string_ids(spark):
         ImplicitALS(rank=2, maxIter=1, ratingCol="score").fit(df)
 
 
+def test_an_empty_rating_column_means_every_rating_is_one(spark, small):
+    """MLlib's ratingCol="" (lit(1.0)) was refused as "input has no column ''"."""
+    R, ratings = small
+    ones = ratings.select("user", "item", F.lit(1.0).alias("rating"))
+    settings = dict(rank=3, maxIter=2, numUserBlocks=2, numItemBlocks=2, seed=5, solver="cholesky")
+    without = ImplicitALS(ratingCol="", **settings).fit(ratings.drop("rating"))
+    with_ones = ImplicitALS(**settings).fit(ones)
+    assert factors_matrix(without.userFactors, R.shape[0]).tolist() == \
+        factors_matrix(with_ones.userFactors, R.shape[0]).tolist()
+
+
 def test_mllib_only_modes_are_refused(spark, small):
     _, ratings = small
     with pytest.raises(ValueError, match="implicitPrefs"):
@@ -361,6 +374,10 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     assert scored[(0, 0)] == pytest.approx(float(X[0] @ Y[0]), rel=1e-5)
     assert np.isnan(scored[(0, 999)]) and np.isnan(scored[(999, 0)])
     assert model.setColdStartStrategy("drop").transform(queries).count() == 1
+    assert model.setColdStartStrategy("DROP").transform(queries).count() == 1  # MLlib lower-cases it
+    with pytest.raises(ValueError, match="coldStartStrategy must be one of"):
+        model.setColdStartStrategy("skip")
+    model.setColdStartStrategy("drop")
     assert dict(model.transform(queries).dtypes)["prediction"] == "float"
 
     path = str(tmp_path / "model")
@@ -370,10 +387,36 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     assert loaded.getColdStartStrategy() == "drop"
     assert factors_matrix(loaded.userFactors, R.shape[0]).tolist() == X.tolist()
 
+    # jobs/train.py's save: a second save replaces the first only once it is complete, and leaves no temporary
+    from mf_spark.pipeline import save_model
+
+    save_model(model, path)
+    assert ImplicitALSModel.load(path).trainingLoss == model.trainingLoss
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
     est = ImplicitALS(rank=7, solver="cholesky", regularization="frequency")
     est.write().overwrite().save(str(tmp_path / "est"))
     est2 = ImplicitALS.load(str(tmp_path / "est"))
     assert est2.getOrDefault("rank") == 7 and est2.getOrDefault("regularization") == "frequency"
+
+
+def test_every_mllib_setter_and_getter_exists_and_sets_its_param():
+    """The docs promise that changing the import keeps an ALS pipeline working; als.setRank(...) raised
+    AttributeError."""
+    from pyspark.ml.recommendation import ALS
+
+    mllib = {name for name in dir(ALS) if name.startswith(("set", "get"))}
+    assert mllib <= set(dir(ImplicitALS)), sorted(mllib - set(dir(ImplicitALS)))
+    est = (ImplicitALS().setRank(4).setMaxIter(3).setRegParam(0.5).setAlpha(2.0).setNumBlocks(3)
+           .setUserCol("u").setItemCol("i").setRatingCol("r").setSeed(9).setCheckpointInterval(2)
+           .setColdStartStrategy("DROP").setFinalStorageLevel("MEMORY_AND_DISK_SER").setSolver("cholesky"))
+    assert (est.getRank(), est.getMaxIter(), est.getRegParam(), est.getAlpha()) == (4, 3, 0.5, 2.0)
+    assert (est.getNumUserBlocks(), est.getNumItemBlocks()) == (3, 3)
+    assert (est.getUserCol(), est.getItemCol(), est.getRatingCol(), est.getSeed()) == ("u", "i", "r", 9)
+    assert (est.getColdStartStrategy(), est.getSolver(), est.getCheckpointInterval()) == ("drop", "cholesky", 2)
+    est._validate()  # MLlib's level names, _SER ones included, are accepted
+    with pytest.raises(ValueError, match="intermediateStorageLevel = 'MEMORY' is not a storage level"):
+        est.setIntermediateStorageLevel("MEMORY")._validate()
 
 
 def test_transform_takes_long_ids_beyond_int_range_as_cold_start(spark, small):

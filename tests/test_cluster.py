@@ -180,6 +180,19 @@ def test_packed_venv_reaches_the_executors(spark_cluster, probe_job, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cluster
+def test_a_cluster_session_without_a_shared_checkpoint_dir_is_refused(spark_cluster, tmp_path):
+    """A temporary checkpoint directory is on the driver's disk; on a cluster of several hosts the executors
+    would write the ID maps' and ALS's checkpoints to their own disks and the driver would not find them."""
+    root = tmp_path / "root"
+    code, out = run_submit(["--master", spark_cluster.url, "jobs/nightly.py", "--config", "conf/local.toml",
+                            "--set", f"output.root={root}", "--date", DAY], tmp_path / "run.log")
+    assert code == 2, out[-4000:]
+    assert f"spark.checkpoint.dir is not set and the master {spark_cluster.url} is not local" in out
+    assert "Traceback" not in out and not root.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
 def test_nightly_on_the_cluster_survives_a_lost_worker_and_matches_local(spark_cluster, baseline, tmp_path):
     """The nightly submitted to the cluster runs executors on both workers; one worker (and its executor)
     is SIGKILLed while ALS iterates; the job finishes on the other worker with the same tables as the

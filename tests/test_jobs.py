@@ -38,6 +38,16 @@ def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.Complet
     ("recommend.py", ["--date", DAY, "--run-dir", "/x/runs/dt=2011-12-08/run_id=a"], 2,
      f"error: --date {DAY} but --run-dir is a run of 2011-12-08"),
     ("recommend.py", ["--run-dir", "/x/runs/dt=2011-12-08/run_id=a"], 3, "--run-dir /x/runs/dt=2011-12-08/run_id=a does not"),
+    # its tables are swapped in with rename(2), which a URL cannot do: it failed after the scoring
+    ("recommend.py", ["--run-dir", "hdfs:///r", "--model", ".", "--interactions", "."], 2,
+     "--run-dir hdfs:///r: must be a local (POSIX) path"),
+    ("recommend.py", ["--run-dir", "/etc/hostname/recs", "--model", ".", "--interactions", "."], 2,
+     "--run-dir /etc/hostname/recs cannot be written: /etc/hostname is not a directory"),
+    # saving replaced the directory: a mistyped --model-out deleted an output root with latest.json
+    ("train.py", ["--interactions", ".", "--model-out", "conf"], 2,
+     "--model-out conf exists and is not a saved model (no metadata/ in it)"),
+    ("train.py", ["--interactions", ".", "--model-out", "/etc/hostname/model"], 2,
+     "--model-out /etc/hostname/model cannot be written: /etc/hostname is not a directory"),
 ])
 def test_job_argument_mistakes_stop_before_spark(tmp_path, job, args, code, message):
     done = run_job_directly(job, *args, tmp_path=tmp_path)

@@ -187,6 +187,16 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     assert code == 130 and stopped
     assert "error: interrupted; nothing was published" in capsys.readouterr().err
 
+    def body_after_publication(spark, cfg, args):
+        interrupt = KeyboardInterrupt()
+        interrupt.published_run = "runs/dt=2011-12-09/run_id=r"  # set by run_nightly past latest.json
+        raise interrupt
+
+    code = run_job("x", "x", body_after_publication, argv=["--config", str(REPO / "conf" / "local.toml")])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted after runs/dt=2011-12-09/run_id=r was published" in err
+    assert "nothing was published" not in err
+
 
 def test_spark_submit_sh_help_exits_0():
     """--help printed the usage to stderr and exited 2, like a usage error."""
@@ -316,6 +326,7 @@ def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, e
     """Only PipelineErrors wrote the failed manifest; a bug (or a Java error) left a run directory
     without one, which list_runs calls "partial" with no word of why."""
     import mf_spark.pipeline
+    import mf_spark.publish
     from mf_spark.publish import list_runs
 
     def broken(*args, **kwargs):
@@ -342,6 +353,15 @@ def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, e
     statuses = [(r["status"], json.loads((root / r["path"] / "manifest.json").read_text())["error"])
                 for r in list_runs(str(root))]
     assert ("failed", "interrupted (SIGINT)") in statuses
+
+    # Ctrl-C once latest.json names the run: consumers read it, so it stays published, not "failed"
+    monkeypatch.undo()
+    monkeypatch.setattr(mf_spark.publish, "apply_retention", interrupted)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
+    latest = json.loads((root / "latest.json").read_text())
+    assert interrupt.value.published_run == latest["path"]
+    assert json.loads((root / latest["path"] / "manifest.json").read_text())["status"] == "published"
 
 
 def test_a_nightly_with_no_interaction_left_keeps_the_rejects_in_its_failed_run(spark, tmp_path, events_with_a_gap):

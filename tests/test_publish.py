@@ -297,6 +297,82 @@ def test_rollback_refuses_unknown_failed_and_partial_runs(tmp_path):
             rollback(str(tmp_path), target)
 
 
+def test_retention_counts_run_dates_not_reruns(tmp_path):
+    """Reruns of one date must not push the previous dates (rollback targets, a rerun's warm start and
+    gate baseline) out: keep_runs=3 used to keep only the three runs of D3 after two reruns."""
+    first, second = published(tmp_path, D1, keep_runs=3), published(tmp_path, D2, keep_runs=3)
+    reruns = [published(tmp_path, D3, keep_runs=3) for _ in range(3)]
+    kept = {r["run_id"]: r["status"] for r in list_runs(str(tmp_path))}
+    assert set(kept) == {first.run_id, second.run_id, *(r.run_id for r in reruns)}
+    assert [kept[r.run_id] for r in reruns] == ["superseded", "superseded", "published"]
+    assert previous_published(str(tmp_path), before=D3)["run_id"] == second.run_id
+    published(tmp_path, D4, keep_runs=3)  # a fourth date: D1 goes, with nothing else
+    assert sorted({r["run_date"] for r in list_runs(str(tmp_path))}) == ["2011-12-07", "2011-12-08", "2011-12-09"]
+    assert len(list_runs(str(tmp_path))) == 5
+
+
+def test_a_failure_writing_latest_json_leaves_the_run_unpublished(tmp_path, monkeypatch):
+    earlier = published(tmp_path, D1)
+    run = begin_run(str(tmp_path), D2)
+    real_write = publish.write_json_atomic
+
+    def full_disk(path, payload):
+        if Path(path).name == publish.LATEST_NAME:
+            raise OSError(28, "No space left on device")
+        real_write(path, payload)
+
+    monkeypatch.setattr(publish, "write_json_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        publish_run(run, {})
+    # neither listed as published nor a rollback target: the job reports a failure and marks it failed
+    assert not (Path(run.path) / publish.PUBLISHED_MARKER).exists()
+    assert run_status(run) != "published"
+    assert read_latest(str(tmp_path))["run_id"] == earlier.run_id
+    with pytest.raises(PublishError, match="no published run matches"):
+        rollback(str(tmp_path), run.run_id)
+
+
+def test_a_failure_after_latest_json_keeps_the_publication(tmp_path, monkeypatch, caplog):
+    published(tmp_path, D1)
+    run = begin_run(str(tmp_path), D2)
+    fake_tables(run)
+
+    def broken_retention(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(publish, "apply_retention", broken_retention)
+    publish_run(run, {}, keep_runs=1)  # does not raise: consumers already read this run
+    assert run_status(run) == "published" and read_latest(str(tmp_path))["run_id"] == run.run_id
+    assert json.loads(Path(run.manifest_path).read_text())["status"] == "published"
+    assert "is published, but the housekeeping after it failed" in caplog.text
+    assert "Input/output error" in caplog.text
+
+
+def test_latest_json_without_its_keys_is_a_clear_error(tmp_path):
+    (tmp_path / "latest.json").write_text('{"run_id": "r", "path": "runs/x"}')
+    with pytest.raises(PublishError, match="latest.json: missing or not a string: run_date"):
+        publish.check_latest(str(tmp_path))
+    (tmp_path / "latest.json").write_text('{"run_id": "r", "path": "runs/x", "run_date": "yesterday"}')
+    with pytest.raises(PublishError, match="run_date 'yesterday' is not a YYYY-MM-DD date"):
+        read_latest(str(tmp_path))
+
+
+def test_an_unreadable_lock_is_explained_and_broken_only_on_request(tmp_path):
+    (tmp_path / "_LOCK").write_text('{"host": "a-host", "pid": 12')  # cut short by a full disk
+    old = dt.datetime.now().timestamp() - 120
+    os.utime(tmp_path / "_LOCK", (old, old))
+    with pytest.raises(LockHeldError) as err:
+        RunLock(str(tmp_path), D2).acquire()
+    assert "cannot be read" in str(err.value) and "--break-stale-lock" in str(err.value)
+    assert "still running" not in str(err.value)
+    with RunLock(str(tmp_path), D2, break_stale=True):
+        assert json.loads((tmp_path / "_LOCK").read_text())["pid"] == os.getpid()
+    # one written just now may still be being written by its creator
+    (tmp_path / "_LOCK").write_text('{"host": "a-host", "pid": 12')
+    with pytest.raises(LockHeldError):
+        RunLock(str(tmp_path), D2, break_stale=True).acquire()
+
+
 def test_corrupt_latest_is_a_clear_error(tmp_path):
     (tmp_path / "latest.json").write_text("{not json")
     with pytest.raises(PublishError, match="latest.json: not valid JSON"):

@@ -33,6 +33,7 @@ from pyspark.sql import types as T
 from mf_spark.errors import InputDataError
 
 INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def block_partition(block_id: int) -> int:
@@ -171,19 +172,20 @@ def select_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_col:
 
     Returns columns ``user``, ``item`` (integer types kept, any other numeric type as double) and
     ``rating`` double. The *values* (ids integral and in the Int range, as MLlib's ``checkIntegers``;
-    ratings not null, NaN or infinite) are checked by :func:`build_rating_blocks` in the same pass that
+    ratings not null, NaN, infinite or beyond float32's range) are checked by :func:`build_rating_blocks` in the same pass that
     cuts the ratings into blocks, and a bad value raises :class:`~mf_spark.errors.InputDataError` naming
     the column. Duplicate (user, item) rows are summed inside :func:`make_in_block` (MLlib keeps them
     and so counts their terms twice; summing is the usual meaning of repeated events).
     """
-    for col in (user_col, item_col, rating_col):
+    # MLlib: an empty ratingCol means every row rates 1.0
+    for col in (user_col, item_col, *([rating_col] if rating_col else [])):
         if col not in ratings.columns:
             raise InputDataError(f"ImplicitALS: input has no column '{col}' (columns: {', '.join(ratings.columns)})")
     schema = {f.name: f.dataType for f in ratings.schema.fields}
     for col in (user_col, item_col):
         if not isinstance(schema[col], T.NumericType):
             raise InputDataError(f"ImplicitALS: column '{col}' must be numeric integer ids, got {schema[col].simpleString()}")
-    if not isinstance(schema[rating_col], T.NumericType):
+    if rating_col and not isinstance(schema[rating_col], T.NumericType):
         raise InputDataError(f"ImplicitALS: column '{rating_col}' must be numeric, got {schema[rating_col].simpleString()}")
 
     def id_column(col: str, name: str):
@@ -191,7 +193,8 @@ def select_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_col:
         return (F.col(col) if integral else F.col(col).cast("double")).alias(name)
 
     return ratings.select(
-        id_column(user_col, "user"), id_column(item_col, "item"), F.col(rating_col).cast("double").alias("rating")
+        id_column(user_col, "user"), id_column(item_col, "item"),
+        (F.col(rating_col).cast("double") if rating_col else F.lit(1.0)).alias("rating"),
     )
 
 
@@ -213,9 +216,11 @@ def _checked_ids(column: pa.Array) -> tuple[np.ndarray, int]:
 
 
 def _checked_ratings(column: pa.Array) -> tuple[np.ndarray, int]:
-    """``(ratings as float64, number of null, NaN or infinite values)``; bad values become 0."""
+    """``(ratings as float64, number of null, NaN, infinite or float32-overflowing values)``; bad values
+    become 0. The blocks hold float32 (as MLlib's): a larger value would train an all-NaN model."""
     values = column.cast(pa.float64()).fill_null(0.0).to_numpy(zero_copy_only=False)
-    bad = ~np.isfinite(values)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(values) | (np.abs(values) > FLOAT32_MAX)
     n_bad = int(bad.sum())
     if n_bad:
         values = np.where(bad, 0.0, values)
@@ -368,7 +373,7 @@ def build_rating_blocks(
     ------
     InputDataError
         The input is empty, or some id is null, fractional or outside the Int range, or some rating is
-        null, NaN or infinite; the message names the input column.
+        null, NaN, infinite or beyond float32's range; the message names the input column.
     """
     names = column_names
     sc = ratings.sparkSession.sparkContext
@@ -395,7 +400,7 @@ def build_rating_blocks(
         if count:
             problems.append(f"{count} values of '{name}' are null, fractional or outside the Int range")
     if stats[3]:
-        problems.append(f"{stats[3]} values of '{names[2]}' are null, NaN or infinite")
+        problems.append(f"{stats[3]} values of '{names[2]}' are null, NaN, infinite or beyond float32's range")
     if problems:
         user_in.unpersist()
         item_in.unpersist()

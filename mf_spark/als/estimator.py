@@ -24,11 +24,29 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark import keyword_only
 
 from mf_spark.als.blocks import select_ratings
-from mf_spark.als.model import ImplicitALSModel, _ImplicitALSModelParams
+from mf_spark.als.model import COLD_START_STRATEGIES, ImplicitALSModel, _ImplicitALSModelParams
 from mf_spark.als.params import CONFIDENCES, REGULARIZATIONS, SOLVERS, SolveParams
 from mf_spark.als.train import TrainSettings, factors_to_frame, train_implicit
 
 log = logging.getLogger(__name__)
+
+
+def storage_level(name: str, param: str) -> StorageLevel:
+    """The :class:`~pyspark.StorageLevel` of one of Spark's level names, as MLlib takes them.
+
+    Python data is always serialized, so the ``_SER`` levels MLlib accepts (``MEMORY_AND_DISK_SER``)
+    are the plain ones here.
+
+    Raises
+    ------
+    ValueError
+        Naming ``param`` when ``name`` is not a storage level.
+    """
+    key = name.strip().upper().replace("_SER", "")
+    level = getattr(StorageLevel, key, None)
+    if not isinstance(level, StorageLevel):
+        raise ValueError(f"{param} = {name!r} is not a storage level (e.g. MEMORY_AND_DISK, MEMORY_ONLY, DISK_ONLY)")
+    return level
 
 
 def _param(name: str, doc: str, converter: Any) -> Param:
@@ -69,6 +87,47 @@ class _ImplicitALSParams(_ImplicitALSModelParams, HasMaxIter, HasRegParam, HasCh
             confidence="linear", confidenceEpsilon=1.0, frequencyAlpha0=0.1, frequencyNu=1.0,
             broadcastThreshold=64 * 1024 * 1024, computeLoss=True,
         )
+
+    # MLlib's getters (HasMaxIter, HasRegParam, HasCheckpointInterval and HasSeed bring the rest)
+    def getRank(self) -> int:
+        return self.getOrDefault(self.rank)
+
+    def getNumUserBlocks(self) -> int:
+        return self.getOrDefault(self.numUserBlocks)
+
+    def getNumItemBlocks(self) -> int:
+        return self.getOrDefault(self.numItemBlocks)
+
+    def getImplicitPrefs(self) -> bool:
+        return self.getOrDefault(self.implicitPrefs)
+
+    def getAlpha(self) -> float:
+        return self.getOrDefault(self.alpha)
+
+    def getRatingCol(self) -> str:
+        return self.getOrDefault(self.ratingCol)
+
+    def getNonnegative(self) -> bool:
+        return self.getOrDefault(self.nonnegative)
+
+    def getIntermediateStorageLevel(self) -> str:
+        return self.getOrDefault(self.intermediateStorageLevel)
+
+    def getFinalStorageLevel(self) -> str:
+        return self.getOrDefault(self.finalStorageLevel)
+
+    # this project's own parameters
+    def getSolver(self) -> str:
+        return self.getOrDefault(self.solver)
+
+    def getCgSteps(self) -> int:
+        return self.getOrDefault(self.cgSteps)
+
+    def getRegularization(self) -> str:
+        return self.getOrDefault(self.regularization)
+
+    def getConfidence(self) -> str:
+        return self.getOrDefault(self.confidence)
 
     def solve_params(self) -> SolveParams:
         return SolveParams(
@@ -129,6 +188,77 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
         self.initialModel = model
         return self
 
+    # MLlib's setters, so that code written for pyspark.ml.recommendation.ALS keeps working
+    def setRank(self, value: int) -> ImplicitALS:
+        return self._set(rank=value)
+
+    def setNumUserBlocks(self, value: int) -> ImplicitALS:
+        return self._set(numUserBlocks=value)
+
+    def setNumItemBlocks(self, value: int) -> ImplicitALS:
+        return self._set(numItemBlocks=value)
+
+    def setNumBlocks(self, value: int) -> ImplicitALS:
+        """Sets both numUserBlocks and numItemBlocks."""
+        return self._set(numUserBlocks=value, numItemBlocks=value)
+
+    def setImplicitPrefs(self, value: bool) -> ImplicitALS:
+        return self._set(implicitPrefs=value)
+
+    def setAlpha(self, value: float) -> ImplicitALS:
+        return self._set(alpha=value)
+
+    def setUserCol(self, value: str) -> ImplicitALS:
+        return self._set(userCol=value)
+
+    def setItemCol(self, value: str) -> ImplicitALS:
+        return self._set(itemCol=value)
+
+    def setRatingCol(self, value: str) -> ImplicitALS:
+        return self._set(ratingCol=value)
+
+    def setNonnegative(self, value: bool) -> ImplicitALS:
+        return self._set(nonnegative=value)
+
+    def setCheckpointInterval(self, value: int) -> ImplicitALS:
+        return self._set(checkpointInterval=value)
+
+    def setIntermediateStorageLevel(self, value: str) -> ImplicitALS:
+        return self._set(intermediateStorageLevel=value)
+
+    def setFinalStorageLevel(self, value: str) -> ImplicitALS:
+        return self._set(finalStorageLevel=value)
+
+    def setColdStartStrategy(self, value: str) -> ImplicitALS:
+        return self._set(coldStartStrategy=value)
+
+    def setMaxIter(self, value: int) -> ImplicitALS:
+        return self._set(maxIter=value)
+
+    def setRegParam(self, value: float) -> ImplicitALS:
+        return self._set(regParam=value)
+
+    def setPredictionCol(self, value: str) -> ImplicitALS:
+        return self._set(predictionCol=value)
+
+    def setBlockSize(self, value: int) -> ImplicitALS:
+        return self._set(blockSize=value)
+
+    def setSeed(self, value: int) -> ImplicitALS:
+        return self._set(seed=value)
+
+    def setSolver(self, value: str) -> ImplicitALS:
+        return self._set(solver=value)
+
+    def setCgSteps(self, value: int) -> ImplicitALS:
+        return self._set(cgSteps=value)
+
+    def setRegularization(self, value: str) -> ImplicitALS:
+        return self._set(regularization=value)
+
+    def setConfidence(self, value: str) -> ImplicitALS:
+        return self._set(confidence=value)
+
     def _copyValues(self, to: Any, extra: Any = None) -> Any:
         to = super()._copyValues(to, extra)
         if isinstance(to, ImplicitALS):
@@ -149,10 +279,11 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
             raise ValueError(f"regularization must be one of {REGULARIZATIONS}")
         if get(self.confidence) not in CONFIDENCES:
             raise ValueError(f"confidence must be one of {CONFIDENCES}")
-        if get(self.coldStartStrategy) not in ("nan", "drop"):
-            raise ValueError("coldStartStrategy must be 'nan' or 'drop'")
-        if get(self.intermediateStorageLevel) == "NONE":
+        if self.getColdStartStrategy() not in COLD_START_STRATEGIES:
+            raise ValueError(f"coldStartStrategy must be one of {COLD_START_STRATEGIES}, got {get(self.coldStartStrategy)!r}")
+        if storage_level(get(self.intermediateStorageLevel), "intermediateStorageLevel") == StorageLevel.NONE:
             raise ValueError("intermediateStorageLevel cannot be NONE: ALS persists its blocks")
+        storage_level(get(self.finalStorageLevel), "finalStorageLevel")
 
     def _fit(self, dataset: DataFrame) -> ImplicitALSModel:
         self._validate()
@@ -164,7 +295,7 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
             rank=get(self.rank), max_iter=get(self.maxIter), solve=self.solve_params(),
             num_user_blocks=get(self.numUserBlocks), num_item_blocks=get(self.numItemBlocks), seed=get(self.seed),
             checkpoint_interval=get(self.checkpointInterval),
-            intermediate_storage=getattr(StorageLevel, get(self.intermediateStorageLevel)),
+            intermediate_storage=storage_level(get(self.intermediateStorageLevel), "intermediateStorageLevel"),
             broadcast_threshold_bytes=get(self.broadcastThreshold), compute_loss=get(self.computeLoss),
         )
         initial = getattr(self, "initialModel", None)
@@ -176,7 +307,7 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
             initial_item_factors=None if initial is None else initial.itemFactors,
             column_names=columns,
         )
-        final_level = getattr(StorageLevel, get(self.finalStorageLevel))
+        final_level = storage_level(get(self.finalStorageLevel), "finalStorageLevel")
         user_factors = factors_to_frame(spark, result.user_factors)
         item_factors = factors_to_frame(spark, result.item_factors)
         if final_level != StorageLevel.NONE:

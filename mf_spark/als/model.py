@@ -16,6 +16,9 @@ from pyspark.sql import types as T
 from mf_spark.errors import InputDataError
 
 
+COLD_START_STRATEGIES = ("nan", "drop")
+
+
 class _ImplicitALSModelParams(HasPredictionCol, HasBlockSize):
     """Params shared by the estimator and the model (as MLlib's ``_ALSModelParams``)."""
 
@@ -39,7 +42,8 @@ class _ImplicitALSModelParams(HasPredictionCol, HasBlockSize):
         return self.getOrDefault(self.itemCol)
 
     def getColdStartStrategy(self) -> str:
-        return self.getOrDefault(self.coldStartStrategy)
+        # MLlib lower-cases it: "DROP" must drop, not silently keep the NaN rows
+        return self.getOrDefault(self.coldStartStrategy).lower()
 
 
 class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
@@ -85,6 +89,8 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
         return self._set(itemCol=value)
 
     def setColdStartStrategy(self, value: str) -> ImplicitALSModel:
+        if value.lower() not in COLD_START_STRATEGIES:
+            raise ValueError(f"coldStartStrategy must be one of {COLD_START_STRATEGIES}, got {value!r}")
         return self._set(coldStartStrategy=value)
 
     def setPredictionCol(self, value: str) -> ImplicitALSModel:

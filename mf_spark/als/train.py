@@ -14,6 +14,7 @@ Collaborative Filtering", RecSys 2011 (the ``cg`` solver).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import time
@@ -81,7 +82,7 @@ class TrainResult:
 
 def random_factors(n: int, rank: int, seed: int, side: int, block: int) -> np.ndarray:
     """Unit-norm Gaussian rows, seeded per (seed, side, block), as MLlib's ``initialize``."""
-    rng = np.random.default_rng([seed & 0xFFFFFFFF, side, block])
+    rng = np.random.default_rng([seed % 2**64, side, block])  # MLlib's seed is a Long: keep all 64 bits
     factors = rng.standard_normal((n, rank))
     factors /= np.linalg.norm(factors, axis=1, keepdims=True)
     return factors.astype(np.float32)
@@ -344,11 +345,20 @@ def train_implicit(
     level = settings.intermediate_storage
     rank, nub, nib = settings.rank, settings.num_user_blocks, settings.num_item_blocks
     if not sc.getCheckpointDir() and settings.checkpoint_interval > 0:
-        from mf_spark.session import temporary_checkpoint_dir
+        if sc.master.startswith("local"):
+            from mf_spark.session import temporary_checkpoint_dir
 
-        ckpt = temporary_checkpoint_dir("mf-spark-als-ckpt-")
-        log.warning("no checkpoint dir set; checkpointing ALS factors to %s (set spark.checkpoint.dir on a cluster)", ckpt)
-        sc.setCheckpointDir(ckpt)
+            ckpt = temporary_checkpoint_dir("mf-spark-als-ckpt-")
+            log.warning("no checkpoint dir set; checkpointing ALS factors to %s (set spark.checkpoint.dir on a "
+                        "cluster)", ckpt)
+            sc.setCheckpointDir(ckpt)
+        else:
+            # A driver-local directory would break on a multi-host cluster (executors write to their own
+            # disks): run without checkpoints, as MLlib does, but say so.
+            log.warning("no checkpoint dir set on master %s: ALS runs without checkpoints (long runs may fail "
+                        "with a StackOverflowError); call spark.sparkContext.setCheckpointDir with a directory "
+                        "every node shares", sc.master)
+            settings = dataclasses.replace(settings, checkpoint_interval=-1)
 
     started = time.perf_counter()
     blocks = build_rating_blocks(ratings, nub, nib, level, column_names)

@@ -169,9 +169,12 @@ def build_recommendation_tables(
 
 
 def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:
-    if not os.path.exists(path):
+    if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"recommend: {what} not found: {path}")
-    return spark.read.parquet(path)
+    try:
+        return spark.read.parquet(path)
+    except (AnalysisException, Py4JJavaError) as exc:  # a URI that does not exist or is not Parquet
+        raise InputDataError(f"recommend: {what} cannot be read as Parquet at {path}: {java_cause(exc)}") from None
 
 
 def read_item_table(spark: SparkSession, path: str, key: str) -> DataFrame | None:
