@@ -73,6 +73,10 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         ("empty_user", event(" ", "i1", "view", "2024-03-10 10:00:00")),
         ("null_item", event("u1", None, "view", "2024-03-10 10:00:00")),
         ("empty_item", event("u1", "", "view", "2024-03-10 10:00:00")),
+        # trim() strips only spaces: these entered the ID maps as ids
+        ("tab_user", event("\t", "i1", "view", "2024-03-10 10:00:00")),
+        ("nbsp_item", event("u1", "\u00a0\n", "view", "2024-03-10 10:00:00")),
+        ("huge_value", event("u1", "i1", "purchase", "2024-03-10 10:00:00", 1e300)),  # inf as float32
         ("long_user", event("u" * 9, "i1", "view", "2024-03-10 10:00:00")),
         ("long_item", event("u1", "i" * 9, "view", "2024-03-10 10:00:00")),
         ("unknown_type", event("u1", "i1", "click", "2024-03-10 10:00:00")),
@@ -102,6 +106,9 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         "empty_user": "empty_user_id",
         "null_item": "null_item_id",
         "empty_item": "empty_item_id",
+        "tab_user": "empty_user_id",
+        "nbsp_item": "empty_item_id",
+        "huge_value": "invalid_value",
         "long_user": "id_too_long",
         "long_item": "id_too_long",
         "unknown_type": "unknown_event_type",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -286,6 +287,50 @@ def test_partitioned_input_is_pruned_to_the_window(spark, tmp_path):
     assert report["rejected_by_reason"] == {"future_timestamp": 1}
     assert sorted(r["item_id"] for r in result.dim_item.collect()) == ["i01", "i10"]
     result.unpersist()
+
+
+def test_compact_and_non_date_partitions(spark, tmp_path, caplog):
+    """event_date=yyyyMMdd (an int column to Spark) failed with a raw AnalysisException; a partition whose
+    value is not a date (Spark's null partition, a mislabelled directory) was dropped unread and uncounted."""
+    root = tmp_path / "events"
+    for day in ("20240229", "20240305", "20240311"):
+        iso = f"{day[:4]}-{day[4:6]}-{day[6:]}"
+        write_parquet(root / f"event_date={day}" / "part-0.parquet", [("u1", f"i{day[-2:]}", "view", f"{iso} 12:00:00", None)])
+    result = ingest(spark, root, tmp_path)
+    assert result.report["rows_read"] == 1 and [r["item_id"] for r in result.dim_item.collect()] == ["i05"]
+    result.unpersist()
+
+    write_parquet(root / "event_date=__HIVE_DEFAULT_PARTITION__" / "part-0.parquet",
+                  [("u1", "inull", "view", "2024-03-09 12:00:00", None)])
+    write_parquet(root / "event_date=2024-03-10_retry" / "part-0.parquet",
+                  [("u1", "iretry", "view", "2024-03-10 12:00:00", None), ("u1", "iold", "view", "2024-01-01 00:00:00", None)])
+    with caplog.at_level(logging.WARNING, logger="mf_spark"):
+        result = ingest(spark, root, tmp_path, id_maps="id_maps_2")
+    assert "event_date=2024-03-10_retry" in caplog.text and "event_date=__HIVE_DEFAULT_PARTITION__" in caplog.text
+    assert result.report["rows_read"] == 4  # 03-05 and the three rows of the two odd partitions
+    assert result.report["rejected_by_reason"] == {"outside_window": 1}
+    assert sorted(r["item_id"] for r in result.dim_item.collect()) == ["i05", "inull", "iretry"]
+    result.unpersist()
+
+
+def test_a_pandas_parquet_file_with_nanosecond_timestamps_is_an_input_error(spark, tmp_path):
+    table = pa.table({"user_id": ["u1"], "item_id": ["i1"], "event_type": ["view"],
+                      "event_ts": pa.array([dt.datetime(2024, 3, 9, 12)], pa.timestamp("ns")), "value": [None]})
+    path = tmp_path / "events" / "part-0.parquet"
+    path.parent.mkdir()
+    pq.write_table(table, path)  # what pandas' to_parquet writes by default
+    with pytest.raises(InputDataError, match="cannot be read as parquet.*coerce_timestamps='us'"):
+        ingest(spark, path.parent, tmp_path)
+
+
+def test_a_strength_beyond_float32_fails_before_any_id_map(spark, tmp_path):
+    # each value is finite in float32, but weight 4 times it (summed) is not
+    rows = [("u1", "i1", "purchase", "2024-03-09 12:00:00", "3e38"), ("u1", "i2", "view", "2024-03-09 12:00:00", None)]
+    path = write_parquet(tmp_path / "events" / "part-0.parquet", rows)
+    huge = RULES | {"purchase": EventTypeRule(weight=4.0, use_value=True)}
+    with pytest.raises(InputDataError, match="1 .user, item. pairs .* beyond float32's range.*value_cap"):
+        ingest(spark, path.parent, tmp_path, rules=settings(event_types=huge))
+    assert not (tmp_path / "id_maps").exists()
 
 
 def test_two_runs_give_identical_outputs(spark, tmp_path):

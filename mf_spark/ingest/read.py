@@ -26,6 +26,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote
 
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException
@@ -105,7 +106,13 @@ def read_raw(spark: SparkSession, path: str, input_format: str, options: Mapping
             raise InputDataError(f"input path {path} does not exist (input.path)") from None
         if condition.startswith("UNABLE_TO_INFER_SCHEMA"):
             raise InputDataError(f"input path {path} holds no readable {input_format} files") from None
-        raise
+        # Anything else Spark cannot make of the files at load time is the input's problem too
+        hint = ""
+        if condition == "PARQUET_TYPE_ILLEGAL" and "NANOS" in str(exc):
+            hint = (". Nanosecond timestamps (pandas' default) are not read by Spark: write the files with "
+                    "microseconds, e.g. df.to_parquet(..., coerce_timestamps='us', allow_truncated_timestamps=True)")
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else condition
+        raise InputDataError(f"input.path = {path} cannot be read as {input_format}: {first_line}{hint}") from None
     except Py4JJavaError as exc:
         # Parquet schema inference opens the footers; only this failure is the wrong format
         if input_format == "parquet" and any(m in str(exc) for m in _NOT_PARQUET_MARKERS):
@@ -216,15 +223,48 @@ def partition_column(df: DataFrame, column: str) -> str | None:
     return column if any(marker in f for f in df.inputFiles()) else None
 
 
+_PARTITION_DATE_FORMATS = ("%Y-%m-%d", "%Y%m%d")
+
+
+def _partition_value_is_date(value: str) -> bool:
+    for form in _PARTITION_DATE_FORMATS:
+        try:
+            dt.datetime.strptime(value, form)
+            return True
+        except ValueError:
+            pass
+    return False
+
+
+def partition_day(df: DataFrame, column: str) -> Column:
+    """The partition column as a date: ``YYYY-MM-DD`` or ``yyyyMMdd`` (which Spark infers as an int
+    column), null for any other value."""
+    dtype = df.schema[column].dataType
+    if isinstance(dtype, T.DateType):
+        return F.col(column)
+    if isinstance(dtype, (T.TimestampType, T.TimestampNTZType)):
+        return F.col(column).cast("date")
+    text = F.col(column).cast("string")
+    return F.coalesce(F.try_to_date(text, "yyyy-MM-dd"), F.try_to_date(text, "yyyyMMdd"))
+
+
 def prune_to_window(df: DataFrame, column: str, window: EventWindow) -> DataFrame:
-    """Keep the partitions whose date lies in the window.
+    """Keep the partitions whose date lies in the window, and those whose value is not a date.
 
     The filter touches only the partition column, so Spark turns it into ``PartitionFilters`` and never
-    opens files outside the window. A partition value that is not a date (or ``__HIVE_DEFAULT_PARTITION__``)
-    is outside every window.
+    opens files outside the window. A partition whose value is not a date (``__HIVE_DEFAULT_PARTITION__``,
+    which Spark writes for null, or a mislabelled directory) cannot be judged by its name: it is read, and
+    its rows are kept or rejected by their own ``event_ts`` like an unpartitioned input's, with a warning
+    naming the values. Dropping it unread would lose its rows without a count.
     """
-    day = F.col(column).try_cast("date")
-    return df.filter(day.between(F.lit(window.start), F.lit(window.end)))
+    marker = re.compile(rf"/{re.escape(column)}=([^/]*)/")
+    odd = sorted({m.group(1) for f in df.inputFiles() for m in [marker.search(f)]
+                  if m and not _partition_value_is_date(unquote(m.group(1)))})
+    if odd:
+        log.warning("input partitions whose %s is not a date are read in full, their rows judged by event_ts: %s",
+                    column, ", ".join(f"{column}={v}" for v in odd[:10]) + (" ..." if len(odd) > 10 else ""))
+    day = partition_day(df, column)
+    return df.filter(day.isNull() | day.between(F.lit(window.start), F.lit(window.end)))
 
 
 def _corrupt_record_name(options: Mapping[str, str]) -> str:

@@ -47,10 +47,13 @@ EVENT_KEY = ("user_id", "item_id", "event_type", "event_ts", "value")
 REJECT_COLUMNS = ("user_id", "item_id", "event_type", "event_ts", "value", "reason", "source_file")
 
 _SECONDS_PER_DAY = 86400.0
+#: Largest finite float32: strengths are stored as float32 (as ALS's blocks are).
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _is_blank(col: Column) -> Column:
-    return F.trim(col) == F.lit("")
+    # Tabs, newlines and no-break spaces too: trim() strips only ' ', and such ids entered the ID maps
+    return F.regexp_replace(col, r"[\s\p{Z}]", "") == F.lit("")
 
 
 def _rule_expr(
@@ -69,8 +72,9 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
     """Add ``reason`` (string): the first row-level reject reason of :data:`ROW_REASONS`, null if valid.
 
     Input: the canonical events of :func:`mf_spark.ingest.read.to_canonical`. ``invalid_value`` applies
-    only to types with ``use_value``: a value that is present but unparseable, NaN, infinite, or negative
-    (negative is allowed with ``absolute_value``). A null value is valid (it counts as 1).
+    only to types with ``use_value``: a value that is present but unparseable, NaN, infinite or beyond
+    float32's range (strengths are float32), or negative (negative is allowed with ``absolute_value``).
+    A null value is valid (it counts as 1).
     """
     rules = settings.event_types
     value = F.col("value")
@@ -79,7 +83,7 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
     bad_value = (
         (F.col("raw_value").isNotNull() & value.isNull())
         | F.isnan(value)
-        | (F.abs(value) == F.lit(float("inf")))
+        | (F.abs(value) > F.lit(FLOAT32_MAX))  # infinite, or beyond the float32 strength column's range
         | ((value < 0) & ~allows_negative)
     )
     too_long = (F.length("user_id") > settings.max_id_length) | (F.length("item_id") > settings.max_id_length)

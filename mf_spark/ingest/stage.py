@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark import publish
-from mf_spark.errors import NoInteractionsLeftError
+from mf_spark.errors import InputDataError, NoInteractionsLeftError
 from mf_spark.ingest.id_maps import update_id_maps
 from mf_spark.ingest.read import (
     PARTITION_FIELD,
@@ -194,8 +194,17 @@ def run_ingest(
             F.sum("n_events").alias("events"),
             F.countDistinct("user_id").alias("users"),
             F.countDistinct("item_id").alias("items"),
+            F.count(F.when(F.isnan("strength") | (F.abs("strength") == F.lit(float("inf"))), 1)).alias("overflow"),
         ).first()
         accepted_events = int(kept_totals["events"] or 0)
+        if kept_totals["overflow"]:
+            # Each value is within float32's range, but weight * value or the sum over a pair's events is
+            # not: the strength column would hold inf and ALS would refuse it far from its cause.
+            raise InputDataError(
+                f"{kept_totals['overflow']} (user, item) pairs in {input_path} sum to a strength beyond float32's "
+                "range (weight * value summed over their events); cap the values with "
+                "ingest.event_types.<type>.value_cap. No ID map was written"
+            )
 
         # The rejects table is materialised from the same cached rows as the counts, so a file landing
         # in the input during the run cannot make it disagree with the report. Its per-reason counts are
