@@ -45,17 +45,20 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
     path = write_parquet(
         tmp_path / "e.parquet",
         {
-            "uid": pa.array([17850, 17850, 17850, 17850, 17850], pa.int64()),  # numeric ids become strings
-            "sku": ["a", "b", "c", "d", "e"],
-            "kind": ["view"] * 5,
+            "uid": pa.array([17850] * 8, pa.int64()),  # numeric ids become strings
+            "sku": ["a", "b", "c", "d", "e", "f", "g", "h"],
+            "kind": ["view"] * 8,
             "at": [
                 "2024-03-10 08:26:00",
                 "2024-03-10T08:26:00.5+01:00",
                 "2024-03-10",
                 "1710059160",
                 "10/03/2024",
+                "20240310",  # was read as epoch seconds: a 1970 instant, rejected as outside the window
+                "2024",  # Spark's cast takes it as 2024-01-01
+                "2024-03",
             ],
-            "qty": ["1.5", "NaN", " 3 ", "x", None],
+            "qty": ["1.5", "NaN", " 3 ", "x", None, None, None, None],
         },
     )
     actual = canonical(spark, path).select(
@@ -68,6 +71,9 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
             ("17850", "c", ts("2024-03-10 00:00:00"), 3.0, "2024-03-10", " 3 "),
             ("17850", "d", ts("2024-03-10 08:26:00"), None, "1710059160", "x"),
             ("17850", "e", None, None, "10/03/2024", None),
+            ("17850", "f", None, None, "20240310", None),
+            ("17850", "g", None, None, "2024", None),
+            ("17850", "h", None, None, "2024-03", None),
         ],
         "user_id string, item_id string, event_ts timestamp, value double, "
         "raw_event_ts string, raw_value string",
@@ -299,13 +305,15 @@ def test_csv_input(spark, tmp_path):
         "u2,a,purchase,2024-03-09T10:00:00Z,\n"  # null value counts as 1
         ",a,view,2024-03-10 08:00:00,\n"
         "u2,b,purchase,2024-03-09 10:00:00,lots\n"
+        "u3,a,view,2024-03-10 08:00:00,,EXTRA\n"  # too many fields: Spark cut them off silently
+        "u3,b\n"  # too few: it padded with nulls (and called it an unknown event type)
     )
     result = _run(spark, path, tmp_path, "csv", {"header": "true"})
     expected = spark.createDataFrame(
         EXPECTED_INTERACTIONS, "user_idx int, item_idx int, strength float, n_events long"
     )
     assert_df_equality(_interactions(result), expected, ignore_row_order=True, ignore_nullable=True)
-    assert result.report["rejected_by_reason"] == {"null_user_id": 1, "invalid_value": 1}
+    assert result.report["rejected_by_reason"] == {"malformed_record": 2, "null_user_id": 1, "invalid_value": 1}
     assert {r["source_file"].rsplit("/", 1)[-1] for r in result.rejects.collect()} == {"events.csv"}
     result.unpersist()
 

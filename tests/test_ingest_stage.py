@@ -439,6 +439,8 @@ def test_when_every_row_is_rejected_the_ingest_job_still_writes_the_rejects(spar
     events = write_parquet(tmp_path / "events.parquet", rows)
     config, overrides = job_config(tmp_path, events)
     out = tmp_path / "root" / "ingest" / "dt=2024-03-10"
+    (out / "interactions").mkdir(parents=True)  # an earlier run's: it must not sit beside these rejects
+    (out / "interactions" / "part-0.parquet").write_text("stale")
     with pytest.raises(NoInteractionsLeftError, match=f"rejected rows, with their reason, are in {out / 'rejects'}"):
         stage.run_ingest_job(spark, load_config(config, overrides), RUN_DATE)
     reasons = sorted(r.reason for r in spark.read.parquet(str(out / "rejects")).collect())

@@ -124,6 +124,12 @@ def read_raw(spark: SparkSession, path: str, input_format: str, options: Mapping
         # name node, no FileSystem for the scheme), permissions. The input, not the job, is wrong.
         raise InputDataError(f"input.path = {path} cannot be read: {java_cause(exc)}") from None
     _check_schema(df, path, input_format, options)
+    corrupt = _corrupt_record_name(options)
+    if input_format == "csv" and corrupt not in df.columns:
+        # Spark's CSV reader flags a record with too many or too few fields only when the schema has the
+        # corrupt-record column; with an inferred schema it cut or padded such rows silently. Reading
+        # again with the inferred schema plus that column costs no second inference.
+        df = reader.schema(df.schema.add(corrupt, T.StringType())).load(path)
     return df
 
 
@@ -300,8 +306,12 @@ def _as_timestamp(col: Column, dtype: T.DataType, column: str, path: str) -> Col
         return col.cast("double").try_cast("timestamp")
     if isinstance(dtype, (T.StringType, T.CharType, T.VarcharType)):
         # ISO 8601 forms ('2011-12-09', '2011-12-09 08:26:00', '2011-12-09T08:26:00.5+01:00'), else a
-        # numeric string as epoch seconds; try_cast so a bad string becomes a reject, not a failed job.
-        return F.coalesce(col.try_cast("timestamp"), col.try_cast("double").try_cast("timestamp"))
+        # numeric string of 9+ digits as epoch seconds; try_cast so a bad string becomes a reject, not a
+        # failed job. Spark's cast also takes '2024' and '2024-03' (the first day) and the epoch reading
+        # made '20240309' a 1970 instant: both are unparseable here rather than silently misdated.
+        iso = F.when(col.rlike(r"^\s*[0-9]{4}-[0-9]{2}-[0-9]{2}"), col.try_cast("timestamp"))
+        epoch = F.when(col.rlike(r"^\s*-?[0-9]{9,}(\.[0-9]*)?\s*$"), col.try_cast("double").try_cast("timestamp"))
+        return F.coalesce(iso, epoch)
     if isinstance(dtype, T.NullType):
         return F.lit(None).cast("timestamp")
     raise _type_error("event_ts", column, dtype, path, "timestamp")

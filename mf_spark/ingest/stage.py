@@ -6,6 +6,7 @@ import datetime as dt
 import functools
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,6 +331,8 @@ def run_ingest_job(
             # way to inspect an exit-4 run goes through here), so write them before failing.
             write_rejects_for_inspection(exc, os.path.join(out, "rejects"))
             write_report({**exc.report, "error": str(exc)}, os.path.join(out, "report.json"))
+            # An earlier run's interactions of this date would contradict the report beside them
+            shutil.rmtree(os.path.join(out, "interactions"), ignore_errors=True)
             raise
         try:
             result.interactions.orderBy("user_idx", "item_idx").write.mode("overwrite").parquet(
