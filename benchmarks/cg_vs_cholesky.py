@@ -8,9 +8,10 @@ objective (Hu, Koren and Volinsky 2008, eq. 3, with the kernels' confidence and 
 recomputed after each iteration with ``block_loss`` and ``regularization_loss``. Both solvers start from
 the same unit-norm Gaussian factors (as ``mf_spark.als.train.random_factors``). Reported, per data set,
 confidence scale ``alpha`` and ``cg_steps``: the ratio CG objective / Cholesky objective after
-iterations 1, 5, 10 and 15 (1 = CG ends where the exact solve does; CG never does better at a fixed
-point, but can be ahead at a given iteration of the alternation), and the median wall and CPU time of one
-iteration (both half-steps and their Gramians, not the objective) of each solver.
+iterations 1, 5, 10 and 15 (1 = CG is where the exact solve is; each CG half-step ends above the exact
+minimum for the same fixed side, but the two runs follow different paths, so a ratio below 1 is
+possible), and the median wall time of one iteration (both half-steps and their Gramians, not the
+objective) of each solver; the JSON also has every iteration's wall and CPU time.
 
 Data:
 
@@ -149,7 +150,8 @@ def train(
     x = initial_factors(data.n_users, rank, seed, 0)
     y = initial_factors(data.n_items, rank, seed, 1)
     item_positive = np.diff(data.by_item[0])
-    out: dict[str, list[float]] = {"objective": [], "reported_objective": [], "seconds": [], "cpu_seconds": []}
+    keys = ("objective", "reported_objective", "seconds", "cpu_seconds")
+    out: dict[str, list[float]] = {key: [] for key in keys}
     for _ in range(iterations):
         start, cpu_start = time.perf_counter(), time.process_time()
         y = solve.solve_block(*data.by_item, x, solve.gramian(x), data.n_users, params, y)
@@ -190,7 +192,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--reg-param", type=float, default=0.1)
     parser.add_argument("--iterations", type=int, default=15)
-    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data and the initial factors")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the synthetic data and initial factors")
     parser.add_argument("--users", type=int, default=3_000, help="synthetic users")
     parser.add_argument("--items", type=int, default=1_500, help="synthetic items")
     parser.add_argument("--events", type=int, default=60_000, help="synthetic events")
@@ -203,8 +205,10 @@ def main() -> int:
     load_start = os.getloadavg()
     out = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["OPENBLAS_NUM_THREADS=" + os.environ["OPENBLAS_NUM_THREADS"], *sys.argv]),
-        "settings": {k: getattr(args, k) for k in ("rank", "reg_param", "iterations", "seed", "alphas", "cg_steps")},
+        "command": " ".join([f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']} python", *sys.argv]),
+        "settings": {
+            k: getattr(args, k) for k in ("rank", "reg_param", "iterations", "seed", "alphas", "cg_steps")
+        },
         "datasets": {},
     }
     for name in args.datasets:
@@ -238,7 +242,9 @@ def main() -> int:
                 )
         out["datasets"][name] = {"description": data.describe(), "confidence": confidence, "runs": runs}
     out["wall_seconds"] = round(time.perf_counter() - started, 1)
-    out["machine"] = {**machine(), "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())}
+    out["machine"] = {
+        **machine(), "load_average_start": list(load_start), "load_average_end": list(os.getloadavg())
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(markdown(out))
@@ -265,7 +271,8 @@ def markdown(out: dict) -> str:
                 lines.append(
                     f"| {name} | {result['confidence']} | {exact['alpha']:g} | {approx['cg_steps']} | "
                     + " | ".join(f"{r:.5f}" for r in ratios)
-                    + f" | {statistics.median(approx['seconds']):.3f} | {statistics.median(exact['seconds']):.3f} |"
+                    + f" | {statistics.median(approx['seconds']):.3f}"
+                    + f" | {statistics.median(exact['seconds']):.3f} |"
                 )
         for run in runs:
             for reported, recomputed in zip(run["reported_objective"], run["objective"]):
@@ -274,10 +281,12 @@ def markdown(out: dict) -> str:
     lines += [
         "",
         f"Rank {settings['rank']}, reg_param {settings['reg_param']:g} (count regularisation), "
-        f"{settings['iterations']} iterations, both solvers from the same seeded factors (seed {settings['seed']}); "
+        f"{settings['iterations']} iterations, both solvers from the same seeded factors "
+        f"(seed {settings['seed']}); "
         "objective recomputed after each iteration (the solvers' own values agree within "
-        f"{worst_reported:.1e} relative). Times: median wall seconds of one iteration (both half-steps), one "
-        f"BLAS thread, on a shared machine (load average {machine_info['load_average_start'][0]:.1f} at start, "
+        f"{worst_reported:.1e} relative). Times: median wall seconds of one iteration (both half-steps), "
+        "one BLAS thread, on a shared machine "
+        f"(load average {machine_info['load_average_start'][0]:.1f} at start, "
         f"{machine_info['load_average_end'][0]:.1f} at end), so indicative only.",
         "",
     ]
@@ -285,7 +294,8 @@ def markdown(out: dict) -> str:
         lines.append(f"- {name}: {result['description']}; {result['confidence']} confidence.")
     lines += [
         "",
-        f"{out['date']}, {machine_info['cpu']}, numpy {machine_info['numpy']}, Python {machine_info['python']}, "
+        f"{out['date']}, {machine_info['cpu']}, numpy {machine_info['numpy']}, "
+        f"Python {machine_info['python']}, "
         f"commit {machine_info['git_commit']}; {out['wall_seconds']:.0f} s in all.",
         f"Produced by `{out['command']}`.",
         "",

@@ -74,14 +74,14 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _json_ready(value: Any) -> Any:
+def json_ready(value: Any) -> Any:
     """Plain JSON values: dates as ISO strings, numpy scalars as Python numbers, NaN/inf as null."""
     if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, (set, frozenset)):
-        return sorted(_json_ready(v) for v in value)
+        return sorted(json_ready(v) for v in value)
     if isinstance(value, (dt.date, dt.datetime)):
         return value.isoformat()
     if isinstance(value, Path):
@@ -119,7 +119,7 @@ def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> 
     :func:`os.replace` (atomic on POSIX) and the directory entry is fsynced too.
     """
     path = Path(path)
-    text = json.dumps(_json_ready(payload), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(json_ready(payload), indent=2, sort_keys=True) + "\n"
     tmp = temp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:

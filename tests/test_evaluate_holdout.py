@@ -111,6 +111,15 @@ def test_models_side_by_side_and_report(communities, spark, tmp_path):
     assert f"{result['models']['random']['primary_minus_model']['ndcg@10']['mean']:+.4f} [" in printed
 
 
+def test_baselines_alone_get_no_empty_plots(communities, spark, tmp_path):
+    """Without a factor model training_loss.png was empty axes, linked from report.md."""
+    evaluate_holdout(spark, communities, split="user_random", test_fraction=0.25, ks=[5],
+                     models=["popular", "random"], train_params=TRAIN, out_dir=str(tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["metric_vs_k.png"]
+    report = (tmp_path / "report.md").read_text()
+    assert "metric_vs_k.png" in report and "training_loss.png" not in report
+
+
 def test_no_training_items_in_any_list(communities):
     split = make_split(communities, "user_random", test_fraction=0.25, seed=3)
     users = split.test.select("user_idx").distinct()
@@ -206,7 +215,7 @@ def test_tuning_on_several_validation_splits_scores_their_mean(communities):
 @pytest.mark.parametrize("model", ["implicit_als", "mllib_als"])
 def test_release_frees_what_a_fit_left_cached(communities, spark, model):
     """A tuning run fits hundreds of models: each must leave no persisted RDD behind."""
-    from mf_spark.evaluate.metrics import ranking_metrics
+    from mf_spark.evaluate.metrics import per_user_metrics, ranking_metrics
 
     split = make_split(communities, "user_random", test_fraction=0.25, seed=7)
     split.train.persist().count()
@@ -219,7 +228,15 @@ def test_release_frees_what_a_fit_left_cached(communities, spark, model):
     run = recommend_for_users(model, split.train, users, 5, TrainParams.from_mapping(TRAIN))
     ranking_metrics(run.recommendations, split.relevant, [5])
     assert persistent() - before  # the fitted factors are cached
-    run.release()
+    # the caller's own cache made from the lists (the primary model's per-user table) is spared
+    before_mine = persistent()
+    per_user = per_user_metrics(run.recommendations, split.relevant, [5]).persist()
+    per_user.count()
+    mine = frozenset(persistent() - before_mine)
+    assert len(mine) == 1
+    run.release(keep=mine)
+    assert persistent() == before | mine
+    per_user.unpersist()
     assert persistent() == before
     split.train.unpersist()
 

@@ -38,6 +38,10 @@ def test_defaults_are_valid():
         ({"tuning": {"frequency_alpha0": ["x"]}}, "evaluate.tuning.frequency_alpha0"),
         ({"tuning": {"reg_param": [-0.1]}}, "evaluate.tuning.reg_param"),
         ({"tuning": {"rank": [0, 8]}}, "evaluate.tuning.rank"),
+        # tuning never computes the list-wide metrics: a KeyError after the first fit
+        ({"tuning": {"metric": "coverage@20"}}, "evaluate.tuning.metric"),
+        # tuning's validation split is per user with this fraction even when the test split is global
+        ({"split": "global_temporal", "cutoff_date": "2024-01-01", "test_fraction": 1.0}, "evaluate.test_fraction"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, key):

@@ -96,6 +96,19 @@ def test_no_lists_at_all_scores_zero(spark, tiny):
     assert all(v == 0.0 for k, v in metrics.items() if "@" in k)
 
 
+def test_no_test_user_gives_nan_and_fails_the_gate(spark, tiny):
+    """Every metric was 0.0 over no user, which passed a gate with min_value 0 (or no previous run)."""
+    from mf_spark.evaluate import evaluate_gate
+
+    lists, test = tiny
+    metrics = ranking_metrics(lists, test.limit(0), [2])
+    assert metrics["n_users"] == 0
+    assert all(math.isnan(v) for k, v in metrics.items() if "@" in k)
+    gate = evaluate_gate({"primary_model": "m", "models": {"m": {"metrics": metrics}}}, None, "ndcg@2",
+                         min_value=0.0, max_relative_drop=0.5)
+    assert not gate.passed and "no test user scored" in gate.reason
+
+
 def test_coverage_and_popularity(spark):
     # item 1 in 3 users' training rows, item 2 in 2, item 3 in 1, item 4 in 1: cume_dist 1, .75, .5, .5
     train = _test(spark, {1: [1, 2, 3], 2: [1, 2, 4], 3: [1]})

@@ -13,6 +13,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark.evaluate.metrics import (
+    LIST_METRICS,
+    METRICS,
     item_popularity_percentile,
     metric_name,
     paired_differences,
@@ -20,7 +22,7 @@ from mf_spark.evaluate.metrics import (
     per_user_metrics,
     ranking_metrics,
 )
-from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, recommend_for_users
+from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, persistent_rdd_ids, recommend_for_users
 from mf_spark.evaluate.report import write_report
 from mf_spark.evaluate.splits import make_split
 from mf_spark.evaluate.tuning import tune_model, validation_splits
@@ -235,6 +237,15 @@ def evaluate_holdout(
             )
             recs = run.recommendations.persist()
             per_user = per_user_metrics(recs, relevant, ks).persist()
+            keep: frozenset[int] = frozenset()
+            if primary_per_user is None:
+                # run.release() frees every RDD persisted since the fit began: spare the primary model's
+                # per-user table, which the other models' comparisons read (recomputing it would mean
+                # scoring, possibly fitting, again). Its cache is the one RDD that counting it adds.
+                recs.count()
+                before = persistent_rdd_ids(spark)
+                per_user.count()
+                keep = persistent_rdd_ids(spark) - before
             metrics = ranking_metrics(
                 recs, relevant, ks, popularity=popularity, catalogue_size=catalogue_size, per_user=per_user
             )
@@ -246,7 +257,7 @@ def evaluate_holdout(
                 differences = paired_differences(primary_per_user, per_user, compared)
                 per_user.unpersist()
             recs.unpersist()
-            run.release()
+            run.release(keep=keep)
             runs[model] = {
                 "metrics": metrics,
                 "primary_minus_model": differences,
@@ -302,13 +313,18 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
         metrics.append(("evaluate.tuning.metric", evaluate["tuning"]["metric"]))
     for key, name in metrics:
         try:
-            _, k = parse_metric_name(name)
+            metric, k = parse_metric_name(name)
         except ValueError as exc:
             raise ConfigError(f"key '{key}': {exc}") from None
         if key.startswith("evaluate.gate") and k not in evaluate["ks"]:
             raise ConfigError(f"key '{key}': K={k} of {name!r} is not in evaluate.ks {evaluate['ks']}")
+        if key.startswith("evaluate.tuning") and metric in LIST_METRICS:
+            # catalogue-wide, not a per-user ranking quality: tuning does not compute them (KeyError after a fit)
+            raise ConfigError(f"key '{key}': {name!r} describes the lists, not their quality; tune on one of "
+                              f"{', '.join(m for m in METRICS if m not in LIST_METRICS)}")
+    # Tuning carves its validation split per user (global temporal becomes per-user temporal), with the fraction
     fraction_used = evaluate["split"] == "strong_generalization" or (
-        evaluate["split"] != "global_temporal" and evaluate["test_n"] == 0)
+        (evaluate["split"] != "global_temporal" or tune) and evaluate["test_n"] == 0)
     if fraction_used and not 0 < evaluate["test_fraction"] < 1:
         raise ConfigError(
             f"key 'evaluate.test_fraction': the {evaluate['split']} split needs a fraction strictly between "

@@ -291,7 +291,8 @@ def ranking_metrics(
     Returns
     -------
     dict
-        ``"<metric>@<K>" -> float`` plus ``"n_users"``, the number of evaluated users.
+        ``"<metric>@<K>" -> float`` plus ``"n_users"``, the number of evaluated users; the per-user
+        metrics are NaN when no user was evaluated.
     """
     ks = sorted(set(int(k) for k in ks))
     if per_user is None:
@@ -304,7 +305,9 @@ def ranking_metrics(
     ).first()
     result: dict[str, float] = {"n_users": int(row["n_users"])}
     for name in names:
-        result[name] = float(row[name] or 0.0)
+        # NaN over no user, not 0.0: the quality gate fails a NaN ("no test user scored?") but passed a
+        # 0.0 whenever its minimum was 0 or there was no previous run
+        result[name] = float("nan") if row[name] is None else float(row[name])
     if popularity is not None:
         test_users = test.select(user_col).distinct()
         evaluated_lists = recommendations.join(test_users, user_col, "left_semi")

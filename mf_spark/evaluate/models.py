@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark.als.params import SolveParams
@@ -145,21 +145,27 @@ class ModelRun:
     cached: list[DataFrame] = dataclasses.field(default_factory=list)
     persistent_rdds_before: frozenset[int] | None = None
 
-    def release(self) -> None:
+    def release(self, keep: frozenset[int] = frozenset()) -> None:
         """Free what the fit and the scoring left cached, once the recommendations are consumed.
 
         Both ALS estimators persist their factors (``finalStorageLevel``), MLlib as RDDs no public API
         can unpersist. Left cached, a tuning run of a few hundred fits filled the driver's storage
         memory until an aggregation failed with ``AGGREGATE_OUT_OF_MEMORY``. This unpersists the
-        DataFrames in ``cached``, then every RDD persisted since the run started.
+        DataFrames in ``cached``, then every RDD persisted since the run started except the ids in
+        ``keep`` (the caller's own caches made from the lists, see :func:`persistent_rdd_ids`).
         """
         for frame in self.cached:
             frame.unpersist()
         if self.persistent_rdds_before is None:
             return
         persistent = self.recommendations.sparkSession.sparkContext._jsc.getPersistentRDDs()
-        for rdd_id in set(persistent.keySet()) - self.persistent_rdds_before:
+        for rdd_id in set(persistent.keySet()) - self.persistent_rdds_before - keep:
             persistent.get(rdd_id).unpersist(False)
+
+
+def persistent_rdd_ids(spark: SparkSession) -> frozenset[int]:
+    """Ids of the RDDs persisted now (a DataFrame's cache is one once it has been computed)."""
+    return frozenset(spark.sparkContext._jsc.getPersistentRDDs().keySet())
 
 
 def mllib_objective(

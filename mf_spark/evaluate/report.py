@@ -1,8 +1,8 @@
 """Files of an evaluation run: ``metrics.json``, ``report.md`` and PNG plots.
 
 Plots (matplotlib, Agg backend, no display needed): ``metric_vs_k.png`` (every model, six metrics),
-``training_loss.png`` (ImplicitALS's loss per iteration; MLlib exposes none) and, in tuning mode,
-``tuning_metric_vs_rank.png``.
+``training_loss.png`` (ImplicitALS's loss per iteration; MLlib exposes none; only with a factor model)
+and, in tuning mode with a tuned model, ``tuning_metric_vs_rank.png``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mf_spark.evaluate.tuning import CONDITIONAL
+from mf_spark.publish import json_ready
 
 log = logging.getLogger(__name__)
 
@@ -278,14 +279,19 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dic
     matplotlib.use("Agg")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plots = ["metric_vs_k.png", "training_loss.png"]
+    plots = ["metric_vs_k.png"]
     _plot_metric_vs_k(result, out / plots[0])
-    _plot_training_loss(result, out / plots[1])
-    if (result.get("tuning") or {}).get("enabled"):
+    # Only plots with something to draw: without a factor model these were empty axes linked from report.md
+    runs = result["models"].values()
+    if any(run.get("training_loss") or run.get("final_loss") is not None for run in runs):
+        plots.append("training_loss.png")
+        _plot_training_loss(result, out / plots[-1])
+    if (result.get("tuning") or {}).get("enabled") and any(run.get("tuning_trials") for run in runs):
         plots.append("tuning_metric_vs_rank.png")
         _plot_tuning(result, out / plots[-1])
     result["plots"] = plots
-    (out / "metrics.json").write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    # NaN (a metric over no user, a diverged loss) as null: bare NaN is not JSON and strict readers refuse it
+    (out / "metrics.json").write_text(json.dumps(json_ready(result), indent=2, sort_keys=False) + "\n")
     (out / "report.md").write_text(render_markdown(result))
     log.info("evaluation report written to %s", out)
     return {
