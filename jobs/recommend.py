@@ -11,11 +11,14 @@ Reads ``RUN_DIR/user_factors``, ``RUN_DIR/item_factors``, ``RUN_DIR/interactions
 ``RUN_DIR/recommendations`` and ``RUN_DIR/similar_items``. With ``--model`` (a model saved by
 jobs/train.py) and ``--interactions`` (e.g. the ingest job's table) the factors and the history come
 from there and RUN_DIR only receives the two tables. ``--date`` only labels the log (by default the
-``dt=`` of RUN_DIR); a --date that contradicts RUN_DIR's ``dt=`` is refused.
+``dt=`` of RUN_DIR); a --date that contradicts RUN_DIR's ``dt=`` is refused. When RUN_DIR lies inside
+``output.root`` the job holds the root's lock (exit 6 while a nightly runs; ``--break-stale-lock`` as
+for the nightly), so retention cannot delete the run it rewrites.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -32,6 +35,16 @@ def add_arguments(parser):
     parser.add_argument("--model", help="model directory saved by jobs/train.py, instead of RUN_DIR's factors")
     parser.add_argument("--interactions", help="interaction table (user_idx, item_idx, strength) instead of "
                         "RUN_DIR/interactions; needed with --model")
+    parser.add_argument("--break-stale-lock", action="store_true",
+                        help="break the output root's lock if its holder on this host is gone (RUN_DIR in output.root)")
+
+
+def locked_root(args, cfg):
+    """output.root when RUN_DIR lies inside it: the job then holds the root's lock, so a nightly's
+    retention cannot delete the run it is rewriting (and a rollback cannot race it)."""
+    root = os.path.realpath(cfg["output"]["root"])
+    run_dir = os.path.realpath(args.run_dir)
+    return cfg["output"]["root"] if os.path.commonpath([root, run_dir]) == root else None
 
 
 def check_paths(args, cfg):
@@ -45,6 +58,7 @@ def check_paths(args, cfg):
         raise UsageError(f"--date {args.date} but --run-dir is a run of {in_path.group(1)}; the run directory "
                          "decides what is read, --date only labels the log")
     args.date = args.date or (in_path.group(1) if in_path else "not given")
+    args.lock_date = dt.date.fromisoformat(str(args.date)) if args.date != "not given" else dt.date.today()
     from mf_spark.pipeline import check_local_inputs, require_local_path
     from mf_spark.publish import unwritable_reason
 
@@ -57,20 +71,30 @@ def check_paths(args, cfg):
     for flag, path in (("--model", args.model), ("--interactions", args.interactions),
                        ("--run-dir", None if args.model else args.run_dir)):
         require_local_path(path, f"recommend: {flag} {path} does not exist")
+    if locked_root(args, cfg):
+        from mf_spark.publish import RunLock
+
+        RunLock(locked_root(args, cfg), args.lock_date, break_stale=args.break_stale_lock).check_free()
 
 
 def body(spark, cfg, args):
+    from contextlib import nullcontext
+
     from mf_spark.pipeline import recommend_settings_from
+    from mf_spark.publish import RunLock
     from mf_spark.recommend import run_recommend_stage
 
     logging.getLogger("mf_spark").info("recommend: run date %s, run directory %s", args.date, args.run_dir)
-    run_recommend_stage(
-        spark, args.run_dir, recommend_settings_from(cfg),
-        id_map_dir=os.path.join(cfg["output"]["root"], "id_maps"),
-        item_filter_path=cfg["recommend"]["item_filter_path"],
-        allow_list_path=cfg["recommend"]["allow_list_path"],
-        model_dir=args.model, interactions_path=args.interactions,
-    )
+    root = locked_root(args, cfg)
+    lock = RunLock(root, args.lock_date, break_stale=args.break_stale_lock, purpose="recommend") if root else nullcontext()
+    with lock:
+        run_recommend_stage(
+            spark, args.run_dir, recommend_settings_from(cfg),
+            id_map_dir=os.path.join(cfg["output"]["root"], "id_maps"),
+            item_filter_path=cfg["recommend"]["item_filter_path"],
+            allow_list_path=cfg["recommend"]["allow_list_path"],
+            model_dir=args.model, interactions_path=args.interactions,
+        )
 
 
 if __name__ == "__main__":

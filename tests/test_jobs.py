@@ -81,6 +81,19 @@ def test_a_held_root_stops_the_writing_jobs_before_spark(tmp_path, job):
     assert "Setting default log level" not in done.stderr
 
 
+def test_recommend_into_a_run_of_a_held_root_stops_before_spark(tmp_path):
+    """The recommend job rewrites a run's tables; a nightly's retention could delete that run meanwhile."""
+    from mf_spark.errors import LockHeldError
+    from mf_spark.publish import RunLock
+
+    run_dir = tmp_path / "root" / "runs" / f"dt={DAY}" / "run_id=a"
+    run_dir.mkdir(parents=True)
+    with RunLock(str(tmp_path / "root"), dt.date(2011, 12, 9)):
+        done = run_job_directly("recommend.py", "--run-dir", str(run_dir), "--break-stale-lock", tmp_path=tmp_path)
+    assert done.returncode == LockHeldError.exit_code, done.stderr[-3000:]
+    assert "locked by nightly run" in done.stderr and "Setting default log level" not in done.stderr
+
+
 def test_a_corrupt_latest_json_stops_the_nightly_before_spark(tmp_path):
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "latest.json").write_text("{not json")
@@ -142,7 +155,8 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
     model and the recommend job's --model/--interactions (train wrote userFactors/, recommend read only
     a run's user_factors/: the chain had no documented way through). Temporary checkpoint directories
     are removed when each job exits."""
-    root, model, recs = tmp_path / "root", tmp_path / "model", tmp_path / "recs"
+    root, model = tmp_path / "root", tmp_path / "model"
+    recs = root / "adhoc" / "recs"  # inside output.root: the recommend job holds the root's lock
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = base_env(TMPDIR=str(scratch))
@@ -161,6 +175,8 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
         assert code == 0, f"{name}:\n{out[-4000:]}"
         if name == "ingest":  # it printed the report but not where it wrote
             assert f"written: {interactions}, {interactions.parent / 'rejects'}" in out
+        if name == "recommend":
+            assert f"took the lock {root / '_LOCK'}" in out and f"released the lock {root / '_LOCK'}" in out
 
     table = read_table(recs / "recommendations")
     history = read_table(interactions)
