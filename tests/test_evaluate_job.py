@@ -101,6 +101,8 @@ def test_published_run_of_a_date_is_found_after_a_rollback_to_an_earlier_date(tm
 def test_report_dir_is_per_date(tmp_path):
     path = report_dir(str(tmp_path), dt.date(2024, 1, 2))
     assert path.startswith(str(tmp_path / "evaluations" / "dt=2024-01-02"))
+    # two evaluations started in the same second wrote into one directory
+    assert len({report_dir(str(tmp_path), dt.date(2024, 1, 2)) for _ in range(20)}) == 20
 
 
 def test_job_rejects_bad_gate_metric_before_spark(tmp_path):

@@ -389,7 +389,10 @@ def report_dir(root: str, run_date: dt.date) -> str:
     """``<root>/evaluations/dt=<date>/<UTC time>``: a new directory per evaluation, never overwritten."""
     import os
 
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    import secrets
+
+    # microseconds and a random suffix, as run ids: two evaluations started in the same second shared one
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
     return os.path.join(root, "evaluations", f"dt={run_date.isoformat()}", stamp)
 
 
