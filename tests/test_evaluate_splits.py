@@ -83,14 +83,17 @@ def test_test_n_and_random_seed(interactions):
 
 def test_global_temporal_reports_cold_users(interactions, spark):
     newcomer = spark.createDataFrame(
-        [(99, 3, 1.0, 1, BASE + dt.timedelta(days=40), BASE + dt.timedelta(days=40))], interactions.schema
+        [(99, 3, 1.0, 1, BASE + dt.timedelta(days=40), BASE + dt.timedelta(days=40)),
+         (1, 29, 1.0, 1, None, None)],  # no time (an external table): it was dropped from both parts
+        interactions.schema,
     )
     split = make_split(interactions.unionByName(newcomer), "global_temporal", cutoff_date="2024-01-12")
+    assert (1, 29) in _pairs(split.train)
     counts = split.counts()
     assert counts["cold_test_users"] >= 1 and 99 in {u for u, _ in _pairs(split.cold_test)}
     assert 99 not in {u for u, _ in _pairs(split.test)}
     cutoff = dt.datetime(2024, 1, 13)
-    assert all(r["last_ts"] < cutoff for r in split.train.collect())
+    assert all(r["last_ts"] is None or r["last_ts"] < cutoff for r in split.train.collect())
     assert all(r["last_ts"] >= cutoff for r in split.test.collect())
 
 

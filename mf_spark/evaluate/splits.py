@@ -191,6 +191,7 @@ def global_temporal_split(interactions: DataFrame, *, cutoff_date: str | dt.date
     """Interactions whose ``last_ts`` falls after ``cutoff_date`` (UTC day) are the test set.
 
     Test rows of users with no interaction up to the cutoff go to ``cold_test`` (reported, not scored).
+    A row without ``last_ts`` cannot be after the cutoff: it is training data (it fell out of both parts).
     """
     _check_columns(interactions, (USER, ITEM, TIME))
     if isinstance(cutoff_date, str):
@@ -199,7 +200,7 @@ def global_temporal_split(interactions: DataFrame, *, cutoff_date: str | dt.date
         except ValueError:
             raise ValueError(f"cutoff_date must be YYYY-MM-DD, got {cutoff_date!r}") from None
     first_test_day = F.lit(cutoff_date + dt.timedelta(days=1)).cast("timestamp")
-    is_test = F.col(TIME) >= first_test_day
+    is_test = F.coalesce(F.col(TIME) >= first_test_day, F.lit(False))
     train = interactions.where(~is_test)
     all_test = interactions.where(is_test)
     train_users = train.select(USER).distinct()
