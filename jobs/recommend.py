@@ -36,7 +36,8 @@ def add_arguments(parser):
     parser.add_argument("--interactions", help="interaction table (user_idx, item_idx, strength) instead of "
                         "RUN_DIR/interactions; needed with --model")
     parser.add_argument("--break-stale-lock", action="store_true",
-                        help="break the output root's lock if its holder on this host is gone (RUN_DIR in output.root)")
+                        help="break the output root's lock if its holder on this host is gone "
+                        "(RUN_DIR in output.root)")
 
 
 def locked_root(args, cfg):
@@ -65,16 +66,18 @@ def check_paths(args, cfg):
     if "://" in args.run_dir:
         # Its tables are swapped in with rename(2), like output.root's (docs/operations.md, Storage).
         raise UsageError(f"--run-dir {args.run_dir}: must be a local (POSIX) path, not a URL")
-    if args.model and unwritable_reason(args.run_dir):
-        raise UsageError(f"--run-dir {args.run_dir} cannot be written: {unwritable_reason(args.run_dir)}")
+    reason = unwritable_reason(args.run_dir) if args.model else None
+    if reason:
+        raise UsageError(f"--run-dir {args.run_dir} cannot be written: {reason}")
     check_local_inputs(cfg, events=False)
     for flag, path in (("--model", args.model), ("--interactions", args.interactions),
                        ("--run-dir", None if args.model else args.run_dir)):
         require_local_path(path, f"recommend: {flag} {path} does not exist")
-    if locked_root(args, cfg):
+    root = locked_root(args, cfg)
+    if root:
         from mf_spark.publish import RunLock
 
-        RunLock(locked_root(args, cfg), args.lock_date, break_stale=args.break_stale_lock).check_free()
+        RunLock(root, args.lock_date, break_stale=args.break_stale_lock).check_free()
 
 
 def body(spark, cfg, args):
@@ -86,7 +89,8 @@ def body(spark, cfg, args):
 
     logging.getLogger("mf_spark").info("recommend: run date %s, run directory %s", args.date, args.run_dir)
     root = locked_root(args, cfg)
-    lock = RunLock(root, args.lock_date, break_stale=args.break_stale_lock, purpose="recommend") if root else nullcontext()
+    lock = (RunLock(root, args.lock_date, break_stale=args.break_stale_lock, purpose="recommend") if root
+            else nullcontext())
     with lock:
         run_recommend_stage(
             spark, args.run_dir, recommend_settings_from(cfg),

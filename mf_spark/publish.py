@@ -856,8 +856,8 @@ def apply_retention(root: str, keep_runs: int, protect: str | None = None) -> li
     the runs of older dates.
 
     Dates, not runs: reruns of one date must not push the previous dates, which are the rollback
-    targets and a rerun's warm start and gate baseline, out of the history. The run ``latest.json`` names and the run whose id is ``protect`` are never deleted, whatever their
-    age: publishing passes its own run, since a backfill of an older date is not among the newest runs
+    targets and a rerun's warm start and gate baseline, out of the history. The run ``latest.json``
+    names and the run whose id is ``protect`` are never deleted, whatever their age: publishing passes its own run, since a backfill of an older date is not among the newest runs
     but is what the next backfill day warm-starts from. Failed runs older than the oldest kept published
     run go too. Returns the removed paths relative to ``root``.
     """

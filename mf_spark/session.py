@@ -51,13 +51,13 @@ def build_session(
         Checkpoint directory. When neither this nor ``spark.checkpoint.dir`` is given, a fresh
         temporary directory is used in local mode, so ALS checkpointing is never silently off (MLlib's
         trap); any other master needs a shared directory.
+    log_level : str
+        JVM log level after start-up.
 
     Raises
     ------
     ConfigError
         When no checkpoint directory is given and the master is not local (the session is stopped).
-    log_level : str
-        JVM log level after start-up.
     """
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # Python workers must have numpy/pyarrow: default them to this interpreter. Clusters whose

@@ -172,8 +172,8 @@ def select_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_col:
 
     Returns columns ``user``, ``item`` (integer types kept, any other numeric type as double) and
     ``rating`` double. The *values* (ids integral and in the Int range, as MLlib's ``checkIntegers``;
-    ratings not null, NaN, infinite or beyond float32's range) are checked by :func:`build_rating_blocks` in the same pass that
-    cuts the ratings into blocks, and a bad value raises :class:`~mf_spark.errors.InputDataError` naming
+    ratings not null, NaN, infinite or beyond float32's range) are checked by :func:`build_rating_blocks`
+    in the same pass that cuts the ratings into blocks, and a bad value raises :class:`~mf_spark.errors.InputDataError` naming
     the column. Duplicate (user, item) rows are summed inside :func:`make_in_block` (MLlib keeps them
     and so counts their terms twice; summing is the usual meaning of repeated events).
     """

@@ -386,14 +386,14 @@ def published_interactions_path(root: str, run_date: dt.date) -> str:
 
 
 def report_dir(root: str, run_date: dt.date) -> str:
-    """``<root>/evaluations/dt=<date>/<UTC time>``: a new directory per evaluation, never overwritten."""
+    """``<root>/evaluations/dt=<date>/<run id>``: a new directory per evaluation, never overwritten (a
+    run id as :func:`mf_spark.publish.new_run_id` makes them: a stamp to the second let two evaluations
+    started in the same second share one)."""
     import os
 
-    import secrets
+    from mf_spark.publish import new_run_id
 
-    # microseconds and a random suffix, as run ids: two evaluations started in the same second shared one
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
-    return os.path.join(root, "evaluations", f"dt={run_date.isoformat()}", stamp)
+    return os.path.join(root, "evaluations", f"dt={run_date.isoformat()}", new_run_id())
 
 
 def summary_table(result: Mapping[str, Any], k: int | None = None) -> str:

@@ -278,7 +278,7 @@ def recommend_for_users(
 
     from mf_spark.recommend import fold_in_factors
 
-    persistent_before = frozenset(train.sparkSession.sparkContext._jsc.getPersistentRDDs().keySet())
+    persistent_before = persistent_rdd_ids(train.sparkSession)
     used = params_for_model(model, params)
     user_factors, item_factors, loss = _fit_factors(model, train, used)
     fitted = [user_factors, item_factors]

@@ -14,6 +14,7 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
+from mf_spark.als.blocks import FLOAT32_MAX  # strengths are float32, as the ALS blocks that read them
 from mf_spark.ingest.read import EventWindow
 from mf_spark.ingest.settings import EventTypeRule, IngestSettings
 
@@ -47,8 +48,6 @@ EVENT_KEY = ("user_id", "item_id", "event_type", "event_ts", "value")
 REJECT_COLUMNS = ("user_id", "item_id", "event_type", "event_ts", "value", "reason", "source_file")
 
 _SECONDS_PER_DAY = 86400.0
-#: Largest finite float32: strengths are stored as float32 (as ALS's blocks are).
-FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _is_blank(col: Column) -> Column:
