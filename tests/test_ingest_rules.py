@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import pytest
 from chispa import assert_approx_df_equality, assert_df_equality
@@ -274,6 +275,21 @@ def test_k_core_iterates_until_both_minimums_hold(spark):
     core = filter_support(_pairs(spark, square), 2, 2, k_core=True)
     assert_df_equality(core, _pairs(spark, square[:4]), ignore_row_order=True, ignore_nullable=True)
     core.unpersist()
+
+
+
+def test_k_core_cascade_of_many_passes_keeps_the_plan_small(spark, caplog):
+    """A chain (user i has items i and i + 1) loses only its two end pairs per pass. A pass reads its
+    input three times, so without cutting the plan each pass tripled the plan tree: the sixth pass of this
+    chain died of the driver's heap (java.lang.OutOfMemoryError) while Spark analysed it."""
+    chain = [(f"u{i:02d}", f"i{j:02d}") for i in range(8) for j in (i, i + 1)]
+    square = [("a", "x"), ("a", "y"), ("b", "x"), ("b", "y")]
+    with caplog.at_level(logging.INFO, logger="mf_spark.ingest.rules"):
+        core = filter_support(_pairs(spark, chain + square), 2, 2, k_core=True)
+    assert_df_equality(core, _pairs(spark, square), ignore_row_order=True, ignore_nullable=True)
+    core.unpersist()
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("k-core pass")]
+    assert len(passes) == 9 and passes[-1] == "k-core pass 9: 4 -> 4 pairs", passes
 
 
 @pytest.mark.parametrize(

@@ -191,8 +191,9 @@ def filter_support(pairs: DataFrame, min_per_user: int, min_per_item: int, k_cor
     """Keep pairs whose user has >= ``min_per_user`` pairs and whose item has >= ``min_per_item`` pairs.
 
     One pass counts users and items on the same input; with ``k_core`` the pass repeats until nothing
-    changes, so both minimums hold in the result. Columns are those of ``pairs``. With ``k_core`` the
-    returned frame is persisted (``MEMORY_AND_DISK``); the caller unpersists it.
+    changes, so both minimums hold in the result. Columns are those of ``pairs``. With ``k_core`` each
+    pass's result is checkpointed (the session's checkpoint directory) and the returned frame is
+    persisted (``MEMORY_AND_DISK``); the caller unpersists it.
     """
     if min_per_user <= 1 and min_per_item <= 1:
         return pairs
@@ -202,7 +203,9 @@ def filter_support(pairs: DataFrame, min_per_user: int, min_per_item: int, k_cor
     size = pairs.count()
     cached: DataFrame | None = None
     for iteration in itertools.count(1):
-        kept = kept.persist(StorageLevel.MEMORY_AND_DISK)
+        # A pass reads its input three times (two counts, one join), so without cutting the plan each pass
+        # tripled the plan tree: a cascade of six passes exhausted the driver's heap analysing it.
+        kept = kept.checkpoint(eager=True).persist(StorageLevel.MEMORY_AND_DISK)
         kept_size = kept.count()
         # The pass just counted read `cached`; only now can it be released.
         if cached is not None:
