@@ -123,6 +123,15 @@ def test_coverage_and_popularity(spark):
     assert metrics["popularity@2"] == pytest.approx((0.5 + 1.0 + 0.5 + 1.0) / 4)
 
 
+def test_popularity_percentile_counts_positive_rows_only(spark):
+    train = spark.createDataFrame(
+        [(1, 1, 1.0), (2, 1, 1.0), (1, 2, -1.0), (2, 2, -1.0), (3, 2, 2.0), (3, 3, 0.0)],
+        "user_idx int, item_idx int, strength float",
+    )
+    rows = {r["item_idx"]: (r["n_users"], r["percentile"]) for r in item_popularity_percentile(train).collect()}
+    assert rows == {1: (2, pytest.approx(1.0)), 2: (1, pytest.approx(2 / 3)), 3: (0, pytest.approx(1 / 3))}
+
+
 def test_popularity_percentile_is_cume_dist_without_a_global_window(spark):
     # ties, a long tail and one very popular item
     lists = {u: [1] + [2 + (u * j) % 37 for j in range(1 + u % 7)] for u in range(1, 60)}

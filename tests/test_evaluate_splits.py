@@ -147,6 +147,18 @@ def test_most_popular_excludes_seen_and_breaks_ties_by_item(spark):
     assert [recs[(1, r)] for r in (1, 2)] == [2, 9] and (1, 3) not in recs
 
 
+def test_most_popular_counts_positive_rows_only(spark):
+    """A return (strength <= 0) is a confident "not preferred" to ALS; counting it made a much-returned
+    item the most popular."""
+    train = spark.createDataFrame(
+        [(1, 5, -1.0), (2, 5, -2.0), (3, 5, 0.0), (1, 7, 1.0), (2, 7, 3.0), (3, 2, 1.0)],
+        "user_idx int, item_idx int, strength float",
+    )
+    users = spark.createDataFrame([(4,)], "user_idx int")
+    recs = most_popular(train, users, 3).orderBy("rank").collect()
+    assert [(r["item_idx"], r["score"]) for r in recs] == [(7, 2.0), (2, 1.0), (5, 0.0)]
+
+
 def test_random_is_seeded_and_excludes_seen(spark):
     seen = spark.createDataFrame([(1, i) for i in range(0, 20, 2)], "user_idx int, item_idx int")
     catalogue = spark.range(20).select(F.col("id").cast("int").alias("item_idx"))

@@ -15,6 +15,8 @@ import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
+from mf_spark.evaluate.metrics import positive_users_per_item
+
 log = logging.getLogger(__name__)
 
 USER, ITEM = "user_idx", "item_idx"
@@ -55,7 +57,8 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
     Parameters
     ----------
     train
-        Interactions (``user_idx``, ``item_idx``) defining popularity: the count of rows per item, ties
+        Interactions (``user_idx``, ``item_idx``, optionally ``strength``) defining popularity: the
+        item's count of positive rows (:func:`~mf_spark.evaluate.metrics.positive_users_per_item`), ties
         broken by the smaller ``item_idx``.
     users
         ``user_idx`` of the users to recommend for.
@@ -67,11 +70,9 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
     DataFrame
         ``user_idx`` int, ``rank`` int (1-based), ``item_idx`` int, ``score`` float (the item's count).
     """
-    counts = (
-        train.groupBy(ITEM).agg(F.count(F.lit(1)).alias("n")).orderBy(F.desc("n"), F.asc(ITEM)).toPandas()
-    )
+    counts = positive_users_per_item(train, ITEM).orderBy(F.desc("n_users"), F.asc(ITEM)).toPandas()
     ranked_items = counts[ITEM].to_numpy(np.int64)
-    ranked_counts = counts["n"].to_numpy(np.float64)
+    ranked_counts = counts["n_users"].to_numpy(np.float64)
     sc = train.sparkSession.sparkContext
     catalogue = sc.broadcast((ranked_items, ranked_counts))
 

@@ -61,21 +61,32 @@ def _ideal_dcg_table(max_k: int) -> Column:
     return F.array(*[F.lit(v) for v in cumulative])
 
 
+def positive_users_per_item(train: DataFrame, item_col: str = "item_idx") -> DataFrame:
+    """``item_col``, ``n_users`` long: each training item's count of rows with ``strength > 0``.
+
+    A row with ``strength <= 0`` (a return, a dislike) is a confident "not preferred" to ALS (p = 0, Hu
+    et al. 2008) and must not make an item popular; it keeps the item in the catalogue with ``n_users``
+    0. Without a ``strength`` column every row counts.
+    """
+    counted = F.lit(1) if "strength" not in train.columns else F.when(F.col("strength") > 0, 1)
+    return train.groupBy(item_col).agg(F.count(counted).alias("n_users"))
+
+
 def item_popularity_percentile(train: DataFrame, item_col: str = "item_idx") -> DataFrame:
     """Popularity percentile of every training item.
 
     Parameters
     ----------
     train
-        Interactions with ``item_col``; one row per user-item pair.
+        Interactions with ``item_col`` and optionally ``strength``; one row per user-item pair.
 
     Returns
     -------
     DataFrame
-        ``item_col`` int, ``n_users`` long (training rows of the item), ``percentile`` double in (0, 1]:
-        the fraction of catalogue items with ``n_users`` at most this item's.
+        ``item_col`` int, ``n_users`` long (:func:`positive_users_per_item`), ``percentile`` double in
+        (0, 1]: the fraction of catalogue items with ``n_users`` at most this item's.
     """
-    counts = train.groupBy(item_col).agg(F.count(F.lit(1)).alias("n_users"))
+    counts = positive_users_per_item(train, item_col)
     # A percentile depends only on the item's count, and there are at most about sqrt(2 * interactions)
     # distinct counts, so their cumulative shares are summed on the driver. A cume_dist window over the
     # catalogue gives the same numbers but pulls every item into one partition (Spark's "No Partition

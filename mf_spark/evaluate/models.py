@@ -9,7 +9,7 @@ generalisation) from its lists and recommends only catalogue (training) items:
   seen-item exclusion. MLlib has only the linear confidence and count-scaled regularisation; the ``log``
   confidence is given to it by feeding ``log(1 + r/eps)`` as the rating (identical confidences), and a
   non-``count`` regularisation is reported and replaced by ``count``;
-- ``popular``: most training users first, unseen only; ``random``: seeded uniform draw of unseen items.
+- ``popular``: most positive training rows first, unseen only; ``random``: seeded uniform draw of unseen items.
 """
 
 from __future__ import annotations
