@@ -680,3 +680,42 @@ def test_replace_dir_swaps_a_complete_directory_in_and_restores_the_old_one_on_f
     with pytest.raises(OSError, match="injected"):
         publish.replace_dir(third, dest)
     assert (dest / "part-0.parquet").read_text() == "new"
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Paths fsynced from now on, in order (read back from the descriptor)."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(publish.os, "fsync", recording_fsync)
+    return synced
+
+
+def test_a_runs_tables_reach_the_disk_before_its_manifest(tmp_path, monkeypatch):
+    """Spark's executors never fsync the Parquet files they write: a power loss soon after publication
+    could leave latest.json (fsynced) naming tables whose data was still in the page cache."""
+    run = begin_run(str(tmp_path), D1)
+    fake_tables(run)
+    tables = {str(p) for p in Path(run.path).rglob("*")}
+    synced = _record_fsyncs(monkeypatch)
+    publish_run(run, {})
+    manifest_write = next(i for i, p in enumerate(synced) if Path(p).name.startswith(".manifest.json.tmp-"))
+    assert tables <= set(synced[:manifest_write])
+    assert run.path in synced[:manifest_write]  # the directory entries too
+
+
+def test_replace_dir_flushes_the_new_directory_before_deleting_the_old(tmp_path, monkeypatch):
+    dest = tmp_path / "recommendations"
+    dest.mkdir()
+    (dest / "part-0.parquet").write_text("old")
+    new = publish.temp_sibling(dest)
+    (new / "sub").mkdir(parents=True)
+    (new / "sub" / "part-0.parquet").write_text("new")
+    synced = _record_fsyncs(monkeypatch)
+    publish.replace_dir(new, dest)
+    assert {str(new / "sub" / "part-0.parquet"), str(new / "sub"), str(new)} <= set(synced)
+    assert (dest / "sub" / "part-0.parquet").read_text() == "new"
