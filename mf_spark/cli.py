@@ -127,7 +127,7 @@ def run_job(
     except PipelineError as exc:  # e.g. an input path given on the command line that does not exist
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    from mf_spark.session import build_session  # imported late: config errors never wait for pyspark
+    from mf_spark.session import build_session, stop_session  # late: config errors never wait for pyspark
 
     warn_about_driver_settings(cfg)
     try:
@@ -154,4 +154,4 @@ def run_job(
             print("error: interrupted; nothing was published", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
     finally:
-        spark.stop()
+        stop_session(spark)

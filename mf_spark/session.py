@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import sys
@@ -12,6 +13,8 @@ from collections.abc import Mapping
 from pyspark.sql import SparkSession
 
 from mf_spark.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Batch defaults a nightly job wants whatever the cluster: UTC so event dates do not shift with the
 # machine, no console progress bar in logs, and one BLAS thread per Python worker so numpy block
@@ -84,6 +87,26 @@ def build_session(
                               "to a directory every node shares (HDFS, S3, NFS), as conf/cluster.toml does")
         sc.setCheckpointDir(checkpoint_dir or temporary_checkpoint_dir("mf-spark-ckpt-"))
     return spark
+
+
+def stop_session(spark: SparkSession) -> None:
+    """Delete this application's checkpoint files, then stop the session.
+
+    Spark checkpoints into a fresh sub-directory of ``spark.checkpoint.dir`` per application and never
+    deletes it: on a cluster's shared directory every nightly left its ID-map, k-core and ALS factor
+    checkpoints behind. They are of no use once the driver ends. A failure to delete is logged, not
+    raised: the job's outcome is already decided.
+    """
+    try:
+        sc = spark.sparkContext
+        directory = sc.getCheckpointDir()
+        if directory:
+            path = sc._jvm.org.apache.hadoop.fs.Path(directory)
+            path.getFileSystem(sc._jsc.hadoopConfiguration()).delete(path, True)
+    except Exception as exc:  # noqa: BLE001 - clean-up must not turn a finished job into a failure
+        log.warning("could not delete the checkpoint files of this run: %s", exc)
+    finally:
+        spark.stop()
 
 
 def temporary_checkpoint_dir(prefix: str) -> str:

@@ -232,3 +232,5 @@ def test_nightly_on_the_cluster_survives_a_lost_worker_and_matches_local(spark_c
     assert os.path.exists(cluster_run / "_PUBLISHED")
     assert_same_factors(local_run, cluster_run)
     assert_same_top_n(local_run, cluster_run)
+    # the shared checkpoint directory (see nightly_args) keeps nothing of the finished run
+    assert not list((root.parent / (root.name + "-checkpoints")).iterdir())

@@ -154,7 +154,8 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
     """The documented path without the nightly: the ingest job's table and id maps, the train job's saved
     model and the recommend job's --model/--interactions (train wrote userFactors/, recommend read only
     a run's user_factors/: the chain had no documented way through). Temporary checkpoint directories
-    are removed when each job exits."""
+    are removed when each job exits, and so are a configured checkpoint directory's files (Spark leaves its
+    per-application sub-directory behind: a cluster's shared directory grew with every run)."""
     root, model = tmp_path / "root", tmp_path / "model"
     recs = root / "adhoc" / "recs"  # inside output.root: the recommend job holds the root's lock
     scratch = tmp_path / "tmp"
@@ -163,8 +164,10 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
     common = ["--master", "local[2]"]
     settings = ["--config", "conf/local.toml", "--set", f"output.root={root}", *SMALL_NIGHTLY]
     interactions = root / "ingest" / f"dt={DAY}" / "interactions"
+    checkpoints = tmp_path / "checkpoints"
     steps = [
-        ("ingest", [*common, "jobs/ingest.py", *settings, "--date", DAY]),
+        ("ingest", [*common, "jobs/ingest.py", *settings, "--date", DAY,
+                    "--set", f"spark.checkpoint.dir={checkpoints}"]),
         ("train", [*common, "jobs/train.py", *settings, "--interactions", str(interactions),
                    "--model-out", str(model)]),
         ("recommend", [*common, "jobs/recommend.py", *settings, "--date", DAY, "--model", str(model),
@@ -175,6 +178,7 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
         assert code == 0, f"{name}:\n{out[-4000:]}"
         if name == "ingest":  # it printed the report but not where it wrote
             assert f"written: {interactions}, {interactions.parent / 'rejects'}" in out
+            assert checkpoints.is_dir() and not list(checkpoints.iterdir())  # the ID maps were checkpointed
         if name == "recommend":
             assert f"took the lock {root / '_LOCK'}" in out and f"released the lock {root / '_LOCK'}" in out
 
