@@ -163,6 +163,43 @@ def test_half_step_closures_do_not_grow_with_rank(spark, small, monkeypatch, bro
     assert max(abs(a - b) for a, b in zip(sizes[4], sizes[128])) < 2_000
 
 
+def test_executors_drop_old_broadcasts_every_iteration_without_checkpoints(spark, small, monkeypatch):
+    """With checkpointing off every executor kept two broadcasts per iteration (each up to
+    broadcastThreshold bytes: the whole fixed side) until the fit ended."""
+    from pyspark.broadcast import Broadcast
+
+    from mf_spark.als import train
+
+    R, ratings = small
+    created, released = [], []
+    real_init, real_unpersist, real_half_step = Broadcast.__init__, Broadcast.unpersist, train.half_step
+
+    def tracked_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        created.append(self)  # the objects, not their ids: a collected object's id is reused
+
+    def tracked_unpersist(self, blocking=False):
+        released.append(self)
+        return real_unpersist(self, blocking)
+
+    def alive() -> list:
+        return [b for b in created if not any(b is r for r in released)]
+
+    alive_at_half_step = []
+
+    def counting_half_step(*args, **kwargs):
+        alive_at_half_step.append(len(alive()))
+        return real_half_step(*args, **kwargs)
+
+    monkeypatch.setattr(Broadcast, "__init__", tracked_init)
+    monkeypatch.setattr(Broadcast, "unpersist", tracked_unpersist)
+    monkeypatch.setattr(train, "half_step", counting_half_step)
+    ImplicitALS(rank=4, maxIter=5, seed=3, checkpointInterval=-1).fit(ratings)
+    # only the broadcast of the half-step being built: the one before it is materialised
+    assert alive_at_half_step == [1] * 10, alive_at_half_step
+    assert not alive()  # and none is left on the executors after the fit
+
+
 def test_same_seed_and_blocks_give_same_factors(spark, small):
     R, ratings = small
     a = ImplicitALS(rank=4, maxIter=2, numUserBlocks=2, numItemBlocks=3, seed=9).fit(ratings)

@@ -387,6 +387,13 @@ def train_implicit(
     broadcasts: list[Broadcast] = []
 
     def broadcast_of(stats: _SideStats) -> Broadcast:
+        # The previous half-step is materialised, so executors will not read its broadcast again:
+        # unpersist (not destroy) it, since recomputing a lost partition before the next checkpoint
+        # fetches it again from the driver. Without it every executor held two per iteration (each up to
+        # broadcastThreshold bytes) until the next checkpoint, or to the end with checkpointing off.
+        for old in broadcasts:
+            old.unpersist()
+        broadcasts.clear()
         lookup = None if stats.blocks is None else _fixed_side_lookup(stats.blocks)
         bc = sc.broadcast((stats.gramian, lookup))
         broadcasts.append(bc)
@@ -410,11 +417,6 @@ def train_implicit(
             rank, level, collect_factors=broadcast_users and iteration < settings.max_iter, checkpoint=checkpoint)
         user_factors.unpersist()
         user_factors = new_users
-        if checkpoint:
-            # the checkpoint cut the lineage: older broadcasts are no longer needed for recovery
-            for bc in broadcasts[:-2]:
-                bc.unpersist()
-            broadcasts = broadcasts[-2:]
 
         loss = user_stats.data_loss + user_stats.reg_loss + item_stats.reg_loss
         elapsed = time.perf_counter() - t0
