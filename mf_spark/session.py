@@ -72,7 +72,11 @@ def build_session(
         builder = builder.master(master)
     merged = {**BATCH_DEFAULTS, **(properties or {})}
     for name, value in merged.items():
-        builder = builder.config(name, value)
+        # Set below instead: a directory Spark cannot use (hdfs:/// without HDFS, the usual mistake)
+        # failed the SparkContext constructor, which logged 60 lines of Java traces before the job's
+        # one-line error.
+        if name != "spark.checkpoint.dir":
+            builder = builder.config(name, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(log_level)
     checkpoint_dir = checkpoint_dir or merged.get("spark.checkpoint.dir")
@@ -85,7 +89,11 @@ def build_session(
             spark.stop()
             raise ConfigError(f"spark.checkpoint.dir is not set and the master {master} is not local: set it "
                               "to a directory every node shares (HDFS, S3, NFS), as conf/cluster.toml does")
-        sc.setCheckpointDir(checkpoint_dir or temporary_checkpoint_dir("mf-spark-ckpt-"))
+        try:
+            sc.setCheckpointDir(checkpoint_dir or temporary_checkpoint_dir("mf-spark-ckpt-"))
+        except Exception:
+            spark.stop()
+            raise
     return spark
 
 
