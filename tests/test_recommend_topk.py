@@ -15,9 +15,20 @@ from mf_spark.recommend.topk import (
 )
 
 
+def reference_scores(src, dst):
+    """The documented score: exact float64 products of the float32 factors, summed by one numpy
+    reduction per pair along the factor axis, then float32; here one pair at a time."""
+    src, dst = np.asarray(src, np.float32).astype(np.float64), np.asarray(dst, np.float32).astype(np.float64)
+    scores = np.empty((src.shape[0], dst.shape[0]), np.float32)
+    for i in range(src.shape[0]):
+        for j in range(dst.shape[0]):
+            scores[i, j] = (src[i] * dst[j]).sum()
+    return scores
+
+
 def brute_force(src_ids, src, dst_ids, dst, k, masked=frozenset()):
     """Every pair scored, masked pairs dropped, full sort by (-score, dst id), first k per src."""
-    scores = src.astype(np.float32) @ dst.astype(np.float32).T
+    scores = reference_scores(src, dst)
     expected = []
     for row, s in enumerate(src_ids):
         cands = [(-float(scores[row, col]), int(d)) for col, d in enumerate(dst_ids)
@@ -109,6 +120,50 @@ def test_ties_are_broken_by_lower_dst_id_across_tiles():
         assert as_rows(block_top_k(src_ids, src, dst_ids, dst, 7, tile_elements=tile_elements,
                                    max_tile_columns=max_cols)) == expected
     assert [e[2] for e in expected if e[0] == 0] == [0, 2, 4, 6, 8, 10, 12]
+
+
+def _identical_groups(n_groups=7, copies=9, rank=24, n_src=300, seed=2):
+    """dst vectors in groups of identical copies (ids interleaved), random non-integer values: a float32
+    GEMM gives one vector different last bits at different columns, the documented score does not."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n_groups, rank)).astype(np.float32)
+    dst = base[np.arange(n_groups * copies) % n_groups]
+    src = rng.standard_normal((n_src, rank)).astype(np.float32)
+    return np.arange(n_src, dtype=np.int32), src, np.arange(n_groups * copies, dtype=np.int32), dst
+
+
+def test_scores_and_ties_do_not_depend_on_tiles_or_on_the_other_rows():
+    """The GEMM's rounding depends on a pair's place in the tile: identical item vectors scored
+    differently, a higher id won their tie, and lists changed with the block and chunk sizes."""
+    src_ids, src, dst_ids, dst = _identical_groups()
+    expected = brute_force(src_ids, src, dst_ids, dst, 10)
+    for tile_elements, max_cols in [(1 << 21, 16384), (7, 3), (640, 64)]:
+        assert as_rows(block_top_k(src_ids, src, dst_ids, dst, 10, tile_elements=tile_elements,
+                                   max_tile_columns=max_cols)) == expected
+    # rows scored in other company (smaller blocks) and dst in chunks merged: the same bits
+    parts = [block_top_k(src_ids[a:a + 7], src[a:a + 7], dst_ids[c::4], dst[c::4], 10)
+             for a in range(0, len(src_ids), 7) for c in range(4)]
+    columns = (np.concatenate([getattr(p, field) for p in parts]) for field in ("src", "dst", "score"))
+    assert as_rows(merge_top_k(*columns, 10)) == expected
+    # within each list, equal scores come in ascending id order
+    assert all(a[2] < b[2] for a, b in zip(expected, expected[1:]) if a[0] == b[0] and a[3] == b[3])
+    assert sum(a[3] == b[3] for a, b in zip(expected, expected[1:]) if a[0] == b[0]) > 1000
+
+
+def test_a_tie_wider_than_the_rescoring_margin_is_scored_exactly():
+    """40 copies of the best vector: the GEMM candidates (k + RESCORE_MARGIN) are all copies, so the
+    margin cannot show that a copy left out scores lower; the row is scored exactly over all columns."""
+    from mf_spark.recommend import topk
+
+    src_ids, src, dst_ids, dst = _identical_groups(n_groups=3, copies=40, n_src=5)
+    assert 40 > 5 + topk.RESCORE_MARGIN
+    expected = brute_force(src_ids, src, dst_ids, dst, 5)
+    for tile_elements, max_cols in [(1 << 21, 16384), (16, 8)]:
+        assert as_rows(block_top_k(src_ids, src, dst_ids, dst, 5, tile_elements=tile_elements,
+                                   max_tile_columns=max_cols)) == expected
+    # the best group's lowest ids: ids are interleaved by group (id % 3)
+    best_group = expected[0][2] % 3
+    assert [e[2] for e in expected if e[0] == 0] == [best_group + 3 * i for i in range(5)]
 
 
 def test_non_finite_factors_are_skipped():

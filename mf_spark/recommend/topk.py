@@ -9,6 +9,16 @@ fix-up pass, and the score can be decoded back bit for bit:
 * low 32 bits: ``2**32 - 1 - column``, so a lower column (= lower dst id, columns are sorted by id)
   gives a larger key.
 
+**The score** of a pair is defined independently of how pairs are grouped: the float64 sum of the
+float64 products of the float32 factors (each product is exact), in an order fixed by the rank,
+rounded once to float32 (:func:`exact_scores`). A float32 GEMM, which the search uses for speed, rounds differently
+depending on a pair's place in the tile (its row in the block, the tile width, the BLAS kernel), so
+its scores alone made a list depend on ``user_block_size``, ``item_chunk_size``, the plan and the other
+users of the block, and let a higher id win a tie between identical item vectors. The search therefore
+keeps ``k + RESCORE_MARGIN`` GEMM candidates per row, rescored exactly; a row whose margin cannot
+rule out a column left out (its last candidate is within the GEMM's error bound of the k-th exact
+score: near-identical vectors beyond the margin) is scored exactly over all columns.
+
 A block of ``m`` src rows is scored against the dst matrix in tiles of at most ``tile_elements``
 float32 scores. Columns are visited in ascending id order, starting with a narrow tile whose exact
 top-k gives every row a threshold; later tiles only look at scores strictly above the row's current
@@ -28,6 +38,11 @@ DEFAULT_TILE_ELEMENTS = 1 << 21
 #: Widest column tile. Wider tiles leave fewer rows per tile and so smaller, slower GEMMs; 8-16k
 #: columns measured fastest for rank 32 and 20k-100k items (about 25% less CPU than 50k).
 DEFAULT_MAX_TILE_COLUMNS = 16384
+
+#: GEMM candidates kept per row beyond k, to be rescored exactly (see the module docstring).
+RESCORE_MARGIN = 16
+#: Gathered factor values (float64) held at once while rescoring; 2**16 measured 1.7x faster than 2**20.
+_RESCORE_ELEMENTS = 1 << 16
 
 _LOW_MASK = np.int64(0xFFFFFFFF)
 _SIGN_FLIP = np.int64(0x7FFFFFFF)
@@ -137,6 +152,86 @@ def normalize_rows(factors: np.ndarray) -> np.ndarray:
     return (factors / norms[:, None]).astype(np.float32)
 
 
+def exact_scores(src: np.ndarray, dst: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """The scores of ``src`` row ``i`` with the dst rows ``columns[i]``, independent of layout.
+
+    Parameters
+    ----------
+    src : (t, r) float32
+    dst : (n, r) float32
+    columns : (t, c) int, indices into ``dst``
+
+    Returns
+    -------
+    (t, c) float32
+        ``float32(sum_j float64(src[i, j]) * float64(dst[col, j]))``: the products are exact and their
+        float64 sum is one numpy reduction over the contiguous factor axis, whose order of additions
+        depends only on the rank. Every pair goes through the same IEEE operations wherever it sits,
+        so its score is the same bits.
+    """
+    t, c = columns.shape
+    r = src.shape[1]
+    out = np.empty((t, c), dtype=np.float32)
+    if t == 0 or c == 0:
+        return out
+    step = max(1, _RESCORE_ELEMENTS // (c * max(r, 1)))
+    for a in range(0, t, step):
+        b = min(a + step, t)
+        # float32 -> float64 is exact, and so is the product of two 24-bit mantissas
+        products = dst[columns[a:b]].astype(np.float64)  # (rows, c, r), contiguous along r
+        products *= src[a:b, None, :]
+        # One reduction per pair along its own contiguous length-r axis: numpy's pairwise summation
+        # takes the same steps for every pair, wherever it sits in the block.
+        out[a:b] = products.sum(axis=2)
+    return out
+
+
+def _exact_row_keys(u: np.ndarray, dst: np.ndarray, k: int, masked: np.ndarray) -> np.ndarray:
+    """Top-k keys of one src row scored exactly against every dst row (``masked`` columns: -inf)."""
+    n = dst.shape[0]
+    scores = np.empty(n, dtype=np.float32)
+    step = max(1, _RESCORE_ELEMENTS // max(dst.shape[1], 1))
+    for c0 in range(0, n, step):
+        c1 = min(c0 + step, n)
+        scores[c0:c1] = exact_scores(u[None, :], dst, np.arange(c0, c1)[None, :])[0]
+    scores[masked] = -np.inf
+    keys = score_keys(scores[None, :], np.arange(n)[None, :])
+    return top_keys(keys, min(k, n))[0]
+
+
+def _rescored_top_k(
+    src: np.ndarray,
+    dst: np.ndarray,
+    candidates: np.ndarray,
+    k: int,
+    complete: bool,
+    error_bounds: np.ndarray,
+    masked_of_row,
+) -> np.ndarray:
+    """``(t, k)`` keys of the exact top-k of each row from its GEMM ``candidates`` (``(t, k')`` keys).
+
+    A column outside the candidates has a GEMM score at most the row's lowest candidate's, hence an exact
+    score at most that plus ``error_bounds[row]``. Unless ``complete`` (every column is a candidate), a
+    row where that could reach its k-th exact score is scored exactly over all columns.
+    """
+    real = is_real_key(candidates)
+    approx, cols = decode_keys(candidates)
+    cols = np.where(real, cols, 0)
+    exact = exact_scores(src, dst, cols)
+    keys = np.where(real, score_keys(exact, cols), _PAD_KEY)
+    best = top_keys(keys, k)
+    if complete:
+        return best
+    kth, _ = decode_keys(best.min(axis=1))  # NaN for padding: the row has fewer than k candidates
+    lowest = np.where(real, approx, np.inf).min(axis=1).astype(np.float64)
+    full = real.all(axis=1)  # otherwise every unmasked column is already a candidate
+    with np.errstate(invalid="ignore"):
+        unsure = full & np.isfinite(error_bounds) & ~(lowest + error_bounds < kth.astype(np.float64))
+    for row in np.flatnonzero(unsure):
+        best[row] = _exact_row_keys(src[row], dst, k, masked_of_row(row))
+    return best
+
+
 def _column_tiles(n_cols: int, k: int, max_width: int) -> list[tuple[int, int]]:
     """Column ranges: a first tile of width ~4k (>= 256), then doubling up to ``max_width``."""
     tiles = []
@@ -208,16 +303,29 @@ def block_top_k(
     bad_cols = np.flatnonzero(bad_dst)
 
     width_cap = max(1, min(max_tile_columns, n))
-    col_tiles = _column_tiles(n, k, width_cap)
-    row_tile = max(1, tile_elements // width_cap)
     k_eff = min(k, n)
+    k_search = min(n, k_eff + RESCORE_MARGIN)
+    col_tiles = _column_tiles(n, k_search, width_cap)
+    row_tile = max(1, tile_elements // width_cap)
+    # |GEMM - exact| <= (r + 1) * 2**-24 * sum_j |u_j v_j| <= (r + 1) * 2**-24 * |u| |v|, doubled for safety
+    r = src_factors.shape[1]
+    dst_norm = float(np.sqrt(np.einsum("ij,ij->i", dst_factors, dst_factors, dtype=np.float64).max()))
+    src_norms = np.sqrt(np.einsum("ij,ij->i", src_factors, src_factors, dtype=np.float64))
+    error_bounds = (r + 1) * 2.0**-23 * src_norms * dst_norm
 
     out_src, out_keys = [], []
     for r0 in range(0, m, row_tile):
         r1 = min(r0 + row_tile, m)
         sel = (mask_rows >= r0) & (mask_rows < r1)
         t_rows, t_cols = mask_rows[sel] - r0, mask_cols[sel]
-        best = _tile_rows_top_k(src_factors[r0:r1], dst_factors, k_eff, col_tiles, t_rows, t_cols, bad_cols)
+        candidates = _tile_rows_top_k(src_factors[r0:r1], dst_factors, k_search, col_tiles, t_rows, t_cols,
+                                      bad_cols)
+
+        def masked_of_row(row: int, t_rows=t_rows, t_cols=t_cols) -> np.ndarray:
+            return np.concatenate([t_cols[t_rows == row], bad_cols])
+
+        best = _rescored_top_k(src_factors[r0:r1], dst_factors, candidates, k_eff, k_search == n,
+                               error_bounds[r0:r1], masked_of_row)
         best = np.sort(best, axis=1)[:, ::-1]  # descending keys = rank order
         best[~good_src[r0:r1]] = _PAD_KEY
         out_src.append(np.broadcast_to(src_ids[r0:r1, None], best.shape))
