@@ -30,6 +30,10 @@ BATCH_DEFAULTS: dict[str, str] = {
     # The evaluation's per-user metric table has one column per metric and K (28 by default); with
     # Spark's limit of 25 fields every nightly printed a WARN that a plan string was truncated.
     "spark.sql.debug.maxToStringFields": "100",
+    # Delete a checkpoint's files once its RDD is garbage collected on the driver. Otherwise they stayed
+    # until the job ended: every ALS fit, k-core pass and ID-map checkpoint of a backfill or a tuning run
+    # piled up in spark.checkpoint.dir (on a cluster's shared directory, gigabytes per fit).
+    "spark.cleaner.referenceTracking.cleanCheckpoints": "true",
 }
 
 

@@ -3,6 +3,8 @@ determinism, routing vs broadcast, input validation, persistence and the MLlib-c
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from pyspark.ml import Pipeline
@@ -200,6 +202,27 @@ def test_executors_drop_old_broadcasts_every_iteration_without_checkpoints(spark
     assert not alive()  # and none is left on the executors after the fit
 
 
+def test_broadcasts_before_a_checkpoint_are_destroyed(spark, small, monkeypatch):
+    """PySpark deletes a broadcast's file on the driver only in destroy(): every half-step left one for
+    the whole session. Once both sides are checkpointed no recomputation can read them."""
+    from pyspark.broadcast import Broadcast
+
+    R, ratings = small
+    created = []
+    real_init = Broadcast.__init__
+
+    def tracked_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        created.append(self)
+
+    monkeypatch.setattr(Broadcast, "__init__", tracked_init)
+    ImplicitALS(rank=4, maxIter=5, seed=3, checkpointInterval=2).fit(ratings)
+    assert len(created) == 10
+    # the checkpoint of iteration 4 frees iterations 1-3; 4's RDDs (serialised into 5's tasks) and 5's
+    # lineage keep theirs
+    assert [os.path.exists(b._path) for b in created] == [False] * 6 + [True] * 4
+
+
 def test_same_seed_and_blocks_give_same_factors(spark, small):
     R, ratings = small
     a = ImplicitALS(rank=4, maxIter=2, numUserBlocks=2, numItemBlocks=3, seed=9).fit(ratings)
@@ -333,6 +356,29 @@ def test_warm_start_new_ids_get_factors(spark, small):
     assert grown.userFactors.count() == R.shape[0]
     with pytest.raises(ValueError, match="rank"):
         ImplicitALS(rank=5, maxIter=1, initialModel=base).fit(ratings)
+
+
+def test_checkpoint_files_are_deleted_once_their_rdd_is_unreachable(spark):
+    """Checkpoints stayed in spark.checkpoint.dir until the job ended: a backfill or a tuning run piled
+    up every fit's (build_session sets spark.cleaner.referenceTracking.cleanCheckpoints)."""
+    import gc
+    import time
+    from urllib.parse import urlparse
+
+    sc = spark.sparkContext
+    assert sc.getConf().get("spark.cleaner.referenceTracking.cleanCheckpoints") == "true"
+    rdd = sc.parallelize(range(100), 2)
+    rdd.checkpoint()
+    rdd.count()
+    path = urlparse(rdd.getCheckpointFile()).path
+    assert os.path.isdir(path)
+    del rdd
+    deadline = time.monotonic() + 60
+    while os.path.exists(path) and time.monotonic() < deadline:
+        gc.collect()
+        sc._jvm.System.gc()
+        time.sleep(0.5)
+    assert not os.path.exists(path)
 
 
 def test_many_iterations_with_checkpointing(spark, small):

@@ -391,9 +391,8 @@ def train_implicit(
         # unpersist (not destroy) it, since recomputing a lost partition before the next checkpoint
         # fetches it again from the driver. Without it every executor held two per iteration (each up to
         # broadcastThreshold bytes) until the next checkpoint, or to the end with checkpointing off.
-        for old in broadcasts:
-            old.unpersist()
-        broadcasts.clear()
+        if broadcasts:
+            broadcasts[-1].unpersist()
         lookup = None if stats.blocks is None else _fixed_side_lookup(stats.blocks)
         bc = sc.broadcast((stats.gramian, lookup))
         broadcasts.append(bc)
@@ -417,6 +416,15 @@ def train_implicit(
             rank, level, collect_factors=broadcast_users and iteration < settings.max_iter, checkpoint=checkpoint)
         user_factors.unpersist()
         user_factors = new_users
+        if checkpoint:
+            # Both sides' lineage now starts at their checkpoints, so no task reads the broadcasts of
+            # earlier iterations again. This iteration's two stay: its RDDs, serialised into the next
+            # iteration's tasks, still carry them. destroy() also deletes the driver's file of each
+            # (PySpark keeps it until then), which otherwise stayed on the driver's disk for the whole
+            # session: 12 per fit of maxIter 6, each up to broadcastThreshold bytes.
+            for bc in broadcasts[:-2]:
+                bc.destroy()
+            del broadcasts[:-2]
 
         loss = user_stats.data_loss + user_stats.reg_loss + item_stats.reg_loss
         elapsed = time.perf_counter() - t0
@@ -462,6 +470,11 @@ def factors_to_frame(spark: SparkSession, factors: RDD) -> DataFrame:
 FACTOR_ARROW_SCHEMA = pa.schema([pa.field("id", pa.int32(), False), pa.field("features", pa.list_(pa.field("element", pa.float32(), False)), False)])
 
 
+#: Item factors (bytes as float32) up to which :func:`objective` may be asked for: it holds about three
+#: copies on the driver. ALS's default broadcastThreshold.
+OBJECTIVE_MAX_ITEM_BYTES = 64 * 1024 * 1024
+
+
 def objective(
     spark: SparkSession,
     ratings: DataFrame,
@@ -475,7 +488,8 @@ def objective(
     ``sum_{all u,i} c_ui (p_ui - x_u.y_i)^2 + sum_u lambda_u |x_u|^2 + sum_i lambda_i |y_i|^2``, with the
     data term over *all* pairs computed by the Gramian trick per user block (never scoring all pairs).
     ``ratings`` comes from :func:`mf_spark.als.blocks.select_ratings`; every rated user and item must
-    have factors.
+    have factors. All item factors are collected to the driver and broadcast: callers bound their size
+    (see :data:`OBJECTIVE_MAX_ITEM_BYTES`).
     """
     level = StorageLevel.MEMORY_AND_DISK
     rank = len(item_factors.first()["features"])
@@ -511,6 +525,6 @@ def objective(
 
     total = sum(user_in.union(users).mapPartitions(user_terms).collect())
     total += sum(item_in.union(items).mapPartitions(item_terms).collect())
-    lookup.unpersist()
+    lookup.destroy()  # both sums are collected: nothing reads it again (unpersist left its driver file)
     blocks.unpersist()
     return float(total)
