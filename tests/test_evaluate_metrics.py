@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from pyspark.ml.evaluation import RankingEvaluator
 from pyspark.sql import Window
@@ -199,3 +200,36 @@ def test_paired_differences_against_numpy(spark):
                                            "n_users": 4})
     one_user = paired_differences(frame_a.where("user_idx = 1"), frame_b, ["ndcg@2"])["ndcg@2"]
     assert one_user == pytest.approx({"mean": 0.25, "low": 0.25, "high": 0.25, "n_users": 1})
+
+
+def _lists_with_hits(spark, hits_per_user, k, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user, hits in enumerate(hits_per_user):
+        items = list(range(hits)) + list(range(1000, 1000 + k - hits))
+        rng.shuffle(items)
+        rows += [(user, rank, item) for rank, item in enumerate(items, start=1)]
+    return spark.createDataFrame(rows, "user_idx int, rank int, item_idx int")
+
+
+def test_metric_means_do_not_depend_on_partitioning(spark):
+    """Double sums depended on the order Spark added rows in: two lists with the same hits had
+    precision@20 differing in the last bits, and which one tuning picked changed with the partitioning."""
+    k, n_users = 20, 150
+    rng = np.random.default_rng(11)
+    hits_a = np.minimum(rng.multinomial(700, np.ones(n_users) / n_users), k)
+    hits_b = hits_a[rng.permutation(n_users)]  # the same total, spread over other users
+    test = spark.createDataFrame([(u, i) for u in range(n_users) for i in range(30)], "user_idx int, item_idx int")
+    lists = [_lists_with_hits(spark, hits_a, k, 1), _lists_with_hits(spark, hits_b, k, 2)]
+    previous = spark.conf.get("spark.sql.shuffle.partitions")
+    results = []
+    try:
+        for shuffle, partitions in [("2", 1), ("3", 7), ("7", 7)]:
+            spark.conf.set("spark.sql.shuffle.partitions", shuffle)
+            results.append([ranking_metrics(recs.repartition(partitions), test.repartition(partitions), [k, 5])
+                            for recs in lists])
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", previous)
+    assert all(r == results[0] for r in results[1:])  # every value, bit for bit
+    a, b = results[0]
+    assert a["precision@20"] == b["precision@20"] == hits_a.sum() / (n_users * k)

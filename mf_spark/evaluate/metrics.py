@@ -104,6 +104,17 @@ def item_popularity_percentile(train: DataFrame, item_col: str = "item_idx") -> 
     return counts.join(F.broadcast(share_table), "n_users").select(item_col, "n_users", "percentile")
 
 
+#: Sums of metric terms are taken in this type: a decimal sum is exact, so it does not depend on the
+#: order Spark adds the rows in (their partitioning, retries). A double sum did, in the last bits, and
+#: that broke ties between tuning candidates with the same hits: the pick depended on the partitioning.
+EXACT_SUM_TYPE = "decimal(38,18)"
+
+
+def exact_sum(column: Column) -> Column:
+    """``sum`` of a finite double column, exact and independent of row order (18 decimal places)."""
+    return F.sum(column.cast(EXACT_SUM_TYPE))
+
+
 def per_user_metrics(
     recommendations: DataFrame,
     test: DataFrame,
@@ -151,8 +162,8 @@ def per_user_metrics(
         within = F.col("rank") <= k
         sums += [
             F.sum(F.when(within, F.col("hit")).otherwise(0)).alias(f"_hits{k}"),
-            F.sum(F.when(within, F.col("hit") / F.log2(F.col("rank") + 1)).otherwise(0.0)).alias(f"_dcg{k}"),
-            F.sum(
+            exact_sum(F.when(within, F.col("hit") / F.log2(F.col("rank") + 1)).otherwise(0.0)).alias(f"_dcg{k}"),
+            exact_sum(
                 F.when(within & (F.col("hit") == 1), F.col("hits_so_far") / F.col("rank")).otherwise(0.0)
             ).alias(f"_ap{k}"),
         ]
@@ -169,10 +180,10 @@ def per_user_metrics(
             (hit_count / k).alias(metric_name("precision", k)),
             (hit_count / F.col("n_test")).alias(metric_name("recall", k)),
             (hit_count / capped).alias(metric_name("capped_recall", k)),
-            (F.coalesce(F.col(f"_ap{k}"), F.lit(0.0)) / capped).alias(metric_name("map", k)),
-            (F.coalesce(F.col(f"_dcg{k}"), F.lit(0.0)) / F.element_at(ideal, capped.cast("int"))).alias(
-                metric_name("ndcg", k)
-            ),
+            (F.coalesce(F.col(f"_ap{k}").cast("double"), F.lit(0.0)) / capped).alias(metric_name("map", k)),
+            (
+                F.coalesce(F.col(f"_dcg{k}").cast("double"), F.lit(0.0)) / F.element_at(ideal, capped.cast("int"))
+            ).alias(metric_name("ndcg", k)),
             (hit_count > 0).cast("double").alias(metric_name("hit_rate", k)),
             F.when(F.col("_first_hit") <= k, 1.0 / F.col("_first_hit"))
             .otherwise(0.0)
@@ -259,14 +270,17 @@ def list_metrics(
         within = F.col(rank_col) <= k
         aggregates += [
             F.count_distinct(F.when(within, F.col(item_col))).alias(metric_name("coverage", k)),
-            F.avg(F.when(within, F.coalesce("percentile", F.lit(0.0)))).alias(metric_name("popularity", k)),
+            exact_sum(F.when(within, F.coalesce("percentile", F.lit(0.0)))).alias(metric_name("popularity", k)),
+            F.count(F.when(within, 1)).alias(f"_entries{k}"),
         ]
     row = scored.agg(*aggregates).first()
     result: dict[str, float] = {}
     for k in ks:
         covered = row[metric_name("coverage", k)] or 0
         result[metric_name("coverage", k)] = covered / n_catalogue if n_catalogue else 0.0
-        result[metric_name("popularity", k)] = float(row[metric_name("popularity", k)] or 0.0)
+        entries = row[f"_entries{k}"]
+        total = row[metric_name("popularity", k)]
+        result[metric_name("popularity", k)] = float(total / entries) if entries else 0.0
     return result
 
 
@@ -312,13 +326,14 @@ def ranking_metrics(
         )
     names = [metric_name(m, k) for k in ks for m in PER_USER_METRICS]
     row = per_user.agg(
-        F.count(F.lit(1)).alias("n_users"), *[F.avg(F.col(f"`{n}`")).alias(n) for n in names]
+        F.count(F.lit(1)).alias("n_users"), *[exact_sum(F.col(f"`{n}`")).alias(n) for n in names]
     ).first()
-    result: dict[str, float] = {"n_users": int(row["n_users"])}
+    n_users = int(row["n_users"])
+    result: dict[str, float] = {"n_users": n_users}
     for name in names:
         # NaN over no user, not 0.0: the quality gate fails a NaN ("no test user scored?") but passed a
         # 0.0 whenever its minimum was 0 or there was no previous run
-        result[name] = float("nan") if row[name] is None else float(row[name])
+        result[name] = float("nan") if row[name] is None else float(row[name] / n_users)
     if popularity is not None:
         test_users = test.select(user_col).distinct()
         evaluated_lists = recommendations.join(test_users, user_col, "left_semi")
