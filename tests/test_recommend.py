@@ -228,6 +228,24 @@ def test_fold_in_equals_the_dense_closed_form(spark, params):
         np.testing.assert_allclose(solved[user], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_fold_in_sums_duplicates_in_value_order_as_training(spark):
+    """Duplicates were summed in arrival order: 1e16 + 1 - 1e16 is 0 one way and 1 the other, so the
+    same rows in another order folded in another factor."""
+    rng = np.random.default_rng(0)
+    items = factor_frame(spark, range(8), rng.normal(size=(8, 4)))
+    rows = [(100, 3, 1e16), (100, 3, -1e16), (100, 3, 1.0), (100, 5, 2.0), (100, 7, 1.0)]
+    orders = [rows, [rows[0], rows[2], rows[1], *rows[3:]], rows[::-1]]
+    params = SolveParams(alpha=1.0, reg_param=0.1, solver="cholesky")
+    folded = [fold_in_factors(spark.createDataFrame(r, "user_idx int, item_idx int, strength double").coalesce(1),
+                              items, params).collect()[0]["features"] for r in orders]
+    assert folded[0] == folded[1] == folded[2]
+    # training's sum of the same values: ascending, -1e16 + 1 + 1e16 = 0.0
+    single = [(100, 3, 0.0), (100, 5, 2.0), (100, 7, 1.0)]
+    expected = fold_in_factors(spark.createDataFrame(single, "user_idx int, item_idx int, strength double"),
+                               items, params).collect()[0]["features"]
+    assert folded[0] == expected
+
+
 def test_fold_in_new_users_solves_only_users_without_factors(spark):
     rng = np.random.default_rng(8)
     items = factor_frame(spark, range(6), rng.normal(size=(6, 2)))
