@@ -169,6 +169,7 @@ def run_nightly(
     too many rejects, a failed gate or a held lock.
     """
     from mf_spark.evaluate import evaluate_gate, evaluate_holdout
+    from mf_spark.evaluate.models import persistent_rdd_ids, unpersist_since
     from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
     from mf_spark.ingest.stage import write_rejects_for_inspection
     from mf_spark.recommend import build_recommendation_tables
@@ -179,6 +180,9 @@ def run_nightly(
     train_cfg, rec_cfg, eval_cfg = cfg["train"], cfg["recommend"], cfg["evaluate"]
     # A backfill holds the lock over all its dates (take_lock=False here) so nothing slips in between.
     lock = publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock) if take_lock else nullcontext()
+    # Everything the day caches (ingest outputs, factors, top-k payloads) is released when it ends: a
+    # backfill runs its dates in one session, and each date added four cached tables to the executors.
+    cached_before = persistent_rdd_ids(spark)
     with lock:
         run = publish.begin_run(root, run_date)
         log.info("run %s for %s in %s", run.run_id, run_date, run.path)
@@ -286,6 +290,8 @@ def run_nightly(
             manifest["timings"] = timer.seconds
             publish.write_failed_manifest(run, manifest)
             raise
+        finally:
+            unpersist_since(spark, cached_before)
 
     if print_summary:
         print_run_summary(spark, root, run, timer)

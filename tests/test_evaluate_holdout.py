@@ -464,3 +464,19 @@ def test_mllib_gets_implicit_als_confidence_for_negative_strengths_under_log(spa
     users = spark.createDataFrame([(0,), (1,)], "user_idx int")
     run = recommend_for_users("mllib_als", train, users, 2, params, mllib_loss=False)
     assert run.recommendations.count() > 0
+
+
+def test_mllib_loss_is_skipped_when_its_item_factors_are_too_large_to_collect(spark, monkeypatch, caplog):
+    """The objective collects every item factor to the driver (about three copies) with no size guard."""
+    from mf_spark.als import train as als_train
+    from mf_spark.evaluate.models import TrainParams, mllib_objective
+
+    train = spark.createDataFrame([(0, 0, 1.0), (0, 1, 2.0), (1, 1, 1.0)], "user_idx int, item_idx int, strength float")
+    params = TrainParams(rank=2, max_iter=2)
+    run = recommend_for_users("mllib_als", train, train.select("user_idx").distinct(), 2, params, mllib_loss=False)
+    users, items = run.cached  # the fitted factor tables
+    assert mllib_objective(train, users, items, params) > 0
+    monkeypatch.setattr(als_train, "OBJECTIVE_MAX_ITEM_BYTES", 2 * 2 * 4 - 1)  # two items at rank 2: 16 bytes
+    assert mllib_objective(train, users, items, params) is None
+    assert "MLlib's final loss is not computed" in caplog.text
+    run.release()

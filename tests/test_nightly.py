@@ -16,6 +16,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mf_spark.config import load_config
+from mf_spark.evaluate.models import persistent_rdd_ids
 from mf_spark.pipeline import run_backfill, run_nightly
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,9 +45,21 @@ def two_days(spark, tmp_path_factory, filtered_items):
     root = tmp_path_factory.mktemp("nightly-root")
     cfg = load_config(REPO / "conf" / "local.toml",
                       [*SMALL, f"output.root={root}", f"recommend.item_filter_path={filtered_items[0]}"])
+    before = persistent_rdd_ids(spark)
     first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
     second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
+    LEFT_CACHED["two_days"] = persistent_rdd_ids(spark) - before
     return root, first, second
+
+
+#: RDDs a fixture's nightlies left persisted (filled by the fixtures).
+LEFT_CACHED: dict[str, frozenset[int]] = {}
+
+
+def test_a_nightly_releases_what_it_cached(two_days):
+    """A backfill runs its dates in one session: each date left its interactions, rejects and both factor
+    tables cached on the executors (a 30-day backfill, 30 copies of the factors)."""
+    assert LEFT_CACHED["two_days"] == frozenset()
 
 
 def schema_of(spark, path: str) -> dict[str, str]:

@@ -158,9 +158,7 @@ class ModelRun:
             frame.unpersist()
         if self.persistent_rdds_before is None:
             return
-        persistent = self.recommendations.sparkSession.sparkContext._jsc.getPersistentRDDs()
-        for rdd_id in set(persistent.keySet()) - self.persistent_rdds_before - keep:
-            persistent.get(rdd_id).unpersist(False)
+        unpersist_since(self.recommendations.sparkSession, self.persistent_rdds_before | keep)
 
 
 def persistent_rdd_ids(spark: SparkSession) -> frozenset[int]:
@@ -168,12 +166,33 @@ def persistent_rdd_ids(spark: SparkSession) -> frozenset[int]:
     return frozenset(spark.sparkContext._jsc.getPersistentRDDs().keySet())
 
 
+def unpersist_since(spark: SparkSession, before: frozenset[int]) -> int:
+    """Unpersist every RDD persisted now whose id is not in ``before`` (:func:`persistent_rdd_ids`);
+    returns how many. Reaches caches no handle is left to (MLlib's factors, a top-k plan's payloads)."""
+    persistent = spark.sparkContext._jsc.getPersistentRDDs()
+    released = 0
+    for rdd_id in set(persistent.keySet()) - before:
+        persistent.get(rdd_id).unpersist(False)
+        released += 1
+    return released
+
+
 def mllib_objective(
     train: DataFrame, user_factors: DataFrame, item_factors: DataFrame, params: TrainParams
-) -> float:
-    """The objective ImplicitALS minimises, evaluated on MLlib's factors (MLlib reports no loss)."""
+) -> float | None:
+    """The objective ImplicitALS minimises, evaluated on MLlib's factors (MLlib reports no loss).
+
+    None, with a log line, when MLlib's item factors exceed :data:`~mf_spark.als.train.OBJECTIVE_MAX_ITEM_BYTES`:
+    the loss is informative only, and collecting them would need about three times their size on the driver.
+    """
     from mf_spark.als.blocks import select_ratings
-    from mf_spark.als.train import objective
+    from mf_spark.als.train import OBJECTIVE_MAX_ITEM_BYTES, objective
+
+    item_bytes = item_factors.count() * params.rank * 4
+    if item_bytes > OBJECTIVE_MAX_ITEM_BYTES:
+        log.warning("MLlib's final loss is not computed: its item factors (%d MiB) exceed %d MiB on the driver",
+                    item_bytes >> 20, OBJECTIVE_MAX_ITEM_BYTES >> 20)
+        return None
 
     ratings = select_ratings(_mllib_ratings(train, params), USER, ITEM, STRENGTH)
     # the log confidence is already in the ratings MLlib saw; its own confidence is linear
