@@ -584,3 +584,22 @@ def test_block_statistics_merge_is_idempotent_under_retries():
     merged = param.addInPlace(merged, {1: (3.0, 4)})
     merged = param.addInPlace(merged, {0: (1.0, 2)})  # block 0's task ran again
     assert merged == {0: (1.0, 2), 1: (3.0, 4)}
+
+
+def test_blocks_too_large_to_travel_are_refused_before_the_fit(spark, small, monkeypatch):
+    """A block's factors travel as one binary value (2 GiB at most): 10M users at rank 128 in 2 blocks
+    failed only when the trained factors were written, after the whole fit."""
+    from mf_spark.als import train
+    from mf_spark.als.train import TrainSettings, check_block_sizes
+    from mf_spark.errors import ConfigError
+
+    settings = TrainSettings(rank=128, num_user_blocks=2, num_item_blocks=2)
+    with pytest.raises(ConfigError, match=r"numUserBlocks = 2 puts about 5000000 users of rank 128 in one block "
+                                          r"\(2\.4 GiB .*train\.num_user_blocks\) to at least 5"):
+        check_block_sizes(10_000_000, 1000, settings)
+    check_block_sizes(10_000_000, 1000, TrainSettings(rank=128, num_user_blocks=5, num_item_blocks=2))
+
+    R, ratings = small
+    monkeypatch.setattr(train, "MAX_BLOCK_FACTOR_BYTES", 4 * 4 * 3)  # three rank-4 factors per block
+    with pytest.raises(ConfigError, match="numItemBlocks = 2 puts about"):
+        ImplicitALS(rank=4, maxIter=1, numUserBlocks=R.shape[0], numItemBlocks=2).fit(ratings)

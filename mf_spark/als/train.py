@@ -312,6 +312,37 @@ def _materialize(
     return tracked, side
 
 
+#: Bytes of one block's factors (float32) beyond which a fit is refused before it starts. A block's
+#: factors travel as one binary value (Spark's limit: 2 GiB) and one Arrow list (int32 offsets) when
+#: written out; half the limit leaves room for the copy pickling makes.
+MAX_BLOCK_FACTOR_BYTES = 1 << 30
+
+
+def check_block_sizes(n_users: int, n_items: int, settings: TrainSettings) -> None:
+    """Refuse a fit whose factor blocks would exceed :data:`MAX_BLOCK_FACTOR_BYTES` (it failed only when
+    the trained factors were written, after the whole fit).
+
+    Raises
+    ------
+    ConfigError
+        Naming the block count to raise and the smallest that fits.
+    """
+    from mf_spark.errors import ConfigError
+
+    for side, n, blocks, param in (("user", n_users, settings.num_user_blocks, "numUserBlocks"),
+                                   ("item", n_items, settings.num_item_blocks, "numItemBlocks")):
+        per_block = -(-n // blocks) * settings.rank * 4
+        if per_block > MAX_BLOCK_FACTOR_BYTES:
+            needed = -(-n * settings.rank * 4 // MAX_BLOCK_FACTOR_BYTES)
+            while -(-n // needed) * settings.rank * 4 > MAX_BLOCK_FACTOR_BYTES:
+                needed += 1
+            raise ConfigError(
+                f"{param} = {blocks} puts about {-(-n // blocks)} {side}s of rank {settings.rank} in one block "
+                f"({per_block / 2**30:.1f} GiB of factors; at most {MAX_BLOCK_FACTOR_BYTES / 2**30:.0f} GiB travel "
+                f"as one value): set {param} (train.num_{side}_blocks) to at least {needed}"
+            )
+
+
 def train_implicit(
     spark: SparkSession,
     ratings: DataFrame,
@@ -365,6 +396,7 @@ def train_implicit(
     user_in, item_in = blocks.user_in, blocks.item_in
     log.info("ALS blocks built: %d ratings, %d users, %d items, %dx%d blocks, %.1fs",
              blocks.nnz, blocks.n_users, blocks.n_items, nub, nib, time.perf_counter() - started)
+    check_block_sizes(blocks.n_users, blocks.n_items, settings)
 
     threshold = settings.broadcast_threshold_bytes
     broadcast_users = blocks.n_users * rank * 4 <= threshold
