@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 from pyspark import RDD, SparkContext, StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -165,6 +165,16 @@ def _run_starts(values: np.ndarray) -> np.ndarray:
     starts = np.ones(values.shape[0], dtype=bool)
     starts[1:] = values[1:] != values[:-1]
     return starts
+
+
+def ordered_sum(column: str) -> Column:
+    """Aggregate: the float64 sum of ``column`` over a group, added in ascending value order.
+
+    A plain ``F.sum`` adds in arrival order, which depends on partitioning and retries; floating point
+    is not associative, so the same rows could sum differently. This is the order :func:`make_in_block`
+    sums duplicate ratings in, so every stage that sums strengths agrees with training.
+    """
+    return F.aggregate(F.array_sort(F.collect_list(column)), F.lit(0.0).cast("double"), lambda acc, x: acc + x)
 
 
 def select_ratings(ratings: DataFrame, user_col: str, item_col: str, rating_col: str) -> DataFrame:

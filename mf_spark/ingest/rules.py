@@ -14,7 +14,8 @@ from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from mf_spark.als.blocks import FLOAT32_MAX  # strengths are float32, as the ALS blocks that read them
+# strengths are float32 and summed as the ALS blocks that read them do
+from mf_spark.als.blocks import FLOAT32_MAX, ordered_sum
 from mf_spark.ingest.read import EventWindow
 from mf_spark.ingest.settings import EventTypeRule, IngestSettings
 
@@ -169,11 +170,8 @@ def aggregate_pairs(events: DataFrame) -> DataFrame:
     ``strength`` sums the contributions in ascending order, so the float result is the same however
     Spark partitions and orders the shuffle (a plain ``sum`` is not associative in floating point).
     """
-    ordered_sum = F.aggregate(
-        F.array_sort(F.collect_list("contribution")), F.lit(0.0).cast("double"), lambda acc, x: acc + x
-    )
     return events.groupBy("user_id", "item_id").agg(
-        ordered_sum.cast("float").alias("strength"),
+        ordered_sum("contribution").cast("float").alias("strength"),
         F.count(F.lit(1)).alias("n_events"),
         F.min("event_ts").alias("first_ts"),
         F.max("event_ts").alias("last_ts"),

@@ -23,6 +23,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from mf_spark.als.blocks import ordered_sum
 from mf_spark.als.params import SolveParams
 from mf_spark.als.solve import solve_block
 from mf_spark.errors import InputDataError
@@ -114,10 +115,9 @@ def fold_in_factors(
             )
         wanted = dst_ids.select(F.col("id").cast("int").alias("dst")).distinct()
         ratings = ratings.join(wanted, "dst", "left_semi")
-    # Summed in ascending value order, as training sums duplicates: a plain Spark sum adds in arrival
-    # order, so the same rows partitioned differently gave another strength and another folded factor.
-    ordered_sum = F.aggregate(F.array_sort(F.collect_list("rating")), F.lit(0.0).cast("double"), lambda acc, x: acc + x)
-    ratings = ratings.groupBy("dst", "src").agg(ordered_sum.cast("float").alias("rating"))
+    # In value order, as training sums duplicates: a plain Spark sum adds in arrival order, so the same
+    # rows partitioned differently gave another strength and another folded factor.
+    ratings = ratings.groupBy("dst", "src").agg(ordered_sum("rating").cast("float").alias("rating"))
     with_factors = ratings.join(fixed.withColumnRenamed("id", "src"), "src")
     n_dst = with_factors.select("dst").distinct().count()
     if n_dst == 0:
