@@ -116,10 +116,13 @@ def test_duplicate_entries_each_add_their_term():
     block = make_block(seed=5, duplicates=True)
     pairs = np.repeat(np.arange(len(block["indptr"]) - 1), np.diff(block["indptr"])) * 1000 + block["indices"]
     assert len(np.unique(pairs)) < len(pairs)
-    for solver in ("cholesky", "cg"):
+    # a dropped or merged duplicate moves the solution by far more than either tolerance; the CG kernel
+    # works in float32, so it gets the bound of test_cg_matches_reference_cg (1e-5 failed by 3e-7 at one
+    # element once numpy 2.4.6's OpenBLAS rounded differently)
+    for solver, rtol, atol in (("cholesky", 1e-5, 1e-7), ("cg", 1e-4, 1e-6)):
         params = SolveParams(alpha=2.0, reg_param=0.1, solver=solver)
         np.testing.assert_allclose(
-            run(solve_block, block, params), run(reference_solve, block, params), rtol=1e-5, atol=1e-7
+            run(solve_block, block, params), run(reference_solve, block, params), rtol=rtol, atol=atol
         )
 
 
