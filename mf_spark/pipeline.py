@@ -219,6 +219,8 @@ def run_nightly(
                 model = estimator.fit(interactions)
                 _with_string_ids(model.userFactors, dim_user, "user_idx", "user_id").write.parquet(run.sub("user_factors"))
                 _with_string_ids(model.itemFactors, dim_item, "item_idx", "item_id").write.parquet(run.sub("item_factors"))
+                for broadcast in model.trainingBroadcasts:  # the factors are written; a backfill goes on
+                    broadcast.destroy()
                 manifest["train"] = {
                     "warm_start_from": None if previous is None else previous.get("run_id"),
                     "iterations": max_iter, "training_loss": model.trainingLoss,
@@ -238,8 +240,7 @@ def run_nightly(
                 # Plain writes, not write_table_replacing: this run is not published yet and nobody reads it.
                 tables.recommendations.write.parquet(run.sub("recommendations"))
                 tables.similar_items.write.parquet(run.sub("similar_items"))
-                if tables.folded_users is not None:
-                    tables.folded_users.unpersist()  # persisted for the scoring; the session lives on
+                tables.release()  # the session lives on (a backfill): free the scoring's cache and broadcasts
 
             with timer.stage("evaluate"):
                 metrics = None

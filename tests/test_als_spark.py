@@ -216,11 +216,16 @@ def test_broadcasts_before_a_checkpoint_are_destroyed(spark, small, monkeypatch)
         created.append(self)
 
     monkeypatch.setattr(Broadcast, "__init__", tracked_init)
-    ImplicitALS(rank=4, maxIter=5, seed=3, checkpointInterval=2).fit(ratings)
+    model = ImplicitALS(rank=4, maxIter=5, seed=3, checkpointInterval=2).fit(ratings)
     assert len(created) == 10
     # the checkpoint of iteration 4 frees iterations 1-3; 4's RDDs (serialised into 5's tasks) and 5's
     # lineage keep theirs
     assert [os.path.exists(b._path) for b in created] == [False] * 6 + [True] * 4
+    # the model hands the survivors to whoever releases its factors (the nightly, the evaluation)
+    assert [id(b) for b in model.trainingBroadcasts] == [id(b) for b in created[6:]]
+    for broadcast in model.trainingBroadcasts:
+        broadcast.destroy()
+    assert not any(os.path.exists(b._path) for b in created)
 
 
 def test_same_seed_and_blocks_give_same_factors(spark, small):

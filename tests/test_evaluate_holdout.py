@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 
 import pytest
 
@@ -212,9 +213,15 @@ def test_tuning_on_several_validation_splits_scores_their_mean(communities):
     assert len(validation_splits(temporal, 3, test_fraction=0.25)) == 1
 
 
+def driver_temp_files(spark) -> set[str]:
+    """PySpark's driver files: one per broadcast, deleted only by ``destroy()`` or the session's end."""
+    return set(os.listdir(spark.sparkContext._temp_dir))
+
+
 @pytest.mark.parametrize("model", ["implicit_als", "mllib_als"])
 def test_release_frees_what_a_fit_left_cached(communities, spark, model):
-    """A tuning run fits hundreds of models: each must leave no persisted RDD behind."""
+    """A tuning run fits hundreds of models: each must leave no persisted RDD behind, and no broadcast:
+    each kept a driver temp file (the item factors, up to broadcast_max_mb) until the session ended."""
     from mf_spark.evaluate.metrics import per_user_metrics, ranking_metrics
 
     split = make_split(communities, "user_random", test_fraction=0.25, seed=7)
@@ -223,22 +230,48 @@ def test_release_frees_what_a_fit_left_cached(communities, spark, model):
     def persistent():
         return set(spark.sparkContext._jsc.getPersistentRDDs().keySet())
 
-    before = persistent()
+    before, files_before = persistent(), driver_temp_files(spark)
     users = split.relevant.select("user_idx").distinct()
     run = recommend_for_users(model, split.train, users, 5, TrainParams.from_mapping(TRAIN))
     ranking_metrics(run.recommendations, split.relevant, [5])
     assert persistent() - before  # the fitted factors are cached
-    # the caller's own cache made from the lists (the primary model's per-user table) is spared
+    assert driver_temp_files(spark) - files_before  # the scoring (and ImplicitALS's fit) broadcast
+    # the caller's own cache made from the lists (the primary model's per-user table) is spared, and so
+    # are the broadcasts: every job reading that cache serialises the lists' lineage, broadcasts included
     before_mine = persistent()
     per_user = per_user_metrics(run.recommendations, split.relevant, [5]).persist()
-    per_user.count()
+    rows = sorted(per_user.collect())
     mine = frozenset(persistent() - before_mine)
     assert len(mine) == 1
-    run.release(keep=mine)
-    assert persistent() == before | mine
+    lingering = run.release(keep=mine)
+    # compared as "what is new since before": an earlier test's orphaned caches may be cleaned meanwhile
+    assert persistent() - before == mine
+    assert lingering and sorted(per_user.collect()) == rows
     per_user.unpersist()
-    assert persistent() == before
+    assert persistent() - before == set()
+    for broadcast in lingering:
+        broadcast.destroy()
+    assert driver_temp_files(spark) - files_before == set()
+    # without a kept cache, release destroys them itself
+    run = recommend_for_users(model, split.train, users, 5, TrainParams.from_mapping(TRAIN))
+    ranking_metrics(run.recommendations, split.relevant, [5])
+    assert run.release() == []
+    assert persistent() - before == set() and driver_temp_files(spark) - files_before == set()
     split.train.unpersist()
+
+
+def test_release_destroys_the_baselines_broadcasts(communities, spark):
+    from mf_spark.evaluate.metrics import ranking_metrics
+
+    split = make_split(communities, "user_random", test_fraction=0.25, seed=7)
+    users = split.relevant.select("user_idx").distinct()
+    for model in ("popular", "random"):
+        files_before = driver_temp_files(spark)
+        run = recommend_for_users(model, split.train, users, 5, TrainParams.from_mapping(TRAIN))
+        ranking_metrics(run.recommendations, split.relevant, [5])
+        assert driver_temp_files(spark) - files_before, model  # the catalogue is broadcast
+        run.release()
+        assert driver_temp_files(spark) - files_before == set(), model
 
 
 def test_random_search_is_seeded():

@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import subprocess
 from pathlib import Path
 
@@ -46,20 +47,30 @@ def two_days(spark, tmp_path_factory, filtered_items):
     cfg = load_config(REPO / "conf" / "local.toml",
                       [*SMALL, f"output.root={root}", f"recommend.item_filter_path={filtered_items[0]}"])
     before = persistent_rdd_ids(spark)
+    temp_files_before = set(os.listdir(spark.sparkContext._temp_dir))
     first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
     second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
     LEFT_CACHED["two_days"] = persistent_rdd_ids(spark) - before
+    LEFT_TEMP_FILES["two_days"] = set(os.listdir(spark.sparkContext._temp_dir)) - temp_files_before
     return root, first, second
 
 
-#: RDDs a fixture's nightlies left persisted (filled by the fixtures).
+#: RDDs a fixture's nightlies left persisted, and PySpark driver temp files (one per live broadcast)
+#: they left behind (filled by the fixtures).
 LEFT_CACHED: dict[str, frozenset[int]] = {}
+LEFT_TEMP_FILES: dict[str, set[str]] = {}
 
 
 def test_a_nightly_releases_what_it_cached(two_days):
     """A backfill runs its dates in one session: each date left its interactions, rejects and both factor
     tables cached on the executors (a 30-day backfill, 30 copies of the factors)."""
     assert LEFT_CACHED["two_days"] == frozenset()
+
+
+def test_a_nightly_destroys_its_broadcasts(two_days):
+    """Training, top-N, similar items and the evaluation each broadcast factors; every broadcast kept a
+    driver temp file until the session ended, so a backfill's driver disk grew with every date."""
+    assert LEFT_TEMP_FILES["two_days"] == set()
 
 
 def schema_of(spark, path: str) -> dict[str, str]:

@@ -318,5 +318,6 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
             result.user_factors.unpersist()
             result.item_factors.unpersist()
         model = ImplicitALSModel(settings.rank, user_factors, item_factors, result.training_loss, result.iteration_seconds)
+        model.trainingBroadcasts = result.broadcasts
         model._resetUid(self.uid)
         return self._copyValues(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pyspark import Broadcast
 from pyspark.ml import Model
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasBlockSize, HasPredictionCol
@@ -57,6 +58,14 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
     trainingLoss : list of float
         The exact objective after each iteration (data term over all user-item pairs, computed with the
         Gramian trick, plus the regularisation terms).
+    trainingBroadcasts : list of Broadcast
+        The broadcasts of the fit's last iterations (since its last checkpoint): the fixed side's Gramian
+        and, below ``broadcastThreshold``, its factors. They are in the factor tables' lineage, which
+        Spark serialises into every task that reads the tables, cached or not; each also keeps a driver
+        temp file until the session stops. Destroy them (``Broadcast.destroy()``) once nothing will read
+        ``userFactors``/``itemFactors`` again (written to Parquet and re-read, or released), as the nightly
+        and the evaluation do: a fit-and-discard loop otherwise fills the driver's disk. After that any
+        job on those tables fails with "Task not serializable". Empty for a loaded model.
     """
 
     def __init__(self, rank: int = 0, userFactors: DataFrame | None = None, itemFactors: DataFrame | None = None,
@@ -67,6 +76,7 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
         self._item_factors = itemFactors
         self.trainingLoss = list(trainingLoss or [])
         self.iterationSeconds = list(iterationSeconds or [])
+        self.trainingBroadcasts: list[Broadcast] = []
 
     @property
     def rank(self) -> int:

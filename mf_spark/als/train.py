@@ -78,6 +78,9 @@ class TrainResult:
     item_factors: RDD
     training_loss: list[float]
     iteration_seconds: list[float]
+    #: the broadcasts the factors' lineage still reads (those since the last checkpoint); see
+    #: :attr:`mf_spark.als.model.ImplicitALSModel.trainingBroadcasts`
+    broadcasts: list[Broadcast] = field(default_factory=list)
 
 
 def random_factors(n: int, rank: int, seed: int, side: int, block: int) -> np.ndarray:
@@ -470,7 +473,7 @@ def train_implicit(
     for bc in broadcasts:
         bc.unpersist()
     log.info("ALS fit: %d iterations in %.1fs", settings.max_iter, time.perf_counter() - started)
-    return TrainResult(user_factors, item_factors, losses, seconds)
+    return TrainResult(user_factors, item_factors, losses, seconds, broadcasts)
 
 
 FACTOR_SCHEMA = T.StructType(

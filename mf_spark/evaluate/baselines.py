@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
+from pyspark import Broadcast
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -51,7 +52,14 @@ def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
     return _frame(0, np.empty(0, np.int32), np.empty(0, np.float32))
 
 
-def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame | None = None) -> DataFrame:
+def most_popular(
+    train: DataFrame,
+    users: DataFrame,
+    k: int,
+    *,
+    seen: DataFrame | None = None,
+    broadcasts: list[Broadcast] | None = None,
+) -> DataFrame:
     """The ``k`` items with the most training users that each user has not seen.
 
     Parameters
@@ -64,6 +72,9 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
         ``user_idx`` of the users to recommend for.
     seen
         ``user_idx``, ``item_idx`` excluded per user; defaults to ``train``.
+    broadcasts
+        Gets the catalogue's broadcast, for the caller to destroy once the lists are consumed (see
+        :func:`mf_spark.recommend.recommend_top_k`).
 
     Returns
     -------
@@ -75,6 +86,8 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
     ranked_counts = counts["n_users"].to_numpy(np.float64)
     sc = train.sparkSession.sparkContext
     catalogue = sc.broadcast((ranked_items, ranked_counts))
+    if broadcasts is not None:
+        broadcasts.append(catalogue)
 
     def recommend(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         items, scores = catalogue.value
@@ -92,7 +105,13 @@ def most_popular(train: DataFrame, users: DataFrame, k: int, *, seen: DataFrame 
 
 
 def random_items(
-    catalogue: DataFrame, users: DataFrame, k: int, *, seen: DataFrame, seed: int = 0
+    catalogue: DataFrame,
+    users: DataFrame,
+    k: int,
+    *,
+    seen: DataFrame,
+    seed: int = 0,
+    broadcasts: list[Broadcast] | None = None,
 ) -> DataFrame:
     """``k`` distinct unseen catalogue items per user drawn uniformly at random, reproducibly.
 
@@ -106,6 +125,8 @@ def random_items(
         ``user_idx``, ``item_idx`` excluded per user.
     seed
         With ``user_idx``, seeds NumPy's PCG64 for that user's draw.
+    broadcasts
+        Gets the catalogue's broadcast, as in :func:`most_popular`.
 
     Returns
     -------
@@ -117,6 +138,8 @@ def random_items(
     )
     sc = catalogue.sparkSession.sparkContext
     broadcast_items = sc.broadcast(items_sorted)
+    if broadcasts is not None:
+        broadcasts.append(broadcast_items)
 
     def recommend(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         items = broadcast_items.value

@@ -224,6 +224,7 @@ def evaluate_holdout(
         # each model against the primary one, user by user: is a gap more than which users were drawn?
         compared = [metric_name(m, k) for k in ks for m in ("ndcg", "recall")]
         primary_per_user: DataFrame | None = None
+        primary_broadcasts: list = []  # every read of primary_per_user serialises them: destroyed at the end
         for model in models:
             params = chosen.get(model, base)
             run = recommend_for_users(
@@ -257,7 +258,7 @@ def evaluate_holdout(
                 differences = paired_differences(primary_per_user, per_user, compared)
                 per_user.unpersist()
             recs.unpersist()
-            run.release(keep=keep)
+            primary_broadcasts += run.release(keep=keep)
             runs[model] = {
                 "metrics": metrics,
                 "primary_minus_model": differences,
@@ -275,6 +276,8 @@ def evaluate_holdout(
 
         for df in cached + [popularity]:
             df.unpersist()
+        for broadcast in primary_broadcasts:
+            broadcast.destroy()
         result: dict[str, Any] = {
             "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "primary_model": models[0],

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pyspark import Broadcast
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -144,8 +145,9 @@ class ModelRun:
     final_loss: float | None = None
     cached: list[DataFrame] = dataclasses.field(default_factory=list)
     persistent_rdds_before: frozenset[int] | None = None
+    broadcasts: list[Broadcast] = dataclasses.field(default_factory=list)
 
-    def release(self, keep: frozenset[int] = frozenset()) -> None:
+    def release(self, keep: frozenset[int] = frozenset()) -> list[Broadcast]:
         """Free what the fit and the scoring left cached, once the recommendations are consumed.
 
         Both ALS estimators persist their factors (``finalStorageLevel``), MLlib as RDDs no public API
@@ -153,12 +155,22 @@ class ModelRun:
         memory until an aggregation failed with ``AGGREGATE_OUT_OF_MEMORY``. This unpersists the
         DataFrames in ``cached``, then every RDD persisted since the run started except the ids in
         ``keep`` (the caller's own caches made from the lists, see :func:`persistent_rdd_ids`).
+
+        The broadcasts the factors and lists were computed with (each a driver temp file until
+        destroyed) are destroyed too, unless ``keep`` is given: every job reading a kept cache derived
+        from the lists serialises their lineage, broadcasts included, and fails once those are
+        destroyed. They are then returned, for the caller to destroy with those caches.
         """
         for frame in self.cached:
             frame.unpersist()
-        if self.persistent_rdds_before is None:
-            return
-        unpersist_since(self.recommendations.sparkSession, self.persistent_rdds_before | keep)
+        if self.persistent_rdds_before is not None:
+            unpersist_since(self.recommendations.sparkSession, self.persistent_rdds_before | keep)
+        broadcasts, self.broadcasts = self.broadcasts, []
+        if keep:
+            return broadcasts
+        for broadcast in broadcasts:
+            broadcast.destroy()
+        return []
 
 
 def persistent_rdd_ids(spark: SparkSession) -> frozenset[int]:
@@ -218,29 +230,39 @@ def _mllib_ratings(train: DataFrame, params: TrainParams) -> DataFrame:
 
 def _fit_factors(
     model: str, train: DataFrame, params: TrainParams
-) -> tuple[DataFrame, DataFrame, list[float] | None]:
-    """Train ``model``; returns user and item factors (``id`` int, ``features`` array<float>) and the loss."""
+) -> tuple[DataFrame, DataFrame, list[float] | None, list[Broadcast]]:
+    """Train ``model``; returns user and item factors (``id`` int, ``features`` array<float>), the loss
+    and the broadcasts the factors are computed from (ImplicitALS's ``trainingBroadcasts``)."""
     if model == "mllib_als":
         from pyspark.ml.recommendation import ALS
 
         fitted = ALS(implicitPrefs=True, **params.als_params()).fit(_mllib_ratings(train, params))
-        return fitted.userFactors, fitted.itemFactors, None
+        return fitted.userFactors, fitted.itemFactors, None, []
     from mf_spark import ImplicitALS
 
     estimator = ImplicitALS(**params.implicit_als_params())
     fitted = estimator.fit(train)
-    return fitted.userFactors, fitted.itemFactors, [float(x) for x in fitted.trainingLoss]
+    loss = [float(x) for x in fitted.trainingLoss]
+    return fitted.userFactors, fitted.itemFactors, loss, fitted.trainingBroadcasts
 
 
 def lists_from_factors(
-    user_factors: DataFrame, item_factors: DataFrame, users: DataFrame, k: int, seen: DataFrame
+    user_factors: DataFrame,
+    item_factors: DataFrame,
+    users: DataFrame,
+    k: int,
+    seen: DataFrame,
+    broadcasts: list[Broadcast] | None = None,
 ) -> DataFrame:
     """The top ``k`` items of each of ``users`` (``user_idx``) by factor score, ``seen`` pairs
-    (``user_idx``, ``item_idx``) left out; in the layout of :attr:`ModelRun.recommendations`."""
+    (``user_idx``, ``item_idx``) left out; in the layout of :attr:`ModelRun.recommendations`.
+    ``broadcasts`` as in :func:`mf_spark.recommend.recommend_top_k`."""
     from mf_spark.recommend import recommend_top_k
 
     wanted = user_factors.join(users.withColumnRenamed(USER, "id"), "id", "left_semi")
-    return recommend_top_k(wanted, item_factors, k, seen=seen, seen_src_col=USER, seen_dst_col=ITEM).select(
+    return recommend_top_k(
+        wanted, item_factors, k, seen=seen, seen_src_col=USER, seen_dst_col=ITEM, broadcasts=broadcasts
+    ).select(
         F.col("src").cast("int").alias(USER),
         F.col("rank").cast("int").alias("rank"),
         F.col("dst").cast("int").alias(ITEM),
@@ -288,18 +310,22 @@ def recommend_for_users(
         else train.select(USER, ITEM).unionByName(fold_in.select(USER, ITEM))
     )
     started = time.perf_counter()
+    broadcasts: list[Broadcast] = []
     if model == "popular":
-        recs = most_popular(train, users, k, seen=seen)
-        return ModelRun(model, recs, {}, None, time.perf_counter() - started)
+        recs = most_popular(train, users, k, seen=seen, broadcasts=broadcasts)
+        return ModelRun(model, recs, {}, None, time.perf_counter() - started, broadcasts=broadcasts)
     if model == "random":
-        recs = random_items(train.select(ITEM), users, k, seen=seen, seed=random_seed)
-        return ModelRun(model, recs, {"seed": random_seed}, None, time.perf_counter() - started)
+        recs = random_items(train.select(ITEM), users, k, seen=seen, seed=random_seed, broadcasts=broadcasts)
+        return ModelRun(
+            model, recs, {"seed": random_seed}, None, time.perf_counter() - started, broadcasts=broadcasts
+        )
 
     from mf_spark.recommend import fold_in_factors
 
     persistent_before = persistent_rdd_ids(train.sparkSession)
     used = params_for_model(model, params)
-    user_factors, item_factors, loss = _fit_factors(model, train, used)
+    user_factors, item_factors, loss, fit_broadcasts = _fit_factors(model, train, used)
+    broadcasts.extend(fit_broadcasts)
     fitted = [user_factors, item_factors]
     fit_seconds = time.perf_counter() - started
     final_loss = loss[-1] if loss else None
@@ -313,5 +339,7 @@ def recommend_for_users(
         user_factors = fold_in_factors(
             ratings, item_factors, solve, src_col=ITEM, dst_col=USER, rating_col=STRENGTH
         )
-    recs = lists_from_factors(user_factors, item_factors, users, k, seen)
-    return ModelRun(model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss, fitted, persistent_before)
+    recs = lists_from_factors(user_factors, item_factors, users, k, seen, broadcasts)
+    return ModelRun(
+        model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss, fitted, persistent_before, broadcasts
+    )

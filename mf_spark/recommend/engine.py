@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pyspark import StorageLevel
+from pyspark import Broadcast, StorageLevel
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -179,6 +179,7 @@ def recommend_top_k(
     normalize: bool = False,
     exclude_self: bool = False,
     max_broadcast_bytes: int = DEFAULT_MAX_BROADCAST_BYTES,
+    broadcasts: list[Broadcast] | None = None,
 ) -> DataFrame:
     """Top ``k`` dst rows per src row by dot product (or cosine), with seen and filtered dst removed.
 
@@ -206,6 +207,12 @@ def recommend_top_k(
         Never pair a src with the dst of the same id (similar items).
     max_broadcast_bytes : int
         Use the broadcast plan when the dst matrix (float32) is at most this size.
+    broadcasts : list, optional
+        The caller's list of what it must destroy: the broadcast plan appends its dst broadcast. Destroy
+        it (``Broadcast.destroy()``) once nothing will read the returned DataFrame or a cache derived from
+        it again: Spark serialises the lineage into every task, cached or not, so any later job on them
+        fails. Without a list the broadcast, and its driver temp file of the whole dst matrix, lives until
+        the session stops: a tuning run of hundreds of fits filled the driver's disk that way.
 
     Returns
     -------
@@ -263,7 +270,7 @@ def recommend_top_k(
         k, n_src, num_blocks, n_dst, dst_rank, dst_bytes / 2**20, plan,
     )
     if plan == "broadcast":
-        return _broadcast_plan(spark, src_blocks, seen_blocks, dst, k, normalize, kernel_args)
+        return _broadcast_plan(spark, src_blocks, seen_blocks, dst, k, normalize, kernel_args, broadcasts)
     num_chunks = max(1, math.ceil(n_dst / dst_chunk_size))
     return _cross_plan(spark, src_blocks, seen_blocks, dst, k, normalize, kernel_args, num_chunks)
 
@@ -295,12 +302,14 @@ def _apply_per_block(
 
 
 def _broadcast_plan(
-    spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normalize: bool, kernel_args
+    spark, src_blocks, seen_blocks, dst: DataFrame, k: int, normalize: bool, kernel_args, broadcasts
 ) -> DataFrame:
     dst_ids, dst_matrix = factors_from_arrow(dst.toArrow())
     if normalize:
         dst_matrix = normalize_rows(dst_matrix)
     dst_bc = spark.sparkContext.broadcast((dst_ids, dst_matrix))
+    if broadcasts is not None:
+        broadcasts.append(dst_bc)
 
     def score_block(src_table: pa.Table, seen_table: pa.Table | None) -> pa.Table:
         ids, factors, indptr, seen_dst = _block_inputs(src_table, seen_table, normalize)
@@ -385,8 +394,11 @@ def similar_items(
     max_broadcast_bytes: int = DEFAULT_MAX_BROADCAST_BYTES,
     exclude_dst: DataFrame | None = None,
     allow_dst: DataFrame | None = None,
+    broadcasts: list[Broadcast] | None = None,
 ) -> DataFrame:
     """Top ``k`` most similar items of every item by cosine of their factors, the item itself excluded.
+
+    The parameters are those of :func:`recommend_top_k`.
 
     Returns
     -------
@@ -396,6 +408,6 @@ def similar_items(
     recs = recommend_top_k(
         item_factors, item_factors, k, src_block_size=src_block_size, dst_chunk_size=dst_chunk_size,
         normalize=True, exclude_self=True, max_broadcast_bytes=max_broadcast_bytes,
-        exclude_dst=exclude_dst, allow_dst=allow_dst,
+        exclude_dst=exclude_dst, allow_dst=allow_dst, broadcasts=broadcasts,
     )
     return recs.select(F.col("src").alias("item"), "rank", F.col("dst").alias("similar_item"), "score")

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from py4j.protocol import Py4JJavaError
+from pyspark import Broadcast
 from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -105,6 +106,19 @@ class RecommendationTables:
     recommendations: DataFrame
     similar_items: DataFrame
     folded_users: DataFrame | None
+    broadcasts: list[Broadcast] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Free the folded-in users' cache and destroy the scoring broadcasts, once both tables are written.
+
+        Every broadcast keeps a driver temp file until it is destroyed; in a backfill's session they
+        piled up, one dst matrix per table per date.
+        """
+        if self.folded_users is not None:
+            self.folded_users.unpersist()
+        for broadcast in self.broadcasts:
+            broadcast.destroy()
+        self.broadcasts = []
 
 
 def build_recommendation_tables(
@@ -151,20 +165,21 @@ def build_recommendation_tables(
     users = users.join(positive_users, "id", "left_semi")
     exclude = None if item_filter is None else item_ids_to_index(item_filter, dim_item, "item filter")
     allow = None if allow_list is None else item_ids_to_index(allow_list, dim_item, "allow list")
+    broadcasts: list[Broadcast] = []
     recs = recommend_top_k(
         users, item_factors, settings.top_n,
         seen=interactions if settings.exclude_seen else None,
         exclude_dst=exclude, allow_dst=allow,
         src_block_size=settings.user_block_size, dst_chunk_size=settings.item_chunk_size,
-        max_broadcast_bytes=settings.max_broadcast_bytes,
+        max_broadcast_bytes=settings.max_broadcast_bytes, broadcasts=broadcasts,
     )
     sims = similar_items(
         item_factors, settings.similar_n, src_block_size=settings.user_block_size,
         dst_chunk_size=settings.item_chunk_size, max_broadcast_bytes=settings.max_broadcast_bytes,
-        exclude_dst=exclude, allow_dst=allow,
+        exclude_dst=exclude, allow_dst=allow, broadcasts=broadcasts,
     )
     return RecommendationTables(
-        to_string_ids(recs, dim_user, dim_item), similar_to_string_ids(sims, dim_item), folded
+        to_string_ids(recs, dim_user, dim_item), similar_to_string_ids(sims, dim_item), folded, broadcasts
     )
 
 
@@ -267,7 +282,6 @@ def run_recommend_stage(
         write_table_replacing(df, path)
         counts[name] = spark.read.parquet(path).count()
     counts["folded_in_users"] = 0 if tables.folded_users is None else tables.folded_users.count()
-    if tables.folded_users is not None:
-        tables.folded_users.unpersist()  # persisted by build_recommendation_tables; no longer needed
+    tables.release()
     logger.info("recommend: wrote %s", counts)
     return counts
