@@ -341,5 +341,6 @@ def recommend_for_users(
         )
     recs = lists_from_factors(user_factors, item_factors, users, k, seen, broadcasts)
     return ModelRun(
-        model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss, fitted, persistent_before, broadcasts
+        model, recs, dataclasses.asdict(used), loss, fit_seconds, final_loss,
+        cached=fitted, persistent_rdds_before=persistent_before, broadcasts=broadcasts,
     )
