@@ -11,6 +11,8 @@ Config parsing lives here and nowhere else; library functions take plain values,
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,7 @@ class MapOf:
     value: str | dict[str, Key]
     default: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
+    non_empty: bool = False  # an empty table is refused (event types: every event would be rejected)
 
 
 SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
@@ -90,7 +93,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
                 "purchase": {"weight": 1.0, "use_value": True, "value_cap": 50.0},
                 "return": {"weight": -1.0, "use_value": True, "value_cap": 50.0, "absolute_value": True},
             },
-            "event types accepted and their weights; any other type is rejected as unknown_event_type; a config table replaces these defaults as a whole",
+            "event types accepted and their weights; any other type is rejected as unknown_event_type; a config table replaces these defaults as a whole (a --set of one entry without a table in the file changes that entry of these defaults)",
+            non_empty=True,
         ),
     },
     "train": {
@@ -167,6 +171,8 @@ _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "boo
 def _check_value(key: Key | str, value: Any, where: str) -> Any:
     type_name = key.type if isinstance(key, Key) else key
     ok: bool
+    if type_name == "str" and type(value) is dt.date:
+        value = value.isoformat()  # cutoff_date = 2011-12-01 unquoted (or --set) is a TOML date
     if type_name == "str":
         ok = isinstance(value, str)
     elif type_name == "int":
@@ -191,6 +197,11 @@ def _check_value(key: Key | str, value: Any, where: str) -> Any:
         raise AssertionError(type_name)
     if not ok:
         raise ConfigError(f"{where}: expected {_TYPE_NAMES[type_name]}, got {value!r} ({type(value).__name__})")
+    # TOML has inf and nan; `nan < minimum` is False, so they would pass every bound below
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if isinstance(key, Key) and key.required and isinstance(value, str) and not value.strip():
+        raise ConfigError(f"{where}: must not be empty ({key.doc})")
     if isinstance(key, Key):
         if key.choices and value not in key.choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(key.choices)}")
@@ -240,6 +251,8 @@ def _validate_table(
             value = copy.deepcopy(spec.default) if not present else value
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a table, got {value!r}")
+            if spec.non_empty and not value:
+                raise ConfigError(f"{where}: must not be empty ({spec.doc})")
             if isinstance(spec.value, dict):
                 result[name] = {
                     sub: _validate_table(spec.value, _as_table(v, f"{where}.{sub}"), f"{path}{name}.{sub}.",
@@ -280,13 +293,31 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _schema_at(parts: list[str]) -> Any:
+    """The schema entry at a dotted path (a table, a :class:`Key` or a :class:`MapOf`), or None."""
+    spec: Any = SCHEMA
+    for part in parts:
+        if not isinstance(spec, dict) or part not in spec:
+            return None
+        spec = spec[part]
+    return spec
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with each ``section.key=value`` override applied."""
+    """Return a copy of ``raw`` with each ``section.key=value`` override applied.
+
+    An override inside a free table the file does not have (``ingest.event_types.purchase.value_cap``)
+    starts from that table's defaults: the file's table replaces them as a whole, but a ``--set`` of one
+    entry must not drop the others.
+    """
     merged = copy.deepcopy(raw)
     for text in overrides:
         parts, value = _parse_override(text)
         table = merged
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1], 1):
+            spec = _schema_at(parts[:depth])
+            if part not in table and isinstance(spec, MapOf):
+                table[part] = copy.deepcopy(spec.default)
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
                 raise ConfigError(f"--set {text!r}: '{part}' is not a table")
@@ -324,8 +355,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
             raw = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, not a config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read the config file: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{source}: not valid TOML (UTF-8): {exc}") from None
     overridden = {}
     for text in overrides or []:
         parts, _ = _parse_override(text)

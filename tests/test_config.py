@@ -52,6 +52,11 @@ def test_defaults_are_filled_and_relative_paths_resolved(tmp_path, monkeypatch):
         ("[ingest.event_types.view]\nweight = \"x\"\n", r"key 'ingest\.event_types\.view\.weight': expected a number"),
         ("[evaluate]\nks = [10, \"20\"]\n", r"key 'evaluate\.ks': expected a list of integers"),
         ("[spark]\n\"sql.shuffle.partitions\" = [1]\n", r"key 'spark\.sql\.shuffle\.partitions'"),
+        # TOML's inf and nan pass every `value < minimum` bound; they failed only after Spark started
+        ("[ingest]\nhalf_life_days = inf\n", r"key 'ingest\.half_life_days': expected a finite number"),
+        ("[ingest.event_types.view]\nweight = nan\n", r"key 'ingest\.event_types\.view\.weight': expected a finite"),
+        ("[evaluate.tuning]\nalpha = [1.0, inf]\n", r"key 'evaluate\.tuning\.alpha': expected a finite number"),
+        ("[ingest.event_types]\n", r"key 'ingest\.event_types': must not be empty"),
     ],
 )
 def test_each_kind_of_error_names_key_and_file(tmp_path, extra, message):
@@ -72,6 +77,47 @@ def test_missing_file_and_bad_toml(tmp_path):
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[input\npath = 1"))
+    # both were tracebacks (exit 1) instead of config errors (exit 2)
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(tmp_path)
+    utf16 = tmp_path / "utf16.toml"
+    utf16.write_text(MINIMAL, encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"utf16\.toml: not valid TOML \(UTF-8\)"):
+        load_config(utf16)
+
+
+def test_an_empty_required_path_is_refused(tmp_path):
+    """output.root = "" (say, `--set output.root=$OUT` with OUT unset) put the lock, the runs, latest.json
+    and a fresh id map numbering every id from 0 in the working directory, and exited 0."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^--set 'output\.root=': key 'output\.root': must not be empty"):
+        load_config(path, ["output.root="])
+    with pytest.raises(ConfigError, match=r"key 'input\.path': must not be empty"):
+        load_config(write(tmp_path, '[input]\npath = " "\n[output]\nroot = "out"\n', name="blank.toml"))
+
+
+def test_a_date_given_for_a_date_string_is_taken(tmp_path):
+    """`--set evaluate.cutoff_date=2011-12-01` parses as a TOML date and was refused as not a string."""
+    path = write(tmp_path, MINIMAL)
+    assert load_config(path, ["evaluate.cutoff_date=2011-12-01"])["evaluate"]["cutoff_date"] == "2011-12-01"
+    unquoted = write(tmp_path, MINIMAL + "[evaluate]\ncutoff_date = 2011-12-01\n", name="unquoted.toml")
+    assert load_config(unquoted)["evaluate"]["cutoff_date"] == "2011-12-01"
+
+
+def test_setting_one_event_type_entry_keeps_the_default_types(tmp_path):
+    """With no [ingest.event_types] in the file, `--set ingest.event_types.purchase.value_cap=100` built a
+    table of purchase alone: returns became unknown_event_type and purchases lost use_value."""
+    cfg = load_config(write(tmp_path, MINIMAL), ["ingest.event_types.purchase.value_cap=100"])
+    types = cfg["ingest"]["event_types"]
+    assert set(types) == {"purchase", "return"}
+    assert types["purchase"] == {"weight": 1.0, "use_value": True, "value_cap": 100.0, "absolute_value": False}
+    assert types["return"]["weight"] == -1.0
+    # a table in the file still replaces the defaults as a whole, and --set edits that table
+    own = write(tmp_path, MINIMAL + "[ingest.event_types.view]\nweight = 0.5\n", name="own.toml")
+    types = load_config(own, ["ingest.event_types.click.weight=2"])["ingest"]["event_types"]
+    assert set(types) == {"view", "click"}
+    with pytest.raises(ConfigError, match=r"key 'ingest\.event_types': must not be empty"):
+        load_config(write(tmp_path, MINIMAL), ["ingest.event_types={}"])
 
 
 def test_overrides(tmp_path):
@@ -81,6 +127,7 @@ def test_overrides(tmp_path):
     assert cfg["train"]["rank"] == 64 and cfg["train"]["solver"] == "cholesky"
     assert spark_properties(cfg)["spark.sql.shuffle.partitions"] == "8"
     assert cfg["ingest"]["event_types"]["view"]["weight"] == 2.0
+    assert {"purchase", "return"} < set(cfg["ingest"]["event_types"])  # added to the defaults
     assert cfg["evaluate"]["ks"] == [5, 10]
     # The error names the --set that caused it, not the file (which says rank = whatever it says).
     with pytest.raises(ConfigError, match=r"^--set 'train\.rank=lots': key 'train\.rank': expected an integer"):
