@@ -45,9 +45,9 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
     path = write_parquet(
         tmp_path / "e.parquet",
         {
-            "uid": pa.array([17850] * 8, pa.int64()),  # numeric ids become strings
-            "sku": ["a", "b", "c", "d", "e", "f", "g", "h"],
-            "kind": ["view"] * 8,
+            "uid": pa.array([17850] * 9, pa.int64()),  # numeric ids become strings
+            "sku": ["a", "b", "c", "d", "e", "f", "g", "h", "i"],
+            "kind": ["view"] * 9,
             "at": [
                 "2024-03-10 08:26:00",
                 "2024-03-10T08:26:00.5+01:00",
@@ -57,8 +57,9 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
                 "20240310",  # was read as epoch seconds: a 1970 instant, rejected as outside the window
                 "2024",  # Spark's cast takes it as 2024-01-01
                 "2024-03",
+                "1710059160000",  # epoch milliseconds: was year 56,000, a future_timestamp
             ],
-            "qty": ["1.5", "NaN", " 3 ", "x", None, None, None, None],
+            "qty": ["1.5", "NaN", " 3 ", "x", None, None, None, None, None],
         },
     )
     actual = canonical(spark, path).select(
@@ -74,6 +75,7 @@ def test_timestamp_forms_and_raw_strings(spark, tmp_path):
             ("17850", "f", None, None, "20240310", None),
             ("17850", "g", None, None, "2024", None),
             ("17850", "h", None, None, "2024-03", None),
+            ("17850", "i", None, None, "1710059160000", None),
         ],
         "user_id string, item_id string, event_ts timestamp, value double, "
         "raw_event_ts string, raw_value string",
@@ -85,17 +87,19 @@ def test_epoch_seconds_and_native_timestamps(spark, tmp_path):
     epoch = write_parquet(
         tmp_path / "epoch.parquet",
         {
-            "uid": ["u"] * 2,
-            "sku": ["a", "b"],
-            "kind": ["view"] * 2,
-            "at": pa.array([1710059160, 10**15], pa.int64()),
-            "qty": pa.array([1, 2], pa.int32()),
+            "uid": ["u"] * 4,
+            "sku": ["a", "b", "c", "d"],
+            "kind": ["view"] * 4,
+            "at": pa.array([1710059160, 10**15, 20240310, 1710059160000], pa.int64()),
+            "qty": pa.array([1, 2, 3, 4], pa.int32()),
         },
     )
     actual = canonical(spark, epoch).select("item_id", "event_ts", "value")
-    # 10**15 seconds is past year 9999: unparseable, not an exception under ANSI mode
+    # 10**15 seconds is past year 9999: unparseable, not an exception under ANSI mode. A date as digits
+    # was a 1970 instant (silently outside the window), epoch milliseconds a year-56,000 one (future):
+    # both are unparseable, as the string forms are
     expected = spark.createDataFrame(
-        [("a", ts("2024-03-10 08:26:00"), 1.0), ("b", None, 2.0)],
+        [("a", ts("2024-03-10 08:26:00"), 1.0), ("b", None, 2.0), ("c", None, 3.0), ("d", None, 4.0)],
         "item_id string, event_ts timestamp, value double",
     )
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)

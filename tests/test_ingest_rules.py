@@ -94,6 +94,10 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         ("first_instant", event("u1", "i1", "view", "2024-03-01 00:00:00")),
         # two problems: the earlier reason in the precedence order wins
         ("null_user_and_future", event(None, "i1", "click", "2030-01-01 00:00:00")),
+        # a row before the window is outside_window whatever else is wrong with it (it is not counted)
+        ("old_unknown_type", event("u1", "i1", "click", "2022-01-01 00:00:00")),
+        ("old_null_user", event(None, "i1", "view", "2024-02-29 23:59:59")),
+        ("old_invalid_value", event("u1", "i1", "purchase", "2023-05-01 00:00:00", -1.0)),
     ]
     df = spark.createDataFrame([(label, *row) for label, row in rows], f"label string, {CANONICAL}")
     actual = df.transform(classify_rows(settings(), WINDOW)).select("label", "reason")
@@ -125,6 +129,9 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         "before": "outside_window",
         "first_instant": None,
         "null_user_and_future": "null_user_id",
+        "old_unknown_type": "outside_window",
+        "old_null_user": "outside_window",
+        "old_invalid_value": "outside_window",
     }
     expected = spark.createDataFrame(list(expected_reasons.items()), "label string, reason string")
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)

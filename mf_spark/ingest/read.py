@@ -297,20 +297,33 @@ def _as_id_string(col: Column, dtype: T.DataType, field: str, column: str, path:
     raise _type_error(field, column, dtype, path, "string")
 
 
+#: Epoch seconds outside [1e8, 1e11) (1973-03-03 to the year 5138) are not epoch seconds: a date written
+#: as digits (20240310 read as 1970-08-23, then silently outside the window) or epoch milliseconds (year
+#: 55,000, rejected as future with no hint). They are ``unparseable_timestamp``, and the raw value in the
+#: rejects table shows which.
+EPOCH_SECONDS_RANGE = (1e8, 1e11)
+
+
+def _from_epoch_seconds(seconds: Column) -> Column:
+    low, high = EPOCH_SECONDS_RANGE
+    return F.when((F.abs(seconds) >= low) & (F.abs(seconds) < high), seconds.try_cast("timestamp"))
+
+
 def _as_timestamp(col: Column, dtype: T.DataType, column: str, path: str) -> Column:
     if isinstance(dtype, T.TimestampType):
         return col
     if isinstance(dtype, (T.TimestampNTZType, T.DateType)):
         return col.cast("timestamp")
-    if isinstance(dtype, T.NumericType):  # epoch seconds; out-of-range values become null
-        return col.cast("double").try_cast("timestamp")
+    if isinstance(dtype, T.NumericType):
+        return _from_epoch_seconds(col.cast("double"))
     if isinstance(dtype, (T.StringType, T.CharType, T.VarcharType)):
         # ISO 8601 forms ('2011-12-09', '2011-12-09 08:26:00', '2011-12-09T08:26:00.5+01:00'), else a
         # numeric string of 9+ digits as epoch seconds; try_cast so a bad string becomes a reject, not a
         # failed job. Spark's cast also takes '2024' and '2024-03' (the first day) and the epoch reading
         # made '20240309' a 1970 instant: both are unparseable here rather than silently misdated.
         iso = F.when(col.rlike(r"^\s*[0-9]{4}-[0-9]{2}-[0-9]{2}"), col.try_cast("timestamp"))
-        epoch = F.when(col.rlike(r"^\s*-?[0-9]{9,}(\.[0-9]*)?\s*$"), col.try_cast("double").try_cast("timestamp"))
+        is_number = col.rlike(r"^\s*-?[0-9]{9,}(\.[0-9]*)?\s*$")
+        epoch = F.when(is_number, _from_epoch_seconds(col.try_cast("double")))
         return F.coalesce(iso, epoch)
     if isinstance(dtype, T.NullType):
         return F.lit(None).cast("timestamp")

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 #: Row-level reject reasons, in precedence order: a row gets the first that applies.
 ROW_REASONS = (
     "malformed_record",
+    # Before the other row problems: an old row is not this run's data, so a problem in it (a retired
+    # event type, ids a later fix cleaned up) must not count towards max_reject_fraction. An
+    # unpartitioned log holds every day, and each nightly failed on years-old rows.
+    "outside_window",
     "null_user_id",
     "empty_user_id",
     "null_item_id",
@@ -34,7 +38,6 @@ ROW_REASONS = (
     "unparseable_timestamp",
     "invalid_value",
     "future_timestamp",
-    "outside_window",
 )
 #: Reasons decided after the row level: the bot rule, then the support filters.
 BOT_USER = "bot_user"
@@ -89,6 +92,7 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
     too_long = (F.length("user_id") > settings.max_id_length) | (F.length("item_id") > settings.max_id_length)
     reason = (
         F.when(F.col("malformed"), F.lit("malformed_record"))
+        .when(F.col("event_ts") < F.lit(window.start_ts), F.lit("outside_window"))
         .when(F.col("user_id").isNull(), F.lit("null_user_id"))
         .when(_is_blank(F.col("user_id")), F.lit("empty_user_id"))
         .when(F.col("item_id").isNull(), F.lit("null_item_id"))
@@ -102,7 +106,6 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
         .when(F.col("event_ts").isNull(), F.lit("unparseable_timestamp"))
         .when(uses_value & bad_value.eqNullSafe(True), F.lit("invalid_value"))
         .when(F.col("event_ts") >= F.lit(window.end_ts), F.lit("future_timestamp"))
-        .when(F.col("event_ts") < F.lit(window.start_ts), F.lit("outside_window"))
     )
     return lambda df: df.withColumn("reason", reason)
 
