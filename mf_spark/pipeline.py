@@ -96,15 +96,17 @@ def build_estimator(train: dict[str, Any], max_iter: int):
     )
 
 
-def load_warm_start(spark: SparkSession, root: str, rank: int, before: dt.date | None = None):
+def load_warm_start(spark: SparkSession, root: str, rank: int, before: dt.date | None = None,
+                    previous: dict[str, Any] | None = None):
     """The last published model's factors as an ``ImplicitALSModel``, or None.
 
     Factor ids are ID-map indices, which never change meaning between runs, so yesterday's factors
-    are valid starting points today.
+    are valid starting points today. ``previous``: that run's manifest when the caller has looked it
+    up already (:func:`mf_spark.publish.previous_published`).
     """
     from mf_spark.als.model import ImplicitALSModel
 
-    previous = publish.previous_published(root, before=before)
+    previous = previous or publish.previous_published(root, before=before)
     if not previous:
         return None, None
     run_path = os.path.join(root, previous["run_path"]) if "run_path" in previous else previous.get("run_dir")
@@ -190,6 +192,10 @@ def run_nightly(
             run, config_file=cfg.get("_source", ""), parameters={k: v for k, v in cfg.items() if not k.startswith("_")},
         )
         manifest["status"] = "running"
+        # The warm start and the gate's baseline, recorded so that a rerun of this date uses the same one
+        # (after a rollback the newest published run before the date is the one rolled back from).
+        baseline = publish.previous_published(root, before=run_date)
+        manifest[publish.BASELINE_KEY] = None if baseline is None else baseline["run_id"]
         try:
             with timer.stage("ingest"):
                 try:
@@ -213,7 +219,7 @@ def run_nightly(
             with timer.stage("train"):
                 initial, previous = (None, None)
                 if train_cfg["warm_start"]:
-                    initial, previous = load_warm_start(spark, root, train_cfg["rank"], before=run_date)
+                    initial, previous = load_warm_start(spark, root, train_cfg["rank"], previous=baseline)
                 max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
                 estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
                 model = estimator.fit(interactions)
@@ -254,9 +260,8 @@ def run_nightly(
                     manifest["metrics"] = metrics
                     gate_cfg = eval_cfg["gate"]
                     if gate_cfg["enabled"]:
-                        previous_manifest = publish.previous_published(root, before=run_date)
                         gate = evaluate_gate(
-                            metrics, None if previous_manifest is None else previous_manifest.get("metrics"),
+                            metrics, None if baseline is None else baseline.get("metrics"),
                             metric=gate_cfg["metric"], min_value=gate_cfg["min_value"],
                             max_relative_drop=gate_cfg["max_relative_drop"],
                         )
@@ -273,7 +278,7 @@ def run_nightly(
             with timer.stage("publish"):
                 publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
             manifest["timings"] = timer.seconds
-        except (Exception, KeyboardInterrupt) as exc:
+        except (Exception, KeyboardInterrupt, SystemExit) as exc:  # SystemExit: SIGTERM (RunLock)
             if publish.run_status(run) in ("published", "superseded"):
                 # Ctrl-C after the _PUBLISHED marker and latest.json: consumers read this run, so its
                 # manifest must keep saying published; the CLI reports what happened.
@@ -286,6 +291,8 @@ def run_nightly(
             manifest["status"] = "failed"
             if isinstance(exc, KeyboardInterrupt):
                 manifest["error"] = "interrupted (SIGINT)"
+            elif isinstance(exc, SystemExit):
+                manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
             else:
                 manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             manifest["timings"] = timer.seconds

@@ -734,13 +734,21 @@ def _read_manifest(root: str, relative_path: str) -> dict[str, Any] | None:
     return manifest
 
 
+#: Manifest key naming the run a run warm-started from and compared its gate against (None: none).
+BASELINE_KEY = "baseline_run"
+
+
 def previous_published(root: str, before: dt.date | None = None) -> dict[str, Any] | None:
     """The manifest of the run to warm-start from and to compare the quality gate against.
 
     Without ``before``: the run ``latest.json`` names. With ``before`` (the date being run): the run
-    ``latest.json`` names if its date is earlier than ``before``, otherwise the newest published
-    (not superseded) run dated before ``before`` - so a rerun of date D starts from the same model
-    as the first run of D did, and gives the same tables.
+    ``latest.json`` names if its date is earlier than ``before``. Otherwise date ``before`` is a rerun
+    (or a backfill under a later date), and the answer is the baseline its newest published run
+    recorded (``baseline_run`` in the manifest), so a rerun starts from the same model as the first
+    run of that date did and gives the same tables. Only without such a record (no published run of
+    that date, or its baseline deleted by retention): the newest published (not superseded) run dated
+    before ``before``. Picking that one always was wrong after a rollback: the run rolled back from is
+    still published, and a rerun warm-started from it and measured its gate against it.
 
     The returned dict is the manifest plus ``run_dir`` (the run directory's absolute path),
     ``run_id`` and ``run_date``. None when nothing suitable was published.
@@ -750,8 +758,29 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
         return _read_manifest(root, latest["path"])
     if before is None:
         return None
-    candidates = [r for r in _iter_run_dirs(Path(root)) if r.run_date < before and run_status(r) == "published"]
+    runs = _iter_run_dirs(Path(root))
+    same_date = [r for r in runs if r.run_date == before and run_status(r) in ("published", "superseded")]
+    if same_date:
+        first = _read_manifest(root, same_date[-1].relative_path) or {}
+        if BASELINE_KEY in first:
+            baseline_id = first[BASELINE_KEY]
+            if baseline_id is None:
+                return None
+            recorded = [r for r in runs if r.run_id == baseline_id and run_status(r) in ("published", "superseded")]
+            if recorded:
+                return _read_manifest(root, recorded[-1].relative_path)
+            log.warning("the baseline %s of the published run %s is gone (retention); using the newest "
+                        "published run before %s", baseline_id, same_date[-1].relative_path, before)
+    candidates = [r for r in runs if r.run_date < before and run_status(r) == "published"]
     return _read_manifest(root, candidates[-1].relative_path) if candidates else None
+
+
+def _latest_names(run: RunDir) -> bool:
+    try:
+        latest = read_latest(run.root)
+    except PublishError:
+        return False
+    return bool(latest) and latest.get("run_id") == run.run_id
 
 
 def describe_latest(root: str, run: RunDir) -> str:
@@ -858,8 +887,11 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
             log.info("latest.json now names %s", run.relative_path)
     except BaseException:
         # latest.json could not be written (a full disk, Ctrl-C): the job fails and the caller marks the
-        # run failed, so it must not stay listed as published, nor be a rollback target.
-        marker.unlink(missing_ok=True)
+        # run failed, so it must not stay listed as published, nor be a rollback target. Unless the
+        # replace itself went through and the failure came after it (the directory fsync, a SIGTERM):
+        # consumers read this run now, so it stays published, or the next run would delete it.
+        if not _latest_names(run):
+            marker.unlink(missing_ok=True)
         raise
     fault_point("after_latest")
     # The run is published from here on: a failure in the housekeeping below must not turn it into a

@@ -123,6 +123,26 @@ def test_rerun_warm_starts_from_the_previous_date_not_from_itself(tmp_path):
     assert previous_published(str(tmp_path), before=D1) is None
 
 
+def test_a_rerun_after_a_rollback_keeps_the_first_runs_baseline(tmp_path):
+    """D2 was bad and rolled back to D1; D3 ran from D1. A rerun of D3 took the newest published run
+    before D3, the rolled-back D2, as its warm start and gate baseline."""
+    published(tmp_path, D1, "good")
+    published(tmp_path, D2, "bad")
+    rollback(str(tmp_path), D1.isoformat())
+    baseline = previous_published(str(tmp_path), before=D3)
+    assert baseline["marker"] == "good"
+    first = begin_run(str(tmp_path), D3)
+    fake_tables(first)
+    publish_run(first, {"marker": "d3", publish.BASELINE_KEY: baseline["run_id"]})
+    assert previous_published(str(tmp_path), before=D3)["marker"] == "good"
+    # a first run that had no baseline (nothing published then) gives its reruns none either
+    nothing = tmp_path / "fresh"
+    day = begin_run(str(nothing), D1)
+    fake_tables(day)
+    publish_run(day, {publish.BASELINE_KEY: None})
+    assert previous_published(str(nothing), before=D1) is None
+
+
 def test_publishing_an_older_date_does_not_move_latest_back(tmp_path):
     later = published(tmp_path, D3)
     older = published(tmp_path, D1)
@@ -330,6 +350,29 @@ def test_a_failure_writing_latest_json_leaves_the_run_unpublished(tmp_path, monk
     assert read_latest(str(tmp_path))["run_id"] == earlier.run_id
     with pytest.raises(PublishError, match="no published run matches"):
         rollback(str(tmp_path), run.run_id)
+
+
+def test_a_signal_after_latest_json_was_replaced_keeps_the_run_published(tmp_path, monkeypatch):
+    """SIGTERM (SystemExit) in the directory fsync after the replace: the marker was removed while
+    latest.json named the run, and the next begin_run deleted the run consumers were reading."""
+    published(tmp_path, D1)
+    run = begin_run(str(tmp_path), D2)
+    fake_tables(run)
+    real_fsync_dir = publish._fsync_dir
+
+    def terminated_at_root(path):
+        if Path(path) == tmp_path:
+            raise SystemExit(143)
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(publish, "_fsync_dir", terminated_at_root)
+    with pytest.raises(SystemExit):
+        publish_run(run, {})
+    monkeypatch.undo()
+    assert read_latest(str(tmp_path))["run_id"] == run.run_id
+    assert run_status(run) == "published"
+    begin_run(str(tmp_path), D3)
+    assert Path(run.path).is_dir()
 
 
 def test_a_failure_after_latest_json_keeps_the_publication(tmp_path, monkeypatch, caplog):
