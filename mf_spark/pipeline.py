@@ -185,6 +185,10 @@ def run_nightly(
     # Everything the day caches (ingest outputs, factors, top-k payloads) is released when it ends: a
     # backfill runs its dates in one session, and each date added four cached tables to the executors.
     cached_before = persistent_rdd_ids(spark)
+    # Read (the schema only) before anything is written: a table without item_id failed in the recommend
+    # stage, after ingest had extended the ID maps.
+    item_filter = read_item_table(spark, rec_cfg["item_filter_path"], "item_filter_path")
+    allow_list = read_item_table(spark, rec_cfg["allow_list_path"], "allow_list_path")
     with lock:
         run = publish.begin_run(root, run_date)
         log.info("run %s for %s in %s", run.run_id, run_date, run.path)
@@ -240,8 +244,7 @@ def run_nightly(
                     spark.read.parquet(run.sub("user_factors")).select("id", "features"),
                     spark.read.parquet(run.sub("item_factors")).select("id", "features"),
                     interactions, dim_user, dim_item, recommend_settings_from(cfg),
-                    item_filter=read_item_table(spark, rec_cfg["item_filter_path"], "item_filter_path"),
-                    allow_list=read_item_table(spark, rec_cfg["allow_list_path"], "allow_list_path"),
+                    item_filter=item_filter, allow_list=allow_list,
                 )
                 # Plain writes, not write_table_replacing: this run is not published yet and nobody reads it.
                 tables.recommendations.write.parquet(run.sub("recommendations"))

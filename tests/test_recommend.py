@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
@@ -429,6 +431,38 @@ def test_users_with_only_negative_interactions_get_no_list(spark):
     assert per_user == {"u0": 2, "u1": 2}
 
 
+def test_filters_that_leave_no_item_are_refused(spark, caplog):
+    """An allow list of ids the ID map does not know (a double column: '85123.0') left every list empty,
+    and the run was published with 0 recommendations."""
+    from mf_spark.errors import InputDataError
+    from mf_spark.recommend import RecommendSettings, build_recommendation_tables
+
+    rng = np.random.default_rng(9)
+    users, items = rng.normal(size=(2, 3)), rng.normal(size=(5, 3))
+    interactions = spark.createDataFrame([(0, 0, 1.0), (1, 2, 2.0)], "user_idx int, item_idx int, strength float")
+    dim_user = spark.createDataFrame([(f"u{u}", u) for u in range(2)], "user_id string, user_idx int")
+    dim_item = spark.createDataFrame([(f"{i}", i) for i in range(5)], "item_id string, item_idx int")
+
+    def build(**tables):
+        return build_recommendation_tables(
+            factor_frame(spark, range(2), users), factor_frame(spark, range(5), items), interactions,
+            dim_user, dim_item, RecommendSettings(top_n=2, similar_n=1), **tables,
+        )
+
+    as_doubles = spark.createDataFrame([(1.0,), (3.0,)], "item_id double")
+    with pytest.raises(InputDataError, match=r"allow list \(recommend\.allow_list_path\): none of its 2 item ids"):
+        build(allow_list=as_doubles)
+    everything = spark.createDataFrame([(str(i),) for i in range(5)], "item_id string")
+    with pytest.raises(InputDataError, match="leave no item with factors to recommend"):
+        build(item_filter=everything)
+    partly_known = spark.createDataFrame([("1",), ("3",), ("x",)], "item_id string")
+    with caplog.at_level(logging.WARNING, logger="mf_spark"):
+        tables = build(allow_list=partly_known)
+    assert "1 of its 3 item ids are unknown" in caplog.text
+    assert {r.item_id for r in tables.recommendations.collect()} <= {"1", "3"}
+    tables.release()
+
+
 def test_item_tables_that_cannot_be_read_name_the_key(spark, tmp_path):
     from mf_spark.errors import InputDataError
     from mf_spark.recommend.tables import read_item_table
@@ -439,3 +473,6 @@ def test_item_tables_that_cannot_be_read_name_the_key(spark, tmp_path):
     with pytest.raises(InputDataError, match=r"^recommend.allow_list_path = .*list.txt cannot be read as Parquet"):
         read_item_table(spark, str(tmp_path / "list.txt"), "allow_list_path")
     assert read_item_table(spark, "", "allow_list_path") is None
+    spark.createDataFrame([("a",)], "sku string").write.parquet(str(tmp_path / "skus"))
+    with pytest.raises(InputDataError, match=r"^recommend.allow_list_path = .*skus: table has no column 'item_id'"):
+        read_item_table(spark, str(tmp_path / "skus"), "allow_list_path")

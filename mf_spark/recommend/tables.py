@@ -165,6 +165,7 @@ def build_recommendation_tables(
     users = users.join(positive_users, "id", "left_semi")
     exclude = None if item_filter is None else item_ids_to_index(item_filter, dim_item, "item filter")
     allow = None if allow_list is None else item_ids_to_index(allow_list, dim_item, "allow list")
+    _check_candidates_left(item_factors, exclude, allow_list, allow)
     broadcasts: list[Broadcast] = []
     recs = recommend_top_k(
         users, item_factors, settings.top_n,
@@ -181,6 +182,34 @@ def build_recommendation_tables(
     return RecommendationTables(
         to_string_ids(recs, dim_user, dim_item), similar_to_string_ids(sims, dim_item), folded, broadcasts
     )
+
+
+def _check_candidates_left(
+    item_factors: DataFrame, exclude: DataFrame | None, allow_list: DataFrame | None, allow: DataFrame | None
+) -> None:
+    """Refuse filters that leave no item to recommend: every list would be empty, and nothing downstream
+    (the gate evaluates the model, not the published tables) would stop them being published."""
+    if allow is None and exclude is None:
+        return
+    if allow is not None and allow_list is not None:
+        listed = allow_list.select(F.col("item_id").cast("string")).distinct().count()
+        known = allow.count()
+        if known == 0:
+            sample = [r.item_id for r in allow_list.select(F.col("item_id").cast("string")).limit(3).collect()]
+            raise InputDataError(
+                f"allow list (recommend.allow_list_path): none of its {listed} item ids is a known item (e.g. {sample}); check that "
+                "they are the item ids of the events (a double column writes 85123 as '85123.0')"
+            )
+        if known < listed:
+            logger.warning("allow list: %d of its %d item ids are unknown items and are ignored",
+                           listed - known, listed)
+    candidates = item_factors.select(F.col("id").cast("int").alias("id"))
+    if allow is not None:
+        candidates = candidates.join(allow, "id", "left_semi")
+    if exclude is not None:
+        candidates = candidates.join(exclude, "id", "left_anti")
+    if candidates.limit(1).count() == 0:
+        raise InputDataError("the item filter and the allow list leave no item with factors to recommend")
 
 
 def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:
@@ -200,9 +229,11 @@ def read_item_table(spark: SparkSession, path: str, key: str) -> DataFrame | Non
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"recommend.{key} = {path} does not exist")
     try:
-        return spark.read.parquet(path)
+        table = spark.read.parquet(path)
     except (AnalysisException, Py4JJavaError) as exc:  # an unreachable URI, not a Parquet table
         raise InputDataError(f"recommend.{key} = {path} cannot be read as Parquet: {java_cause(exc)}") from None
+    _require(table, f"recommend.{key} = {path}", ("item_id",))
+    return table
 
 
 def _read_id_map(spark: SparkSession, run_dir: str, id_map_dir: str | None, name: str) -> DataFrame:
