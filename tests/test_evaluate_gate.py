@@ -60,3 +60,25 @@ def test_a_nan_metric_fails_the_gate():
     # NaN < minimum and the drop check are both false, so a NaN passed the gate
     result = evaluate_gate(_result(float("nan")), _result(0.2), "ndcg@20", min_value=0.05, max_relative_drop=0.1)
     assert not result.passed and "NaN" in result.reason
+
+
+def test_a_previous_run_measured_differently_is_compared_like_with_like(caplog):
+    """The gate read each result's own primary model and never looked at the split: a run on another
+    split, with popular as its primary model, passed a drop check against implicit_als's value."""
+    def measured(ndcg20, model="implicit_als", protocol="user_random", fraction=0.2):
+        result = {"primary_model": model, "models": {model: {"metrics": {"ndcg@20": ndcg20}}}}
+        result["split"] = {"protocol": protocol, "settings": {"test_fraction": fraction}, "counts": {"users": 9}}
+        return result
+
+    previous = measured(0.30)
+    previous["models"]["popular"] = {"metrics": {"ndcg@20": 0.10}}
+    # same split, primary model changed: compared with the previous run's value of the same model
+    assert evaluate_gate(measured(0.09, "popular"), previous, "ndcg@20", 0.0, 0.5).previous_value == 0.10
+    assert not evaluate_gate(measured(0.04, "popular"), previous, "ndcg@20", 0.0, 0.5).passed
+    # another split (protocol or settings): not comparable, only the minimum is checked, with a warning
+    other = evaluate_gate(measured(0.10, protocol="strong_generalization"), previous, "ndcg@20", 0.0, 0.5)
+    assert other.passed and other.previous_value is None and "not comparable" in other.reason
+    assert "another split" in caplog.text
+    assert evaluate_gate(measured(0.10, fraction=0.3), previous, "ndcg@20", 0.0, 0.5).previous_value is None
+    # the counts change every day and do not matter
+    assert not evaluate_gate(measured(0.10), previous, "ndcg@20", 0.0, 0.5).passed

@@ -26,8 +26,9 @@ class GateResult:
     previous_value: float | None = None
 
 
-def metric_value(metrics: dict[str, Any] | None, metric: str) -> float | None:
-    """``metric`` (e.g. ``"ndcg@20"``) of the primary model in an :func:`evaluate_holdout` result, or None.
+def metric_value(metrics: dict[str, Any] | None, metric: str, model: str | None = None) -> float | None:
+    """``metric`` (e.g. ``"ndcg@20"``) of ``model`` (default: the primary model) in an
+    :func:`evaluate_holdout` result, or None.
 
     A flat ``{"ndcg@20": ...}`` dict is accepted too.
     """
@@ -35,9 +36,24 @@ def metric_value(metrics: dict[str, Any] | None, metric: str) -> float | None:
         return None
     if metric in metrics and isinstance(metrics[metric], (int, float)):
         return float(metrics[metric])
-    primary = metrics.get("primary_model")
+    primary = model or metrics.get("primary_model")
     value = metrics.get("models", {}).get(primary, {}).get("metrics", {}).get(metric)
     return None if value is None else float(value)
+
+
+def split_change(metrics: dict[str, Any], previous_metrics: dict[str, Any] | None) -> str | None:
+    """How the split of two :func:`evaluate_holdout` results differs (protocol or settings), or None
+    when it is the same (or either result has no split: a flat dict).
+
+    The data counts of the split change every day and are not compared."""
+    if not previous_metrics or "split" not in metrics or "split" not in previous_metrics:
+        return None
+    changes = []
+    split, previous_split = metrics.get("split") or {}, previous_metrics.get("split") or {}
+    for key in ("protocol", "settings"):
+        if split.get(key) != previous_split.get(key):
+            changes.append(f"split {key} {previous_split.get(key)} -> {split.get(key)}")
+    return "; ".join(changes) or None
 
 
 def evaluate_gate(
@@ -53,7 +69,11 @@ def evaluate_gate(
     ----------
     metrics, previous_metrics
         Results of :func:`mf_spark.evaluate.evaluate_holdout` (``previous_metrics`` None, or without the
-        metric, when there is no previous published run: only the minimum is checked).
+        metric, when there is no previous published run: only the minimum is checked). The previous
+        value is that of this run's primary model, so a change of primary model compares like with
+        like (and skips the drop check when the previous run did not evaluate it). A previous run on
+        another split (:func:`split_change`) is not compared, with a warning: its value says nothing
+        about a drop.
     metric
         ``name@K``, e.g. ``"ndcg@20"``.
     min_value
@@ -75,7 +95,12 @@ def evaluate_gate(
             f"gate metric {metric!r} was not computed (computed: {', '.join(available) or 'none'}); "
             "set evaluate.gate.metric to one of them or add its K to evaluate.ks"
         )
-    previous = metric_value(previous_metrics, metric)
+    previous = metric_value(previous_metrics, metric, model=metrics.get("primary_model"))
+    change = split_change(metrics, previous_metrics)
+    if change is not None and previous is not None:
+        log.warning("quality gate: the previous run used another split (%s); %s is not compared with "
+                    "its value %.5f", change, metric, previous)
+        previous = None
     if math.isnan(value):  # every comparison with NaN is false: without this it passed both checks
         return GateResult(False, f"{metric} is NaN (no test user scored?)", value, previous)
     if value < min_value:
@@ -83,12 +108,8 @@ def evaluate_gate(
             False, f"{metric} = {value:.5f} is below the minimum {min_value:.5f}", value, previous
         )
     if previous is None:
-        return GateResult(
-            True,
-            f"{metric} = {value:.5f} >= minimum {min_value:.5f}; no previous run to compare with",
-            value,
-            None,
-        )
+        why = "no previous run to compare with" if change is None else f"previous run not comparable ({change})"
+        return GateResult(True, f"{metric} = {value:.5f} >= minimum {min_value:.5f}; {why}", value, None)
     if previous > 0:
         drop = (previous - value) / previous
         if drop > max_relative_drop + 1e-12:  # 0.2 -> 0.15 is a 25% drop, not 25.000000000000006%
