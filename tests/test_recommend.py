@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -369,6 +370,31 @@ def tiny_run_dir(spark, path):
     ):
         spark.createDataFrame(rows, schema).write.parquet(str(path / name))
     return path
+
+
+def test_recommend_stage_refuses_an_id_map_that_does_not_match_the_factors(spark, tmp_path):
+    """A run copied from another output root was scored with this root's maps: indices of one joined
+    to ids of the other, silently. The nightly writes each factor row's string id beside it."""
+    from mf_spark.recommend import RecommendSettings, run_recommend_stage
+
+    run_dir = tiny_run_dir(spark, tmp_path / "run")
+    for side, n in (("user", 4), ("item", 6)):
+        factors = spark.read.parquet(str(run_dir / f"{side}_factors"))
+        written = factors.withColumn(f"{side}_id", F.concat(F.lit(side[0]), F.col("id").cast("string")))
+        written.write.parquet(str(tmp_path / f"{side}_factors"))
+    other_root = tmp_path / "other"
+    spark.createDataFrame([(f"u{3 - u}", u) for u in range(4)], "user_id string, user_idx int").write.parquet(
+        str(other_root / "dim_user"))
+    for side in ("user", "item"):
+        (run_dir / f"{side}_factors").rename(tmp_path / f"unused_{side}")
+        (tmp_path / f"{side}_factors").rename(run_dir / f"{side}_factors")
+    settings = RecommendSettings(top_n=2, similar_n=1)
+    assert run_recommend_stage(spark, str(run_dir), settings)["recommendations"] == 8  # its own maps agree
+    shutil.rmtree(run_dir / "dim_user")
+    shutil.copytree(other_root / "dim_user", run_dir / "dim_user")
+    with pytest.raises(InputDataError, match=r"the user ID map does not match the user factors in .*user_factors "
+                                             r"\(index 0 is 'u0' there but 'u3' in the map"):
+        run_recommend_stage(spark, str(run_dir), settings)
 
 
 def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, monkeypatch):

@@ -212,6 +212,33 @@ def _check_candidates_left(
         raise InputDataError("the item filter and the allow list leave no item with factors to recommend")
 
 
+def check_id_map_matches(factors: DataFrame, dim: DataFrame, side: str, factors_path: str) -> None:
+    """Refuse an ID map that gives the factors' indices other ids than the ones written beside them.
+
+    The nightly writes each factor row with its string id (``user_id``/``item_id``). A recommend job
+    pointed at a run from another output root (a copy of production) took this root's map and joined
+    one root's indices to the other's ids without a word. Factor tables without the id column (a model
+    saved by ``jobs/train.py``) cannot be checked.
+    """
+    id_col, idx_col = f"{side}_id", f"{side}_idx"
+    if id_col not in factors.columns:
+        return
+    in_map = dim.select(F.col(idx_col).cast("int").alias("id"), F.col(id_col).cast("string").alias("map_id"))
+    wrong = (
+        factors.select(F.col("id").cast("int").alias("id"), F.col(id_col).cast("string").alias("written_id"))
+        .join(in_map, "id", "left")
+        .where(~F.col("written_id").eqNullSafe(F.col("map_id")))
+    )
+    examples = wrong.orderBy("id").limit(3).collect()
+    if examples:
+        shown = ", ".join(f"index {r.id} is {r.written_id!r} there but {r.map_id!r} in the map" for r in examples)
+        raise InputDataError(
+            f"recommend: the {side} ID map does not match the {side} factors in {factors_path} ({shown}); "
+            "the run comes from another output root: run the job with that root's output.root, whose "
+            "id_maps/ numbered these factors"
+        )
+
+
 def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"recommend: {what} not found: {path}")
@@ -301,6 +328,8 @@ def run_recommend_stage(
     item_factors = _read_table(spark, item_path, "item factors")
     interactions = _read_table(spark, interactions_path or os.path.join(run_dir, "interactions"), "interactions")
     maps = {name: _read_id_map(spark, run_dir, id_map_dir, name) for name in ("dim_user", "dim_item")}
+    for factors, path, side in ((user_factors, user_path, "user"), (item_factors, item_path, "item")):
+        check_id_map_matches(factors, maps[f"dim_{side}"], side, path)
     item_filter = read_item_table(spark, item_filter_path, "item_filter_path")
     allow_list = read_item_table(spark, allow_list_path, "allow_list_path")
     tables = build_recommendation_tables(
