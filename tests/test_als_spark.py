@@ -467,6 +467,12 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
         model.setColdStartStrategy("skip")
     model.setColdStartStrategy("drop")
     assert dict(model.transform(queries).dtypes)["prediction"] == "float"
+    # as MLlib: a second model's transform must not overwrite the first one's predictions silently
+    with pytest.raises(InputDataError, match="already has a column 'prediction'"):
+        model.transform(model.transform(queries))
+    # a param map given to transform() bypassed the setter's check and behaved as "nan"
+    with pytest.raises(ValueError, match="coldStartStrategy must be one of"):
+        model.transform(queries, {model.coldStartStrategy: "skip"})
 
     path = str(tmp_path / "model")
     model.write().overwrite().save(path)
@@ -505,6 +511,22 @@ def test_every_mllib_setter_and_getter_exists_and_sets_its_param():
     est._validate()  # MLlib's level names, _SER ones included, are accepted
     with pytest.raises(ValueError, match="intermediateStorageLevel = 'MEMORY' is not a storage level"):
         est.setIntermediateStorageLevel("MEMORY")._validate()
+
+
+def test_max_iter_zero_gives_the_initial_factors_as_mllib(spark, small):
+    """MLlib accepts maxIter >= 0 (0: the initial factors; benchmarks/same_params.py warm-starts from one);
+    ImplicitALS refused 0."""
+    R, ratings = small
+    initial = ImplicitALS(rank=3, maxIter=0, seed=5, numUserBlocks=2, numItemBlocks=2).fit(ratings)
+    X = factors_matrix(initial.userFactors, R.shape[0])
+    assert initial.trainingLoss == [] and np.allclose(np.linalg.norm(X, axis=1), 1.0, atol=1e-6)
+    one = ImplicitALS(rank=3, maxIter=1, seed=5, numUserBlocks=2, numItemBlocks=2)
+    warm = one.setInitialModel(initial).fit(ratings)
+    assert warm.trainingLoss == one.setInitialModel(None).fit(ratings).trainingLoss  # the same start
+    with pytest.raises(ValueError, match="maxIter must be >= 0"):
+        ImplicitALS(maxIter=-1).fit(ratings)
+    with pytest.raises(ValueError, match="checkpointInterval must be >= 1, or -1"):
+        ImplicitALS(checkpointInterval=-2).fit(ratings)
 
 
 def test_transform_takes_long_ids_beyond_int_range_as_cold_start(spark, small):

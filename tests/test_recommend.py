@@ -249,6 +249,17 @@ def test_fold_in_sums_duplicates_in_value_order_as_training(spark):
     assert folded[0] == expected
 
 
+@pytest.mark.parametrize("strengths", [[float("nan")], [float("inf")], [3e38, 3e38]], ids=["nan", "inf", "sum"])
+def test_fold_in_refuses_strengths_training_would_refuse(spark, strengths):
+    """Training refuses NaN, infinite and float32-overflowing strengths; fold-in solved an all-NaN factor,
+    so the user silently got no recommendations."""
+    items = factor_frame(spark, range(3), np.eye(3))
+    rows = [(7, 0, 1.0)] + [(7, 1, v) for v in strengths]
+    interactions = spark.createDataFrame(rows, "user_idx int, item_idx int, strength double")
+    with pytest.raises(InputDataError, match=r"fold-in: column 'strength' gives 1 \(user_idx, item_idx\) pairs"):
+        fold_in_factors(interactions, items, SolveParams(alpha=1.0))
+
+
 def test_fold_in_new_users_solves_only_users_without_factors(spark):
     rng = np.random.default_rng(8)
     items = factor_frame(spark, range(6), rng.normal(size=(6, 2)))

@@ -271,8 +271,12 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
             raise ValueError("ImplicitALS only supports implicitPrefs=True (use MLlib's ALS for explicit ratings)")
         if get(self.nonnegative):
             raise ValueError("ImplicitALS does not support nonnegative=True")
-        if get(self.rank) < 1 or get(self.maxIter) < 1 or get(self.numUserBlocks) < 1 or get(self.numItemBlocks) < 1:
-            raise ValueError("rank, maxIter, numUserBlocks and numItemBlocks must be >= 1")
+        if get(self.rank) < 1 or get(self.numUserBlocks) < 1 or get(self.numItemBlocks) < 1:
+            raise ValueError("rank, numUserBlocks and numItemBlocks must be >= 1")
+        if get(self.maxIter) < 0:  # as MLlib: 0 returns the initial factors (random, or initialModel's)
+            raise ValueError(f"maxIter must be >= 0, got {get(self.maxIter)}")
+        if get(self.checkpointInterval) < -1:
+            raise ValueError(f"checkpointInterval must be >= 1, or -1 (or 0) for none, got {get(self.checkpointInterval)}")
         if get(self.solver) not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}")
         if get(self.regularization) not in REGULARIZATIONS:

@@ -112,6 +112,13 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
     # -- scoring ---------------------------------------------------------------------------------
     def _transform(self, dataset: DataFrame) -> DataFrame:
         user_col, item_col, pred_col = self.getUserCol(), self.getItemCol(), self.getPredictionCol()
+        # as MLlib's transformSchema: overwriting another model's predictions silently lost them
+        if pred_col in dataset.columns:
+            raise InputDataError(f"ImplicitALSModel: input already has a column '{pred_col}' (predictionCol)")
+        # a param map given to transform() bypasses setColdStartStrategy's check
+        if self.getColdStartStrategy() not in COLD_START_STRATEGIES:
+            raise ValueError(f"coldStartStrategy must be one of {COLD_START_STRATEGIES}, "
+                             f"got {self.getOrDefault(self.coldStartStrategy)!r}")
         for col in (user_col, item_col):
             if col not in dataset.columns:
                 raise InputDataError(f"ImplicitALSModel: input has no column '{col}' (columns: {', '.join(dataset.columns)})")

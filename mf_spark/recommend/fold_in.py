@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from mf_spark.als.blocks import ordered_sum
+from mf_spark.als.blocks import FLOAT32_MAX, ordered_sum
 from mf_spark.als.params import SolveParams
 from mf_spark.als.solve import solve_block
 from mf_spark.errors import InputDataError
@@ -119,7 +119,18 @@ def fold_in_factors(
     # rows partitioned differently gave another strength and another folded factor.
     ratings = ratings.groupBy("dst", "src").agg(ordered_sum("rating").cast("float").alias("rating"))
     with_factors = ratings.join(fixed.withColumnRenamed("id", "src"), "src")
-    n_dst = with_factors.select("dst").distinct().count()
+    # Training refuses such values; here a NaN or infinite strength (or duplicates summing beyond float32)
+    # gave the entity an all-NaN factor, and so silently no recommendations. Counted in the same job.
+    not_finite = F.isnan("rating") | (F.abs("rating") > F.lit(FLOAT32_MAX))
+    counts = with_factors.agg(
+        F.count_distinct("dst").alias("n_dst"), F.sum(not_finite.cast("long")).alias("n_bad")
+    ).first()
+    if counts["n_bad"]:
+        raise InputDataError(
+            f"fold-in: column '{rating_col}' gives {counts['n_bad']} ({dst_col}, {src_col}) pairs a strength that "
+            "is NaN, infinite or beyond float32's range (duplicates summed)"
+        )
+    n_dst = counts["n_dst"]
     if n_dst == 0:
         return spark.createDataFrame([], FACTOR_SCHEMA)
     num_blocks = max(1, math.ceil(n_dst / block_size))
