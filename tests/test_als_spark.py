@@ -387,10 +387,18 @@ def test_checkpoint_files_are_deleted_once_their_rdd_is_unreachable(spark):
 
 
 def test_many_iterations_with_checkpointing(spark, small):
+    """Also: each checkpoint deletes the previous one's files, as MLlib's fit does. They stayed until
+    Spark's cleaner (off in a session that does not enable cleanCheckpoints) or the end: 20 here."""
+    from urllib.parse import urlparse
+
     _, ratings = small
+    directory = urlparse(spark.sparkContext.getCheckpointDir()).path
+    before = set(os.listdir(directory))
     model = ImplicitALS(rank=3, maxIter=30, checkpointInterval=3, numUserBlocks=2, numItemBlocks=2).fit(ratings)
     assert len(model.trainingLoss) == 30
     assert np.isfinite(model.trainingLoss).all()
+    assert len(set(os.listdir(directory)) - before) <= 2  # the last checkpoint: the factors' lineage
+    assert model.userFactors.count() > 0
 
 
 # --- input validation ---------------------------------------------------------------------------

@@ -420,6 +420,7 @@ def train_implicit(
     losses: list[float] = []
     seconds: list[float] = []
     broadcasts: list[Broadcast] = []
+    checkpoint_files: list[str] = []  # of the last checkpointed iteration
 
     def broadcast_of(stats: _SideStats) -> Broadcast:
         # The previous half-step is materialised, so executors will not read its broadcast again:
@@ -460,6 +461,11 @@ def train_implicit(
             for bc in broadcasts[:-2]:
                 bc.destroy()
             del broadcasts[:-2]
+            # ... and no task reads the previous checkpoint's files: delete them, as MLlib's
+            # deletePreviousCheckpointFile. Spark's cleaner does so only when the session enables
+            # cleanCheckpoints (the jobs do; a user's own session by default does not).
+            _delete_checkpoint_files(sc, checkpoint_files)
+            checkpoint_files = [f for f in (item_factors.getCheckpointFile(), user_factors.getCheckpointFile()) if f]
 
         loss = user_stats.data_loss + user_stats.reg_loss + item_stats.reg_loss
         elapsed = time.perf_counter() - t0
@@ -474,6 +480,15 @@ def train_implicit(
         bc.unpersist()
     log.info("ALS fit: %d iterations in %.1fs", settings.max_iter, time.perf_counter() - started)
     return TrainResult(user_factors, item_factors, losses, seconds, broadcasts)
+
+
+def _delete_checkpoint_files(sc, paths: list[str]) -> None:
+    for path in paths:
+        try:
+            hadoop_path = sc._jvm.org.apache.hadoop.fs.Path(path)
+            hadoop_path.getFileSystem(sc._jsc.hadoopConfiguration()).delete(hadoop_path, True)
+        except Exception as exc:  # noqa: BLE001 - a leftover checkpoint must not fail the fit
+            log.warning("could not delete the old checkpoint %s: %s", path, exc)
 
 
 FACTOR_SCHEMA = T.StructType(
