@@ -74,7 +74,11 @@ def build_session(
     builder = SparkSession.builder.appName(app_name)
     if master:
         builder = builder.master(master)
-    merged = {**BATCH_DEFAULTS, **(properties or {})}
+    # A builder option overrides what spark-submit was given, so a default set here silently beat
+    # `--conf spark.python.worker.reuse=false`: defaults only fill what spark-submit left unset.
+    submitted = _submitted_properties()
+    defaults = {name: value for name, value in BATCH_DEFAULTS.items() if name not in submitted}
+    merged = {**defaults, **(properties or {})}
     for name, value in merged.items():
         # Set below instead: a directory Spark cannot use (hdfs:/// without HDFS, the usual mistake)
         # failed the SparkContext constructor, which logged 60 lines of Java traces before the job's
@@ -99,6 +103,16 @@ def build_session(
             spark.stop()
             raise
     return spark
+
+
+def _submitted_properties() -> set[str]:
+    """Names of the Spark properties spark-submit was given (``--conf``, ``spark-defaults.conf``): the
+    driver JVM holds them as ``spark.*`` system properties before any context starts."""
+    from pyspark import SparkContext
+
+    SparkContext._ensure_initialized()
+    properties = SparkContext._jvm.java.lang.System.getProperties()
+    return {str(name) for name in properties.stringPropertyNames() if str(name).startswith("spark.")}
 
 
 def stop_session(spark: SparkSession) -> None:

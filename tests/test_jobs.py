@@ -151,6 +151,28 @@ def test_a_spark_session_that_cannot_start_names_the_setting_and_writes_nothing(
     assert "ERROR" not in done.stderr and "\tat " not in done.stderr, done.stderr[-3000:]
 
 
+def test_spark_submit_conf_beats_the_batch_defaults(tmp_path):
+    """BATCH_DEFAULTS went through the session builder, which overrides what spark-submit was given:
+    `--conf spark.python.worker.reuse=false` had no effect. Defaults now fill only what is unset."""
+    job = tmp_path / "show_conf.py"
+    job.write_text(
+        "from mf_spark.session import build_session\n"
+        "spark = build_session('conf-check')\n"
+        "for key in ('spark.python.worker.reuse', 'spark.sql.sources.partitionOverwriteMode',\n"
+        "            'spark.sql.session.timeZone'):\n"
+        "    print('CONF', key, spark.conf.get(key))\n"
+        "spark.stop()\n"
+    )
+    code, output = run_submit(["--master", "local[1]", "--conf", "spark.ui.enabled=false",
+                               "--conf", "spark.python.worker.reuse=false",
+                               "--conf", "spark.sql.sources.partitionOverwriteMode=static", str(job)],
+                              tmp_path / "submit.log")
+    assert code == 0, output[-3000:]
+    shown = dict(line.split()[1:3] for line in output.splitlines() if line.startswith("CONF "))
+    assert shown == {"spark.python.worker.reuse": "false", "spark.sql.sources.partitionOverwriteMode": "static",
+                     "spark.sql.session.timeZone": "UTC"}  # the last: a default spark-submit left unset
+
+
 @pytest.mark.slow
 def test_standalone_chain_ingest_train_recommend(tmp_path):
     """The documented path without the nightly: the ingest job's table and id maps, the train job's saved
