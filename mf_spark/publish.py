@@ -745,8 +745,9 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
     ``latest.json`` names if its date is earlier than ``before``. Otherwise date ``before`` is a rerun
     (or a backfill under a later date), and the answer is the baseline its newest published run
     recorded (``baseline_run`` in the manifest), so a rerun starts from the same model as the first
-    run of that date did and gives the same tables. Only without such a record (no published run of
-    that date, or its baseline deleted by retention): the newest published (not superseded) run dated
+    run of that date did and gives the same tables. Otherwise (no published run of that date, no
+    record, its baseline deleted by retention, or an earlier date published again since that run
+    started, as a backfill re-running a range does): the newest published (not superseded) run dated
     before ``before``. Picking that one always was wrong after a rollback: the run rolled back from is
     still published, and a rerun warm-started from it and measured its gate against it.
 
@@ -759,8 +760,12 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
     if before is None:
         return None
     runs = _iter_run_dirs(Path(root))
+    candidates = [r for r in runs if r.run_date < before and run_status(r) == "published"]
     same_date = [r for r in runs if r.run_date == before and run_status(r) in ("published", "superseded")]
-    if same_date:
+    # A candidate published after that run started (run ids sort by start time) is newer work on an
+    # earlier date - a backfill re-running the range, or the bad date rerun after a rollback - and
+    # is the right baseline; the recorded one then belongs to an older history.
+    if same_date and not (candidates and candidates[-1].run_id > same_date[-1].run_id):
         first = _read_manifest(root, same_date[-1].relative_path) or {}
         if BASELINE_KEY in first:
             baseline_id = first[BASELINE_KEY]
@@ -771,7 +776,6 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
                 return _read_manifest(root, recorded[-1].relative_path)
             log.warning("the baseline %s of the published run %s is gone (retention); using the newest "
                         "published run before %s", baseline_id, same_date[-1].relative_path, before)
-    candidates = [r for r in runs if r.run_date < before and run_status(r) == "published"]
     return _read_manifest(root, candidates[-1].relative_path) if candidates else None
 
 

@@ -135,6 +135,10 @@ def test_a_rerun_after_a_rollback_keeps_the_first_runs_baseline(tmp_path):
     fake_tables(first)
     publish_run(first, {"marker": "d3", publish.BASELINE_KEY: baseline["run_id"]})
     assert previous_published(str(tmp_path), before=D3)["marker"] == "good"
+    # but an earlier date published again since (the bad date rerun, a backfill re-running the range)
+    # is newer work: it is the baseline, as the newest published run before D3
+    published(tmp_path, D2, "fixed")
+    assert previous_published(str(tmp_path), before=D3)["marker"] == "fixed"
     # a first run that had no baseline (nothing published then) gives its reruns none either
     nothing = tmp_path / "fresh"
     day = begin_run(str(nothing), D1)
