@@ -21,7 +21,8 @@ def add_arguments(parser):
         "--date", type=parse_date, required=True, help="run date whose interactions are evaluated"
     )
     parser.add_argument(
-        "--interactions", help="Parquet interactions (user_idx, item_idx, strength, last_ts) instead"
+        "--interactions",
+        help="Parquet interactions (user_idx, item_idx, strength, first_ts or last_ts) instead",
     )
     parser.add_argument(
         "--tune", action="store_true", help="search [evaluate.tuning] per model on a validation split"

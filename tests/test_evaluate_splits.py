@@ -130,9 +130,28 @@ def test_dislikes_are_not_relevant(spark):
     assert counts["test_interactions_not_positive"] == 1
 
 
+def test_temporal_splits_place_a_pair_by_its_first_interaction(spark):
+    """A pair bought before the cutoff and again after it went to test whole (by last_ts): it left the
+    user's history and seen items and counted as a hit production never shows (it excludes seen items)."""
+    day = lambda d: BASE + dt.timedelta(days=d)  # noqa: E731
+    rows = [(1, 10, 1.0, day(1), day(20)),  # first met before, bought again after the cutoff
+            (1, 11, 1.0, day(2), day(2)),
+            (1, 12, 1.0, day(15), day(15)),  # first met after: the future
+            (2, 10, 1.0, day(3), day(3))]
+    schema = "user_idx int, item_idx int, strength float, first_ts timestamp, last_ts timestamp"
+    df = spark.createDataFrame(rows, schema)
+    split = make_split(df, "global_temporal", cutoff_date=day(10).date())
+    assert _pairs(split.test) == [(1, 12)] and (1, 10) in _pairs(split.train)
+    latest = make_split(df, "user_temporal", test_n=1)
+    assert _pairs(latest.test) == [(1, 12)]  # by last_ts it was item 10
+    # a table with last_ts only (an external --interactions table) is placed by it
+    only_last = df.drop("first_ts")
+    assert _pairs(make_split(only_last, "global_temporal", cutoff_date=day(10).date()).test) == [(1, 10), (1, 12)]
+
+
 def test_missing_time_column_names_it(spark):
     df = spark.createDataFrame([(1, 1)], "user_idx int, item_idx int")
-    with pytest.raises(InputDataError, match="last_ts"):
+    with pytest.raises(InputDataError, match="first_ts or last_ts"):
         make_split(df, "user_temporal")
 
 
