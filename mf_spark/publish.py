@@ -771,7 +771,8 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
             baseline_id = first[BASELINE_KEY]
             if baseline_id is None:
                 return None
-            recorded = [r for r in runs if r.run_id == baseline_id and run_status(r) in ("published", "superseded")]
+            recorded = [r for r in runs
+                        if r.run_id == baseline_id and run_status(r) in ("published", "superseded")]
             if recorded:
                 return _read_manifest(root, recorded[-1].relative_path)
             log.warning("the baseline %s of the published run %s is gone (retention); using the newest "

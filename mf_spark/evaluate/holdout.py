@@ -73,8 +73,8 @@ def evaluate_holdout(
     spark
         The session (the job's; used only to label the Spark jobs of this evaluation).
     interactions
-        ``user_idx`` int, ``item_idx`` int, ``strength`` float, ``first_ts`` (or ``last_ts``) timestamp (temporal splits),
-        one row per user-item pair.
+        ``user_idx`` int, ``item_idx`` int, ``strength`` float, ``first_ts`` (or ``last_ts``) timestamp
+        (temporal splits), one row per user-item pair.
     split, test_fraction, test_n, cutoff_date, holdout_users, seed
         The split protocol and its settings (see :mod:`mf_spark.evaluate.splits`).
     train_params
