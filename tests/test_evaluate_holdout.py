@@ -163,6 +163,16 @@ def test_a_split_with_no_training_part_is_refused_with_its_settings(communities,
                          models=["implicit_als", "popular"], train_params=TRAIN)
 
 
+def test_several_rows_per_pair_are_refused(communities, spark):
+    """An external table with a pair twice: one row could land in train and one in test, where the
+    seen-item exclusion made the test row unwinnable (recall 0 for a model that got it right)."""
+    from mf_spark.errors import InputDataError
+
+    doubled = communities.unionByName(communities.limit(1))
+    with pytest.raises(InputDataError, match="one row per pair"):
+        evaluate_holdout(spark, doubled, split="user_random", ks=[5], models=["popular"], train_params=TRAIN)
+
+
 def test_tuning_mode_picks_on_validation(communities, spark, tmp_path):
     result = evaluate_holdout(
         spark,

@@ -123,10 +123,21 @@ def evaluate_holdout(
                 F.count(F.lit(1)).alias("interactions"),
                 F.count_distinct("user_idx").alias("users"),
                 F.count_distinct("item_idx").alias("items"),
+                F.count_distinct("user_idx", "item_idx").alias("pairs"),
             )
             .first()
             .asDict()
         )
+        if data.pop("pairs") < data["interactions"]:
+            from mf_spark.errors import InputDataError
+
+            # A pair in both parts is a seen item of its user, so its test row could never be a hit;
+            # and rows equal in the split's order made the split depend on partitioning.
+            raise InputDataError(
+                f"interactions: {data['interactions']} rows hold fewer distinct (user_idx, item_idx) pairs; "
+                "the evaluation needs one row per pair, as the pipeline's interactions table has "
+                "(aggregate the rows first)"
+            )
         the_split = make_split(
             interactions,
             split,
