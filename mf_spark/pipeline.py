@@ -96,17 +96,15 @@ def build_estimator(train: dict[str, Any], max_iter: int):
     )
 
 
-def load_warm_start(spark: SparkSession, root: str, rank: int, before: dt.date | None = None,
-                    previous: dict[str, Any] | None = None):
-    """The last published model's factors as an ``ImplicitALSModel``, or None.
+def load_warm_start(spark: SparkSession, root: str, rank: int, previous: dict[str, Any] | None):
+    """The factors of ``previous`` (a published run's manifest, the run's baseline from
+    :func:`mf_spark.publish.previous_published`) as an ``ImplicitALSModel``, or None.
 
     Factor ids are ID-map indices, which never change meaning between runs, so yesterday's factors
-    are valid starting points today. ``previous``: that run's manifest when the caller has looked it
-    up already (:func:`mf_spark.publish.previous_published`).
+    are valid starting points today.
     """
     from mf_spark.als.model import ImplicitALSModel
 
-    previous = previous or publish.previous_published(root, before=before)
     if not previous:
         return None, None
     run_path = os.path.join(root, previous["run_path"]) if "run_path" in previous else previous.get("run_dir")
@@ -223,7 +221,7 @@ def run_nightly(
             with timer.stage("train"):
                 initial, previous = (None, None)
                 if train_cfg["warm_start"]:
-                    initial, previous = load_warm_start(spark, root, train_cfg["rank"], previous=baseline)
+                    initial, previous = load_warm_start(spark, root, train_cfg["rank"], baseline)
                 max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
                 estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
                 model = estimator.fit(interactions)

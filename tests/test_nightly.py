@@ -325,6 +325,9 @@ def test_run_summary_says_which_run_latest_json_names(backfill_with_a_gap):
     assert "  recommendations  " in printed and "  evaluation " not in printed
     assert json.loads(latest.read_text())["run_id"] == later
     assert rerun.manifest["run"]["run_id"] != later
+    # the rerun of the first date starts cold, as its first run did: a baseline of None made the warm
+    # start look the run up again without the date, which gave latest.json's later run
+    assert rerun.manifest["baseline_run"] is None and rerun.manifest["train"]["warm_start_from"] is None
 
 
 def test_a_date_without_events_still_fails_without_the_flag(spark, tmp_path, events_with_a_gap):
