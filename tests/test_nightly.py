@@ -374,24 +374,19 @@ def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, e
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mf_spark.pipeline, "build_estimator", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
-    statuses = [(r["status"], json.loads((root / r["path"] / "manifest.json").read_text())["error"])
-                for r in list_runs(str(root))]
-    assert ("failed", "interrupted (SIGINT)") in statuses
+    # Ctrl-C, and SIGTERM (a scheduler's timeout), which the lock turns into SystemExit(143): that one
+    # left a "partial" run, which the next run deleted with its only record of why
+    for signal, error in ((KeyboardInterrupt(), "interrupted (SIGINT)"),
+                          (SystemExit(143), "terminated (exit 143; SIGTERM gives 143)")):
+        def stopped(*args, signal=signal, **kwargs):
+            raise signal
 
-    # SIGTERM (a scheduler's timeout) is SystemExit(143) from the lock: it left a "partial" run, which
-    # the next run deleted with its only record of why
-    def terminated(*args, **kwargs):
-        raise SystemExit(143)
-
-    monkeypatch.setattr(mf_spark.pipeline, "build_estimator", terminated)
-    with pytest.raises(SystemExit):
-        run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
-    statuses = [(r["status"], json.loads((root / r["path"] / "manifest.json").read_text())["error"])
-                for r in list_runs(str(root))]
-    assert ("failed", "terminated (exit 143; SIGTERM gives 143)") in statuses
+        monkeypatch.setattr(mf_spark.pipeline, "build_estimator", stopped)
+        with pytest.raises(type(signal)):
+            run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
+        statuses = [(r["status"], json.loads((root / r["path"] / "manifest.json").read_text())["error"])
+                    for r in list_runs(str(root))]
+        assert ("failed", error) in statuses
 
     # Ctrl-C once latest.json names the run: consumers read it, so it stays published, not "failed"
     monkeypatch.undo()

@@ -191,14 +191,15 @@ def _check_candidates_left(
     (the gate evaluates the model, not the published tables) would stop them being published."""
     if allow is None and exclude is None:
         return
-    if allow is not None and allow_list is not None:
+    if allow is not None:
         listed = allow_list.select(F.col("item_id").cast("string")).distinct().count()
         known = allow.count()
         if known == 0:
             sample = [r.item_id for r in allow_list.select(F.col("item_id").cast("string")).limit(3).collect()]
             raise InputDataError(
-                f"allow list (recommend.allow_list_path): none of its {listed} item ids is a known item (e.g. {sample}); check that "
-                "they are the item ids of the events (a double column writes 85123 as '85123.0')"
+                f"allow list (recommend.allow_list_path): none of its {listed} item ids is a known item "
+                f"(e.g. {sample}); check that they are the item ids of the events (a double column writes "
+                "85123 as '85123.0')"
             )
         if known < listed:
             logger.warning("allow list: %d of its %d item ids are unknown items and are ignored",
