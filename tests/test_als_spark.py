@@ -521,6 +521,15 @@ def test_every_mllib_setter_and_getter_exists_and_sets_its_param():
         est.setIntermediateStorageLevel("MEMORY")._validate()
 
 
+def test_seed_none_means_the_default_seed(spark, small):
+    """setSeed(None) stored None, and the fit failed inside the executors drawing the initial factors."""
+    R, ratings = small
+    kw = dict(rank=3, maxIter=1, numUserBlocks=2, numItemBlocks=2)
+    default = ImplicitALS(**kw).fit(ratings).trainingLoss
+    assert ImplicitALS(**kw).setSeed(7).setSeed(None).fit(ratings).trainingLoss == default
+    assert ImplicitALS(**kw).setParams(seed=7).setParams(seed=None).getSeed() == ImplicitALS().getSeed()
+
+
 def test_max_iter_zero_gives_the_initial_factors_as_mllib(spark, small):
     """MLlib accepts maxIter >= 0 (0: the initial factors; benchmarks/same_params.py warm-starts from one);
     ImplicitALS refused 0."""

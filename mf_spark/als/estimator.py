@@ -182,6 +182,9 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
     def setParams(self, **kwargs: Any) -> ImplicitALS:
         if "initialModel" in kwargs:
             self.initialModel = kwargs.pop("initialModel")
+        if "seed" in kwargs and kwargs["seed"] is None:
+            kwargs.pop("seed")
+            self.clear(self.seed)
         return self._set(**kwargs)
 
     def setInitialModel(self, model: ImplicitALSModel | None) -> ImplicitALS:
@@ -244,7 +247,12 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
     def setBlockSize(self, value: int) -> ImplicitALS:
         return self._set(blockSize=value)
 
-    def setSeed(self, value: int) -> ImplicitALS:
+    def setSeed(self, value: int | None) -> ImplicitALS:
+        # None means "the default seed" (as in the constructor); storing None would only fail later,
+        # inside the executors that draw the initial factors.
+        if value is None:
+            self.clear(self.seed)
+            return self
         return self._set(seed=value)
 
     def setSolver(self, value: str) -> ImplicitALS:
