@@ -42,6 +42,7 @@ needs_value() {
 }
 
 zip_only=false
+show_version=false
 if [[ "${1:-}" == --zip-only ]]; then
     zip_only=true
     shift
@@ -60,6 +61,8 @@ while [[ $# -gt 0 ]]; do
             spark_opts+=("$1"); shift ;;
         --help|-h)
             usage 0 ;;
+        --version)
+            show_version=true; shift ;;
         --master) needs_value "$@"; master="$2"; shift 2 ;;
         --master=*) master="${1#--master=}"; shift ;;
         --deploy-mode) needs_value "$@"; deploy_mode="$2"; spark_opts+=("$1" "$2"); shift 2 ;;
@@ -79,23 +82,26 @@ while [[ $# -gt 0 ]]; do
 done
 job_args=("$@")
 
-if [[ -z "$job_file" && "$zip_only" == false ]]; then
+if [[ -z "$job_file" && "$zip_only" == false && "$show_version" == false ]]; then
     echo "spark-submit.sh: no job file given (e.g. jobs/nightly.py)" >&2
     usage
 fi
-if [[ "$zip_only" == false && "$job_file" != *://* && ! -f "$job_file" ]]; then
+if [[ "$zip_only" == false && "$show_version" == false && "$job_file" != *://* && ! -f "$job_file" ]]; then
     echo "spark-submit.sh: job file not found: $job_file (run from the repository root, or give its path)" >&2
     exit 2
 fi
 
 SPARK_SUBMIT="$(command -v spark-submit || true)"
-if [[ -z "$SPARK_SUBMIT" && "$zip_only" == false ]]; then
+if [[ -z "$SPARK_SUBMIT" && ( "$zip_only" == false || "$show_version" == true ) ]]; then
     cat >&2 <<EOF
 spark-submit.sh: spark-submit not found on PATH.
   With the project's virtual env: make venv && PATH="$REPO_DIR/.venv/bin:\$PATH" ./spark-submit.sh ...
   (or 'source .venv/bin/activate'); with a Spark distribution: PATH="\$SPARK_HOME/bin:\$PATH".
 EOF
     exit 127
+fi
+if [[ "$show_version" == true ]]; then
+    exec "$SPARK_SUBMIT" --version
 fi
 PYTHON="$(command -v python3 || command -v python || true)"
 if [[ -z "$PYTHON" ]]; then

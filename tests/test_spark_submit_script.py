@@ -81,3 +81,12 @@ def test_the_real_script_rejects_an_option_without_its_value(option):
                           text=True, timeout=30)
     assert done.returncode == 2, done.stderr
     assert done.stderr == f"spark-submit.sh: {option} needs a value\n" and done.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--master", "local[1]", "--version"]], ids=" ".join)
+def test_version_is_passed_to_spark_submit_without_a_job(scratch_repo, args):
+    """--version was taken as an option needing a value (exit 2); spark-submit shows its version."""
+    done = run_script(scratch_repo, *args)
+    assert done.returncode == 0, done.stderr
+    assert (scratch_repo.parent / "bin" / "spark-submit.called").read_text() == "--version\n"
+    assert not (scratch_repo / "dist").exists()  # no zip needed to show a version
