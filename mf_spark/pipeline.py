@@ -23,6 +23,7 @@ from mf_spark import publish
 from mf_spark.als.params import SolveParams
 from mf_spark.config import key_source
 from mf_spark.errors import InputDataError, NoInteractionsLeftError, PipelineError, QualityGateError
+from mf_spark.session import spark_context_stopped
 
 if TYPE_CHECKING:  # imported lazily at run time, as run_nightly does, to keep this module light
     from mf_spark.recommend import RecommendSettings
@@ -294,6 +295,12 @@ def run_nightly(
                 manifest["error"] = "interrupted (SIGINT)"
             elif isinstance(exc, SystemExit):
                 manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
+            elif not isinstance(exc, PipelineError) and spark_context_stopped(spark):
+                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                manifest["error"] = (
+                    "the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a scheduler's "
+                    f"timeout or `yarn application -kill`, or the driver JVM failed): {type(exc).__name__}: "
+                    f"{first_line}")
             else:
                 manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
             manifest["timings"] = timer.seconds

@@ -115,6 +115,20 @@ def _submitted_properties() -> set[str]:
     return {str(name) for name in properties.stringPropertyNames() if str(name).startswith("spark.")}
 
 
+def spark_context_stopped(spark: SparkSession) -> bool:
+    """Whether the driver JVM's SparkContext stopped under this Python driver.
+
+    spark-submit runs the Python driver as a child of the JVM: SIGTERM to spark-submit (a scheduler's
+    timeout, ``yarn application -kill`` of a client-mode job) stops the context from a JVM shutdown hook,
+    and Python only sees its next call fail with an unrelated-looking Py4J error.
+    """
+    try:
+        jsc = spark.sparkContext._jsc
+        return jsc is None or bool(jsc.sc().isStopped())
+    except Exception:  # noqa: BLE001 - the JVM itself is gone
+        return True
+
+
 def stop_session(spark: SparkSession) -> None:
     """Delete this application's checkpoint files, then stop the session.
 

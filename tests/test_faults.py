@@ -121,6 +121,36 @@ def test_driver_killed_while_writing_then_rerun(baseline, tmp_path):
     assert not list(root.glob(f"runs/dt={DAY_BEFORE}/run_id=*/_SUPERSEDED"))
 
 
+def test_sigterm_to_spark_submit_fails_the_run_says_why_and_frees_the_root(baseline, tmp_path):
+    """A scheduler's timeout or ``yarn application -kill`` sends SIGTERM to spark-submit (the JVM, the
+    Python driver's parent). The run must end failed, with a manifest naming that cause rather than a
+    bare Py4J error, publish nothing, release the lock, and leave the next run nothing to break."""
+    root = copy_root(baseline, tmp_path / "root")
+    before = latest_bytes(root)
+    previous_run = latest_run_dir(root)
+
+    stopped = submit(nightly_args(root), tmp_path / "sigterm.log")
+    try:
+        new_runs = lambda: [p for p in root.glob(f"runs/dt={DAY}/run_id=*") if p != previous_run]  # noqa: E731
+        wait_for(lambda: any((p / "user_factors" / "_SUCCESS").exists() for p in new_runs()), 600,
+                 "the new run wrote its factors", stopped)
+        os.kill(stopped.process.pid, signal.SIGTERM)  # spark-submit.sh execs spark-submit: the JVM
+        code = stopped.wait(120)
+    finally:
+        stopped.kill()
+    assert code == 143, stopped.output[-4000:]
+    assert latest_bytes(root) == before and not (root / "_LOCK").exists()
+    [failed] = new_runs()
+    assert not (failed / "_PUBLISHED").exists()
+    record = manifest(failed)
+    assert record["status"] == "failed"
+    assert record["error"].startswith("the Spark driver stopped during the run (spark-submit got SIGTERM"), record
+
+    code, out = run_submit(nightly_args(root), tmp_path / "rerun.log")  # no --break-stale-lock needed
+    assert code == 0, out[-5000:]
+    assert latest_run_dir(root) not in (previous_run, failed)
+
+
 @pytest.mark.parametrize("case", ["missing_path", "empty_window"])
 def test_missing_or_empty_input_fails_clearly_and_publishes_nothing(baseline, tmp_path, case):
     root = copy_root(baseline, tmp_path / "root")
