@@ -23,5 +23,9 @@ nightly: venv
 test: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# dist/mf_spark.zip, for schedulers that call spark-submit themselves (docs/operations.md)
+zip:
+	./spark-submit.sh --zip-only
+
 clean:
 	rm -rf dist output .pytest_cache

@@ -366,6 +366,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         parts, _ = _parse_override(text)
         overridden[".".join(parts)] = text
     cfg = validate(apply_overrides(raw, overrides or []), source, overridden)
+    root = cfg["output"]["root"]
+    if root.startswith("file://"):
+        cfg["output"]["root"] = root[len("file://"):]
+    elif "://" in root:
+        # Refused here, before Spark starts: it used to pass until the ID-map swap, after the whole ingest,
+        # leaving a local "./s3a:/..." directory with a lock and a run in it.
+        where = f"--set {overridden['output.root']!r}" if "output.root" in overridden else source
+        raise ConfigError(f"{where}: key 'output.root' = {root!r} must be a local or NFS (POSIX) path, not a "
+                          "URL: publishing swaps files with rename(2) (docs/operations.md, Storage)")
     for section, key in (("input", "path"), ("output", "root"), ("recommend", "item_filter_path"), ("recommend", "allow_list_path")):
         value = cfg[section][key]
         if value and "://" not in value:

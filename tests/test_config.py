@@ -96,6 +96,19 @@ def test_an_empty_required_path_is_refused(tmp_path):
         load_config(write(tmp_path, '[input]\npath = " "\n[output]\nroot = "out"\n', name="blank.toml"))
 
 
+def test_a_url_output_root_is_refused_at_load_and_file_urls_are_local(tmp_path):
+    """An s3a:// root passed until the ID-map swap, after Spark started and the whole ingest ran, and left
+    a local ./s3a:/... directory holding a lock and a run."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^--set 'output\.root=s3a://b/r': key 'output\.root' = 's3a://b/r' "
+                                          r"must be a local or NFS \(POSIX\) path, not a URL"):
+        load_config(path, ["output.root=s3a://b/r"])
+    hdfs = write(tmp_path, MINIMAL.replace('root = "out"', 'root = "hdfs://nn/r"'), name="hdfs.toml")
+    with pytest.raises(ConfigError, match=r"hdfs\.toml: key 'output\.root' = 'hdfs://nn/r' must be a local"):
+        load_config(hdfs)
+    assert load_config(path, [f"output.root=file://{tmp_path}/r"])["output"]["root"] == str(tmp_path / "r")
+
+
 def test_a_date_given_for_a_date_string_is_taken(tmp_path):
     """`--set evaluate.cutoff_date=2011-12-01` parses as a TOML date and was refused as not a string."""
     path = write(tmp_path, MINIMAL)

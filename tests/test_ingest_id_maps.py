@@ -119,6 +119,17 @@ def test_old_versions_are_pruned(spark, tmp_path):
     assert load_id_map(spark, str(tmp_path), "dim_user").count() == 4
 
 
+def test_load_id_map_given_the_output_root_says_where_the_maps_are(spark, tmp_path):
+    """docs/ingest.md said load_id_map(spark, root, ...) next to output.root: given output.root it
+    returned an empty map without a word."""
+    maps = tmp_path / "id_maps"
+    update_id_maps(spark, str(maps), "run0", ids(spark, "user_id", ["u"]), ids(spark, "item_id", ["i"]))
+    assert load_id_map(spark, str(maps), "dim_user").count() == 1
+    with pytest.raises(InputDataError, match=f"{tmp_path} is an output root: the id maps are under {maps}"):
+        load_id_map(spark, str(tmp_path), "dim_user")
+    assert load_id_map(spark, str(tmp_path / "nothing-yet"), "dim_user").count() == 0  # a first run
+
+
 def test_int_range_is_checked_before_writing(spark):
     existing = spark.createDataFrame([], USER_MAP)
     # an existing map of MAX_INDEX ids has room for exactly one more (index MAX_INDEX)

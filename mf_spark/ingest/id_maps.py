@@ -109,8 +109,13 @@ def _schema(name: str) -> T.StructType:
 
 
 def load_id_map(spark: SparkSession, root: str, name: str) -> DataFrame:
-    """The current map ``name`` (``dim_user`` or ``dim_item``); an empty frame when none exists yet."""
-    return _load_version(spark, root, read_pointer(root), name)
+    """The current map ``name`` (``dim_user`` or ``dim_item``) under ``root``, the ``<output.root>/id_maps``
+    directory; an empty frame when none exists yet."""
+    pointer = read_pointer(root)
+    if pointer is None and (local_root(root) / "id_maps" / POINTER_FILE).exists():
+        # output.root itself holds no pointer, so this would silently be an empty map
+        raise InputDataError(f"{root} is an output root: the id maps are under {os.path.join(root, 'id_maps')}")
+    return _load_version(spark, root, pointer, name)
 
 
 def _load_version(spark: SparkSession, root: str, pointer: dict[str, Any] | None, name: str) -> DataFrame:
