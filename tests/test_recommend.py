@@ -164,6 +164,13 @@ def test_bad_inputs_name_the_column(spark, data):
         recommend_top_k(ragged, data["item_df"], 3)
     with pytest.raises(InputDataError, match="dst_factors: column 'id' has 1 duplicate"):
         recommend_top_k(data["user_df"], data["item_df"].union(data["item_df"].limit(1)), 3)
+    # size(NULL) is NULL under ANSI mode: these passed the checks and failed inside a Python worker
+    for features in (None, [1.0, None]):
+        holed = spark.createDataFrame([(1, [1.0, 2.0]), (2, features)], "id int, features array<float>")
+        with pytest.raises(InputDataError, match="src_factors: 1 rows have a null 'features' vector"):
+            recommend_top_k(holed, data["item_df"], 3)
+        with pytest.raises(InputDataError, match="1 rows have a null 'features' vector"):
+            similar_items(holed, 1)
 
 
 def test_empty_sides_give_an_empty_table(spark, data):
@@ -448,24 +455,33 @@ def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, m
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
 
 
-def test_users_with_only_negative_interactions_get_no_list(spark):
-    """A user whose only interactions are returns has a zero factor; a list for them ranked ties at 0."""
+def test_users_and_items_with_zero_factors_get_no_list(spark):
+    """A user whose only interactions are returns has a zero factor; a list for them ranked ties at 0.
+    So did a user with a positive interaction but a zero factor, and an item with a zero factor."""
     from mf_spark.recommend import RecommendSettings, build_recommendation_tables
 
     rng = np.random.default_rng(9)
     users, items = rng.normal(size=(3, 3)), rng.normal(size=(5, 3))
     users[2] = 0.0  # what ALS gives a user with no positive interaction
+    users = np.vstack([users, np.zeros((1, 3))])  # user 4: a zero factor from an older model (--model)
+    items = np.vstack([items, np.zeros((1, 3))])  # item 5: no positive interaction, a zero factor
     history = [(0, 0, 1.0), (0, 1, -1.0), (1, 2, 2.0), (2, 3, -1.0), (2, 4, -2.0),
-               (3, 1, -1.0)]  # user 3: no factors and nothing positive to fold in from
+               (3, 1, -1.0),  # user 3: no factors and nothing positive to fold in from
+               (4, 0, 1.0),  # user 4 now has a positive interaction, but the model's factor is zero
+               (5, 5, 1.0), (5, 1, -1.0)]  # user 5: new, positive only on item 5: folds in to zero
     interactions = spark.createDataFrame(history, "user_idx int, item_idx int, strength float")
-    dim_user = spark.createDataFrame([(f"u{u}", u) for u in range(4)], "user_id string, user_idx int")
-    dim_item = spark.createDataFrame([(f"i{i}", i) for i in range(5)], "item_id string, item_idx int")
+    dim_user = spark.createDataFrame([(f"u{u}", u) for u in range(6)], "user_id string, user_idx int")
+    dim_item = spark.createDataFrame([(f"i{i}", i) for i in range(6)], "item_id string, item_idx int")
     tables = build_recommendation_tables(
-        factor_frame(spark, range(3), users), factor_frame(spark, range(5), items), interactions,
+        factor_frame(spark, [0, 1, 2, 4], users), factor_frame(spark, range(6), items), interactions,
         dim_user, dim_item, RecommendSettings(top_n=2, similar_n=1, solve_params=SolveParams(alpha=1.0)),
     )
     per_user = {r.user_id: r["count"] for r in tables.recommendations.groupBy("user_id").count().collect()}
     assert per_user == {"u0": 2, "u1": 2}
+    # the zero-factor item has no list of ties at score 0 and is nobody's neighbour
+    similar = tables.similar_items.collect()
+    assert sorted(r.item_id for r in similar) == ["i0", "i1", "i2", "i3", "i4"]
+    assert "i5" not in {r.similar_item_id for r in similar}
 
 
 def test_filters_that_leave_no_item_are_refused(spark, caplog):

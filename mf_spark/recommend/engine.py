@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from pyspark import Broadcast, StorageLevel
-from pyspark.sql import DataFrame
+from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -135,6 +135,9 @@ def _factor_stats(frames: dict[str, DataFrame]) -> dict[str, tuple[int, int]]:
             F.min(F.size("features")).alias("min_rank"),
             F.max(F.size("features")).alias("max_rank"),
             F.sum(F.col("id").isNull().cast("long")).alias("null_ids"),
+            # size(NULL) is NULL under ANSI mode, which min/max skip: count null vectors and elements
+            F.sum((F.col("features").isNull() | F.exists("features", lambda x: x.isNull())).cast("long"))
+            .alias("null_features"),
             F.count_distinct("id").alias("distinct_ids"),
         ).collect()
     }
@@ -146,6 +149,9 @@ def _factor_stats(frames: dict[str, DataFrame]) -> dict[str, tuple[int, int]]:
             continue
         if stats["null_ids"]:
             raise InputDataError(f"{name}: {stats['null_ids']} rows have a null 'id'")
+        if stats["null_features"]:
+            raise InputDataError(f"{name}: {stats['null_features']} rows have a null 'features' vector or a "
+                                 "null element in it")
         if stats["distinct_ids"] != stats["n"]:
             duplicates = stats["n"] - stats["distinct_ids"]
             raise InputDataError(f"{name}: column 'id' has {duplicates} duplicate values")
@@ -385,6 +391,12 @@ def _cross_plan(
     return partial.groupBy("block").applyInArrow(merge_block, RECOMMENDATION_SCHEMA)
 
 
+def has_nonzero_factor(column: str = "features") -> Column:
+    """False for an all-zero factor vector; True otherwise, null vectors and elements included, so that the
+    factor checks of :func:`recommend_top_k` report those instead of a filter dropping them."""
+    return F.coalesce(F.exists(column, lambda x: x != 0), F.lit(True))
+
+
 def similar_items(
     item_factors: DataFrame,
     k: int,
@@ -398,6 +410,8 @@ def similar_items(
 ) -> DataFrame:
     """Top ``k`` most similar items of every item by cosine of their factors, the item itself excluded.
 
+    Items with an all-zero factor (ALS gives one to an item with no positive interaction) are left out
+    on both sides: their cosine is 0 with everything, so their list would be the lowest indices.
     The parameters are those of :func:`recommend_top_k`.
 
     Returns
@@ -405,6 +419,7 @@ def similar_items(
     DataFrame
         ``item`` int, ``rank`` int (1..k), ``similar_item`` int, ``score`` float (cosine).
     """
+    item_factors = factor_frame(item_factors, "item_factors").where(has_nonzero_factor())
     recs = recommend_top_k(
         item_factors, item_factors, k, src_block_size=src_block_size, dst_chunk_size=dst_chunk_size,
         normalize=True, exclude_self=True, max_broadcast_bytes=max_broadcast_bytes,

@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
 from mf_spark.errors import InputDataError, java_cause
-from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, recommend_top_k, similar_items
+from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, has_nonzero_factor, recommend_top_k, similar_items
 from mf_spark.recommend.fold_in import fold_in_new_users
 
 logger = logging.getLogger(__name__)
@@ -161,8 +161,10 @@ def build_recommendation_tables(
     # A user whose interactions are all negative (only returns) has no positive evidence: ALS gives them
     # a zero factor, so their "top N" would be items ranked by ties at score 0. They get no list; the
     # serving side falls back (e.g. to popular items) as for any user without one.
+    # The same for a user with a positive interaction but a zero factor: a model scored against newer
+    # interactions (--model), or a new user whose positive items have no factor (fold-in solves zero).
     positive_users = interactions.where(F.col("strength") > 0).select(F.col("user_idx").alias("id")).distinct()
-    users = users.join(positive_users, "id", "left_semi")
+    users = users.join(positive_users, "id", "left_semi").where(has_nonzero_factor())
     exclude = None if item_filter is None else item_ids_to_index(item_filter, dim_item, "item filter")
     allow = None if allow_list is None else item_ids_to_index(allow_list, dim_item, "allow list")
     _check_candidates_left(item_factors, exclude, allow_list, allow)
