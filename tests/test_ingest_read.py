@@ -344,3 +344,46 @@ def test_json_input_with_a_malformed_line(spark, tmp_path):
     assert_df_equality(_interactions(result), expected, ignore_row_order=True, ignore_nullable=True)
     assert result.report["rejected_by_reason"] == {"malformed_record": 1}
     result.unpersist()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_ids_are_read_as_written_whatever_the_inferred_type(spark, tmp_path, fmt):
+    """With inferSchema (CSV) or JSON's own inference, an id column guessed as int merged "00123" and "123"
+    into one id, and a night holding "12.5" made the column double: every other id became "17850.0",
+    a new user to the ID map."""
+    path = tmp_path / f"events.{fmt}"
+    uids = ["00123", "123", "17850", "12.5"] if fmt == "csv" else ["17850", "13047", "12.5"]
+    if fmt == "csv":
+        path.write_text("uid,sku,kind,at,qty\n" + "".join(f"{u},7,view,2024-03-10 08:00:00,\n" for u in uids))
+        options = {"header": "true", "inferSchema": "true"}
+    else:  # JSON numbers (a leading zero is not valid JSON; one string id would make the column a string)
+        path.write_text("\n".join(f'{{"uid": {u}, "sku": 7, "kind": "view", '
+                                  f'"at": "2024-03-10 08:00:00", "qty": 1}}' for u in uids) + "\n")
+        options = {}
+    result = _run(spark, path, tmp_path, fmt, options)
+    assert sorted(r.user_id for r in result.dim_user.collect()) == sorted(uids)
+    assert [r.item_id for r in result.dim_item.collect()] == ["7"]
+    result.unpersist()
+
+
+def test_nan_and_infinite_float_ids_are_null_ids(spark, tmp_path):
+    """A double id column's NaN and inf became the users "NaN" and "Infinity", merging unrelated events."""
+    path = write_parquet(tmp_path / "e.parquet", {
+        "uid": pa.array([1.0, float("nan"), float("inf"), float("-inf")], pa.float64()),
+        "sku": pa.array([2.0, 2.0, 2.0, float("nan")], pa.float32()),
+        "kind": ["view"] * 4,
+        "at": ["2024-03-10 08:00:00"] * 4,
+        "qty": pa.array([None] * 4, pa.float64()),
+    })
+    rows = canonical(spark, path).select("user_id", "item_id").collect()
+    assert sorted(map(tuple, rows), key=str) == sorted([("1.0", "2.0"), (None, "2.0"), (None, "2.0"), (None, None)], key=str)
+
+
+def test_negative_epoch_seconds_are_unparseable(spark, tmp_path):
+    """abs() let -1710059160 through the epoch-seconds range as a 1915 instant."""
+    path = write_parquet(tmp_path / "e.parquet", {
+        "uid": ["u", "u"], "sku": ["a", "b"], "kind": ["view"] * 2,
+        "at": pa.array([1710059160, -1710059160], pa.int64()), "qty": pa.array([1, 1], pa.int32()),
+    })
+    rows = dict(canonical(spark, path).select("item_id", "event_ts").collect())
+    assert rows == {"a": dt.datetime(2024, 3, 10, 8, 26), "b": None}

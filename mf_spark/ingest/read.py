@@ -24,7 +24,7 @@ import fnmatch
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -81,8 +81,16 @@ def event_window(run_date: dt.date, lookback_days: int) -> EventWindow:
     return EventWindow(start=run_date - dt.timedelta(days=lookback_days - 1), end=run_date)
 
 
-def read_raw(spark: SparkSession, path: str, input_format: str, options: Mapping[str, str]) -> DataFrame:
+def read_raw(
+    spark: SparkSession, path: str, input_format: str, options: Mapping[str, str],
+    text_columns: Iterable[str] = (),
+) -> DataFrame:
     """Read the raw event table lazily.
+
+    ``text_columns`` (the mapped id and event-type columns) are read from CSV and JSON as written, as
+    strings, even when ``inferSchema`` or JSON's own inference would guess a number: a guess is made
+    afresh from each night's files, so "00123" and "123" became one id, and a night with an id "12.5"
+    turned every other id of the column into "17850.0", new to the ID map.
 
     Raises
     ------
@@ -124,12 +132,20 @@ def read_raw(spark: SparkSession, path: str, input_format: str, options: Mapping
         # name node, no FileSystem for the scheme), permissions. The input, not the job, is wrong.
         raise InputDataError(f"input.path = {path} cannot be read: {java_cause(exc)}") from None
     _check_schema(df, path, input_format, options)
+    schema = df.schema
+    if input_format in ("csv", "json"):
+        as_written = set(text_columns)
+        schema = T.StructType([
+            T.StructField(f.name, T.StringType(), f.nullable) if f.name in as_written else f for f in schema.fields
+        ])
     corrupt = _corrupt_record_name(options)
     if input_format == "csv" and corrupt not in df.columns:
         # Spark's CSV reader flags a record with too many or too few fields only when the schema has the
         # corrupt-record column; with an inferred schema it cut or padded such rows silently. Reading
         # again with the inferred schema plus that column costs no second inference.
-        df = reader.schema(df.schema.add(corrupt, T.StringType())).load(path)
+        schema = schema.add(corrupt, T.StringType())
+    if schema != df.schema:
+        df = reader.schema(schema).load(path)
     return df
 
 
@@ -292,6 +308,9 @@ def _type_error(field: str, column: str, dtype: T.DataType, path: str, wanted: s
 
 
 def _as_id_string(col: Column, dtype: T.DataType, field: str, column: str, path: str) -> Column:
+    if isinstance(dtype, (T.FloatType, T.DoubleType)):
+        # NaN and inf are missing ids, not the ids "NaN" and "Infinity" shared by unrelated events
+        return F.when(~F.isnan(col) & (F.abs(col) != float("inf")), col.cast("string"))
     if isinstance(dtype, T.NullType) or isinstance(dtype, _ID_TYPES):
         return col.cast("string")
     raise _type_error(field, column, dtype, path, "string")
@@ -306,7 +325,7 @@ EPOCH_SECONDS_RANGE = (1e8, 1e11)
 
 def _from_epoch_seconds(seconds: Column) -> Column:
     low, high = EPOCH_SECONDS_RANGE
-    return F.when((F.abs(seconds) >= low) & (F.abs(seconds) < high), seconds.try_cast("timestamp"))
+    return F.when((seconds >= low) & (seconds < high), seconds.try_cast("timestamp"))
 
 
 def _as_timestamp(col: Column, dtype: T.DataType, column: str, path: str) -> Column:

@@ -138,7 +138,8 @@ def run_ingest(
         The reject fraction exceeds ``settings.max_reject_fraction``; no ID map is written.
     """
     window = event_window(run_date, settings.lookback_days)
-    raw = read_raw(spark, input_path, input_format, reader_options)
+    text_columns = [columns.get(field, field) for field in ("user_id", "item_id", "event_type")]
+    raw = read_raw(spark, input_path, input_format, reader_options, text_columns=text_columns)
     pruned_by = partition_column(raw, columns.get(PARTITION_FIELD, PARTITION_FIELD))
     if pruned_by:
         raw = prune_to_window(raw, pruned_by, window)
