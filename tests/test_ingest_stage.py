@@ -403,6 +403,33 @@ def test_ingest_job_writes_its_outputs_holding_the_output_root_lock(spark, tmp_p
     assert read_pointer(str(root / "id_maps"))["maps"]["dim_user"]["size"] == 1
 
 
+def test_an_ingest_job_rerun_that_fails_halfway_keeps_the_previous_set(spark, tmp_path, monkeypatch):
+    """The job overwrote interactions/, then rejects/, then report.json: a rerun failing in between left
+    the new interactions beside the old report."""
+    from mf_spark.config import load_config
+    from mf_spark.ingest import stage
+
+    write_parquet(tmp_path / "in" / "a.parquet", ONE_PURCHASE)
+    config, overrides = job_config(tmp_path, tmp_path / "in")
+    stage.run_ingest_job(spark, load_config(config, overrides), RUN_DATE)
+    out = tmp_path / "root" / "ingest" / "dt=2024-03-10"
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    write_parquet(tmp_path / "in" / "b.parquet", [("u2", "i9", "purchase", "2024-03-09 10:00:00", "1")])
+    more = overrides
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(stage, "write_report", fail)
+    with pytest.raises(OSError, match="disk full"):
+        stage.run_ingest_job(spark, load_config(config, more), RUN_DATE)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dt=2024-03-10"]  # no staging left behind
+    monkeypatch.undo()
+    assert stage.run_ingest_job(spark, load_config(config, more), RUN_DATE)["interactions"] == 2
+    assert spark.read.parquet(str(out / "interactions")).count() == 2
+
+
 def test_ingest_job_on_a_locked_root_exits_6_naming_the_holder(tmp_path):
     """A nightly holds the lock: the ingest job must not touch the ID maps it is extending."""
     from mf_spark.errors import LockHeldError

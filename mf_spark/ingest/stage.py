@@ -7,7 +7,9 @@ import functools
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pyspark import StorageLevel
@@ -329,27 +331,43 @@ def run_ingest_job(
             )
         except NoInteractionsLeftError as exc:
             # Every row rejected is exactly when the operator wants to see the rejects (the documented
-            # way to inspect an exit-4 run goes through here), so write them before failing.
-            write_rejects_for_inspection(exc, os.path.join(out, "rejects"))
-            write_report({**exc.report, "error": str(exc)}, os.path.join(out, "report.json"))
-            # An earlier run's interactions of this date would contradict the report beside them
-            shutil.rmtree(os.path.join(out, "interactions"), ignore_errors=True)
+            # way to inspect an exit-4 run goes through here), so write them before failing. No
+            # interactions/ then: an earlier run's would contradict the report beside them.
+            def write_failed(staging: str) -> None:
+                write_rejects_for_inspection(exc, os.path.join(staging, "rejects"), shown_as=os.path.join(out, "rejects"))
+                write_report({**exc.report, "error": str(exc)}, os.path.join(staging, "report.json"))
+
+            _replace_output_dir(out, write_failed)
             raise
         try:
-            result.interactions.orderBy("user_idx", "item_idx").write.mode("overwrite").parquet(
-                os.path.join(out, "interactions")
-            )
-            result.rejects.write.mode("overwrite").parquet(os.path.join(out, "rejects"))
-            write_report(result.report, os.path.join(out, "report.json"))
+            def write_outputs(staging: str) -> None:
+                result.interactions.orderBy("user_idx", "item_idx").write.parquet(os.path.join(staging, "interactions"))
+                result.rejects.write.parquet(os.path.join(staging, "rejects"))
+                write_report(result.report, os.path.join(staging, "report.json"))
+
+            _replace_output_dir(out, write_outputs)
         finally:
             result.unpersist()
     return result.report
 
 
-def write_rejects_for_inspection(exc: NoInteractionsLeftError, path: str) -> None:
-    """Write the rejects an ingest failed with to ``path`` and say so in the error's message."""
+def _replace_output_dir(out: str, write: Callable[[str], None]) -> None:
+    """Run ``write`` into a hidden sibling of ``out`` and swap it in whole: a rerun that fails halfway
+    left new interactions beside the old report (or the reverse); now readers see one run's set."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    staging = publish.temp_sibling(out)
+    try:
+        write(str(staging))
+        publish.replace_dir(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_rejects_for_inspection(exc: NoInteractionsLeftError, path: str, shown_as: str | None = None) -> None:
+    """Write the rejects an ingest failed with to ``path`` and say so in the error's message (naming
+    ``shown_as``, where they end up, when ``path`` is a staging directory)."""
     exc.rejects.write.mode("overwrite").parquet(path)
-    exc.args = (f"{exc.args[0]}. The rejected rows, with their reason, are in {path}",)
+    exc.args = (f"{exc.args[0]}. The rejected rows, with their reason, are in {shown_as or path}",)
 
 
 def unknown_event_type_hint(classified: DataFrame, settings: IngestSettings) -> str:
