@@ -24,11 +24,20 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 INTERRUPTED_EXIT_CODE = 130  # the shell's code for SIGINT
 
 
+#: Run dates outside this range are typos; near the ends of Python's calendar the window arithmetic
+#: (the lookback before, the day after) raised OverflowError with a traceback.
+RUN_DATE_RANGE = (dt.date(1900, 1, 1), dt.date(9999, 12, 30))
+
+
 def parse_date(text: str) -> dt.date:
     try:
-        return dt.date.fromisoformat(text)
+        date = dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date in YYYY-MM-DD form: {text!r}") from None
+    low, high = RUN_DATE_RANGE
+    if not low <= date <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside {low} .. {high}")
+    return date
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ class Key:
     choices: tuple[str, ...] = ()
     minimum: float | None = None
     above_minimum: bool = False  # the value must exceed ``minimum`` (a divisor or a log's scale)
+    maximum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
     },
     "spark": MapOf("scalar", {}, "Spark properties without the 'spark.' prefix, passed to the session; driver JVM settings (driver.memory, driver.extraJavaOptions) have no effect here (a warning says so): give them to ./spark-submit.sh"),
     "ingest": {
-        "lookback_days": Key("int", 365, "events with event date in [D - lookback + 1, D] are used", minimum=1),
+        "lookback_days": Key("int", 365, "events with event date in [D - lookback + 1, D] are used", minimum=1,
+                             maximum=36500),
         "half_life_days": Key("float", 0.0, "exponential time decay half-life in days relative to the run date; 0 = off", minimum=0),
         "max_id_length": Key("int", 256, "ids longer than this are rejected", minimum=1),
         "min_events_per_user": Key("int", 1, "users with fewer accepted (user,item) pairs are dropped", minimum=1),
@@ -209,6 +211,8 @@ def _check_value(key: Key | str, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: {value!r} is below the minimum {key.minimum:g}")
         if key.above_minimum and value == key.minimum:
             raise ConfigError(f"{where}: {value!r} must be above {key.minimum:g}")
+        if key.maximum is not None and value > key.maximum:
+            raise ConfigError(f"{where}: {value!r} is above the maximum {key.maximum:g}")
     return value
 
 

@@ -49,6 +49,8 @@ def _rows(table: dict, prefix: str) -> list[str]:
             extra = f" One of: {', '.join(spec.choices)}." if spec.choices else ""
             if spec.minimum is not None:
                 extra += f" Above {spec.minimum:g}." if spec.above_minimum else f" Minimum {spec.minimum:g}."
+            if spec.maximum is not None:
+                extra += f" Maximum {spec.maximum:g}."
             rows.append(f"| `{full}` | {spec.type} | {_default(spec)} | {spec.doc}.{extra} |")
         elif isinstance(spec, MapOf):
             if isinstance(spec.value, dict):

@@ -185,6 +185,19 @@ def test_nightly_needs_a_date_or_a_range(tmp_path):
     assert proc.returncode == 2 and "--date" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_huge_lookback_or_an_extreme_run_date_is_a_usage_error(tmp_path):
+    """lookback_days = 800000, or --date 9999-12-31 (the window's end is the day after), raised
+    OverflowError in the window arithmetic: exit 1 with a traceback."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"key 'ingest\.lookback_days': 800000 is above the maximum 36500"):
+        load_config(path, ["ingest.lookback_days=800000"])
+    for date in ("9999-12-31", "0001-01-05"):
+        proc = subprocess.run([sys.executable, "jobs/nightly.py", "--config", str(path), "--date", date],
+                              cwd=REPO, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
+        assert proc.returncode == 2 and f"'{date}' is outside 1900-01-01 .. 9999-12-30" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
 def test_configuration_reference_is_current():
     proc = subprocess.run([sys.executable, "scripts/gen_config_docs.py", "--check"], cwd=REPO,
                           capture_output=True, text=True)
