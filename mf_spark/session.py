@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 # Batch defaults a nightly job wants whatever the cluster: UTC so event dates do not shift with the
 # machine, no console progress bar in logs, and one BLAS thread per Python worker so numpy block
 # kernels do not oversubscribe the executor's cores.
+UTC_NAMES = frozenset({"UTC", "Etc/UTC", "GMT", "Etc/GMT", "Z", "+00:00", "UTC+00:00", "Zulu"})
+
 BATCH_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
     "spark.ui.showConsoleProgress": "false",
@@ -87,6 +89,13 @@ def build_session(
             builder = builder.config(name, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(log_level)
+    zone = spark.conf.get("spark.sql.session.timeZone")
+    if zone not in UTC_NAMES:
+        # A site's spark-defaults.conf or a --conf wins over the default above; say what that changes.
+        log.warning("spark.sql.session.timeZone is %s, not UTC: event times without an offset and "
+                    "timestamp_ntz/date columns are read as %s times, so events near midnight can move "
+                    "to another day's window (set spark.sql.session.timeZone=UTC to keep the days UTC)",
+                    zone, zone)
     checkpoint_dir = checkpoint_dir or merged.get("spark.checkpoint.dir")
     sc = spark.sparkContext
     if not sc.getCheckpointDir():

@@ -173,6 +173,22 @@ def test_spark_submit_conf_beats_the_batch_defaults(tmp_path):
                      "spark.sql.session.timeZone": "UTC"}  # the last: a default spark-submit left unset
 
 
+def test_a_submitted_time_zone_other_than_utc_is_warned_about(tmp_path):
+    """A site's spark-defaults.conf (or --conf) setting another session time zone silently moved event
+    times without an offset, while docs/ingest.md promised UTC days."""
+    job = tmp_path / "zone.py"
+    job.write_text("from mf_spark.session import build_session\n"
+                   "spark = build_session('zone-check')\n"
+                   "print('ZONE', spark.conf.get('spark.sql.session.timeZone'))\n"
+                   "spark.stop()\n")
+    code, output = run_submit(["--master", "local[1]", "--conf", "spark.ui.enabled=false",
+                               "--conf", "spark.sql.session.timeZone=America/New_York", str(job)],
+                              tmp_path / "submit.log")
+    assert code == 0, output[-3000:]
+    assert "ZONE America/New_York" in output
+    assert "spark.sql.session.timeZone is America/New_York, not UTC" in output
+
+
 @pytest.mark.slow
 def test_standalone_chain_ingest_train_recommend(tmp_path):
     """The documented path without the nightly: the ingest job's table and id maps, the train job's saved
