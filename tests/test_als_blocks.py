@@ -61,3 +61,47 @@ def test_initial_factors_use_all_64_bits_of_the_seed():
     assert np.array_equal(base, random_factors(5, 3, 7, side=0, block=0))
     assert np.isfinite(random_factors(5, 3, -1, side=1, block=2)).all()  # negative seeds too
     np.testing.assert_allclose(np.linalg.norm(base, axis=1), 1.0, rtol=1e-6)
+
+
+def test_a_large_partition_is_encoded_in_bounded_chunks_and_batches():
+    """A partition's chunks went out as one Arrow batch: past 2 GiB of payloads (about 67M ratings, one
+    large unsplittable file) pyarrow could not build it and the fit failed."""
+    import pickle
+
+    import pyarrow as pa
+
+    from mf_spark.als.blocks import _STATS, USER_SIDE, _encode_partition
+
+    rng = np.random.default_rng(3)
+    n = 1000
+    batch = pa.record_batch([pa.array(rng.integers(0, 50, n), pa.int32()), pa.array(rng.integers(0, 40, n), pa.int32()),
+                             pa.array(rng.random(n))], names=["user", "item", "rating"])
+    out = list(_encode_partition(iter([batch.slice(0, 400), batch.slice(400)]), 3, 2,
+                                 max_chunk_ratings=64, max_batch_bytes=4096))
+    # a batch closes once its payloads reach max_batch_bytes: at most one chunk (64 ratings) beyond it
+    assert len(out) > 3 and all(sum(map(len, b.column(2).to_pylist())) < 4096 + 64 * 16 + 200 for b in out)
+    rows = [(s, blk, pickle.loads(p)) for b in out for s, blk, p in zip(*(c.to_pylist() for c in b.columns))]
+    assert [r[2] for r in rows if r[0] == _STATS] == [[n, 0, 0, 0]]
+    user_chunks = [r[2] for r in rows if r[0] == USER_SIDE]
+    assert max(len(c[0]) for c in user_chunks) == 64
+    got = sorted(zip(*(np.concatenate([c[i] for c in user_chunks]).tolist() for i in range(3))))
+    assert got == sorted(zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), batch.column(2).to_pylist()))
+
+
+def test_duplicate_runs_are_summed_left_to_right_as_ordered_sum():
+    """np.add.reduceat adds runs of more than 8 pairwise; ordered_sum (fold-in, ingest) adds left to
+    right, so the two could disagree in the last bit of a heavily repeated pair's strength."""
+    from mf_spark.als.blocks import sum_runs
+
+    rng = np.random.default_rng(0)
+    runs = [np.sort(rng.random(n) * 10.0 ** rng.integers(-8, 8, n)) for n in (1, 3, 8, 9, 20, 20, 20, 20, 50)]
+    values = np.concatenate(runs)
+    starts = np.cumsum([0] + [len(r) for r in runs[:-1]])
+    expected = []
+    for run in runs:
+        total = 0.0
+        for v in run:  # the order of ordered_sum's aggregate
+            total += v
+        expected.append(total)
+    assert sum_runs(values, starts).tolist() == expected
+    assert np.add.reduceat(values, starts).tolist() != expected  # the case is one that tells them apart

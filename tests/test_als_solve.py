@@ -223,6 +223,18 @@ def test_gramian_accumulates_in_float64():
     np.testing.assert_allclose(result, factors.astype(np.float64).T @ factors.astype(np.float64), rtol=1e-12)
 
 
+@pytest.mark.parametrize("bad, message", [
+    (dict(regularization="frequency", frequency_alpha0=-1.0, frequency_nu=0.5), "frequency_alpha0 and frequency_nu"),
+    (dict(frequency_nu=-1.0), "frequency_alpha0 and frequency_nu"),
+    (dict(alpha=float("nan")), "alpha must be a finite number"),
+    (dict(reg_param=float("inf")), "reg_param must be a finite number"),
+])
+def test_solve_params_refuse_values_that_give_nan_factors(bad, message):
+    """frequencyAlpha0=-1 with frequencyNu=0.5 (or a NaN alpha) trained an all-NaN model without a word."""
+    with pytest.raises(ValueError, match=message):
+        SolveParams(**bad)
+
+
 def test_input_errors_name_the_argument():
     block = make_block()
     with pytest.raises(ValueError, match="init"):

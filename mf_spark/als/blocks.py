@@ -132,9 +132,10 @@ def make_in_block(dst: np.ndarray, src: np.ndarray, ratings: np.ndarray, num_src
     dst, src, ratings = dst[order], src[order], ratings[order]
     if not first.all():
         starts = np.flatnonzero(first)
-        ratings = np.add.reduceat(ratings, starts)
+        ratings = sum_runs(ratings, starts)
         dst, src = dst[starts], src[starts]
-    ratings = ratings.astype(np.float32)
+    with np.errstate(over="ignore"):  # a sum beyond float32 becomes inf, which build_rating_blocks reports
+        ratings = ratings.astype(np.float32)
     row_starts = np.flatnonzero(_run_starts(dst))  # dst is sorted: its runs are the CSR rows
     dst_ids = dst[row_starts]
     indptr = np.append(row_starts, dst.shape[0]).astype(np.int64)
@@ -165,6 +166,26 @@ def _run_starts(values: np.ndarray) -> np.ndarray:
     starts = np.ones(values.shape[0], dtype=bool)
     starts[1:] = values[1:] != values[:-1]
     return starts
+
+
+def sum_runs(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Float64 sums of the runs ``values[starts[i]:starts[i+1]]``, each added left to right.
+
+    ``np.add.reduceat`` adds a run of 3 or more with several partial sums (SIMD), which can differ in
+    the last bit from :func:`ordered_sum`'s left-to-right order (fold-in and ingest sum strengths with
+    it). Here the j-th value of every run still that long is added in one vectorised step.
+    """
+    lengths = np.diff(np.append(starts, values.shape[0]))
+    longest_first = np.argsort(-lengths, kind="stable")
+    run_starts = starts[longest_first]
+    ascending = np.sort(lengths)
+    acc = values[run_starts].astype(np.float64, copy=True)
+    for j in range(1, int(lengths.max(initial=1))):
+        live = lengths.shape[0] - int(np.searchsorted(ascending, j, side="right"))  # runs longer than j
+        acc[:live] += values[run_starts[:live] + j]
+    summed = np.empty_like(acc)
+    summed[longest_first] = acc
+    return summed
 
 
 def ordered_sum(column: str) -> Column:
@@ -261,13 +282,22 @@ _CHUNK_SCHEMA = T.StructType([
 ])
 
 
-def _encode_partition(batches, num_user_blocks: int, num_item_blocks: int):
+#: Ratings per chunk payload (16 bytes each: two int32 ids and a float64), and payload bytes per Arrow
+#: batch. A binary column holds at most 2 GiB (int32 offsets): a partition of 67M ratings or more, one
+#: large unsplittable file, made a single batch that pyarrow could not build.
+MAX_CHUNK_RATINGS = 1 << 23
+MAX_BATCH_BYTES = 256 << 20
+
+
+def _encode_partition(batches, num_user_blocks: int, num_item_blocks: int,
+                      max_chunk_ratings: int = MAX_CHUNK_RATINGS, max_batch_bytes: int = MAX_BATCH_BYTES):
     """``mapInArrow`` body: check one input partition and cut it into per-(side, block) chunks.
 
-    Yields rows ``(side, block, payload)``: for ``USER_SIDE`` the payload holds the partition's
-    ``(user, item, rating)`` arrays of the ratings whose user falls in ``block``, for ``ITEM_SIDE``
-    ``(item, user, rating)`` by item block, and one ``_STATS`` row holds
-    ``(rows, bad users, bad items, bad ratings)``. Python sees Arrow batches, never single rows.
+    Yields rows ``(side, block, payload)``: for ``USER_SIDE`` a payload holds ``(user, item, rating)``
+    arrays of at most ``max_chunk_ratings`` of the partition's ratings whose user falls in ``block``,
+    for ``ITEM_SIDE`` ``(item, user, rating)`` by item block, and one ``_STATS`` row holds
+    ``(rows, bad users, bad items, bad ratings)``. Python sees Arrow batches, never single rows; a
+    batch holds at most about ``max_batch_bytes`` of payloads.
     """
     users, items, values = [], [], []
     stats = np.zeros(4, dtype=np.int64)
@@ -283,17 +313,27 @@ def _encode_partition(batches, num_user_blocks: int, num_item_blocks: int):
         return
     user, item, rating = np.concatenate(users), np.concatenate(items), np.concatenate(values)
     sides, blocks, payloads = [_STATS], [0], [pickle.dumps(stats.tolist())]
+    batch_bytes = 0
     for side, dst, src, num_blocks in ((USER_SIDE, user, item, num_user_blocks), (ITEM_SIDE, item, user, num_item_blocks)):
         block = block_of(dst, num_blocks)
         order = np.argsort(block, kind="stable")
         bounds = np.searchsorted(block[order], np.arange(num_blocks + 1))
         for b in range(num_blocks):
-            rows = order[bounds[b] : bounds[b + 1]]
-            if rows.shape[0]:
+            for start in range(bounds[b], bounds[b + 1], max_chunk_ratings):
+                rows = order[start : min(start + max_chunk_ratings, bounds[b + 1])]
                 sides.append(side)
                 blocks.append(b)
                 payloads.append(pickle.dumps((dst[rows], src[rows], rating[rows]), protocol=5))
-    yield pa.RecordBatch.from_arrays(
+                batch_bytes += len(payloads[-1])
+                if batch_bytes >= max_batch_bytes:
+                    yield _chunk_batch(sides, blocks, payloads)
+                    sides, blocks, payloads, batch_bytes = [], [], [], 0
+    if payloads:
+        yield _chunk_batch(sides, blocks, payloads)
+
+
+def _chunk_batch(sides: list[int], blocks: list[int], payloads: list[bytes]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
         [pa.array(sides, pa.int32()), pa.array(blocks, pa.int32()), pa.array(payloads, pa.binary())],
         schema=_CHUNK_ARROW_SCHEMA,
     )
@@ -386,12 +426,14 @@ def build_rating_blocks(
         null, NaN, infinite or beyond float32's range; the message names the input column.
     """
     names = column_names
+    max_chunk_ratings, max_batch_bytes = MAX_CHUNK_RATINGS, MAX_BATCH_BYTES  # read here: executors see no patch
     sc = ratings.sparkSession.sparkContext
     user_partitions = num_task_partitions(sc, num_user_blocks)
     item_partitions = num_task_partitions(sc, num_item_blocks)
     chunks = (
         ratings.select("user", "item", "rating")
-        .mapInArrow(lambda batches: _encode_partition(batches, num_user_blocks, num_item_blocks), _CHUNK_SCHEMA)
+        .mapInArrow(lambda batches: _encode_partition(batches, num_user_blocks, num_item_blocks,
+                                                      max_chunk_ratings, max_batch_bytes), _CHUNK_SCHEMA)
         .rdd.map(tuple)
         .persist(storage_level)
     )
@@ -400,8 +442,10 @@ def build_rating_blocks(
     # one job computes the chunks once (cached) and both sides' blocks; it returns only small summaries
     summaries = sc.union([
         chunks.filter(lambda row: row[0] == _STATS).map(lambda row: (_STATS, pickle.loads(row[2]))),
-        user_in.map(lambda kv: (USER_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz))),
-        item_in.map(lambda kv: (ITEM_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz))),
+        # the third figure: pairs whose duplicate rows sum beyond float32 (each row alone was checked)
+        user_in.map(lambda kv: (USER_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz,
+                                            int(np.count_nonzero(~np.isfinite(kv[1].ratings)))))),
+        item_in.map(lambda kv: (ITEM_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz, 0))),
     ]).collect()
     chunks.unpersist()
     stats = np.sum([v for k, v in summaries if k == _STATS] or [[0, 0, 0, 0]], axis=0)
@@ -411,6 +455,10 @@ def build_rating_blocks(
             problems.append(f"{count} values of '{name}' are null, fractional or outside the Int range")
     if stats[3]:
         problems.append(f"{stats[3]} values of '{names[2]}' are null, NaN, infinite or beyond float32's range")
+    overflowing_sums = sum(v[2] for k, v in summaries if k == USER_SIDE)
+    if overflowing_sums:
+        problems.append(f"{overflowing_sums} ('{names[0]}', '{names[1]}') pairs have duplicate rows whose "
+                        f"'{names[2]}' values sum beyond float32's range")
     if problems:
         user_in.unpersist()
         item_in.unpersist()
@@ -429,6 +477,6 @@ def build_rating_blocks(
         )
     return RatingBlocks(
         user_in, item_in, num_user_blocks, num_item_blocks, user_partitions, item_partitions,
-        nnz=int(sum(n for _, n in user_sizes)), n_users=int(sum(n for n, _ in user_sizes)),
-        n_items=int(sum(n for n, _ in item_sizes)), storage_level=storage_level,
+        nnz=int(sum(v[1] for v in user_sizes)), n_users=int(sum(v[0] for v in user_sizes)),
+        n_items=int(sum(v[0] for v in item_sizes)), storage_level=storage_level,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 REGULARIZATIONS = ("count", "constant", "frequency")
@@ -37,5 +38,14 @@ class SolveParams:
             raise ValueError(f"confidence must be one of {CONFIDENCES}, got {self.confidence!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        numbers = {"alpha": self.alpha, "reg_param": self.reg_param, "confidence_epsilon": self.confidence_epsilon,
+                   "frequency_alpha0": self.frequency_alpha0, "frequency_nu": self.frequency_nu}
+        for name, value in numbers.items():
+            if not math.isfinite(value):  # NaN passes every comparison below
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if self.alpha < 0 or self.reg_param < 0 or self.cg_steps < 1 or self.confidence_epsilon <= 0:
             raise ValueError("alpha and reg_param must be >= 0, cg_steps >= 1, confidence_epsilon > 0")
+        if self.frequency_alpha0 < 0 or self.frequency_nu < 0:
+            # a negative base to a fractional power is NaN: every factor came out NaN without a word
+            raise ValueError(f"frequency_alpha0 and frequency_nu must be >= 0, got {self.frequency_alpha0!r} "
+                             f"and {self.frequency_nu!r}")

@@ -144,7 +144,7 @@ def solve_block(
         (YtY + sum_i (c_ui - 1) y_i y_i^T + lambda_u I) x_u = sum_{i: r_ui > 0} c_ui y_i
 
     ``params.solver == "cholesky"`` solves exactly (float64 normal equations, batched Cholesky; a batch
-    whose systems are not positive definite, e.g. with ``reg_param = 0``, falls back to the minimum-norm
+    whose systems are not positive definite, e.g. with ``reg_param = 0``, falls back to the pseudo-inverse's
     least-squares solution). ``"cg"`` runs ``params.cg_steps`` float32 conjugate-gradient steps per entity from
     ``init`` (Takacs, Pilaszy and Tikk 2011), stopping early for an entity whose squared residual norm
     falls below 1e-20. A row with no ratings gets the zero vector under both solvers.
@@ -640,7 +640,9 @@ def _spd_solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     """Solve the batch ``matrix @ x = rhs``, (nb, k, k) and (nb, k) -> (nb, k), by Cholesky.
 
     If any system of the batch is not numerically positive definite (e.g. ``reg_param = 0`` with a
-    rank-deficient Gramian), the whole batch falls back to the minimum-norm least-squares solution.
+    rank-deficient Gramian), the whole batch falls back to the pseudo-inverse's least-squares solution,
+    counting eigenvalues below 1e-10 of the largest as zero so that round-off adds no component along
+    the null directions.
     """
     try:
         lower = np.linalg.cholesky(matrix)
@@ -649,11 +651,11 @@ def _spd_solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         n_bad = int(np.sum(eigenvalues[:, 0] <= 1e-12 * np.abs(eigenvalues[:, -1])))
         logger.warning(
             "%d of %d normal equations are not positive definite (is reg_param 0?); "
-            "using the minimum-norm least-squares solution for this batch",
+            "using the pseudo-inverse's least-squares solution for this batch",
             n_bad,
             len(matrix),
         )
-        return np.matmul(np.linalg.pinv(matrix, hermitian=True), rhs[:, :, None])[:, :, 0]
+        return np.matmul(np.linalg.pinv(matrix, rtol=1e-10, hermitian=True), rhs[:, :, None])[:, :, 0]
     return _cholesky_substitution(lower, rhs)
 
 

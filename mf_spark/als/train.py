@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 from pyspark import RDD, AccumulatorParam, Broadcast, StorageLevel
+from pyspark.accumulators import _accumulatorRegistry
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -307,6 +308,10 @@ def _materialize(
         # a JVM-side action: PySpark's count() would stack a second Python worker on each task
         tracked._jrdd.count()
     by_block = [stats.value[b] for b in sorted(stats.value)]
+    # PySpark keeps every accumulator in a module-level registry for the driver's life: each half-step's
+    # left its per-block Gramians there (a tuning run or a long-lived session grew without bound). The
+    # driver's update handler ignores ids no longer registered, e.g. from a recomputed cache block.
+    _accumulatorRegistry.pop(stats.aid, None)
     gram = np.zeros((rank, rank), dtype=np.float64)
     for entry in by_block:
         gram += entry[0]
