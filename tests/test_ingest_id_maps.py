@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from chispa import assert_df_equality
@@ -102,6 +103,19 @@ def test_rerun_with_the_same_run_id_does_not_overwrite_the_current_version(spark
     again = update(spark, tmp_path, "run1", ["a", "b"], ["x"])
     assert read_pointer(str(tmp_path))["maps"]["dim_user"]["path"] == "dim_user/version=run1.1"
     assert sorted(tuple(r) for r in again.dim_user.collect()) == [("a", 0), ("b", 1)]
+
+
+def test_map_files_reach_the_disk_before_the_pointer_names_them(spark, tmp_path, monkeypatch):
+    """The pointer was fsynced, the Parquet files of the version it names were not (Spark never fsyncs)."""
+    from mf_spark import publish
+
+    events = []
+    real_fsync_tree, real_swap = publish.fsync_tree, id_maps.compare_and_swap_pointer
+    monkeypatch.setattr(publish, "fsync_tree", lambda path: events.append(("fsync", Path(path).parent.name))
+                        or real_fsync_tree(path))
+    monkeypatch.setattr(id_maps, "compare_and_swap_pointer", lambda *a: events.append(("swap",)) or real_swap(*a))
+    update_id_maps(spark, str(tmp_path), "run0", ids(spark, "user_id", ["u"]), ids(spark, "item_id", ["i"]))
+    assert events == [("fsync", "dim_user"), ("fsync", "dim_item"), ("swap",)]
 
 
 def test_old_versions_are_pruned(spark, tmp_path):

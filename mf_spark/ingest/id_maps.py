@@ -343,6 +343,11 @@ def update_id_maps(
             target = _version_dir(root_path, name, run_id, current)
             written.append(target)
             new_map.write.mode("errorifexists").parquet(str(target))
+            # Spark never fsyncs what it writes; the pointer is fsynced, so without this a power loss could
+            # leave CURRENT.json naming map files that never reached the disk, failing every later run.
+            from mf_spark import publish
+
+            publish.fsync_tree(target)
             new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
             log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
         try:
