@@ -245,7 +245,7 @@ def run_nightly(
                     interactions, dim_user, dim_item, recommend_settings_from(cfg),
                     item_filter=item_filter, allow_list=allow_list,
                 )
-                # Plain writes, not write_table_replacing: this run is not published yet and nobody reads it.
+                # Plain writes, not write_tables_replacing: this run is not published yet and nobody reads it.
                 tables.recommendations.write.parquet(run.sub("recommendations"))
                 tables.similar_items.write.parquet(run.sub("similar_items"))
                 tables.release()  # the session lives on (a backfill): free the scoring's cache and broadcasts

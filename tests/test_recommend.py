@@ -415,10 +415,12 @@ def test_recommend_stage_refuses_an_id_map_that_does_not_match_the_factors(spark
         run_recommend_stage(spark, str(run_dir), settings)
 
 
-def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["recommendations", "similar_items"])
+def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, monkeypatch, failing):
     """A failed rewrite of a (possibly published) run leaves its old tables readable and no temporaries.
 
-    mode("overwrite") deleted the old table before computing the new one, so the run was left without one.
+    mode("overwrite") deleted the old table before computing the new one, so the run was left without one;
+    then a failure in similar_items left new recommendations beside the old similar items.
     """
     from mf_spark.recommend import RecommendSettings, run_recommend_stage
     from mf_spark.recommend import tables as tables_module
@@ -428,6 +430,7 @@ def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, m
     run_recommend_stage(spark, str(run_dir), settings)
     cols = ("user_id", "rank", "item_id", "score")
     before = collected(spark.read.parquet(str(run_dir / "recommendations")), cols)
+    similar_before = collected(spark.read.parquet(str(run_dir / "similar_items")), ("item_id", "rank", "similar_item_id"))
     assert len(before) == 8
 
     @F.udf("float")
@@ -438,13 +441,15 @@ def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, m
 
     def failing_build(*args, **kwargs):
         built = real_build(*args, **kwargs)
-        built.recommendations = built.recommendations.withColumn("score", fail("score"))
+        setattr(built, failing, getattr(built, failing).withColumn("score", fail("score")))
         return built
 
     monkeypatch.setattr(tables_module, "build_recommendation_tables", failing_build)
     with pytest.raises(Exception, match="injected failure"):
         run_recommend_stage(spark, str(run_dir), RecommendSettings(top_n=3, similar_n=2))
     assert collected(spark.read.parquet(str(run_dir / "recommendations")), cols) == before
+    assert collected(spark.read.parquet(str(run_dir / "similar_items")), ("item_id", "rank", "similar_item_id")) \
+        == similar_before
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
 
     # and a rerun that succeeds replaces the tables, leaving nothing hidden behind

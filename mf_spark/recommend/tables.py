@@ -280,21 +280,27 @@ def _read_id_map(spark: SparkSession, run_dir: str, id_map_dir: str | None, name
                          + (f" nor under {id_map_dir} (no CURRENT.json)" if id_map_dir else ""))
 
 
-def write_table_replacing(df: DataFrame, path: str) -> None:
-    """Write ``df`` as Parquet at ``path`` so that a reader finds the old complete table or the new one.
+def write_tables_replacing(tables: dict[str, DataFrame]) -> None:
+    """Write each ``path -> df`` as Parquet so that a reader finds the old complete tables or the new ones.
 
     ``mode("overwrite")`` deletes the old table before computing the new one, so a failure or a kill
-    during the write would leave the run - possibly the published one - without the table. Instead the
-    table is written to a hidden temporary directory beside ``path`` and swapped in only once the
-    write succeeded (:func:`mf_spark.publish.replace_dir`); the temporary is removed on failure.
+    during the write would leave the run - possibly the published one - without the table. Instead every
+    table is written to a hidden temporary directory beside its path, and only once all writes succeeded
+    are they swapped in (:func:`mf_spark.publish.replace_dir`), one after the other: a failure while
+    computing the second no longer leaves the first new beside the second old, from two models. The
+    temporaries are removed on failure.
     """
-    tmp = publish.temp_sibling(path)
+    temps = {}
     try:
-        df.write.parquet(str(tmp))
-        publish.replace_dir(tmp, path)
+        for path, df in tables.items():
+            temps[path] = publish.temp_sibling(path)
+            df.write.parquet(str(temps[path]))
+        for path, tmp in temps.items():
+            publish.replace_dir(tmp, path)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for tmp in temps.values():
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_recommend_stage(
@@ -312,7 +318,7 @@ def run_recommend_stage(
 
     Id maps are read from ``run_dir/dim_user`` and ``run_dir/dim_item``, else from ``id_map_dir``.
     ``run_dir`` may be a published run that consumers are reading: each table is replaced with
-    :func:`write_table_replacing`, so a failed or killed job leaves the previous tables in place.
+    :func:`write_tables_replacing`, so a failed or killed job leaves the previous tables in place.
 
     ``model_dir`` (a model saved by :class:`~mf_spark.als.model.ImplicitALSModel`, e.g. by
     ``jobs/train.py``: ``userFactors/``, ``itemFactors/``) and ``interactions_path`` replace the run's
@@ -339,11 +345,9 @@ def run_recommend_stage(
         user_factors.select("id", "features"), item_factors.select("id", "features"), interactions,
         maps["dim_user"], maps["dim_item"], settings, item_filter=item_filter, allow_list=allow_list,
     )
-    counts = {}
-    for name, df in (("recommendations", tables.recommendations), ("similar_items", tables.similar_items)):
-        path = os.path.join(run_dir, name)
-        write_table_replacing(df, path)
-        counts[name] = spark.read.parquet(path).count()
+    outputs = {"recommendations": tables.recommendations, "similar_items": tables.similar_items}
+    write_tables_replacing({os.path.join(run_dir, name): df for name, df in outputs.items()})
+    counts = {name: spark.read.parquet(os.path.join(run_dir, name)).count() for name in outputs}
     counts["folded_in_users"] = 0 if tables.folded_users is None else tables.folded_users.count()
     tables.release()
     logger.info("recommend: wrote %s", counts)
