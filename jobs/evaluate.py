@@ -36,6 +36,10 @@ def validate(args, cfg):
     from mf_spark.pipeline import require_local_path
 
     validate_settings(cfg["evaluate"], tune=args.tune)
+    if args.out:
+        from mf_spark.evaluate.report import check_report_dir
+
+        check_report_dir(args.out)
     if args.interactions:
         require_local_path(args.interactions, f"evaluate: --interactions {args.interactions} does not exist")
         args.interactions_path = args.interactions

@@ -121,6 +121,38 @@ def test_baselines_alone_get_no_empty_plots(communities, spark, tmp_path):
     assert "metric_vs_k.png" in report and "training_loss.png" not in report
 
 
+def test_a_report_replaces_its_directory_whole(communities, spark, tmp_path, monkeypatch):
+    """The report's files were written one by one into the directory: a failure halfway left a new
+    metrics.json beside the old report.md, and a rerun kept an earlier run's tuning plot."""
+    from mf_spark.errors import UsageError
+    from mf_spark.evaluate import report as report_module
+
+    out = tmp_path / "report"
+    result = evaluate_holdout(spark, communities, split="user_random", test_fraction=0.25, ks=[5],
+                              models=["popular", "random"], train_params=TRAIN, out_dir=str(out))
+    (out / "tuning_metric_vs_rank.png").write_bytes(b"an earlier run's plot")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(_):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(report_module, "render_markdown", fail)
+    changed = {**result, "models": {"popular": result["models"]["popular"]}}
+    with pytest.raises(RuntimeError, match="injected failure"):
+        report_module.write_report(changed, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["report"]  # no staging directory left
+    monkeypatch.undo()
+    report_module.write_report(changed, out)
+    assert sorted(p.name for p in out.iterdir()) == ["metric_vs_k.png", "metrics.json", "report.md"]
+
+    report_module.check_report_dir(out)  # an earlier report: fine to replace
+    report_module.check_report_dir(tmp_path / "new")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"holds files other than an evaluation report \(notes\.txt, report\)"):
+        report_module.check_report_dir(tmp_path)
+
+
 def test_no_training_items_in_any_list(communities):
     split = make_split(communities, "user_random", test_fraction=0.25, seed=3)
     users = split.test.select("user_idx").distinct()

@@ -42,6 +42,14 @@ def test_defaults_are_valid():
         ({"tuning": {"metric": "coverage@20"}}, "evaluate.tuning.metric"),
         # tuning's validation split is per user with this fraction even when the test split is global
         ({"split": "global_temporal", "cutoff_date": "2024-01-01", "test_fraction": 1.0}, "evaluate.test_fraction"),
+        # ...and test_n does not stand in for it there: the validation split then failed after Spark started
+        ({"split": "global_temporal", "cutoff_date": "2024-01-01", "test_fraction": 1.0, "test_n": 2},
+         "evaluate.test_fraction"),
+        # one result per name: the second fit overwrote the first, the primary was compared with itself
+        ({"models": ["popular", "implicit_als", "popular"]}, "evaluate.models"),
+        # results are keyed "ndcg@20": a gate on "ndcg@020" failed after the whole nightly had run
+        ({"gate": {"metric": "ndcg@020"}}, "evaluate.gate.metric"),
+        ({"tuning": {"metric": "ndcg@010"}}, "evaluate.tuning.metric"),
     ],
 )
 def test_bad_settings_name_the_key(overrides, key):
@@ -124,3 +132,18 @@ def test_job_rejects_bad_gate_metric_before_spark(tmp_path):
     )
     assert done.returncode == 2
     assert "evaluate.gate.metric" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_job_refuses_an_out_directory_holding_other_files_before_spark(tmp_path):
+    """The report replaces its directory whole: --out pointing at a directory of other files is refused."""
+    config = tmp_path / "c.toml"
+    config.write_text('[input]\npath = "x"\n[output]\nroot = "y"\n')
+    (tmp_path / "keep.txt").write_text("mine")
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "jobs" / "evaluate.py"), "--config", str(config), "--date", "2024-01-02",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "holds files other than an evaluation report (c.toml, keep.txt)" in done.stderr
+    assert "Traceback" not in done.stderr and (tmp_path / "keep.txt").exists()

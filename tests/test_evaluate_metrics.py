@@ -200,6 +200,31 @@ def test_paired_differences_against_numpy(spark):
                                            "n_users": 4})
     one_user = paired_differences(frame_a.where("user_idx = 1"), frame_b, ["ndcg@2"])["ndcg@2"]
     assert one_user == pytest.approx({"mean": 0.25, "low": 0.25, "high": 0.25, "n_users": 1})
+    # no shared user: no difference, not a certain 0 ("+0.0000 [+0.0000, +0.0000]" in report.md)
+    none = paired_differences(frame_a.where("user_idx = 9"), frame_b, ["ndcg@2"])["ndcg@2"]
+    assert none["n_users"] == 0 and all(math.isnan(none[key]) for key in ("mean", "low", "high"))
+
+
+def test_paired_differences_do_not_depend_on_partitioning(spark):
+    """F.avg and F.stddev_samp added doubles in arrival order: the interval in metrics.json changed in its
+    last digits with the number of partitions."""
+    rng = np.random.default_rng(5)
+    n = 400
+    schema = "user_idx int, `ndcg@20` double"
+    a = spark.createDataFrame([(u, float(v)) for u, v in enumerate(rng.random(n))], schema)
+    b = spark.createDataFrame([(u, float(v)) for u, v in enumerate(rng.random(n))], schema)
+    results = [paired_differences(a.repartition(p), b.repartition(p), ["ndcg@20"]) for p in (1, 3, 7, 16)]
+    assert all(r == results[0] for r in results[1:])  # bit for bit
+
+
+def test_a_perfect_list_scores_ndcg_exactly_one(spark):
+    """The ideal DCG used Python's log2 and float sums, the list's DCG Spark's log2 and exact sums: a perfect
+    list scored 0.9999999999999998 at K = 3, 7 and 10 (a gate with min_value = 1 failed it)."""
+    ks = [1, 3, 7, 10, 20]
+    recs = spark.createDataFrame([(0, r, r) for r in range(1, 21)], "user_idx int, rank int, item_idx int")
+    test = spark.createDataFrame([(0, i) for i in range(1, 21)], "user_idx int, item_idx int")
+    row = per_user_metrics(recs, test, ks).first()
+    assert [row[f"ndcg@{k}"] for k in ks] == [1.0] * len(ks)
 
 
 def _lists_with_hits(spark, hits_per_user, k, seed):

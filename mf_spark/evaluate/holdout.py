@@ -320,6 +320,10 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
     unknown = [m for m in evaluate["models"] if m not in MODELS]
     if unknown or not evaluate["models"]:
         raise ConfigError(f"key 'evaluate.models': {unknown or 'empty list'} not in {', '.join(MODELS)}")
+    repeated = sorted({m for m in evaluate["models"] if evaluate["models"].count(m) > 1})
+    if repeated:
+        # one result per name: the second fit overwrote the first, and the primary was compared with itself
+        raise ConfigError(f"key 'evaluate.models': {', '.join(repeated)} listed more than once")
     if not evaluate["ks"] or min(evaluate["ks"]) < 1:
         raise ConfigError(f"key 'evaluate.ks': need positive cut-offs, got {evaluate['ks']}")
     metrics = [("evaluate.gate.metric", evaluate["gate"]["metric"])]
@@ -330,19 +334,26 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
             metric, k = parse_metric_name(name)
         except ValueError as exc:
             raise ConfigError(f"key '{key}': {exc}") from None
+        if name != metric_name(metric, k):  # results are keyed "ndcg@20": "ndcg@020" was never found
+            raise ConfigError(f"key '{key}': write {metric_name(metric, k)!r}, not {name!r}")
         if key.startswith("evaluate.gate") and k not in evaluate["ks"]:
             raise ConfigError(f"key '{key}': K={k} of {name!r} is not in evaluate.ks {evaluate['ks']}")
         if key.startswith("evaluate.tuning") and metric in LIST_METRICS:
             # catalogue-wide, not a per-user ranking quality: tuning does not compute them (KeyError after a fit)
             raise ConfigError(f"key '{key}': {name!r} describes the lists, not their quality; tune on one of "
                               f"{', '.join(m for m in METRICS if m not in LIST_METRICS)}")
-    # Tuning carves its validation split per user (global temporal becomes per-user temporal), with the fraction
-    fraction_used = evaluate["split"] == "strong_generalization" or (
-        (evaluate["split"] != "global_temporal" or tune) and evaluate["test_n"] == 0)
+    # Tuning carves its validation split per user (global temporal becomes per-user temporal, with the
+    # fraction whatever test_n says: test_n belongs to the per-user splits)
+    fraction_used = (
+        evaluate["split"] == "strong_generalization"
+        or (evaluate["split"] == "global_temporal" and tune)
+        or (evaluate["split"] != "global_temporal" and evaluate["test_n"] == 0)
+    )
     if fraction_used and not 0 < evaluate["test_fraction"] < 1:
         raise ConfigError(
             f"key 'evaluate.test_fraction': the {evaluate['split']} split needs a fraction strictly between "
-            f"0 and 1{'' if evaluate['split'] == 'strong_generalization' else ' (or evaluate.test_n > 0)'}, "
+            f"0 and 1{'' if evaluate['split'] in ('strong_generalization', 'global_temporal') else ' (or evaluate.test_n > 0)'}"
+            f"{' for tuning' if evaluate['split'] == 'global_temporal' else ''}, "
             f"got {evaluate['test_fraction']!r}"
         )
     if evaluate["split"] == "global_temporal" and not evaluate["cutoff_date"]:

@@ -26,6 +26,7 @@ exactly the users of the test table: a user without a list (or with an empty one
 from __future__ import annotations
 
 import logging
+import decimal
 import math
 from collections.abc import Sequence
 
@@ -52,13 +53,15 @@ def parse_metric_name(name: str) -> tuple[str, int]:
     return metric, int(k_text)
 
 
-def _ideal_dcg_table(max_k: int) -> Column:
-    """Literal array whose element ``n`` (1-based) is the DCG of ``n`` hits at the top."""
-    cumulative, total = [], 0.0
-    for rank in range(1, max_k + 1):
-        total += 1.0 / math.log2(rank + 1)
-        cumulative.append(total)
-    return F.array(*[F.lit(v) for v in cumulative])
+def _ideal_dcg(n_hits: Column) -> Column:
+    """The DCG of ``n_hits`` hits at the top, summed exactly as a list's DCG is (the same Spark ``log2``,
+    each term at 18 decimals): with Python's ``log2`` and float sums a perfect list scored 0.9999999999999998.
+    """
+    # decimal(30,18) + decimal(20,18) stays within 38 digits, so Spark keeps all 18 decimals
+    return F.aggregate(
+        F.sequence(F.lit(1), n_hits.cast("int")), F.lit(0).cast("decimal(30,18)"),
+        lambda total, rank: (total + (F.lit(1) / F.log2(rank + 1)).cast("decimal(20,18)")).cast("decimal(30,18)"),
+    ).cast("double")
 
 
 def positive_users_per_item(train: DataFrame, item_col: str = "item_idx") -> DataFrame:
@@ -170,7 +173,6 @@ def per_user_metrics(
     sums.append(F.min(F.when(F.col("hit") == 1, F.col("rank"))).alias("_first_hit"))
     per_user_sums = hits.groupBy(user_col).agg(*sums)
 
-    ideal = _ideal_dcg_table(max_k)
     joined = test_sizes.join(per_user_sums, user_col, "left")
     columns = [F.col(user_col), F.col("n_test")]
     for k in ks:
@@ -182,7 +184,7 @@ def per_user_metrics(
             (hit_count / capped).alias(metric_name("capped_recall", k)),
             (F.coalesce(F.col(f"_ap{k}").cast("double"), F.lit(0.0)) / capped).alias(metric_name("map", k)),
             (
-                F.coalesce(F.col(f"_dcg{k}").cast("double"), F.lit(0.0)) / F.element_at(ideal, capped.cast("int"))
+                F.coalesce(F.col(f"_dcg{k}").cast("double"), F.lit(0.0)) / _ideal_dcg(capped)
             ).alias(metric_name("ndcg", k)),
             (hit_count > 0).cast("double").alias(metric_name("hit_rate", k)),
             F.when(F.col("_first_hit") <= k, 1.0 / F.col("_first_hit"))
@@ -221,16 +223,25 @@ def paired_differences(
     pairs = per_user_a.select(user_col, *[F.col(f"`{n}`").alias(f"a{i}") for i, n in enumerate(names)]).join(
         per_user_b.select(user_col, *[F.col(f"`{n}`").alias(f"b{i}") for i, n in enumerate(names)]), user_col
     )
+    # Exact sums of the differences and of their squares (F.avg and F.stddev_samp add doubles in arrival
+    # order, so the interval changed in its last digits with the partitioning); mean and sd from them.
     aggregates = [F.count(F.lit(1)).alias("n")]
     for i in range(len(names)):
         difference = F.col(f"a{i}") - F.col(f"b{i}")
-        aggregates += [F.avg(difference).alias(f"mean{i}"), F.stddev_samp(difference).alias(f"sd{i}")]
+        aggregates += [exact_sum(difference).alias(f"sum{i}"), exact_sum(difference * difference).alias(f"squares{i}")]
     row = pairs.agg(*aggregates).first()
     n = int(row["n"])
     result = {}
     for i, name in enumerate(names):
-        mean = float(row[f"mean{i}"] or 0.0)
-        half_width = Z_95 * float(row[f"sd{i}"]) / math.sqrt(n) if n > 1 else 0.0
+        if n == 0:  # no shared user: no difference to report (the metrics themselves are NaN)
+            result[name] = {"mean": math.nan, "low": math.nan, "high": math.nan, "n_users": 0}
+            continue
+        total, squares = row[f"sum{i}"], row[f"squares{i}"]  # Decimal
+        with decimal.localcontext() as exact:
+            exact.prec = 100  # total * total needs more than the default 28 digits
+            mean = float(total / n)
+            variance = float((squares - total * total / n) / (n - 1)) if n > 1 else 0.0
+        half_width = Z_95 * math.sqrt(max(variance, 0.0)) / math.sqrt(n) if n > 1 else 0.0
         result[name] = {"mean": mean, "low": mean - half_width, "high": mean + half_width, "n_users": n}
     return result
 

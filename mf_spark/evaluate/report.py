@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +69,11 @@ def _param_value(params: dict[str, Any], name: str) -> Any:
     return params.get(name)
 
 
-def _interval(difference: dict[str, float]) -> str:
-    return f"{difference['mean']:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
+def _interval(difference: dict[str, float | None]) -> str:
+    mean = difference["mean"]
+    if mean is None or math.isnan(mean):  # no shared test user (metrics.json: null)
+        return "n/a (no users)"
+    return f"{mean:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -269,16 +273,59 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Write ``metrics.json``, ``report.md`` and the plots into ``out_dir`` (created if needed).
+REPORT_FILES = ("metrics.json", "report.md", "metric_vs_k.png", "training_loss.png", "tuning_metric_vs_rank.png")
 
-    Returns the written file names by kind; their names are also recorded in ``result["plots"]``.
+
+def check_report_dir(out_dir: str | os.PathLike[str]) -> None:
+    """Refuse ``out_dir`` when it holds anything but an earlier report, which :func:`write_report` replaces
+    whole (``--out ~`` must not delete a home directory).
+
+    Raises
+    ------
+    UsageError
+    """
+    from mf_spark.errors import UsageError
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
+    if others:
+        raise UsageError(f"--out {out}: holds files other than an evaluation report ({', '.join(others[:5])}); "
+                         "the report replaces the directory whole, so give a new or a report directory")
+
+
+def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """Write ``metrics.json``, ``report.md`` and the plots as the directory ``out_dir``.
+
+    They are written into a hidden sibling directory that then replaces ``out_dir`` whole: a failure
+    halfway left a new metrics.json beside an old report.md, and a rerun into the same directory kept
+    an earlier run's tuning plot. Returns the written file names by kind; their names are also recorded
+    in ``result["plots"]``.
     """
     import matplotlib
 
+    from mf_spark import publish
+
     matplotlib.use("Agg")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = publish.temp_sibling(final)
+    try:
+        _write_report_files(result, out)
+        publish.replace_dir(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    log.info("evaluation report written to %s", final)
+    return {
+        "metrics": str(final / "metrics.json"),
+        "report": str(final / "report.md"),
+        **{p: str(final / p) for p in result["plots"]},
+    }
+
+
+def _write_report_files(result: dict[str, Any], out: Path) -> None:
+    out.mkdir()
     plots = ["metric_vs_k.png"]
     _plot_metric_vs_k(result, out / plots[0])
     # Only plots with something to draw: without a factor model these were empty axes linked from report.md
@@ -293,9 +340,3 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dic
     # NaN (a metric over no user, a diverged loss) as null: bare NaN is not JSON and strict readers refuse it
     (out / "metrics.json").write_text(json.dumps(json_ready(result), indent=2, sort_keys=False) + "\n")
     (out / "report.md").write_text(render_markdown(result))
-    log.info("evaluation report written to %s", out)
-    return {
-        "metrics": str(out / "metrics.json"),
-        "report": str(out / "report.md"),
-        **{p: str(out / p) for p in plots},
-    }
