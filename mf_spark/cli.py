@@ -156,11 +156,24 @@ def run_job(
     except KeyboardInterrupt as exc:
         # Ctrl-C: the run's failed manifest and the lock release are already done on the way out.
         published = getattr(exc, "published_run", None)
+        note = getattr(exc, "backfill_note", None)
         if published:
             print(f"error: interrupted after {published} was published (retention may not have run; the next "
                   "nightly does it)", file=sys.stderr)
-        else:
+        elif not note:
             print("error: interrupted; nothing was published", file=sys.stderr)
+        if note:
+            print(f"error: {note}", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    except BaseException as exc:
+        # SIGTERM (SystemExit 143) or an unexpected error: say what was published before it, if anything,
+        # so nobody rolls back or reruns a good publication; the exit code and traceback stay as they are.
+        published = getattr(exc, "published_run", None)
+        if published:
+            print(f"error: {type(exc).__name__} after {published} was published: consumers read it, no rerun "
+                  "is needed", file=sys.stderr)
+        if getattr(exc, "backfill_note", None):
+            print(f"error: {exc.backfill_note}", file=sys.stderr)  # type: ignore[attr-defined]
+        raise
     finally:
         stop_session(spark)

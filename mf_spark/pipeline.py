@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import time
+import contextlib
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -102,8 +103,13 @@ def load_warm_start(spark: SparkSession, root: str, rank: int, previous: dict[st
     :func:`mf_spark.publish.previous_published`) as an ``ImplicitALSModel``, or None.
 
     Factor ids are ID-map indices, which never change meaning between runs, so yesterday's factors
-    are valid starting points today.
+    are valid starting points today. Factors that are missing, of another rank, or unreadable (a damaged
+    file) give a cold start with a WARNING: they crashed every later nightly, since each picks the same
+    baseline.
     """
+    from py4j.protocol import Py4JJavaError
+    from pyspark.errors import PySparkException
+
     from mf_spark.als.model import ImplicitALSModel
 
     if not previous:
@@ -114,16 +120,27 @@ def load_warm_start(spark: SparkSession, root: str, rank: int, previous: dict[st
     users = os.path.join(run_path, "user_factors")
     items = os.path.join(run_path, "item_factors")
     if not (os.path.isdir(users) and os.path.isdir(items)):
+        log.warning("previous run %s has no user_factors/ and item_factors/: cold start", run_path)
         return None, None
     prev_rank = previous.get("parameters", {}).get("train", {}).get("rank")
     if prev_rank is not None and prev_rank != rank:
         log.warning("previous run has rank %s, this run %s: cold start", prev_rank, rank)
         return None, None
-    model = ImplicitALSModel(
-        rank=rank,
-        userFactors=spark.read.parquet(users).select("id", "features"),
-        itemFactors=spark.read.parquet(items).select("id", "features"),
-    )
+    try:
+        factors = {}
+        for name, path in (("user", users), ("item", items)):
+            factors[name] = spark.read.parquet(path).select("id", "features")
+            # reads every page (a footer-only count would miss a damaged page) and checks the lengths
+            wrong = factors[name].where(F.size("features") != rank).count()
+            if wrong:
+                log.warning("previous run's %s factors %s: %d vectors are not of rank %d: cold start",
+                            name, path, wrong, rank)
+                return None, None
+    except (PySparkException, Py4JJavaError) as exc:
+        log.warning("previous run's factors in %s cannot be read (%s): cold start; roll back or fix that "
+                    "run to warm-start again", run_path, str(exc).strip().splitlines()[0][:300])
+        return None, None
+    model = ImplicitALSModel(rank=rank, userFactors=factors["user"], itemFactors=factors["item"])
     return model, previous
 
 
@@ -188,129 +205,141 @@ def run_nightly(
     # stage, after ingest had extended the ID maps.
     item_filter = read_item_table(spark, rec_cfg["item_filter_path"], "item_filter_path")
     allow_list = read_item_table(spark, rec_cfg["allow_list_path"], "allow_list_path")
-    with lock:
-        run = publish.begin_run(root, run_date)
-        log.info("run %s for %s in %s", run.run_id, run_date, run.path)
-        manifest: dict[str, Any] = publish.manifest_base(
-            run, config_file=cfg.get("_source", ""), parameters={k: v for k, v in cfg.items() if not k.startswith("_")},
-        )
-        manifest["status"] = "running"
-        # The warm start and the gate's baseline, recorded so that a rerun of this date uses the same one
-        # (after a rollback the newest published run before the date is the one rolled back from).
-        baseline = publish.previous_published(root, before=run_date)
-        manifest[publish.BASELINE_KEY] = None if baseline is None else baseline["run_id"]
-        try:
-            with timer.stage("ingest"):
-                try:
-                    ingested = run_ingest(
-                        spark, input_path=cfg["input"]["path"], input_format=cfg["input"]["format"],
-                        columns=cfg["input"]["columns"], reader_options=cfg["input"]["options"],
-                        settings=IngestSettings.from_config(cfg["ingest"]), run_date=run_date,
-                        id_map_root=os.path.join(root, "id_maps"), run_id=run.run_id,
-                    )
-                except NoInteractionsLeftError as exc:
-                    write_rejects_for_inspection(exc, run.sub("rejects"))
-                    raise
-                ingested.interactions.write.parquet(run.sub("interactions"))
-                ingested.rejects.write.parquet(run.sub("rejects"))
-                interactions = spark.read.parquet(run.sub("interactions"))
-                dim_user, dim_item = ingested.dim_user, ingested.dim_item
-                manifest["ingest"] = ingested.report
-                if print_summary:
-                    print(format_report_table(ingested.report))
-
-            with timer.stage("train"):
-                initial, previous = (None, None)
-                if train_cfg["warm_start"]:
-                    initial, previous = load_warm_start(spark, root, train_cfg["rank"], baseline)
-                max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
-                estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
-                model = estimator.fit(interactions)
-                _with_string_ids(model.userFactors, dim_user, "user_idx", "user_id").write.parquet(run.sub("user_factors"))
-                _with_string_ids(model.itemFactors, dim_item, "item_idx", "item_id").write.parquet(run.sub("item_factors"))
-                for broadcast in model.trainingBroadcasts:  # the factors are written; a backfill goes on
-                    broadcast.destroy()
-                manifest["train"] = {
-                    "warm_start_from": None if previous is None else previous.get("run_id"),
-                    "iterations": max_iter, "training_loss": model.trainingLoss,
-                    "iteration_seconds": model.iterationSeconds,
-                }
-
-            with timer.stage("recommend"):
-                # The same function as jobs/recommend.py, so that the item filter, the allow list,
-                # broadcast_max_mb and fold-in mean the same in both (they once drifted apart).
-                tables = build_recommendation_tables(
-                    spark.read.parquet(run.sub("user_factors")).select("id", "features"),
-                    spark.read.parquet(run.sub("item_factors")).select("id", "features"),
-                    interactions, dim_user, dim_item, recommend_settings_from(cfg),
-                    item_filter=item_filter, allow_list=allow_list,
-                )
-                # Plain writes, not write_tables_replacing: this run is not published yet and nobody reads it.
-                tables.recommendations.write.parquet(run.sub("recommendations"))
-                tables.similar_items.write.parquet(run.sub("similar_items"))
-                tables.release()  # the session lives on (a backfill): free the scoring's cache and broadcasts
-
-            with timer.stage("evaluate"):
-                metrics = None
-                if eval_cfg["enabled"]:
-                    metrics = evaluate_holdout(
-                        spark, interactions, split=eval_cfg["split"], test_fraction=eval_cfg["test_fraction"],
-                        test_n=eval_cfg["test_n"], cutoff_date=eval_cfg["cutoff_date"],
-                        holdout_users=eval_cfg["holdout_users"], seed=eval_cfg["seed"], ks=eval_cfg["ks"],
-                        models=eval_cfg["models"], train_params=train_cfg, out_dir=run.sub("evaluation"),
-                    )
-                    manifest["metrics"] = metrics
-                    gate_cfg = eval_cfg["gate"]
-                    if gate_cfg["enabled"]:
-                        gate = evaluate_gate(
-                            metrics, None if baseline is None else baseline.get("metrics"),
-                            metric=gate_cfg["metric"], min_value=gate_cfg["min_value"],
-                            max_relative_drop=gate_cfg["max_relative_drop"],
+    run = None
+    try:
+        with lock:
+            run = publish.begin_run(root, run_date)
+            log.info("run %s for %s in %s", run.run_id, run_date, run.path)
+            manifest: dict[str, Any] = publish.manifest_base(
+                run, config_file=cfg.get("_source", ""), parameters={k: v for k, v in cfg.items() if not k.startswith("_")},
+            )
+            manifest["status"] = "running"
+            manifest[publish.BASELINE_KEY] = None
+            try:
+                # The warm start and the gate's baseline, recorded so that a rerun of this date uses the same
+                # one (after a rollback the newest published run before the date is the one rolled back
+                # from). Inside the try: a damaged manifest it must read fails this run with a record of why.
+                baseline = publish.previous_published(root, before=run_date)
+                manifest[publish.BASELINE_KEY] = None if baseline is None else baseline["run_id"]
+                with timer.stage("ingest"):
+                    try:
+                        ingested = run_ingest(
+                            spark, input_path=cfg["input"]["path"], input_format=cfg["input"]["format"],
+                            columns=cfg["input"]["columns"], reader_options=cfg["input"]["options"],
+                            settings=IngestSettings.from_config(cfg["ingest"]), run_date=run_date,
+                            id_map_root=os.path.join(root, "id_maps"), run_id=run.run_id,
                         )
-                        manifest["gate"] = {"passed": gate.passed, "reason": gate.reason}
-                        if not gate.passed:
-                            raise QualityGateError(f"quality gate failed: {gate.reason}")
+                    except NoInteractionsLeftError as exc:
+                        write_rejects_for_inspection(exc, run.sub("rejects"))
+                        raise
+                    ingested.interactions.write.parquet(run.sub("interactions"))
+                    ingested.rejects.write.parquet(run.sub("rejects"))
+                    interactions = spark.read.parquet(run.sub("interactions"))
+                    dim_user, dim_item = ingested.dim_user, ingested.dim_item
+                    manifest["ingest"] = ingested.report
+                    if print_summary:
+                        print(format_report_table(ingested.report))
 
-            manifest["outputs"] = {
-                name: spark.read.parquet(run.sub(name)).count()
-                for name in ("interactions", "rejects", "user_factors", "item_factors", "recommendations", "similar_items")
-            }
-            manifest["id_maps"] = {"users": dim_user.count(), "items": dim_item.count()}
-            manifest["timings"] = timer.seconds
-            with timer.stage("publish"):
-                publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
-            manifest["timings"] = timer.seconds
-        except (Exception, KeyboardInterrupt, SystemExit) as exc:  # SystemExit: SIGTERM (RunLock)
-            if publish.run_status(run) in ("published", "superseded"):
-                # Ctrl-C after the _PUBLISHED marker and latest.json: consumers read this run, so its
-                # manifest must keep saying published; the CLI reports what happened.
-                exc.published_run = run.relative_path  # type: ignore[union-attr]
-                log.warning("interrupted after run %s was published: %s", run.relative_path,
-                            publish.describe_latest(root, run))
+                with timer.stage("train"):
+                    initial, previous = (None, None)
+                    if train_cfg["warm_start"]:
+                        initial, previous = load_warm_start(spark, root, train_cfg["rank"], baseline)
+                    max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
+                    estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
+                    model = estimator.fit(interactions)
+                    _with_string_ids(model.userFactors, dim_user, "user_idx", "user_id").write.parquet(run.sub("user_factors"))
+                    _with_string_ids(model.itemFactors, dim_item, "item_idx", "item_id").write.parquet(run.sub("item_factors"))
+                    for broadcast in model.trainingBroadcasts:  # the factors are written; a backfill goes on
+                        broadcast.destroy()
+                    manifest["train"] = {
+                        "warm_start_from": None if previous is None else previous.get("run_id"),
+                        "iterations": max_iter, "training_loss": model.trainingLoss,
+                        "iteration_seconds": model.iterationSeconds,
+                    }
+
+                with timer.stage("recommend"):
+                    # The same function as jobs/recommend.py, so that the item filter, the allow list,
+                    # broadcast_max_mb and fold-in mean the same in both (they once drifted apart).
+                    tables = build_recommendation_tables(
+                        spark.read.parquet(run.sub("user_factors")).select("id", "features"),
+                        spark.read.parquet(run.sub("item_factors")).select("id", "features"),
+                        interactions, dim_user, dim_item, recommend_settings_from(cfg),
+                        item_filter=item_filter, allow_list=allow_list,
+                    )
+                    # Plain writes, not write_tables_replacing: this run is not published yet and nobody reads it.
+                    tables.recommendations.write.parquet(run.sub("recommendations"))
+                    tables.similar_items.write.parquet(run.sub("similar_items"))
+                    tables.release()  # the session lives on (a backfill): free the scoring's cache and broadcasts
+
+                with timer.stage("evaluate"):
+                    metrics = None
+                    if eval_cfg["enabled"]:
+                        metrics = evaluate_holdout(
+                            spark, interactions, split=eval_cfg["split"], test_fraction=eval_cfg["test_fraction"],
+                            test_n=eval_cfg["test_n"], cutoff_date=eval_cfg["cutoff_date"],
+                            holdout_users=eval_cfg["holdout_users"], seed=eval_cfg["seed"], ks=eval_cfg["ks"],
+                            models=eval_cfg["models"], train_params=train_cfg, out_dir=run.sub("evaluation"),
+                        )
+                        manifest["metrics"] = metrics
+                        gate_cfg = eval_cfg["gate"]
+                        if gate_cfg["enabled"]:
+                            gate = evaluate_gate(
+                                metrics, None if baseline is None else baseline.get("metrics"),
+                                metric=gate_cfg["metric"], min_value=gate_cfg["min_value"],
+                                max_relative_drop=gate_cfg["max_relative_drop"],
+                            )
+                            manifest["gate"] = {"passed": gate.passed, "reason": gate.reason}
+                            if not gate.passed:
+                                raise QualityGateError(f"quality gate failed: {gate.reason}")
+
+                manifest["outputs"] = {
+                    name: spark.read.parquet(run.sub(name)).count()
+                    for name in ("interactions", "rejects", "user_factors", "item_factors", "recommendations", "similar_items")
+                }
+                manifest["id_maps"] = {"users": dim_user.count(), "items": dim_item.count()}
+                manifest["timings"] = timer.seconds
+                with timer.stage("publish"):
+                    publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
+                manifest["timings"] = timer.seconds
+            except (Exception, KeyboardInterrupt, SystemExit) as exc:  # SystemExit: SIGTERM (RunLock)
+                if publish.run_status(run) in ("published", "superseded"):
+                    # Ctrl-C after the _PUBLISHED marker and latest.json: consumers read this run, so its
+                    # manifest must keep saying published; the CLI reports what happened.
+                    exc.published_run = run.relative_path  # type: ignore[union-attr]
+                    log.warning("interrupted after run %s was published: %s", run.relative_path,
+                                publish.describe_latest(root, run))
+                    raise
+                # Any failure, not only the expected ones, and Ctrl-C: a run directory without a manifest
+                # would look like a crash ("partial") and say nothing of why.
+                manifest["status"] = "failed"
+                if isinstance(exc, KeyboardInterrupt):
+                    manifest["error"] = "interrupted (SIGINT)"
+                elif isinstance(exc, SystemExit):
+                    manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
+                elif not isinstance(exc, PipelineError) and spark_context_stopped(spark):
+                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    manifest["error"] = (
+                        "the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a scheduler's "
+                        f"timeout or `yarn application -kill`, or the driver JVM failed): {type(exc).__name__}: "
+                        f"{first_line}")
+                else:
+                    manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                manifest["timings"] = timer.seconds
+                publish.write_failed_manifest(run, manifest)
                 raise
-            # Any failure, not only the expected ones, and Ctrl-C: a run directory without a manifest
-            # would look like a crash ("partial") and say nothing of why.
-            manifest["status"] = "failed"
-            if isinstance(exc, KeyboardInterrupt):
-                manifest["error"] = "interrupted (SIGINT)"
-            elif isinstance(exc, SystemExit):
-                manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
-            elif not isinstance(exc, PipelineError) and spark_context_stopped(spark):
-                first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                manifest["error"] = (
-                    "the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a scheduler's "
-                    f"timeout or `yarn application -kill`, or the driver JVM failed): {type(exc).__name__}: "
-                    f"{first_line}")
-            else:
-                manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-            manifest["timings"] = timer.seconds
-            publish.write_failed_manifest(run, manifest)
-            raise
-        finally:
-            unpersist_since(spark, cached_before)
+            finally:
+                unpersist_since(spark, cached_before)
 
-    if print_summary:
-        print_run_summary(spark, root, run, timer)
+        if print_summary:
+            print_run_summary(spark, root, run, timer)
+    except BaseException as exc:
+        # Ctrl-C, SIGTERM or an error in the clean-up, the lock release or the summary, after the run
+        # was published: the CLI must not say "nothing was published" (an operator might roll back).
+        if run is not None and not hasattr(exc, "published_run"):
+            with contextlib.suppress(Exception):  # never mask the original error
+                if publish.run_status(run) in ("published", "superseded"):
+                    exc.published_run = run.relative_path  # type: ignore[union-attr]
+        raise
     return NightlyResult(run.path, manifest, True)
 
 
@@ -386,6 +415,15 @@ def _backfill_dates(spark: SparkSession, cfg: dict[str, Any], start: dt.date, en
         except PipelineError as exc:
             exc.args = (f"backfill stopped at {day}: {exc}. Resume with --from {day} --to {end}",)
             raise
+        except BaseException as exc:
+            # Ctrl-C, SIGTERM, a Spark failure: the CLI said "nothing was published" although the
+            # earlier dates were. It prints this instead.
+            resume = day + dt.timedelta(days=1) if getattr(exc, "published_run", None) else day
+            done = [r.manifest["run"]["run_date"] for r in results]
+            exc.backfill_note = (  # type: ignore[union-attr]
+                f"backfill stopped at {day}; published before it: {', '.join(done) or 'none'}"
+                + (f". Resume with --from {resume} --to {end}" if resume <= end else ""))
+            raise
         day += dt.timedelta(days=1)
     if skipped:
         listed = ", ".join(d.isoformat() for d in skipped)
@@ -409,12 +447,12 @@ def _backfill_dates(spark: SparkSession, cfg: dict[str, Any], start: dt.date, en
 def warn_about_retention(root: str, start: dt.date, end: dt.date, keep_runs: int) -> None:
     """Warn before a backfill whose runs retention will remove: it keeps the newest ``keep_runs`` run
     *dates*, so old dates published today go first (each run is protected only while it is published)."""
-    later = sum(1 for r in publish.list_runs(root)
-                if r["status"] in ("published", "superseded") and r["run_date"] > end.isoformat())
+    later = len({r["run_date"] for r in publish.list_runs(root)  # retention keeps dates, not runs
+                 if r["status"] in ("published", "superseded") and r["run_date"] > end.isoformat()})
     days = (end - start).days + 1
     if later + days > keep_runs:
         log.warning("backfill %s .. %s: retention (publish.keep_runs = %d) keeps the newest run dates; with %d "
-                    "published run(s) dated after %s, it will remove backfilled runs as later ones are "
+                    "later date(s) published after %s, it will remove backfilled runs as later ones are "
                     "published. To keep them all, add --set publish.keep_runs=%d",
                     start, end, keep_runs, later, end, later + days)
 

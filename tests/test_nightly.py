@@ -8,6 +8,7 @@ import importlib.util
 import io
 import json
 import logging
+import shutil
 import os
 import subprocess
 from pathlib import Path
@@ -167,9 +168,15 @@ def nightly_job():
     return module
 
 
+FUTURE = (dt.datetime.now(dt.UTC).date() + dt.timedelta(days=3)).isoformat()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--from", "2011-12-09", "--to", "2011-12-01"], "--from 2011-12-09 is after --to 2011-12-01"),
     (["--date", "2011-12-09", "--skip-empty-days"], "--skip-empty-days applies only to a backfill"),
+    # a typo'd future date published and then held latest.json for ever (later dates never move it)
+    (["--date", FUTURE], f"run date {FUTURE} is in the future (today is "),
+    (["--from", "2011-12-09", "--to", "2052-11-28"], "run date 2052-11-28 is in the future (today is "),
 ])
 def test_bad_date_arguments_exit_2_before_spark_starts(argv, message, tmp_path, monkeypatch, capsys):
     """--from after --to exited 1 once Spark had started; the docs promise 2 and nothing started."""
@@ -220,6 +227,25 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert code == 130 and "interrupted after runs/dt=2011-12-09/run_id=r was published" in err
     assert "nothing was published" not in err
+
+    def backfill_interrupted(spark, cfg, args):
+        interrupt = KeyboardInterrupt()
+        interrupt.backfill_note = "backfill stopped at 2011-12-03; published before it: 2011-12-01, 2011-12-02"
+        raise interrupt
+
+    code = run_job("x", "x", backfill_interrupted, argv=["--config", str(REPO / "conf" / "local.toml")])
+    err = capsys.readouterr().err
+    assert code == 130 and "error: backfill stopped at 2011-12-03; published before it: 2011-12-01" in err
+    assert "nothing was published" not in err
+
+    def error_after_publication(spark, cfg, args):
+        error = RuntimeError("summary failed")
+        error.published_run = "runs/dt=2011-12-09/run_id=r"
+        raise error
+
+    with pytest.raises(RuntimeError, match="summary failed"):
+        run_job("x", "x", error_after_publication, argv=["--config", str(REPO / "conf" / "local.toml")])
+    assert "RuntimeError after runs/dt=2011-12-09/run_id=r was published: consumers read it" in capsys.readouterr().err
 
 
 def test_spark_submit_sh_help_exits_0():
@@ -397,6 +423,29 @@ def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, e
     assert interrupt.value.published_run == latest["path"]
     assert json.loads((root / latest["path"] / "manifest.json").read_text())["status"] == "published"
 
+    # ...and in the closing summary, past that try: the CLI printed "nothing was published"
+    monkeypatch.undo()
+    monkeypatch.setattr(mf_spark.pipeline, "print_run_summary", interrupted)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=True)
+    assert interrupt.value.published_run == json.loads((root / "latest.json").read_text())["path"]
+
+    # a backfill interrupted at its last date: the dates before it were published, and it says so
+    monkeypatch.undo()
+    real_nightly = mf_spark.pipeline.run_nightly
+
+    def nightly_interrupted_on_the_last_day(spark, cfg, day, **kwargs):
+        if day == GAP[2]:
+            raise KeyboardInterrupt
+        return real_nightly(spark, cfg, day, **kwargs)
+
+    monkeypatch.setattr(mf_spark.pipeline, "run_nightly", nightly_interrupted_on_the_last_day)
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+        mf_spark.pipeline.run_backfill(spark, gap_config(root, events_with_a_gap), GAP[0], GAP[2],
+                                       skip_empty_days=True)
+    assert interrupt.value.backfill_note == ("backfill stopped at 2024-03-03; published before it: 2024-03-01. "
+                                             "Resume with --from 2024-03-03 --to 2024-03-03")
+
 
 def test_a_nightly_with_no_interaction_left_keeps_the_rejects_in_its_failed_run(spark, tmp_path, events_with_a_gap):
     from mf_spark.errors import NoInteractionsLeftError
@@ -446,3 +495,64 @@ def test_a_backfill_says_which_of_its_runs_retention_removed(spark, tmp_path, ev
                 "2024-03-02): publish.keep_runs = 1 keeps the newest run dates")
     assert expected in printed.getvalue() and expected in warnings
     assert [r["run_date"] for r in list_runs(str(root))] == ["2024-03-03"]
+
+
+def test_the_backfill_retention_warning_counts_dates_not_runs(monkeypatch, caplog):
+    """Retention keeps run dates; reruns (superseded runs) of a later date made the warning fire, and
+    suggested a keep_runs of dates plus runs."""
+    import mf_spark.pipeline
+    from mf_spark import publish
+
+    later = [{"run_date": f"2011-12-{d}", "status": s} for d in (10, 11, 12) for s in ("published", "superseded", "superseded")]
+    monkeypatch.setattr(publish, "list_runs", lambda root: later)
+    with caplog.at_level(logging.WARNING, logger="mf_spark"):
+        mf_spark.pipeline.warn_about_retention("root", dt.date(2011, 12, 1), dt.date(2011, 12, 3), keep_runs=6)
+        assert not caplog.records  # 3 later dates + 3 backfilled ones fit in 6
+        mf_spark.pipeline.warn_about_retention("root", dt.date(2011, 12, 1), dt.date(2011, 12, 3), keep_runs=5)
+    assert "with 3 later date(s) published after 2011-12-03" in caplog.text
+    assert "--set publish.keep_runs=6" in caplog.text
+
+
+def test_warm_start_from_damaged_or_missing_factors_is_a_cold_start_with_a_warning(spark, tmp_path, caplog):
+    """A truncated factor file of the baseline run crashed every later nightly (each picks the same
+    baseline) with a Py4J traceback; missing factor directories gave a silent cold start."""
+    from mf_spark.pipeline import load_warm_start
+
+    run = tmp_path / "runs" / "dt=2011-12-08" / "run_id=r"
+    previous = {"run_path": "runs/dt=2011-12-08/run_id=r", "parameters": {"train": {"rank": 2}}}
+    for side in ("user", "item"):
+        spark.createDataFrame([(0, [1.0, 2.0]), (1, [3.0, 4.0])], "id int, features array<float>") \
+            .coalesce(1).write.parquet(str(run / f"{side}_factors"))
+    model, baseline = load_warm_start(spark, str(tmp_path), 2, previous)
+    assert baseline is previous and model.userFactors.count() == 2
+
+    with caplog.at_level(logging.WARNING, logger="mf_spark"):
+        assert load_warm_start(spark, str(tmp_path), 3, {**previous, "parameters": {}}) == (None, None)
+        assert "vectors are not of rank 3: cold start" in caplog.text
+        [part] = (run / "user_factors").glob("part-*.parquet")
+        part.write_bytes(part.read_bytes()[:100])
+        for crc in (run / "user_factors").glob(".*.crc"):
+            crc.unlink()
+        assert load_warm_start(spark, str(tmp_path), 2, previous) == (None, None)
+        assert "factors in" in caplog.text and "cannot be read" in caplog.text
+        shutil.rmtree(run / "user_factors")
+        assert load_warm_start(spark, str(tmp_path), 2, previous) == (None, None)
+        assert "has no user_factors/ and item_factors/: cold start" in caplog.text
+
+
+def test_a_damaged_baseline_manifest_fails_the_run_with_a_record_of_why(spark, tmp_path, events_with_a_gap):
+    """The baseline lookup ran before the run's try: a truncated manifest of the previous run left an
+    empty run directory ("partial") and no failed manifest saying why."""
+    from mf_spark.errors import PublishError
+
+    root = tmp_path / "out"
+    cfg = gap_config(root, events_with_a_gap)
+    cfg["ingest"]["lookback_days"] = 3
+    first = run_nightly(spark, cfg, GAP[0], print_summary=False)
+    damaged = Path(first.run_dir) / "manifest.json"
+    damaged.write_text(damaged.read_text()[:40])
+    with pytest.raises(PublishError):
+        run_nightly(spark, cfg, GAP[2], print_summary=False)
+    [failed] = list((root / "runs" / f"dt={GAP[2]}").glob("run_id=*"))
+    record = json.loads((failed / "manifest.json").read_text())
+    assert record["status"] == "failed" and str(damaged) in record["error"]
