@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import datetime as dt
 import json
 import os
 
 import pytest
 
+from mf_spark.errors import InputDataError
 from mf_spark.evaluate import evaluate_holdout
 from mf_spark.evaluate.holdout import summary_table
 from mf_spark.evaluate.models import TrainParams, recommend_for_users
@@ -253,6 +256,10 @@ def test_tuning_on_several_validation_splits_scores_their_mean(communities):
     # a temporal split's validation part does not depend on the seed: one split, not copies
     temporal = make_split(communities, "user_temporal", test_fraction=0.25)
     assert len(validation_splits(temporal, 3, test_fraction=0.25)) == 1
+    # a validation split without users: every score was NaN and the first set "won"
+    empty = dataclasses.replace(validations[1], test=validations[1].test.limit(0))
+    with pytest.raises(InputDataError, match="tuning: validation split 2 of 2 has no user to score"):
+        tune_model("implicit_als", [validations[0], empty], base, grid, metric="ndcg@5")
 
 
 def driver_temp_files(spark) -> set[str]:

@@ -168,7 +168,8 @@ def evaluate_holdout(
                 f"{data['interactions']}; nothing to train on (check [evaluate] in the config)"
             )
         if counts["test_users"] == 0:
-            log.warning("the %s split left no test users with history; every metric is 0", split)
+            log.warning("the %s split left no test users with history; every per-user metric is NaN (null in "
+                        "metrics.json) and the gate fails", split)
         popularity = item_popularity_percentile(the_split.train).persist()
         catalogue_size = counts["train_items"]
         relevant = the_split.relevant

@@ -310,6 +310,13 @@ def tune_model(
     if not validations:
         raise ValueError("tune_model needs at least one validation split")
     users = [v.relevant.select("user_idx").distinct() for v in validations]
+    for number, split_users in enumerate(users, start=1):
+        # Every score would be NaN, and max() would then "pick" whichever set came first
+        if split_users.isEmpty():
+            from mf_spark.errors import InputDataError
+
+            raise InputDataError(f"tuning: validation split {number} of {len(users)} has no user to score (too "
+                                 "little history per user in the training part); tune on more data")
     trials: list[dict[str, Any]] = []
 
     def score(params: TrainParams) -> float:
