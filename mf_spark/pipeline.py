@@ -130,18 +130,35 @@ def load_warm_start(spark: SparkSession, root: str, rank: int, previous: dict[st
         factors = {}
         for name, path in (("user", users), ("item", items)):
             factors[name] = spark.read.parquet(path).select("id", "features")
-            # reads every page (a footer-only count would miss a damaged page) and checks the lengths
-            wrong = factors[name].where(F.size("features") != rank).count()
+            # reads every page (a footer-only count would miss a damaged page) and checks the vectors;
+            # size(NULL) is NULL under ANSI mode, so null vectors are counted on their own
+            wrong = factors[name].where(F.col("features").isNull() | (F.size("features") != rank)).count()
             if wrong:
-                log.warning("previous run's %s factors %s: %d vectors are not of rank %d: cold start",
+                log.warning("previous run's %s factors %s: %d vectors are null or not of rank %d: cold start",
                             name, path, wrong, rank)
                 return None, None
     except (PySparkException, Py4JJavaError) as exc:
+        # Only the files' fault falls back: a lost executor or a stopped context must fail the run, not
+        # quietly change the published model to a cold start.
+        if spark_context_stopped(spark) or not _unreadable_files(exc):
+            raise
         log.warning("previous run's factors in %s cannot be read (%s): cold start; roll back or fix that "
                     "run to warm-start again", run_path, str(exc).strip().splitlines()[0][:300])
         return None, None
     model = ImplicitALSModel(rank=rank, userFactors=factors["user"], itemFactors=factors["item"])
     return model, previous
+
+
+#: Error conditions that mean a table's files are damaged or not the expected table (not a failure of
+#: the cluster): the warm start then falls back to a cold start.
+_UNREADABLE_FILE_MARKERS = ("FAILED_READ_FILE", "CANNOT_READ_FILE_FOOTER", "is not a Parquet file", "PATH_NOT_FOUND",
+                            "UNABLE_TO_INFER_SCHEMA", "UNRESOLVED_COLUMN", "DATATYPE_MISMATCH", "FileNotFoundException",
+                            "ParquetDecodingException")
+
+
+def _unreadable_files(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(marker in text for marker in _UNREADABLE_FILE_MARKERS)
 
 
 def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: str) -> DataFrame:

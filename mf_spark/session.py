@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 # Batch defaults a nightly job wants whatever the cluster: UTC so event dates do not shift with the
 # machine, no console progress bar in logs, and one BLAS thread per Python worker so numpy block
 # kernels do not oversubscribe the executor's cores.
-UTC_NAMES = frozenset({"UTC", "Etc/UTC", "GMT", "Etc/GMT", "Z", "+00:00", "UTC+00:00", "Zulu"})
+UTC_NAMES = frozenset(name.upper() for name in (
+    "UTC", "Etc/UTC", "UCT", "Etc/UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu", "Z", "GMT", "Etc/GMT",
+    "GMT0", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "Greenwich", "Etc/Greenwich", "+00:00", "UTC+00:00"))
 
 BATCH_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
@@ -90,7 +92,7 @@ def build_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(log_level)
     zone = spark.conf.get("spark.sql.session.timeZone")
-    if zone not in UTC_NAMES:
+    if zone.upper() not in UTC_NAMES:
         # A site's spark-defaults.conf or a --conf wins over the default above; say what that changes.
         log.warning("spark.sql.session.timeZone is %s, not UTC: event times without an offset and "
                     "timestamp_ntz/date columns are read as %s times, so events near midnight can move "

@@ -154,6 +154,13 @@ def test_a_report_replaces_its_directory_whole(communities, spark, tmp_path, mon
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(UsageError, match=r"holds files other than an evaluation report \(notes\.txt, report\)"):
         report_module.check_report_dir(tmp_path)
+    # the library call deleted such a directory's files: refused before any work, and by write_report
+    with pytest.raises(UsageError, match="holds files other than an evaluation report"):
+        evaluate_holdout(spark, communities, split="user_random", test_fraction=0.25, ks=[5],
+                         models=["popular"], train_params=TRAIN, out_dir=str(tmp_path))
+    with pytest.raises(UsageError, match="holds files other than an evaluation report"):
+        report_module.write_report(changed, tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_no_training_items_in_any_list(communities):

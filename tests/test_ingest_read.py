@@ -366,6 +366,16 @@ def test_ids_are_read_as_written_whatever_the_inferred_type(spark, tmp_path, fmt
     result.unpersist()
 
 
+def test_a_json_id_that_is_an_object_is_still_refused(spark, tmp_path):
+    """Reading id columns as text must not turn a JSON object or list into the id '{"id": 5}'."""
+    from mf_spark.errors import InputDataError
+
+    path = tmp_path / "events.json"
+    path.write_text('{"uid": {"id": 5}, "sku": 7, "kind": "view", "at": "2024-03-10 08:00:00", "qty": 1}\n')
+    with pytest.raises(InputDataError, match=r"column 'uid' \(input\.columns\.user_id\) .* has type struct"):
+        _run(spark, path, tmp_path, "json", {})
+
+
 def test_nan_and_infinite_float_ids_are_null_ids(spark, tmp_path):
     """A double id column's NaN and inf became the users "NaN" and "Infinity", merging unrelated events."""
     path = write_parquet(tmp_path / "e.parquet", {

@@ -525,10 +525,20 @@ def test_warm_start_from_damaged_or_missing_factors_is_a_cold_start_with_a_warni
             .coalesce(1).write.parquet(str(run / f"{side}_factors"))
     model, baseline = load_warm_start(spark, str(tmp_path), 2, previous)
     assert baseline is previous and model.userFactors.count() == 2
+    # a lost executor or a stopped context is not the files' fault: it fails the run
+    from mf_spark import pipeline
+
+    assert not pipeline._unreadable_files(RuntimeError("Job aborted: ExecutorLostFailure"))
+    assert pipeline._unreadable_files(RuntimeError("[FAILED_READ_FILE.CANNOT_READ_FILE_FOOTER] Encountered error"))
 
     with caplog.at_level(logging.WARNING, logger="mf_spark"):
         assert load_warm_start(spark, str(tmp_path), 3, {**previous, "parameters": {}}) == (None, None)
-        assert "vectors are not of rank 3: cold start" in caplog.text
+        assert "vectors are null or not of rank 3: cold start" in caplog.text
+        spark.createDataFrame([(0, [1.0, 2.0]), (1, None)], "id int, features array<float>") \
+            .coalesce(1).write.mode("overwrite").parquet(str(run / "item_factors"))
+        caplog.clear()
+        assert load_warm_start(spark, str(tmp_path), 2, previous) == (None, None)
+        assert "item factors" in caplog.text and "1 vectors are null or not of rank 2" in caplog.text
         [part] = (run / "user_factors").glob("part-*.parquet")
         part.write_bytes(part.read_bytes()[:100])
         for crc in (run / "user_factors").glob(".*.crc"):

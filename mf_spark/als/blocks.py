@@ -173,19 +173,29 @@ def sum_runs(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
 
     ``np.add.reduceat`` adds a run of 3 or more with several partial sums (SIMD), which can differ in
     the last bit from :func:`ordered_sum`'s left-to-right order (fold-in and ingest sum strengths with
-    it). Here the j-th value of every run still that long is added in one vectorised step.
+    it). Here the j-th value of every run of up to ``SHORT_RUN`` values is added in one vectorised step;
+    the few longer runs (a bot's millions of clicks on one item) are each added by ``np.add.accumulate``,
+    which also goes left to right, so one huge run costs one pass, not one numpy call per value.
     """
     lengths = np.diff(np.append(starts, values.shape[0]))
-    longest_first = np.argsort(-lengths, kind="stable")
-    run_starts = starts[longest_first]
-    ascending = np.sort(lengths)
+    summed = np.empty(lengths.shape[0], dtype=np.float64)
+    short = np.flatnonzero(lengths <= SHORT_RUN)
+    short_lengths = lengths[short]
+    longest_first = np.argsort(-short_lengths, kind="stable")
+    run_starts = starts[short][longest_first]
+    ascending = np.sort(short_lengths)
     acc = values[run_starts].astype(np.float64, copy=True)
-    for j in range(1, int(lengths.max(initial=1))):
-        live = lengths.shape[0] - int(np.searchsorted(ascending, j, side="right"))  # runs longer than j
+    for j in range(1, int(short_lengths.max(initial=1))):
+        live = short_lengths.shape[0] - int(np.searchsorted(ascending, j, side="right"))  # runs longer than j
         acc[:live] += values[run_starts[:live] + j]
-    summed = np.empty_like(acc)
-    summed[longest_first] = acc
+    summed[short[longest_first]] = acc
+    for run in np.flatnonzero(lengths > SHORT_RUN):
+        summed[run] = np.add.accumulate(values[starts[run] : starts[run] + lengths[run]])[-1]
     return summed
+
+
+#: Duplicate runs up to this length are summed together, position by position (see :func:`sum_runs`).
+SHORT_RUN = 64
 
 
 def ordered_sum(column: str) -> Column:

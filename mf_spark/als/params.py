@@ -46,6 +46,7 @@ class SolveParams:
         if self.alpha < 0 or self.reg_param < 0 or self.cg_steps < 1 or self.confidence_epsilon <= 0:
             raise ValueError("alpha and reg_param must be >= 0, cg_steps >= 1, confidence_epsilon > 0")
         if self.frequency_alpha0 < 0 or self.frequency_nu < 0:
-            # a negative base to a fractional power is NaN: every factor came out NaN without a word
+            # alpha0 < 0 can make the base negative, and a negative base to a fractional power is NaN: every
+            # factor came out NaN without a word. nu < 0 is refused as by the config (minimum 0).
             raise ValueError(f"frequency_alpha0 and frequency_nu must be >= 0, got {self.frequency_alpha0!r} "
                              f"and {self.frequency_nu!r}")

@@ -655,7 +655,7 @@ def _spd_solve(matrix: np.ndarray, rhs: np.ndarray) -> np.ndarray:
             n_bad,
             len(matrix),
         )
-        return np.matmul(np.linalg.pinv(matrix, rtol=1e-10, hermitian=True), rhs[:, :, None])[:, :, 0]
+        return np.matmul(np.linalg.pinv(matrix, rcond=1e-10, hermitian=True), rhs[:, :, None])[:, :, 0]
     return _cholesky_substitution(lower, rhs)
 
 

@@ -23,7 +23,7 @@ from mf_spark.evaluate.metrics import (
     ranking_metrics,
 )
 from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, persistent_rdd_ids, recommend_for_users
-from mf_spark.evaluate.report import write_report
+from mf_spark.evaluate.report import check_report_dir, write_report
 from mf_spark.evaluate.splits import make_split
 from mf_spark.evaluate.tuning import tune_model, validation_splits
 
@@ -84,7 +84,8 @@ def evaluate_holdout(
     models
         Names from :data:`mf_spark.evaluate.models.MODELS`; the first is the *primary* model the gate reads.
     out_dir
-        When given, ``metrics.json``, ``report.md`` and plots are written there.
+        When given, ``metrics.json``, ``report.md`` and plots are written there, replacing the directory
+        whole: one holding anything but an earlier report is refused before any work (UsageError).
     tune, tuning_grid, tuning_metric, tuning_mode, tuning_samples
         Tuning mode: each factor model searches the dimensions of ``tuning_grid`` it supports
         (``name -> values``; names from :data:`mf_spark.evaluate.tuning.TUNABLE`; default
@@ -105,6 +106,8 @@ def evaluate_holdout(
         JSON-ready: ``primary_model``, ``ks``, ``split`` (protocol, settings, counts), ``data``,
         ``tuning``, and ``models -> name -> {metrics, params, training_loss, fit_seconds, tuning_trials}``.
     """
+    if out_dir:
+        check_report_dir(out_dir)
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         raise ValueError(

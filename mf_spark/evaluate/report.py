@@ -288,10 +288,11 @@ def check_report_dir(out_dir: str | os.PathLike[str]) -> None:
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out}: exists and is not a directory")
+        raise UsageError(f"report directory (--out) {out}: exists and is not a directory")
     others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
     if others:
-        raise UsageError(f"--out {out}: holds files other than an evaluation report ({', '.join(others[:5])}); "
+        raise UsageError(f"report directory (--out) {out}: holds files other than an evaluation report "
+                         f"({', '.join(others[:5])}); "
                          "the report replaces the directory whole, so give a new or a report directory")
 
 
@@ -308,6 +309,7 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dic
     from mf_spark import publish
 
     matplotlib.use("Agg")
+    check_report_dir(out_dir)  # a library caller's out_dir too: replacing a directory of other files loses them
     final = Path(out_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     out = publish.temp_sibling(final)

@@ -134,9 +134,13 @@ def read_raw(
     _check_schema(df, path, input_format, options)
     schema = df.schema
     if input_format in ("csv", "json"):
-        as_written = set(text_columns)
+        # Spark resolves column names case-insensitively; only guessed numbers become text again (a
+        # boolean, array or struct stays what it is, so the type check below still refuses it)
+        as_written = {c.lower() for c in text_columns}
         schema = T.StructType([
-            T.StructField(f.name, T.StringType(), f.nullable) if f.name in as_written else f for f in schema.fields
+            T.StructField(f.name, T.StringType(), f.nullable)
+            if f.name.lower() in as_written and isinstance(f.dataType, T.NumericType) else f
+            for f in schema.fields
         ])
     corrupt = _corrupt_record_name(options)
     if input_format == "csv" and corrupt not in df.columns:
