@@ -218,34 +218,26 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     assert code == 130 and stopped
     assert "error: interrupted; nothing was published" in capsys.readouterr().err
 
-    def body_after_publication(spark, cfg, args):
-        interrupt = KeyboardInterrupt()
-        interrupt.published_run = "runs/dt=2011-12-09/run_id=r"  # set by run_nightly past latest.json
-        raise interrupt
+    def raising(error, **attributes):  # what run_nightly / run_backfill attach on the way out
+        def failing_body(spark, cfg, args):
+            for name, value in attributes.items():
+                setattr(error, name, value)
+            raise error
+        return failing_body
 
-    code = run_job("x", "x", body_after_publication, argv=["--config", str(REPO / "conf" / "local.toml")])
-    err = capsys.readouterr().err
-    assert code == 130 and "interrupted after runs/dt=2011-12-09/run_id=r was published" in err
-    assert "nothing was published" not in err
-
-    def backfill_interrupted(spark, cfg, args):
-        interrupt = KeyboardInterrupt()
-        interrupt.backfill_note = "backfill stopped at 2011-12-03; published before it: 2011-12-01, 2011-12-02"
-        raise interrupt
-
-    code = run_job("x", "x", backfill_interrupted, argv=["--config", str(REPO / "conf" / "local.toml")])
-    err = capsys.readouterr().err
-    assert code == 130 and "error: backfill stopped at 2011-12-03; published before it: 2011-12-01" in err
-    assert "nothing was published" not in err
-
-    def error_after_publication(spark, cfg, args):
-        error = RuntimeError("summary failed")
-        error.published_run = "runs/dt=2011-12-09/run_id=r"
-        raise error
-
+    argv = ["--config", str(REPO / "conf" / "local.toml")]
+    run = "runs/dt=2011-12-09/run_id=r"
+    for body, expected in (
+        (raising(KeyboardInterrupt(), published_run=run), f"interrupted after {run} was published"),
+        (raising(KeyboardInterrupt(), backfill_note="backfill stopped at 2011-12-03; published before it: 2011-12-01"),
+         "error: backfill stopped at 2011-12-03; published before it: 2011-12-01"),
+    ):
+        code = run_job("x", "x", body, argv=argv)
+        err = capsys.readouterr().err
+        assert code == 130 and expected in err and "nothing was published" not in err
     with pytest.raises(RuntimeError, match="summary failed"):
-        run_job("x", "x", error_after_publication, argv=["--config", str(REPO / "conf" / "local.toml")])
-    assert "RuntimeError after runs/dt=2011-12-09/run_id=r was published: consumers read it" in capsys.readouterr().err
+        run_job("x", "x", raising(RuntimeError("summary failed"), published_run=run), argv=argv)
+    assert f"RuntimeError after {run} was published: consumers read it" in capsys.readouterr().err
 
 
 def test_spark_submit_sh_help_exits_0():
