@@ -647,7 +647,8 @@ def test_chunked_encoding_changes_nothing(spark, small, monkeypatch):
     monkeypatch.setattr(blocks, "MAX_BATCH_BYTES", 300)
     chunked = ImplicitALS(**kw).fit(ratings)
     assert chunked.trainingLoss == expected.trainingLoss
-    assert np.array_equal(factors_matrix(chunked.userFactors, R.shape[0]), factors_matrix(expected.userFactors, R.shape[0]))
+    n_users = R.shape[0]
+    assert np.array_equal(factors_matrix(chunked.userFactors, n_users), factors_matrix(expected.userFactors, n_users))
 
 
 def test_block_statistics_merge_is_idempotent_under_retries():

@@ -386,7 +386,8 @@ def test_nan_and_infinite_float_ids_are_null_ids(spark, tmp_path):
         "qty": pa.array([None] * 4, pa.float64()),
     })
     rows = canonical(spark, path).select("user_id", "item_id").collect()
-    assert sorted(map(tuple, rows), key=str) == sorted([("1.0", "2.0"), (None, "2.0"), (None, "2.0"), (None, None)], key=str)
+    expected = [("1.0", "2.0"), (None, "2.0"), (None, "2.0"), (None, None)]
+    assert sorted(map(tuple, rows), key=str) == sorted(expected, key=str)
 
 
 def test_negative_epoch_seconds_are_unparseable(spark, tmp_path):

@@ -495,7 +495,8 @@ def test_the_backfill_retention_warning_counts_dates_not_runs(monkeypatch, caplo
     import mf_spark.pipeline
     from mf_spark import publish
 
-    later = [{"run_date": f"2011-12-{d}", "status": s} for d in (10, 11, 12) for s in ("published", "superseded", "superseded")]
+    later = [{"run_date": f"2011-12-{d}", "status": s}
+             for d in (10, 11, 12) for s in ("published", "superseded", "superseded")]
     monkeypatch.setattr(publish, "list_runs", lambda root: later)
     with caplog.at_level(logging.WARNING, logger="mf_spark"):
         mf_spark.pipeline.warn_about_retention("root", dt.date(2011, 12, 1), dt.date(2011, 12, 3), keep_runs=6)

@@ -430,7 +430,8 @@ def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, m
     run_recommend_stage(spark, str(run_dir), settings)
     cols = ("user_id", "rank", "item_id", "score")
     before = collected(spark.read.parquet(str(run_dir / "recommendations")), cols)
-    similar_before = collected(spark.read.parquet(str(run_dir / "similar_items")), ("item_id", "rank", "similar_item_id"))
+    similar_cols = ("item_id", "rank", "similar_item_id")
+    similar_before = collected(spark.read.parquet(str(run_dir / "similar_items")), similar_cols)
     assert len(before) == 8
 
     @F.udf("float")
@@ -448,8 +449,7 @@ def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, m
     with pytest.raises(Exception, match="injected failure"):
         run_recommend_stage(spark, str(run_dir), RecommendSettings(top_n=3, similar_n=2))
     assert collected(spark.read.parquet(str(run_dir / "recommendations")), cols) == before
-    assert collected(spark.read.parquet(str(run_dir / "similar_items")), ("item_id", "rank", "similar_item_id")) \
-        == similar_before
+    assert collected(spark.read.parquet(str(run_dir / "similar_items")), similar_cols) == similar_before
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
 
     # and a rerun that succeeds replaces the tables, leaving nothing hidden behind

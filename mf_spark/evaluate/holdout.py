@@ -354,10 +354,11 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
         or (evaluate["split"] != "global_temporal" and evaluate["test_n"] == 0)
     )
     if fraction_used and not 0 < evaluate["test_fraction"] < 1:
+        test_n_hint = {"strong_generalization": "", "global_temporal": " for tuning"}.get(
+            evaluate["split"], " (or evaluate.test_n > 0)")
         raise ConfigError(
             f"key 'evaluate.test_fraction': the {evaluate['split']} split needs a fraction strictly between "
-            f"0 and 1{'' if evaluate['split'] in ('strong_generalization', 'global_temporal') else ' (or evaluate.test_n > 0)'}"
-            f"{' for tuning' if evaluate['split'] == 'global_temporal' else ''}, "
+            f"0 and 1{test_n_hint}, "
             f"got {evaluate['test_fraction']!r}"
         )
     if evaluate["split"] == "global_temporal" and not evaluate["cutoff_date"]:

@@ -334,7 +334,8 @@ def run_ingest_job(
             # way to inspect an exit-4 run goes through here), so write them before failing. No
             # interactions/ then: an earlier run's would contradict the report beside them.
             def write_failed(staging: str) -> None:
-                write_rejects_for_inspection(exc, os.path.join(staging, "rejects"), shown_as=os.path.join(out, "rejects"))
+                write_rejects_for_inspection(exc, os.path.join(staging, "rejects"),
+                                             shown_as=os.path.join(out, "rejects"))
                 write_report({**exc.report, "error": str(exc)}, os.path.join(staging, "report.json"))
 
             _replace_output_dir(out, write_failed)
