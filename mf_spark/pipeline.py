@@ -151,9 +151,11 @@ def load_warm_start(spark: SparkSession, root: str, rank: int, previous: dict[st
 
 #: Error conditions that mean a table's files are damaged or not the expected table (not a failure of
 #: the cluster): the warm start then falls back to a cold start.
-_UNREADABLE_FILE_MARKERS = ("FAILED_READ_FILE", "CANNOT_READ_FILE_FOOTER", "is not a Parquet file", "PATH_NOT_FOUND",
-                            "UNABLE_TO_INFER_SCHEMA", "UNRESOLVED_COLUMN", "DATATYPE_MISMATCH", "FileNotFoundException",
-                            "ParquetDecodingException")
+#: Not FAILED_READ_FILE itself: Spark wraps any error met while reading a file in it (a missing HDFS
+#: block, an S3 503, an expired token), and those must fail the run.
+_UNREADABLE_FILE_MARKERS = ("CANNOT_READ_FILE_FOOTER", "FILE_NOT_EXIST", "PARQUET_COLUMN_DATA_TYPE_MISMATCH",
+                            "ParquetDecodingException", "is not a Parquet file", "PATH_NOT_FOUND",
+                            "UNABLE_TO_INFER_SCHEMA", "UNRESOLVED_COLUMN", "DATATYPE_MISMATCH")
 
 
 def _unreadable_files(exc: BaseException) -> bool:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # kernels do not oversubscribe the executor's cores.
 UTC_NAMES = frozenset(name.upper() for name in (
     "UTC", "Etc/UTC", "UCT", "Etc/UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu", "Z", "GMT", "Etc/GMT",
-    "GMT0", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "Greenwich", "Etc/Greenwich", "+00:00", "UTC+00:00"))
+    "GMT0", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT+0", "GMT-0", "UT", "UTC+0", "Greenwich", "Etc/Greenwich",
+    "+00:00", "-00:00", "+00", "UTC+00:00"))
 
 BATCH_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",

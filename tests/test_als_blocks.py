@@ -113,8 +113,14 @@ def test_long_duplicate_runs_take_the_one_pass_path_and_still_sum_left_to_right(
     SHORT_RUN are now added by np.add.accumulate; this checks that path gives the same sums."""
     from mf_spark.als.blocks import SHORT_RUN, sum_runs
 
-    values = np.random.default_rng(1).random(1_000_000 + SHORT_RUN + 6 + 3)
-    starts = np.array([0, 3, SHORT_RUN + 9])  # a short run, one just over the vectorised length, a huge one
-    got = sum_runs(values, starts)
-    expected = [np.add.accumulate(values[a:b])[-1] for a, b in zip(starts, [3, SHORT_RUN + 9, len(values)])]
-    assert got.tolist() == expected
+    rng = np.random.default_rng(1)
+    lengths = [3, SHORT_RUN, SHORT_RUN + 1, 1_000_000]  # short, the last vectorised length, the first beyond
+    values = np.sort(rng.random(sum(lengths)) * 10.0 ** rng.integers(-8, 8, sum(lengths)))
+    starts = np.cumsum([0, *lengths[:-1]])
+    expected = []
+    for start, length in zip(starts, lengths):
+        total = 0.0
+        for v in values[start : start + length].tolist():  # plain left to right, as ordered_sum
+            total += v
+        expected.append(total)
+    assert sum_runs(values, starts).tolist() == expected

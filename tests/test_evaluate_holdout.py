@@ -155,7 +155,14 @@ def test_a_report_replaces_its_directory_whole(communities, spark, tmp_path, mon
     with pytest.raises(UsageError, match=r"holds files other than an evaluation report \(notes\.txt, report\)"):
         report_module.check_report_dir(tmp_path)
     # the library call deleted such a directory's files: refused before any work, and by write_report
-    with pytest.raises(UsageError, match="holds files other than an evaluation report"):
+    import mf_spark.evaluate.holdout as holdout_module
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the split was made before out_dir was checked")
+
+    with pytest.MonkeyPatch.context() as patch, \
+            pytest.raises(UsageError, match="holds files other than an evaluation report"):
+        patch.setattr(holdout_module, "make_split", no_work)
         evaluate_holdout(spark, communities, split="user_random", test_fraction=0.25, ks=[5],
                          models=["popular"], train_params=TRAIN, out_dir=str(tmp_path))
     with pytest.raises(UsageError, match="holds files other than an evaluation report"):

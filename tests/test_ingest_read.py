@@ -398,3 +398,12 @@ def test_negative_epoch_seconds_are_unparseable(spark, tmp_path):
     })
     rows = dict(canonical(spark, path).select("item_id", "event_ts").collect())
     assert rows == {"a": dt.datetime(2024, 3, 10, 8, 26), "b": None}
+
+
+def test_csv_ids_guessed_as_booleans_are_read_as_written(spark, tmp_path):
+    """CSV holds only text: an item column of true/false guessed boolean by inferSchema is still ids."""
+    path = tmp_path / "events.csv"
+    path.write_text("uid,sku,kind,at,qty\nu1,true,view,2024-03-10 08:00:00,\nu2,false,view,2024-03-10 08:00:00,\n")
+    result = _run(spark, path, tmp_path, "csv", {"header": "true", "inferSchema": "true"})
+    assert sorted(r.item_id for r in result.dim_item.collect()) == ["false", "true"]
+    result.unpersist()

@@ -521,8 +521,18 @@ def test_warm_start_from_damaged_or_missing_factors_is_a_cold_start_with_a_warni
     # a lost executor or a stopped context is not the files' fault: it fails the run
     from mf_spark import pipeline
 
-    assert not pipeline._unreadable_files(RuntimeError("Job aborted: ExecutorLostFailure"))
+    from pyspark.errors import PySparkException
+
+    assert not pipeline._unreadable_files(RuntimeError("[FAILED_READ_FILE.NO_HINT] ... BlockMissingException"))
     assert pipeline._unreadable_files(RuntimeError("[FAILED_READ_FILE.CANNOT_READ_FILE_FOOTER] Encountered error"))
+
+    def lost_executor(self):
+        raise PySparkException(message="Job aborted due to stage failure: ExecutorLostFailure")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(spark.range(1)), "count", lost_executor)  # the session's concrete DataFrame class
+        with pytest.raises(PySparkException, match="ExecutorLostFailure"):
+            load_warm_start(spark, str(tmp_path), 2, previous)
 
     with caplog.at_level(logging.WARNING, logger="mf_spark"):
         assert load_warm_start(spark, str(tmp_path), 3, {**previous, "parameters": {}}) == (None, None)

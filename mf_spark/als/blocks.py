@@ -190,7 +190,7 @@ def sum_runs(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
         acc[:live] += values[run_starts[:live] + j]
     summed[short[longest_first]] = acc
     for run in np.flatnonzero(lengths > SHORT_RUN):
-        summed[run] = np.add.accumulate(values[starts[run] : starts[run] + lengths[run]])[-1]
+        summed[run] = np.add.accumulate(values[starts[run] : starts[run] + lengths[run]], dtype=np.float64)[-1]
     return summed
 
 

@@ -134,12 +134,18 @@ def read_raw(
     _check_schema(df, path, input_format, options)
     schema = df.schema
     if input_format in ("csv", "json"):
-        # Spark resolves column names case-insensitively; only guessed numbers become text again (a
-        # boolean, array or struct stays what it is, so the type check below still refuses it)
+        # CSV holds only text, so any guess (number, boolean, date) becomes text again; in JSON only
+        # numbers do (a JSON boolean, array or object stays what it is and the type check refuses it)
         as_written = {c.lower() for c in text_columns}
+
+        def guessed(dtype: T.DataType) -> bool:
+            if input_format == "csv":
+                return not isinstance(dtype, T.StringType)
+            return isinstance(dtype, T.NumericType)
+
         schema = T.StructType([
             T.StructField(f.name, T.StringType(), f.nullable)
-            if f.name.lower() in as_written and isinstance(f.dataType, T.NumericType) else f
+            if f.name.lower() in as_written and guessed(f.dataType) else f
             for f in schema.fields
         ])
     corrupt = _corrupt_record_name(options)
