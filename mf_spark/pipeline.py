@@ -321,30 +321,36 @@ def run_nightly(
                     publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
                 manifest["timings"] = timer.seconds
             except (Exception, KeyboardInterrupt, SystemExit) as exc:  # SystemExit: SIGTERM (RunLock)
-                if publish.run_status(run) in ("published", "superseded"):
-                    # Ctrl-C after the _PUBLISHED marker and latest.json: consumers read this run, so its
-                    # manifest must keep saying published; the CLI reports what happened.
-                    exc.published_run = run.relative_path  # type: ignore[union-attr]
-                    log.warning("interrupted after run %s was published: %s", run.relative_path,
-                                publish.describe_latest(root, run))
-                    raise
-                # Any failure, not only the expected ones, and Ctrl-C: a run directory without a manifest
-                # would look like a crash ("partial") and say nothing of why.
-                manifest["status"] = "failed"
-                if isinstance(exc, KeyboardInterrupt):
-                    manifest["error"] = "interrupted (SIGINT)"
-                elif isinstance(exc, SystemExit):
-                    manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
-                elif not isinstance(exc, PipelineError) and spark_context_stopped(spark):
-                    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    manifest["error"] = (
-                        "the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a scheduler's "
-                        f"timeout or `yarn application -kill`, or the driver JVM failed): {type(exc).__name__}: "
-                        f"{first_line}")
-                else:
-                    manifest["error"] = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-                manifest["timings"] = timer.seconds
-                publish.write_failed_manifest(run, manifest)
+                # A second signal while the record is written (SIGTERM to spark-submit reaches this driver
+                # twice: as the stopped JVM's error, then from the JVM's shutdown) cut it short: no
+                # manifest, lock released. Signals wait until the record is whole.
+                with publish.signals_deferred():
+                    if publish.run_status(run) in ("published", "superseded"):
+                        # Ctrl-C after the _PUBLISHED marker and latest.json: consumers read this run, so
+                        # its manifest must keep saying published; the CLI reports what happened.
+                        exc.published_run = run.relative_path  # type: ignore[union-attr]
+                        log.warning("interrupted after run %s was published: %s", run.relative_path,
+                                    publish.describe_latest(root, run))
+                        raise
+                    # Any failure, not only the expected ones, and Ctrl-C: a run directory without a
+                    # manifest would look like a crash ("partial") and say nothing of why.
+                    manifest["status"] = "failed"
+                    if isinstance(exc, KeyboardInterrupt):
+                        manifest["error"] = "interrupted (SIGINT)"
+                    elif isinstance(exc, SystemExit):
+                        manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
+                    elif not isinstance(exc, PipelineError) and spark_context_stopped(spark):
+                        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        manifest["error"] = (
+                            "the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a "
+                            "scheduler's timeout or `yarn application -kill`, or the driver JVM failed): "
+                            f"{type(exc).__name__}: {first_line}")
+                    elif isinstance(exc, PipelineError):
+                        manifest["error"] = str(exc)
+                    else:
+                        manifest["error"] = f"{type(exc).__name__}: {exc}"
+                    manifest["timings"] = timer.seconds
+                    publish.write_failed_manifest(run, manifest)
                 raise
             finally:
                 unpersist_since(spark, cached_before)

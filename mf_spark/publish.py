@@ -39,6 +39,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -680,6 +682,29 @@ def begin_run(root: str, run_date: dt.date, run_id: str | None = None) -> RunDir
 def write_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
     """Write ``manifest.json`` inside the run directory atomically (no publication)."""
     write_json_atomic(run.manifest_path, manifest)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT until the block ends (main thread only): the first one received is raised
+    again right after it, to the handler that was in place, so what the block writes is never cut short.
+
+    A Python-level hold: blocking the signal with ``pthread_sigmask`` only covers the main thread, and
+    the process-directed signal then goes to one of Py4J's threads.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def write_failed_manifest(run: RunDir, manifest: dict[str, Any]) -> None:

@@ -36,7 +36,7 @@ from cluster import (
     submit,
 )
 from mf_spark.errors import InputDataError, LockHeldError, QualityGateError
-from mf_spark.publish import RunLock
+from mf_spark.publish import RunLock, pid_alive
 
 pytestmark = [pytest.mark.slow]
 
@@ -134,8 +134,15 @@ def test_sigterm_to_spark_submit_fails_the_run_says_why_and_frees_the_root(basel
         new_runs = lambda: [p for p in root.glob(f"runs/dt={DAY}/run_id=*") if p != previous_run]  # noqa: E731
         wait_for(lambda: any((p / "user_factors" / "_SUCCESS").exists() for p in new_runs()), 600,
                  "the new run wrote its factors", stopped)
+        driver_pid = json.loads((root / "_LOCK").read_text())["pid"]  # the Python driver, the JVM's child
         os.kill(stopped.process.pid, signal.SIGTERM)  # spark-submit.sh execs spark-submit: the JVM
         code = stopped.wait(120)
+        # The JVM exits first; the Python driver then records the failure and releases the lock. (Killing
+        # the process group at once, as this test first did, cut that short: no manifest.)
+        deadline = time.monotonic() + 60
+        while pid_alive(driver_pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(driver_pid), "the Python driver outlived its JVM by a minute"
     finally:
         stopped.kill()
     assert code == 143, stopped.output[-4000:]

@@ -766,3 +766,27 @@ def test_replace_dir_flushes_the_new_directory_before_deleting_the_old(tmp_path,
     publish.replace_dir(new, dest)
     assert {str(new / "sub" / "part-0.parquet"), str(new / "sub"), str(new)} <= set(synced)
     assert (dest / "sub" / "part-0.parquet").read_text() == "new"
+
+
+def test_signals_wait_until_a_deferred_block_is_done():
+    """SIGTERM reaches a spark-submit'ed driver twice (the stopped JVM's error, then the JVM's shutdown):
+    the second, turned into SystemExit by the run lock, cut the failed manifest short."""
+    import signal
+    import time
+
+    from mf_spark.publish import signals_deferred
+
+    def exit_143(signum, frame):
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, exit_143)
+    written = []
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # without the deferral SystemExit is raised here
+                written.append("manifest")
+        assert written == ["manifest"] and stopped.value.code == 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
