@@ -176,6 +176,22 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+@contextmanager
+def staged_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh hidden sibling of ``dest`` to write into (not yet created); when the block ends
+    without error it replaces ``dest`` whole (:func:`replace_dir`), and it is removed whatever happens.
+
+    Readers of ``dest`` see the old complete directory or the new one: a failure halfway leaves no mix.
+    """
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    staging = temp_sibling(dest)
+    try:
+        yield staging
+        replace_dir(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def replace_dir(new: str | os.PathLike[str], dest: str | os.PathLike[str]) -> None:
     """Move the complete directory ``new`` to ``dest`` (same parent), replacing ``dest`` if it exists.
 

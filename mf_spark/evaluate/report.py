@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -311,13 +310,8 @@ def write_report(result: dict[str, Any], out_dir: str | os.PathLike[str]) -> dic
     matplotlib.use("Agg")
     check_report_dir(out_dir)  # a library caller's out_dir too: replacing a directory of other files loses them
     final = Path(out_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    out = publish.temp_sibling(final)
-    try:
+    with publish.staged_dir(final) as out:
         _write_report_files(result, out)
-        publish.replace_dir(out, final)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
     log.info("evaluation report written to %s", final)
     return {
         "metrics": str(final / "metrics.json"),

@@ -6,10 +6,7 @@ import datetime as dt
 import functools
 import logging
 import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pyspark import StorageLevel
@@ -333,35 +330,21 @@ def run_ingest_job(
             # Every row rejected is exactly when the operator wants to see the rejects (the documented
             # way to inspect an exit-4 run goes through here), so write them before failing. No
             # interactions/ then: an earlier run's would contradict the report beside them.
-            def write_failed(staging: str) -> None:
+            # The set is swapped in whole (publish.staged_dir): a rerun failing halfway left new
+            # interactions beside the old report.
+            with publish.staged_dir(out) as staging:
                 write_rejects_for_inspection(exc, os.path.join(staging, "rejects"),
                                              shown_as=os.path.join(out, "rejects"))
                 write_report({**exc.report, "error": str(exc)}, os.path.join(staging, "report.json"))
-
-            _replace_output_dir(out, write_failed)
             raise
         try:
-            def write_outputs(staging: str) -> None:
+            with publish.staged_dir(out) as staging:
                 result.interactions.orderBy("user_idx", "item_idx").write.parquet(os.path.join(staging, "interactions"))
                 result.rejects.write.parquet(os.path.join(staging, "rejects"))
                 write_report(result.report, os.path.join(staging, "report.json"))
-
-            _replace_output_dir(out, write_outputs)
         finally:
             result.unpersist()
     return result.report
-
-
-def _replace_output_dir(out: str, write: Callable[[str], None]) -> None:
-    """Run ``write`` into a hidden sibling of ``out`` and swap it in whole: a rerun that fails halfway
-    left new interactions beside the old report (or the reverse); now readers see one run's set."""
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    staging = publish.temp_sibling(out)
-    try:
-        write(str(staging))
-        publish.replace_dir(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_rejects_for_inspection(exc: NoInteractionsLeftError, path: str, shown_as: str | None = None) -> None:

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 
 from py4j.protocol import Py4JJavaError
@@ -290,17 +290,9 @@ def write_tables_replacing(tables: dict[str, DataFrame]) -> None:
     computing the second no longer leaves the first new beside the second old, from two models. The
     temporaries are removed on failure.
     """
-    temps = {}
-    try:
+    with contextlib.ExitStack() as swaps:  # on a clean exit the staged tables are swapped in, last first
         for path, df in tables.items():
-            temps[path] = publish.temp_sibling(path)
-            df.write.parquet(str(temps[path]))
-        for path, tmp in temps.items():
-            publish.replace_dir(tmp, path)
-    finally:
-        for tmp in temps.values():
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            df.write.parquet(str(swaps.enter_context(publish.staged_dir(path))))
 
 
 def run_recommend_stage(
