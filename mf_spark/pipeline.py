@@ -12,8 +12,7 @@ import logging
 import os
 import shutil
 import time
-import contextlib
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -327,8 +326,8 @@ def run_nightly(
                 with publish.signals_deferred():
                     if publish.run_status(run) in ("published", "superseded"):
                         # Ctrl-C after the _PUBLISHED marker and latest.json: consumers read this run, so
-                        # its manifest must keep saying published; the CLI reports what happened.
-                        exc.published_run = run.relative_path  # type: ignore[union-attr]
+                        # its manifest must keep saying published; the handler below marks the error for
+                        # the CLI to report.
                         log.warning("interrupted after run %s was published: %s", run.relative_path,
                                     publish.describe_latest(root, run))
                         raise
@@ -361,7 +360,7 @@ def run_nightly(
         # Ctrl-C, SIGTERM or an error in the clean-up, the lock release or the summary, after the run
         # was published: the CLI must not say "nothing was published" (an operator might roll back).
         if run is not None and not hasattr(exc, "published_run"):
-            with contextlib.suppress(Exception):  # never mask the original error
+            with suppress(Exception):  # never mask the original error
                 if publish.run_status(run) in ("published", "superseded"):
                     exc.published_run = run.relative_path  # type: ignore[union-attr]
         raise

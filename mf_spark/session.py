@@ -16,14 +16,15 @@ from mf_spark.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Batch defaults a nightly job wants whatever the cluster: UTC so event dates do not shift with the
-# machine, no console progress bar in logs, and one BLAS thread per Python worker so numpy block
-# kernels do not oversubscribe the executor's cores.
+#: Session time zones that are UTC under another name (no warning for them).
 UTC_NAMES = frozenset(name.upper() for name in (
     "UTC", "Etc/UTC", "UCT", "Etc/UCT", "Universal", "Etc/Universal", "Zulu", "Etc/Zulu", "Z", "GMT", "Etc/GMT",
     "GMT0", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT+0", "GMT-0", "UT", "UTC+0", "Greenwich", "Etc/Greenwich",
     "+00:00", "-00:00", "+00", "UTC+00:00"))
 
+# Batch defaults a nightly job wants whatever the cluster: UTC so event dates do not shift with the
+# machine, no console progress bar in logs, and one BLAS thread per Python worker so numpy block
+# kernels do not oversubscribe the executor's cores.
 BATCH_DEFAULTS: dict[str, str] = {
     "spark.sql.session.timeZone": "UTC",
     "spark.ui.showConsoleProgress": "false",

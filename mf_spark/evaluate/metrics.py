@@ -25,8 +25,8 @@ exactly the users of the test table: a user without a list (or with an empty one
 
 from __future__ import annotations
 
-import logging
 import decimal
+import logging
 import math
 from collections.abc import Sequence
 
