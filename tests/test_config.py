@@ -45,6 +45,8 @@ def test_defaults_are_filled_and_relative_paths_resolved(tmp_path, monkeypatch):
         ("[train]\nreg_param = true\n", r"key 'train\.reg_param': expected a number"),
         ("[train]\nsolver = \"lu\"\n", r"key 'train\.solver': 'lu' is not one of cg, cholesky"),
         ("[train]\nrank = 0\n", r"key 'train\.rank': 0 is below the minimum 1"),
+        # passed the schema and failed in ImplicitALS.fit, after ingest had extended the ID maps
+        ("[train]\ncheckpoint_interval = -2\n", r"key 'train\.checkpoint_interval': -2 is below the minimum -1"),
         ("[train]\nconfidence_epsilon = 0.0\n", r"key 'train\.confidence_epsilon': 0\.0 must be above 0"),
         ("[evaluate]\ntest_fraction = 0.0\n", r"key 'evaluate\.test_fraction': 0\.0 must be above 0"),
         ("[input.columns]\nuser = \"u\"\n", r"unknown key 'input\.columns\.user'"),
