@@ -46,6 +46,9 @@ def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.Complet
     # saving replaced the directory: a mistyped --model-out deleted an output root with latest.json
     ("train.py", ["--interactions", ".", "--model-out", "conf"], 2,
      "--model-out conf exists and is not a saved model (no metadata/ in it)"),
+    # found only after every model had been trained: the whole evaluation was lost
+    ("evaluate.py", ["--date", DAY, "--interactions", ".", "--out", "/etc/hostname/report"], 2,
+     "report directory (--out) /etc/hostname/report cannot be written: /etc/hostname is not a directory"),
     ("train.py", ["--interactions", ".", "--model-out", "/etc/hostname/model"], 2,
      "--model-out /etc/hostname/model cannot be written: /etc/hostname is not a directory"),
 ])

@@ -277,7 +277,7 @@ REPORT_FILES = ("metrics.json", "report.md", "metric_vs_k.png", "training_loss.p
 
 def check_report_dir(out_dir: str | os.PathLike[str]) -> None:
     """Refuse ``out_dir`` when it holds anything but an earlier report, which :func:`write_report` replaces
-    whole (``--out ~`` must not delete a home directory).
+    whole (``--out ~`` must not delete a home directory), or when it cannot be created or replaced.
 
     Raises
     ------
@@ -285,9 +285,16 @@ def check_report_dir(out_dir: str | os.PathLike[str]) -> None:
     """
     from mf_spark.errors import UsageError
 
+    from mf_spark.publish import unwritable_reason
+
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"report directory (--out) {out}: exists and is not a directory")
+    # The report is staged beside out_dir and renamed into place: its parent must be writable. Found
+    # only after every model had been trained, this lost the whole evaluation.
+    reason = unwritable_reason(out.absolute().parent)
+    if reason:
+        raise UsageError(f"report directory (--out) {out} cannot be written: {reason}")
     others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES) if out.is_dir() else []
     if others:
         raise UsageError(f"report directory (--out) {out}: holds files other than an evaluation report "
