@@ -6,6 +6,8 @@ anything else is a bug and exits 1 with the traceback. The README's operations s
 
 from __future__ import annotations
 
+import re
+
 
 class PipelineError(Exception):
     """Base of the errors an operator can act on."""
@@ -82,3 +84,26 @@ def java_cause(exc: BaseException) -> str:
     if java:
         return java[0]
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+#: Spark error conditions that mean a file's content is at fault (damaged, or of another schema than its
+#: siblings), not the cluster. Not FAILED_READ_FILE itself: Spark wraps any error met while reading a
+#: file in it (a missing HDFS block, an S3 503, an expired token), and those must fail as they are.
+DAMAGED_FILE_MARKERS = ("CANNOT_READ_FILE_FOOTER", "FILE_NOT_EXIST", "PARQUET_COLUMN_DATA_TYPE_MISMATCH",
+                        "ParquetDecodingException", "is not a Parquet file")
+
+
+def damaged_file_cause(exc: BaseException, markers: tuple[str, ...] = DAMAGED_FILE_MARKERS) -> str | None:
+    """The sentence of a Spark error that names the unreadable file and why (``[FAILED_READ_FILE.
+    PARQUET_COLUMN_DATA_TYPE_MISMATCH] Encountered error while reading file F. ... column [user_id] ...``),
+    or None when ``exc`` carries none of ``markers`` (then it is not the files' fault: re-raise it)."""
+    for line in str(exc).splitlines():
+        hit = next((m for m in markers if m in line), None)
+        if hit is None:
+            continue
+        # From the condition's bracket when there is one: drops "Job aborted ... Lost task ...: " prefixes
+        start = line.rfind("[", 0, line.index(hit))
+        sentence = (line[start:] if start >= 0 else line).strip()
+        sentence = re.sub(r"\s*SQLSTATE: \w+\.?$", "", sentence)
+        return sentence[:1000]
+    return None

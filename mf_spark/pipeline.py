@@ -22,7 +22,14 @@ from pyspark.sql import functions as F
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
 from mf_spark.config import key_source
-from mf_spark.errors import InputDataError, NoInteractionsLeftError, PipelineError, QualityGateError
+from mf_spark.errors import (
+    DAMAGED_FILE_MARKERS,
+    InputDataError,
+    NoInteractionsLeftError,
+    PipelineError,
+    QualityGateError,
+    damaged_file_cause,
+)
 from mf_spark.session import spark_context_stopped
 
 if TYPE_CHECKING:  # imported lazily at run time, as run_nightly does, to keep this module light
@@ -148,18 +155,14 @@ def load_warm_start(spark: SparkSession, root: str, rank: int, previous: dict[st
     return model, previous
 
 
-#: Error conditions that mean a table's files are damaged or not the expected table (not a failure of
-#: the cluster): the warm start then falls back to a cold start.
-#: Not FAILED_READ_FILE itself: Spark wraps any error met while reading a file in it (a missing HDFS
-#: block, an S3 503, an expired token), and those must fail the run.
-_UNREADABLE_FILE_MARKERS = ("CANNOT_READ_FILE_FOOTER", "FILE_NOT_EXIST", "PARQUET_COLUMN_DATA_TYPE_MISMATCH",
-                            "ParquetDecodingException", "is not a Parquet file", "PATH_NOT_FOUND",
-                            "UNABLE_TO_INFER_SCHEMA", "UNRESOLVED_COLUMN", "DATATYPE_MISMATCH")
+#: Conditions that mean a table's files are damaged or not the expected table (not a failure of the
+#: cluster): the warm start then falls back to a cold start.
+_UNREADABLE_FILE_MARKERS = (*DAMAGED_FILE_MARKERS, "PATH_NOT_FOUND", "UNABLE_TO_INFER_SCHEMA", "UNRESOLVED_COLUMN",
+                            "DATATYPE_MISMATCH")
 
 
 def _unreadable_files(exc: BaseException) -> bool:
-    text = str(exc)
-    return any(marker in text for marker in _UNREADABLE_FILE_MARKERS)
+    return damaged_file_cause(exc, _UNREADABLE_FILE_MARKERS) is not None
 
 
 def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: str) -> DataFrame:

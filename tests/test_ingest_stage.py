@@ -323,6 +323,26 @@ def test_a_pandas_parquet_file_with_nanosecond_timestamps_is_an_input_error(spar
         ingest(spark, path.parent, tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["other_type", "truncated"])
+def test_a_damaged_event_file_beside_good_ones_is_an_input_error_naming_it(spark, tmp_path, damage):
+    """read_raw sniffs one file and Spark infers the schema from one footer: a second file whose user_id
+    is int64, or a truncated one, failed at the first count with a Py4J trace (exit 1)."""
+    good = write_parquet(tmp_path / "events" / "part-0.parquet", [("u1", "i1", "view", "2024-03-09 12:00:00", None)])
+    bad = tmp_path / "events" / "part-1.parquet"
+    if damage == "other_type":
+        table = pa.table({"user_id": pa.array([7], pa.int64()), "item_id": ["i2"], "event_type": ["view"],
+                          "event_ts": ["2024-03-09 12:00:00"], "value": pa.array([None], pa.string())})
+        pq.write_table(table, bad)
+        expected = r"part-1\.parquet.*column \[user_id\].*INT64"
+    else:
+        bad.write_bytes(good.read_bytes()[:-20])  # starts with PAR1 like a Parquet file, footer cut off
+        expected = r"part-1\.parquet"
+    with pytest.raises(InputDataError, match=r"input\.path = .*events: an event file cannot be read: .*" + expected) as err:
+        ingest(spark, good.parent, tmp_path)
+    assert "Job aborted" not in str(err.value) and "SQLSTATE" not in str(err.value)  # Spark's sentence only
+    assert not (tmp_path / "id_maps").exists()
+
+
 def test_a_strength_beyond_float32_fails_before_any_id_map(spark, tmp_path):
     # each value is finite in float32, but weight 4 times it (summed) is not
     rows = [("u1", "i1", "purchase", "2024-03-09 12:00:00", "3e38"), ("u1", "i2", "view", "2024-03-09 12:00:00", None)]

@@ -14,7 +14,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark import publish
-from mf_spark.errors import InputDataError, NoInteractionsLeftError
+from mf_spark.errors import InputDataError, NoInteractionsLeftError, damaged_file_cause
 from mf_spark.ingest.id_maps import update_id_maps
 from mf_spark.ingest.read import (
     PARTITION_FIELD,
@@ -149,7 +149,16 @@ def run_ingest(
     caches: list[DataFrame] = [classified]
     outputs: list[DataFrame] = []  # released only on failure
     try:
-        by_reason = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
+        try:  # the one pass over the raw files: later counts read the cached rows
+            by_reason = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
+        except Exception as exc:
+            cause = damaged_file_cause(exc)
+            if cause is None:
+                raise
+            # read_raw checked one file; Spark infers the schema from one footer too, so a damaged file
+            # or one whose column types differ from its siblings' fails here, behind a Py4J trace.
+            raise InputDataError(f"input.path = {input_path}: an event file cannot be read: {cause}. Every "
+                                 "file of the input must be readable and of one schema; nothing was written")
         valid_rows = by_reason.pop(None, 0)
         rows_read = valid_rows + sum(by_reason.values())
         in_window = rows_read - by_reason.get("outside_window", 0) - by_reason.get("future_timestamp", 0)
