@@ -89,8 +89,9 @@ def java_cause(exc: BaseException) -> str:
 #: Spark error conditions that mean a file's content is at fault (damaged, or of another schema than its
 #: siblings), not the cluster. Not FAILED_READ_FILE itself: Spark wraps any error met while reading a
 #: file in it (a missing HDFS block, an S3 503, an expired token), and those must fail as they are.
+#: ChecksumException: the bytes disagree with Hadoop's .crc (local files) or with every HDFS replica.
 DAMAGED_FILE_MARKERS = ("CANNOT_READ_FILE_FOOTER", "FILE_NOT_EXIST", "PARQUET_COLUMN_DATA_TYPE_MISMATCH",
-                        "ParquetDecodingException", "is not a Parquet file")
+                        "ParquetDecodingException", "is not a Parquet file", "ChecksumException")
 
 
 def damaged_file_cause(exc: BaseException, markers: tuple[str, ...] = DAMAGED_FILE_MARKERS) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,22 @@ def test_damaged_map_and_non_local_root_are_input_errors(spark, tmp_path):
         read_pointer("s3a://bucket/id_maps")
     with pytest.raises(ValueError, match="run_id"):
         update(spark, tmp_path, "../escape", ["c"], ["x"])
+
+
+def test_a_missing_or_damaged_map_version_is_an_input_error_naming_it(spark, tmp_path):
+    """Both gave Spark's PATH_NOT_FOUND or a footer trace (exit 1) after the whole ingest, every night."""
+    update(spark, tmp_path, "run1", ["a", "b"], ["x"])
+    version = tmp_path / "dim_user" / "version=run1"
+    part = next(version.glob("part-*.parquet"))
+    part.write_bytes(part.read_bytes()[:-20])  # footer cut off
+    with pytest.raises(InputDataError, match=r"id map .*dim_user/version=run1 is damaged: .*part-.*\.parquet.*restore it"):
+        update(spark, tmp_path, "run2", ["c"], ["x"])
+    shutil.rmtree(version)
+    with pytest.raises(InputDataError, match=r"id map dim_user: .*CURRENT\.json names .*version=run1, which does "
+                       r"not exist; restore it"):
+        update(spark, tmp_path, "run2", ["c"], ["x"])
+    with pytest.raises(InputDataError, match="which does not exist"):
+        load_id_map(spark, str(tmp_path), "dim_user")
 
 
 def test_new_ids_are_numbered_in_sorted_order_across_partitions(spark):

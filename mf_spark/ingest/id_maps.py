@@ -37,7 +37,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from mf_spark.errors import InputDataError, LockHeldError
+from mf_spark.errors import InputDataError, LockHeldError, damaged_file_cause
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,11 @@ def read_pointer(root: str) -> dict[str, Any] | None:
     return pointer
 
 
+#: Why not just start afresh: new maps would give every id a new index, breaking warm starts and the
+#: indices of every published table.
+_RESTORE_HINT = "restore it from a backup; do not delete the maps: new ones would give every id a new index"
+
+
 def _schema(name: str) -> T.StructType:
     id_col, idx_col = DIMENSIONS[name]
     return T.StructType(
@@ -123,15 +128,25 @@ def _load_version(spark: SparkSession, root: str, pointer: dict[str, Any] | None
     if pointer is None or name not in pointer["maps"]:
         return spark.createDataFrame([], _schema(name))
     path = local_root(root) / pointer["maps"][name]["path"]
+    if not path.is_dir():
+        # Spark's PATH_NOT_FOUND came after the whole ingest, on every later run alike
+        raise InputDataError(f"id map {name}: {local_root(root) / POINTER_FILE} names {path}, which does not exist; "
+                             f"{_RESTORE_HINT}")
     return spark.read.schema(_schema(name)).parquet(str(path))
 
 
 def _checked_size(existing: DataFrame, name: str, size: int, where: Path) -> None:
     """Fail when the stored map is not the dense ``0..size-1`` the pointer promises."""
     _, idx_col = DIMENSIONS[name]
-    row = existing.agg(
-        F.count(F.lit(1)).alias("n"), F.min(idx_col).alias("lo"), F.max(idx_col).alias("hi")
-    ).first()
+    try:
+        row = existing.agg(
+            F.count(F.lit(1)).alias("n"), F.min(idx_col).alias("lo"), F.max(idx_col).alias("hi")
+        ).first()
+    except Exception as exc:
+        cause = damaged_file_cause(exc)
+        if cause is None:
+            raise
+        raise InputDataError(f"id map {where} is damaged: {cause}; {_RESTORE_HINT}") from None
     ok = row["n"] == size and (size == 0 or (row["lo"] == 0 and row["hi"] == size - 1))
     if not ok:
         raise InputDataError(
