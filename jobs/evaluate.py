@@ -56,13 +56,14 @@ def body(spark, cfg, args):
         summary_table,
     )
     from mf_spark.evaluate.tuning import TUNABLE
+    from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
 
     path = args.interactions_path
     out = args.out or report_dir(cfg["output"]["root"], args.date)
     ev, tuning = cfg["evaluate"], cfg["evaluate"]["tuning"]
     result = evaluate_holdout(
         spark,
-        spark.read.parquet(path),
+        read_parquet_table(spark, path, "evaluate: interactions", INTERACTION_COLUMNS),
         split=ev["split"],
         test_fraction=ev["test_fraction"],
         test_n=ev["test_n"],

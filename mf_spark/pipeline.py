@@ -527,9 +527,11 @@ def save_model(model: Any, path: str) -> None:
 
 def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path: str, model_out: str) -> None:
     """Fit on a stored interaction table and save the model; prints the loss per iteration."""
+    from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
+
     require_local_path(interactions_path, f"train: interactions not found: {interactions_path}")
     check_model_out(model_out)
-    interactions = spark.read.parquet(interactions_path)
+    interactions = read_parquet_table(spark, interactions_path, "train: interactions", INTERACTION_COLUMNS)
     model = build_estimator(train, train["max_iter"]).fit(interactions)
     save_model(model, model_out)
     for i, (loss, sec) in enumerate(zip(model.trainingLoss, model.iterationSeconds), 1):

@@ -259,3 +259,38 @@ def test_only_local_paths_are_checked_before_spark(tmp_path):
     require_local_path(str(tmp_path), "unused")
     with pytest.raises(InputDataError, match=r"^train: interactions not found: /no/such/table$"):
         require_local_path("/no/such/table", "train: interactions not found: /no/such/table")
+
+
+def test_a_table_that_is_there_but_wrong_is_an_input_error_naming_it(spark, tmp_path):
+    """An empty directory, files that are not Parquet, or a rejects table given as --interactions gave
+    Spark's analysis traces (exit 1) from train, evaluate and recommend."""
+    from mf_spark.config import load_config
+    from mf_spark.errors import InputDataError
+    from mf_spark.evaluate.holdout import evaluate_holdout
+    from mf_spark.pipeline import train_and_save
+    from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "part-0.parquet").write_text("user_idx,item_idx,strength\n1,2,3.0\n")
+    rejects = tmp_path / "rejects"
+    spark.createDataFrame([("u0", "i1", "bad")], "user_id string, item_id string, reason string").write.parquet(
+        str(rejects))
+    for path, message in ((empty, "holds no Parquet files"), (text, "cannot be read as Parquet: "),
+                          (rejects, "table has no column 'user_idx', 'item_idx', 'strength' "
+                                    r"\(columns: user_id, item_id, reason\)")):
+        with pytest.raises(InputDataError, match=f"^evaluate: interactions {path}: {message}"):
+            read_parquet_table(spark, str(path), "evaluate: interactions", INTERACTION_COLUMNS)
+
+    config = tmp_path / "job.toml"
+    config.write_text(MINIMAL.format(root=tmp_path / "root"))
+    train = load_config(config)["train"]
+    with pytest.raises(InputDataError, match=r"^train: interactions .*rejects: table has no column 'user_idx'"):
+        train_and_save(spark, train, str(rejects), str(tmp_path / "model"))
+    assert not (tmp_path / "model").exists()
+    # the library call too: its first count failed with an analysis trace
+    no_strength = spark.createDataFrame([(0, 1)], "user_idx int, item_idx int")
+    with pytest.raises(InputDataError, match=r"^interactions lack column\(s\) strength \(have user_idx, item_idx\)"):
+        evaluate_holdout(spark, no_strength, split="user_random", models=["popular"], train_params=train)

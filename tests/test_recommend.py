@@ -415,6 +415,21 @@ def test_recommend_stage_refuses_an_id_map_that_does_not_match_the_factors(spark
         run_recommend_stage(spark, str(run_dir), settings)
 
 
+def test_recommend_stage_refuses_interactions_without_the_columns_it_reads(spark, tmp_path):
+    """--interactions naming the ingest job's rejects table failed in fold-in with an analysis trace."""
+    from mf_spark.recommend import RecommendSettings, run_recommend_stage
+
+    run_dir = tiny_run_dir(spark, tmp_path / "run")
+    rejects = tmp_path / "rejects"
+    spark.createDataFrame([("u0", "i1", "bad")], "user_id string, item_id string, reason string").write.parquet(
+        str(rejects))
+    with pytest.raises(InputDataError, match=r"^recommend: interactions .*rejects: table has no column 'user_idx', "
+                                             r"'item_idx', 'strength' \(columns: user_id, item_id, reason\)"):
+        run_recommend_stage(spark, str(run_dir), RecommendSettings(top_n=2, similar_n=1),
+                            interactions_path=str(rejects))
+    assert not (run_dir / "recommendations").exists()
+
+
 @pytest.mark.parametrize("failing", ["recommendations", "similar_items"])
 def test_recommend_stage_that_fails_keeps_the_previous_tables(spark, tmp_path, monkeypatch, failing):
     """A failed rewrite of a (possibly published) run leaves its old tables readable and no temporaries.

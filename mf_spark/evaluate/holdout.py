@@ -12,6 +12,7 @@ from pyspark import SparkContext, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from mf_spark.errors import InputDataError
 from mf_spark.evaluate.metrics import (
     LIST_METRICS,
     METRICS,
@@ -26,6 +27,7 @@ from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, persistent
 from mf_spark.evaluate.report import check_report_dir, write_report
 from mf_spark.evaluate.splits import make_split
 from mf_spark.evaluate.tuning import tune_model, validation_splits
+from mf_spark.tables import INTERACTION_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,10 @@ def evaluate_holdout(
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     parse_metric_name(tuning_metric)
+    missing = [c for c in INTERACTION_COLUMNS if c not in interactions.columns]
+    if missing:  # the counts below would fail first, with an analysis trace
+        raise InputDataError(f"interactions lack column(s) {', '.join(missing)} "
+                             f"(have {', '.join(interactions.columns)})")
     base = TrainParams.from_mapping(train_params)
     models = list(models)
     # label this evaluation's Spark jobs; later jobs of the caller are not "evaluation"
@@ -132,8 +138,6 @@ def evaluate_holdout(
             .asDict()
         )
         if data.pop("pairs") < data["interactions"]:
-            from mf_spark.errors import InputDataError
-
             # A pair in both parts is a seen item of its user, so its test row could never be a hit;
             # and rows equal in the split's order made the split depend on partitioning.
             raise InputDataError(
@@ -159,8 +163,6 @@ def evaluate_holdout(
         counts = the_split.counts()
         log.info("split %s: %s", split, counts)
         if counts["train_interactions"] == 0:
-            from mf_spark.errors import InputDataError
-
             for df in cached:
                 df.unpersist()
             settings = f"cutoff_date={cutoff_date}" if split == "global_temporal" else (
@@ -396,7 +398,6 @@ def published_interactions_path(root: str, run_date: dt.date) -> str:
     import os
 
     from mf_spark import publish
-    from mf_spark.errors import InputDataError
 
     # Look the date up among the published runs rather than through previous_published: that one
     # answers "what to warm-start from", and after a rollback to an earlier date it returns the

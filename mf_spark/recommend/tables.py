@@ -22,6 +22,7 @@ from mf_spark.als.params import SolveParams
 from mf_spark.errors import InputDataError, java_cause
 from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, has_nonzero_factor, recommend_top_k, similar_items
 from mf_spark.recommend.fold_in import fold_in_new_users
+from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
 
 logger = logging.getLogger(__name__)
 
@@ -242,13 +243,8 @@ def check_id_map_matches(factors: DataFrame, dim: DataFrame, side: str, factors_
         )
 
 
-def _read_table(spark: SparkSession, path: str, what: str) -> DataFrame:
-    if "://" not in path and not os.path.exists(path):
-        raise InputDataError(f"recommend: {what} not found: {path}")
-    try:
-        return spark.read.parquet(path)
-    except (AnalysisException, Py4JJavaError) as exc:  # a URI that does not exist or is not Parquet
-        raise InputDataError(f"recommend: {what} cannot be read as Parquet at {path}: {java_cause(exc)}") from None
+def _read_table(spark: SparkSession, path: str, what: str, required: tuple[str, ...] = ()) -> DataFrame:
+    return read_parquet_table(spark, path, f"recommend: {what}", required)
 
 
 def read_item_table(spark: SparkSession, path: str, key: str) -> DataFrame | None:
@@ -327,7 +323,9 @@ def run_recommend_stage(
         user_path, item_path = os.path.join(run_dir, "user_factors"), os.path.join(run_dir, "item_factors")
     user_factors = _read_table(spark, user_path, "user factors")
     item_factors = _read_table(spark, item_path, "item factors")
-    interactions = _read_table(spark, interactions_path or os.path.join(run_dir, "interactions"), "interactions")
+    # checked here: a table without them (a rejects table) failed in fold-in with an analysis trace
+    interactions = _read_table(spark, interactions_path or os.path.join(run_dir, "interactions"), "interactions",
+                               INTERACTION_COLUMNS)
     maps = {name: _read_id_map(spark, run_dir, id_map_dir, name) for name in ("dim_user", "dim_item")}
     for factors, path, side in ((user_factors, user_path, "user"), (item_factors, item_path, "item")):
         check_id_map_matches(factors, maps[f"dim_{side}"], side, path)
