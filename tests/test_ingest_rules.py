@@ -78,6 +78,10 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         ("tab_user", event("\t", "i1", "view", "2024-03-10 10:00:00")),
         ("nbsp_item", event("u1", "\u00a0\n", "view", "2024-03-10 10:00:00")),
         ("huge_value", event("u1", "i1", "purchase", "2024-03-10 10:00:00", 1e300)),  # inf as float32
+        # U+FFFD: bytes the reader could not decode; before id_too_long ("\ufffd" * 9 is both)
+        ("undecodable_user", event("jos\ufffd", "i1", "view", "2024-03-10 10:00:00")),
+        ("undecodable_item", event("u1", "\ufffd" * 9, "view", "2024-03-10 10:00:00")),
+        ("undecodable_type", event("u1", "i1", "vi\ufffdw", "2024-03-10 10:00:00")),
         ("long_user", event("u" * 9, "i1", "view", "2024-03-10 10:00:00")),
         ("long_item", event("u1", "i" * 9, "view", "2024-03-10 10:00:00")),
         ("unknown_type", event("u1", "i1", "click", "2024-03-10 10:00:00")),
@@ -114,6 +118,9 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         "tab_user": "empty_user_id",
         "nbsp_item": "empty_item_id",
         "huge_value": "invalid_value",
+        "undecodable_user": "invalid_encoding",
+        "undecodable_item": "invalid_encoding",
+        "undecodable_type": "invalid_encoding",
         "long_user": "id_too_long",
         "long_item": "id_too_long",
         "unknown_type": "unknown_event_type",

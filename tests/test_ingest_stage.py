@@ -262,6 +262,26 @@ def test_reject_threshold_fails_and_publishes_no_id_map(spark, tmp_path):
     assert ingest(spark, path, tmp_path, max_reject_fraction=2 / 3).report["rejected"] == 3
 
 
+def test_ids_that_are_not_utf8_are_rejected_until_the_encoding_is_given(spark, tmp_path):
+    """A Latin-1 CSV read as UTF-8 turned "jos\xe9" and "jos\xe8" into one user "jos\ufffd" (exit 0)."""
+    path = tmp_path / "events" / "part-0.csv"
+    path.parent.mkdir()
+    path.write_bytes("user_id,item_id,event_type,event_ts,value\n"
+                     "jos\xe9,i1,view,2024-03-09 12:00:00,\njos\xe8,i1,view,2024-03-09 12:00:00,\n"
+                     "joss,i1,view,2024-03-09 12:00:00,\n".encode("latin-1"))
+    with pytest.raises(RejectThresholdError, match=r"invalid_encoding=2.*input\.options\.encoding, e\.g\. "
+                                                   r'"ISO-8859-1"'):
+        ingest(spark, path.parent, tmp_path, fmt="csv", options={"header": "true"}, max_reject_fraction=0.5)
+    result = ingest(spark, path.parent, tmp_path, fmt="csv", options={"header": "true"}, id_maps="a")
+    assert result.report["rejected_by_reason"] == {"invalid_encoding": 2}
+    assert [r["user_id"] for r in result.dim_user.collect()] == ["joss"]
+    result.unpersist()
+    result = ingest(spark, path.parent, tmp_path, fmt="csv", options={"header": "true", "encoding": "ISO-8859-1"},
+                    id_maps="b")
+    assert sorted(r["user_id"] for r in result.dim_user.collect()) == ["joss", "jos\xe8", "jos\xe9"]
+    result.unpersist()
+
+
 def test_no_events_in_the_window_is_an_input_error(spark, tmp_path):
     path = write_parquet(tmp_path / "events.parquet", [("u1", "i1", "view", "2023-01-01 00:00:00", None)])
     with pytest.raises(InputDataError, match=r"no events in the window 2024-03-01 \.\. 2024-03-10"):

@@ -32,6 +32,9 @@ ROW_REASONS = (
     "empty_user_id",
     "null_item_id",
     "empty_item_id",
+    # Spark decodes CSV and JSON as UTF-8 unless told otherwise and puts U+FFFD for bytes it cannot
+    # decode: Latin-1 "josé" and "josè" both became "jos\ufffd", one user, for ever in the ID map.
+    "invalid_encoding",
     "id_too_long",
     "unknown_event_type",
     "null_timestamp",
@@ -39,6 +42,8 @@ ROW_REASONS = (
     "invalid_value",
     "future_timestamp",
 )
+#: What a decoder puts for bytes that are not valid in the encoding it was told (UTF-8 by default).
+REPLACEMENT_CHARACTER = "\ufffd"
 #: Reasons decided after the row level: the bot rule, then the support filters.
 BOT_USER = "bot_user"
 BELOW_MIN_SUPPORT = "below_min_support"
@@ -89,6 +94,9 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
         | (F.abs(value) > F.lit(FLOAT32_MAX))  # infinite, or beyond the float32 strength column's range
         | ((value < 0) & ~allows_negative)
     )
+    undecodable = F.lit(False)
+    for column in ("user_id", "item_id", "event_type"):
+        undecodable = undecodable | F.coalesce(F.col(column).contains(REPLACEMENT_CHARACTER), F.lit(False))
     too_long = (F.length("user_id") > settings.max_id_length) | (F.length("item_id") > settings.max_id_length)
     reason = (
         F.when(F.col("malformed"), F.lit("malformed_record"))
@@ -97,6 +105,7 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
         .when(_is_blank(F.col("user_id")), F.lit("empty_user_id"))
         .when(F.col("item_id").isNull(), F.lit("null_item_id"))
         .when(_is_blank(F.col("item_id")), F.lit("empty_item_id"))
+        .when(undecodable, F.lit("invalid_encoding"))
         .when(too_long, F.lit("id_too_long"))
         .when(
             ~F.col("event_type").isin(*sorted(rules)) | F.col("event_type").isNull(),
