@@ -170,6 +170,22 @@ def test_wrong_format_names_path_key_and_what_was_found(spark, tmp_path, data, f
     assert re.search(found, message), message
 
 
+def test_an_event_file_without_read_permission_is_an_input_error(spark, tmp_path, monkeypatch):
+    """PermissionError from the format check was a traceback (exit 1). Tests run as root, which chmod
+    cannot stop, so the file's open() fails the way it does for an ordinary user."""
+    from mf_spark.ingest import read as read_module
+
+    path = _events_dirs(tmp_path)["csv"]
+
+    def denied(file, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(read_module, "open", denied, raising=False)
+    with pytest.raises(InputDataError, match=rf"^input file {path}/part-0\.csv cannot be read: Permission denied "
+                                             r"\(input\.path\)$"):
+        read_raw(spark, str(path), "csv", {"header": "true"})
+
+
 def test_wrong_format_of_a_remote_path(spark, tmp_path):
     # a URI skips the local magic-byte check: Spark's own failure or schema is translated
     dirs = _events_dirs(tmp_path)

@@ -209,8 +209,11 @@ def _check_format_locally(path: str, input_format: str, options: Mapping[str, st
     first = _first_data_file(path, options)
     if first is None:  # nothing to sniff; Spark reports an empty input itself
         return
-    with open(first, "rb") as f:
-        head = f.read(64)
+    try:
+        with open(first, "rb") as f:
+            head = f.read(64)
+    except OSError as exc:  # a traceback (exit 1) after the lock and the run directory were made
+        raise InputDataError(f"input file {first} cannot be read: {exc.strerror or exc} (input.path)") from None
     # Every Parquet file starts with PAR1 whatever its codec, and no CSV/JSON file (plain or compressed) does
     found = _describe(head)
     where = f"{first} looks like {found}" if first != path else f"the file looks like {found}"
