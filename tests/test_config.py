@@ -220,10 +220,13 @@ def test_configuration_reference_script_explains_itself_and_writes_nothing():
 
 
 def test_nightly_checks_evaluate_settings_before_spark(tmp_path):
-    path = write(tmp_path, MINIMAL + '[evaluate]\nmodels = ["implicit_als", "deep_magic"]\n')
+    root = tmp_path / "out"
+    path = write(tmp_path, MINIMAL.replace('"out"', f'"{root}"') + '[evaluate]\nmodels = ["implicit_als", "deep_magic"]\n')
     proc = subprocess.run([sys.executable, "jobs/nightly.py", "--config", str(path), "--date", "2011-12-09"],
                           cwd=REPO, capture_output=True, text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
     assert proc.returncode == 2 and "deep_magic" in proc.stderr and "Traceback" not in proc.stderr
+    # before Spark and before the run: no session (its start-up line) and no output root
+    assert "Setting default log level" not in proc.stderr and not root.exists()
 
 
 @pytest.mark.parametrize("split, test_fraction, test_n, refused", [
