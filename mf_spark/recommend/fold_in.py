@@ -39,23 +39,39 @@ FACTOR_SCHEMA = T.StructType(
 )
 
 
+#: Ids per partial Gramian: at rank 256 a chunk is 64 MiB of float32 factors (128 MiB as float64).
+GRAMIAN_CHUNK_IDS = 1 << 16
+
+
 def factor_gramian(factors: DataFrame) -> tuple[np.ndarray, int]:
-    """``(F^T F float64 (r, r), n rows)`` of a factor table, summed from per-batch Gramians."""
+    """``(F^T F float64 (r, r), n rows)`` of a factor table.
+
+    Summed from the Gramians of fixed id ranges (``id // GRAMIAN_CHUNK_IDS``, rows in id order), added
+    on the driver in range order, as training adds its per-block Gramians: per-Arrow-batch partials
+    summed in collect order gave a Gramian that changed in its last bits with the table's partitioning
+    (the number of files, the executor count).
+    """
     factors = factor_frame(factors, "fixed_factors")
 
-    def partial_gramians(batches):
-        for batch in batches:
-            _, matrix = factors_from_arrow(pa.Table.from_batches([batch]))
-            if matrix.shape[0]:
-                m64 = matrix.astype(np.float64)
-                payload = pickle.dumps((m64.T @ m64, matrix.shape[0]), protocol=5)
-                yield pa.RecordBatch.from_pydict({"payload": pa.array([payload], pa.binary())})
+    def chunk_gramian(table: pa.Table) -> pa.Table:
+        chunk = int(table.column("chunk")[0].as_py())
+        _, matrix = factors_from_arrow(table)  # rows sorted by id
+        m64 = matrix.astype(np.float64)
+        payload = pickle.dumps((m64.T @ m64, matrix.shape[0]), protocol=5)
+        return pa.table({"chunk": pa.array([chunk], pa.int64()), "payload": pa.array([payload], pa.binary())})
 
-    rows = factors.mapInArrow(partial_gramians, "payload binary").collect()
-    parts = [pickle.loads(row["payload"]) for row in rows]
+    rows = (
+        factors.withColumn("chunk", F.floor(F.col("id") / GRAMIAN_CHUNK_IDS).cast("long"))
+        .groupBy("chunk").applyInArrow(chunk_gramian, "chunk long, payload binary")
+        .collect()
+    )
+    parts = [pickle.loads(row["payload"]) for row in sorted(rows, key=lambda row: row["chunk"])]
     if not parts:
         return np.zeros((0, 0)), 0
-    return sum(p[0] for p in parts), int(sum(p[1] for p in parts))
+    gram = parts[0][0].copy()
+    for partial, _ in parts[1:]:
+        gram += partial
+    return gram, int(sum(n for _, n in parts))
 
 
 def fold_in_factors(
