@@ -605,6 +605,29 @@ def test_objective_scores_any_factors_exactly(spark, small):
     assert value == pytest.approx(dense_objective(R, X, Y, 2.0, 0.1), rel=1e-5)
 
 
+def test_objective_does_not_depend_on_how_blocks_share_tasks(spark, monkeypatch):
+    """Per-block losses were added in collect order, which follows the task partitions: with 8 blocks,
+    local[2] packs them [0, 2, 4, 6, 1, 3, 5, 7] and a cluster [0..7], and the sums differed in the last
+    bit. The blocks now add in block order, as training does."""
+    from mf_spark.als import blocks as blocks_module
+    from mf_spark.als.blocks import select_ratings
+    from mf_spark.als.params import SolveParams
+    from mf_spark.als.train import objective
+
+    rng = np.random.default_rng(5)
+    rows = {(int(u), int(i)): float(r) for u, i, r in zip(rng.integers(0, 400, 3000), rng.integers(0, 300, 3000),
+                                                           rng.lognormal(0, 2, 3000))}
+    ratings = spark.createDataFrame([(u, i, r) for (u, i), r in sorted(rows.items())], "user int, item int, rating float")
+    model = ImplicitALS(rank=6, maxIter=1, alpha=3.0, regParam=0.1, numUserBlocks=8, numItemBlocks=8).fit(ratings)
+    selected = select_ratings(ratings, "user", "item", "rating")
+    params = SolveParams(alpha=3.0, reg_param=0.1)
+    values = set()
+    for packing in (lambda sc, n: min(n, 2), lambda sc, n: n, lambda sc, n: 3):
+        monkeypatch.setattr(blocks_module, "num_task_partitions", packing)
+        values.add(objective(spark, selected, model.userFactors, model.itemFactors, params, num_blocks=8))
+    assert len(values) == 1, values
+
+
 def test_tasks_limit_blas_to_their_cpus(spark):
     """Two tasks per 2 cores each starting a BLAS thread per core oversubscribed the machine (the CG
     kernel ran 9x slower); inside a task the limit is spark.task.cpus."""

@@ -560,26 +560,29 @@ def objective(
 
     def user_terms(records):
         sorted_ids, table = lookup.value
-        for _, parts in _blocks_of_partition(records):
+        for block_id, parts in _blocks_of_partition(records):
             in_block, known = parts.in_block, parts.factors
             if in_block is None:
                 continue
             rows = in_block.src_ids if sorted_ids is None else np.searchsorted(sorted_ids, in_block.src_ids)
             x = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
             with task_blas_threads():
-                yield sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x, table[rows],
-                                           item_gram, n_items, params))
+                yield block_id, sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x,
+                                                     table[rows], item_gram, n_items, params))
 
     def item_terms(records):
-        for _, parts in _blocks_of_partition(records):
+        for block_id, parts in _blocks_of_partition(records):
             in_block, known = parts.in_block, parts.factors
             if in_block is None:
                 continue
             y = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
-            yield solve.regularization_loss(in_block.n_positive, y, n_users, params)
+            yield block_id, solve.regularization_loss(in_block.n_positive, y, n_users, params)
 
-    total = sum(user_in.union(users).mapPartitions(user_terms).collect())
-    total += sum(item_in.union(items).mapPartitions(item_terms).collect())
+    # Added in block order, as training adds its losses: collect order follows the task partitions,
+    # which pack blocks differently with the core count (local[2] against local[8]).
+    by_block = sorted(user_in.union(users).mapPartitions(user_terms).collect())
+    total = sum(value for _, value in by_block)
+    total += sum(value for _, value in sorted(item_in.union(items).mapPartitions(item_terms).collect()))
     lookup.destroy()  # both sums are collected: nothing reads it again (unpersist left its driver file)
     blocks.unpersist()
     return float(total)
