@@ -373,6 +373,42 @@ def test_a_strength_beyond_float32_fails_before_any_id_map(spark, tmp_path):
     assert not (tmp_path / "id_maps").exists()
 
 
+def test_outputs_do_not_depend_on_files_or_shuffle_partitions(spark, tmp_path):
+    """docs/ingest.md: the same events give the same tables whether they come in one file or five, in
+    any row order, under any spark.sql.shuffle.partitions (strengths are summed in value order)."""
+    import random
+
+    rng = random.Random(4)
+    rows = [(f"u{rng.randrange(30)}", f"i{rng.randrange(40)}", rng.choice(["view", "purchase", "return"]),
+             f"2024-03-{rng.randrange(2, 11):02d} {rng.randrange(24):02d}:00:00", repr(rng.choice([0.1, 0.2, 0.3, 7e6, 1e-3])))
+            for _ in range(2000)]
+    rows += rows[:300]  # exact duplicates
+    rows.append(("u1", None, "view", "2024-03-09 12:00:00", None))  # one reject
+    one = write_parquet(tmp_path / "one" / "part-0.parquet", rows).parent
+    shuffled = rows[:]
+    rng.shuffle(shuffled)
+    for k in range(5):
+        write_parquet(tmp_path / "five" / f"part-{k}.parquet", shuffled[k::5])
+    before = spark.conf.get("spark.sql.shuffle.partitions")
+    results = []
+    try:
+        for path, partitions in ((one, "1"), (tmp_path / "five", "7"), (one, "3")):
+            spark.conf.set("spark.sql.shuffle.partitions", partitions)
+            results.append(ingest(spark, path, tmp_path, id_maps=f"maps_{len(results)}", half_life_days=2.5,
+                                  max_events_per_user_day=1000))
+    finally:
+        spark.conf.set("spark.sql.shuffle.partitions", before)
+    first = results[0]
+    for other in results[1:]:
+        assert_df_equality(first.interactions, other.interactions, ignore_row_order=True)  # exact strengths
+        assert_df_equality(first.rejects.drop("source_file"), other.rejects.drop("source_file"), ignore_row_order=True)
+        assert_df_equality(first.dim_user, other.dim_user, ignore_row_order=True)
+        assert_df_equality(first.dim_item, other.dim_item, ignore_row_order=True)
+        assert other.report["deduplicated"] == first.report["deduplicated"] > 0
+    for result in results:
+        result.unpersist()
+
+
 def test_two_runs_give_identical_outputs(spark, tmp_path):
     path = write_parquet(tmp_path / "events.parquet", ALL_REASONS)
     first = ingest(spark, path, tmp_path, run_id="r1", max_events_per_user_day=3, half_life_days=3.0)
