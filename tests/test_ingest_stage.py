@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -379,10 +380,20 @@ def test_outputs_do_not_depend_on_files_or_shuffle_partitions(spark, tmp_path):
     import random
 
     rng = random.Random(4)
-    rows = [(f"u{rng.randrange(30)}", f"i{rng.randrange(40)}", rng.choice(["view", "purchase", "return"]),
-             f"2024-03-{rng.randrange(2, 11):02d} {rng.randrange(24):02d}:00:00", repr(rng.choice([0.1, 0.2, 0.3, 7e6, 1e-3])))
+    # many events per pair, large values of both signs: a sum in arrival order differs after the cast to
+    # float32 (purchase 1e8 * 4 against return 2e8 * -2 around a small remainder)
+    rows = [(f"u{rng.randrange(5)}", f"i{rng.randrange(6)}", rng.choice(["view", "purchase", "return"]),
+             f"2024-03-{rng.randrange(2, 11):02d} {rng.randrange(24):02d}:00:00", repr(rng.choice([0.1, 0.3, 1e8, 2e8])))
             for _ in range(2000)]
+    uncapped = RULES | {"purchase": EventTypeRule(weight=4.0, use_value=True)}
     rows += rows[:300]  # exact duplicates
+    # one pair whose sum depends on the order: in ascending order -4e15, 0.4, 0.8, 1.2, 4e15 (no decay)
+    crafted = [("uc", "ic", "purchase", "2024-03-09 12:00:00", v) for v in ("1e15", "0.1", "0.2", "0.3")]
+    rows += crafted + [("uc", "ic", "return", "2024-03-09 12:00:00", "2e15")]
+    expected = 0.0
+    for contribution in sorted([4.0 * 1e15, 4.0 * 0.1, 4.0 * 0.2, 4.0 * 0.3, -2.0 * 2e15]):
+        expected += contribution
+    assert np.float32(expected) != np.float32(4e15 - 4e15 + 0.4 + 0.8 + 1.2)  # the order shows
     rows.append(("u1", None, "view", "2024-03-09 12:00:00", None))  # one reject
     one = write_parquet(tmp_path / "one" / "part-0.parquet", rows).parent
     shuffled = rows[:]
@@ -394,11 +405,14 @@ def test_outputs_do_not_depend_on_files_or_shuffle_partitions(spark, tmp_path):
     try:
         for path, partitions in ((one, "1"), (tmp_path / "five", "7"), (one, "3")):
             spark.conf.set("spark.sql.shuffle.partitions", partitions)
-            results.append(ingest(spark, path, tmp_path, id_maps=f"maps_{len(results)}", half_life_days=2.5,
-                                  max_events_per_user_day=1000))
+            results.append(ingest(spark, path, tmp_path, id_maps=f"maps_{len(results)}", rules=settings(
+                event_types=uncapped, max_events_per_user_day=1000)))
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", before)
     first = results[0]
+    crafted_strength = (first.interactions.join(first.dim_user.where(F.col("user_id") == "uc"), "user_idx")
+                        .join(first.dim_item.where(F.col("item_id") == "ic"), "item_idx").first()["strength"])
+    assert np.float32(crafted_strength) == np.float32(expected)
     for other in results[1:]:
         assert_df_equality(first.interactions, other.interactions, ignore_row_order=True)  # exact strengths
         assert_df_equality(first.rejects.drop("source_file"), other.rejects.drop("source_file"), ignore_row_order=True)
