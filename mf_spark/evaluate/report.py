@@ -284,7 +284,6 @@ def check_report_dir(out_dir: str | os.PathLike[str]) -> None:
     UsageError
     """
     from mf_spark.errors import UsageError
-
     from mf_spark.publish import unwritable_reason
 
     out = Path(out_dir)

@@ -187,7 +187,7 @@ def run_ingest(
             hint = unknown_event_type_hint(classified, settings)
         if too_many and by_reason.get("invalid_encoding"):
             hint = (f"{hint} " if hint else "") + (
-                "Ids with bytes that are not UTF-8 (invalid_encoding): give the files' encoding as "
+                "Ids or event types with bytes that are not UTF-8 (invalid_encoding): give the files' encoding as "
                 "input.options.encoding, e.g. \"ISO-8859-1\" or \"windows-1252\".")
         fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path, hint)
 
