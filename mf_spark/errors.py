@@ -6,6 +6,7 @@ anything else is a bug and exits 1 with the traceback. The README's operations s
 
 from __future__ import annotations
 
+import errno
 import re
 
 
@@ -74,6 +75,31 @@ class PublishError(PipelineError):
     latest.json or manifest."""
 
     exit_code = 7
+
+
+class OutOfSpaceError(PipelineError):
+    """The disk being written to is full (ENOSPC): an environment problem, not bad data or a bug."""
+
+    exit_code = 8
+
+
+#: How the JVM and the C library say ENOSPC.
+NO_SPACE_TEXT = "No space left on device"
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a full disk: an ``OSError`` with ENOSPC,
+    or a Spark / Py4J error whose Java cause says so."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if NO_SPACE_TEXT in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def java_cause(exc: BaseException) -> str:

@@ -26,9 +26,12 @@ from mf_spark.errors import (
     DAMAGED_FILE_MARKERS,
     InputDataError,
     NoInteractionsLeftError,
+    OutOfSpaceError,
     PipelineError,
     QualityGateError,
     damaged_file_cause,
+    java_cause,
+    out_of_space,
 )
 from mf_spark.session import spark_context_stopped
 
@@ -349,10 +352,26 @@ def run_nightly(
                             f"{type(exc).__name__}: {first_line}")
                     elif isinstance(exc, PipelineError):
                         manifest["error"] = str(exc)
+                    elif out_of_space(exc):
+                        # The tables are no use (nothing was published) and hold the space the record
+                        # needs: on a full disk the manifest write failed too, and the next run deleted
+                        # the directory as a crash's, with the only word of why.
+                        publish.remove_tables(run)
+                        manifest["error"] = out_of_space_message(exc, root, timer)
                     else:
-                        manifest["error"] = f"{type(exc).__name__}: {exc}"
+                        text = str(exc).strip()  # a Py4J error's text is the whole Java stack
+                        detail = java_cause(exc) if "\n" in text else text
+                        manifest["error"] = f"{type(exc).__name__}: {detail}"
                     manifest["timings"] = timer.seconds
-                    publish.write_failed_manifest(run, manifest)
+                    try:
+                        publish.write_failed_manifest(run, manifest)
+                    except OSError as record_exc:  # never replace the run's own error with this one
+                        log.error("run %s failed (%s); its failed manifest could not be written either: %s",
+                                  run.relative_path, manifest["error"], record_exc)
+                        with suppress(OSError):
+                            publish.retract_manifest(run)
+                if out_of_space(exc) and isinstance(exc, Exception) and not isinstance(exc, PipelineError):
+                    raise OutOfSpaceError(manifest["error"]) from exc
                 raise
             finally:
                 unpersist_since(spark, cached_before)
@@ -368,6 +387,14 @@ def run_nightly(
                     exc.published_run = run.relative_path  # type: ignore[union-attr]
         raise
     return NightlyResult(run.path, manifest, True)
+
+
+def out_of_space_message(exc: BaseException, root: str, timer: StageTimer | None = None) -> str:
+    """What a full disk stopped, for the failed manifest and the job's ``error:`` line."""
+    stage = f" in stage {next(reversed(timer.seconds))}" if timer and timer.seconds else ""
+    where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else f" ({java_cause(exc)})"
+    return (f"no space left on the disk of output.root = {root}{stage}{where}; nothing was published and "
+            "latest.json is unchanged; the failed run's tables were removed to free space. Free space and rerun")
 
 
 def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTimer) -> None:

@@ -723,6 +723,25 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
+def remove_tables(run: RunDir) -> None:
+    """Delete the directories (tables, report, staging) of an unpublished run, keeping its files (the
+    manifest): what a full disk's failed run does to make room for its record."""
+    if run_status(run) in ("published", "superseded"):
+        raise ValueError(f"remove_tables: {run.relative_path} is published")
+    for child in Path(run.path).iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+
+
+def retract_manifest(run: RunDir) -> None:
+    """Rename an unpublished run's ``manifest.json`` (which may say ``published``: latest.json could not
+    be written after it) to ``manifest.unpublished.json``, when not even a failed manifest can be
+    written: a rename needs no space, and a scheduler reading the status must not see a success."""
+    path = Path(run.path) / MANIFEST_NAME
+    if path.exists() and run_status(run) not in ("published", "superseded"):
+        os.replace(path, path.with_name("manifest.unpublished.json"))
+
+
 def write_failed_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
     """Record a failed run: its manifest with ``status: failed``; nothing is published.
 

@@ -183,6 +183,31 @@ def test_a_missing_or_damaged_map_version_is_an_input_error_naming_it(spark, tmp
         load_id_map(spark, str(tmp_path), "dim_user")
 
 
+def test_a_failed_update_removes_the_versions_it_wrote(spark, tmp_path, monkeypatch):
+    """A full disk while writing dim_item left dim_user/version=<run> behind; _prune_versions counted it
+    among the newest and so removed a real older version."""
+    import errno
+
+    from mf_spark import publish
+
+    update(spark, tmp_path, "run1", ["a"], ["x"])
+    real_fsync = publish.fsync_tree
+    calls = []
+
+    def full_on_the_second_map(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(path)
+
+    monkeypatch.setattr(publish, "fsync_tree", full_on_the_second_map)
+    with pytest.raises(OSError):
+        update(spark, tmp_path, "run2", ["b"], ["y"])
+    assert sorted(p.name for p in (tmp_path / "dim_user").iterdir()) == ["version=run1"]
+    assert sorted(p.name for p in (tmp_path / "dim_item").iterdir()) == ["version=run1"]
+    assert read_pointer(str(tmp_path))["run_id"] == "run1"
+
+
 def test_new_ids_are_numbered_in_sorted_order_across_partitions(spark):
     existing = spark.createDataFrame([("zz", 0), ("aa", 1), ("mm", 2)], USER_MAP)
     new = [f"u{k:03d}" for k in range(200)]

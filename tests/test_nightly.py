@@ -239,6 +239,20 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
         run_job("x", "x", raising(RuntimeError("summary failed"), published_run=run), argv=argv)
     assert f"RuntimeError after {run} was published: consumers read it" in capsys.readouterr().err
 
+    # a full disk in any job: its own exit code and a line naming the file, not a traceback (exit 1)
+    import errno
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/ingest/dt=2011-12-09/report.json")
+    java = RuntimeError("An error occurred while calling o88.parquet.\n: org.apache.spark.SparkException: "
+                        "Job aborted.\n\tat x\nCaused by: java.io.IOException: No space left on device\n\tat y")
+    for error, named in ((full, "(/out/ingest/dt=2011-12-09/report.json)"),
+                         (java, "(org.apache.spark.SparkException: Job aborted.)")):
+        assert run_job("x", "x", raising(error), argv=argv) == 8
+        err = capsys.readouterr().err
+        assert f"error: no space left on device {named}; the job's outputs are replaced only once written" in err
+    with pytest.raises(OSError):  # after publication it is no longer the job's failure to report so
+        run_job("x", "x", raising(OSError(errno.ENOSPC, "No space left on device"), published_run=run), argv=argv)
+
 
 def test_spark_submit_sh_help_exits_0():
     """--help printed the usage to stderr and exited 2, like a usage error."""
@@ -364,6 +378,40 @@ def test_a_date_without_events_still_fails_without_the_flag(spark, tmp_path, eve
     with pytest.raises(NoEventsError, match="no date had events"):
         run_backfill(spark, cfg, GAP[1], GAP[1], skip_empty_days=True)
     assert not (tmp_path / "out" / "latest.json").exists()
+
+
+def test_a_full_disk_leaves_a_failed_manifest_and_frees_the_tables(spark, tmp_path, events_with_a_gap,
+                                                                   monkeypatch):
+    """On a full output disk the failed-manifest write failed too (ENOSPC): the run had no record and the
+    next run deleted it as a crash's; the job exited 1 with a traceback ending in a bare OSError."""
+    import errno
+
+    import mf_spark.publish
+    from mf_spark.errors import OutOfSpaceError
+    from mf_spark.publish import list_runs
+
+    root = tmp_path / "out"
+    real_write = mf_spark.publish.write_json_atomic
+
+    def disk_full_while_tables_exist(path, payload):
+        if Path(path).name == "manifest.json" and any(p.is_dir() for p in Path(path).parent.iterdir()):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, payload)
+
+    def publish_on_a_full_disk(run, manifest, keep_runs=None):
+        raise OSError(errno.ENOSPC, "No space left on device", f"{run.path}/manifest.json.tmp")
+
+    monkeypatch.setattr(mf_spark.publish, "write_json_atomic", disk_full_while_tables_exist)
+    monkeypatch.setattr(mf_spark.publish, "publish_run", publish_on_a_full_disk)
+    with pytest.raises(OutOfSpaceError, match=rf"^no space left on the disk of output.root = {root} in stage "
+                                              r"publish: .*manifest\.json\.tmp; nothing was published") as raised:
+        run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
+    assert raised.value.exit_code == 8
+    [run] = list_runs(str(root))
+    run_dir = root / run["path"]
+    assert run["status"] == "failed" and sorted(p.name for p in run_dir.iterdir()) == ["manifest.json"]
+    assert json.loads((run_dir / "manifest.json").read_text())["error"] == str(raised.value)
+    assert not (root / "latest.json").exists()
 
 
 def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, events_with_a_gap, monkeypatch,

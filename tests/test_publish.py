@@ -94,6 +94,39 @@ def test_publish_writes_manifest_marker_and_latest(tmp_path):
     assert not list(tmp_path.rglob(".*.tmp-*"))
 
 
+def test_a_full_disk_at_latest_json_leaves_no_manifest_saying_published(tmp_path, monkeypatch):
+    """latest.json failed (ENOSPC) after manifest.json said published: the marker was removed but the
+    manifest kept saying published, which a scheduler reads as a success. With no room for a failed
+    manifest either, it is renamed aside (no space needed); the tables can be removed first."""
+    import errno
+
+    run = begin_run(str(tmp_path), D1)
+    Path(run.sub("user_factors")).mkdir()
+    real_write = publish.write_json_atomic
+
+    def full_at_latest(path, payload):
+        if Path(path).name == "latest.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, payload)
+
+    monkeypatch.setattr(publish, "write_json_atomic", full_at_latest)
+    with pytest.raises(OSError):
+        publish_run(run, manifest_base(run))
+    assert run_status(run) == "partial" and json.loads(Path(run.manifest_path).read_text())["status"] == "published"
+    publish.retract_manifest(run)
+    assert not Path(run.manifest_path).exists()
+    assert json.loads((Path(run.path) / "manifest.unpublished.json").read_text())["status"] == "published"
+    publish.remove_tables(run)
+    assert sorted(p.name for p in Path(run.path).iterdir()) == ["manifest.unpublished.json"]
+    # a published run is never touched
+    monkeypatch.undo()
+    done = published(tmp_path, D1)
+    publish.retract_manifest(done)
+    assert Path(done.manifest_path).exists()
+    with pytest.raises(ValueError, match="is published"):
+        publish.remove_tables(done)
+
+
 def test_nothing_published_means_no_latest(tmp_path):
     assert read_latest(str(tmp_path)) is None
     assert previous_published(str(tmp_path)) is None

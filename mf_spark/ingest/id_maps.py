@@ -30,7 +30,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -351,25 +351,32 @@ def update_id_maps(
             "maps": dict(pointer["maps"]),
         }
         written: list[Path] = []
-        for name, (new_map, size, n_new) in extended.items():
-            if n_new == 0:
-                continue
-            current = pointer["maps"].get(name, {}).get("path")
-            target = _version_dir(root_path, name, run_id, current)
-            written.append(target)
-            new_map.write.mode("errorifexists").parquet(str(target))
-            # Spark never fsyncs what it writes; the pointer is fsynced, so without this a power loss could
-            # leave CURRENT.json naming map files that never reached the disk, failing every later run.
-            from mf_spark import publish
-
-            publish.fsync_tree(target)
-            new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
-            log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
         try:
+            for name, (new_map, size, n_new) in extended.items():
+                if n_new == 0:
+                    continue
+                current = pointer["maps"].get(name, {}).get("path")
+                target = _version_dir(root_path, name, run_id, current)
+                written.append(target)
+                new_map.write.mode("errorifexists").parquet(str(target))
+                # Spark never fsyncs what it writes; the pointer is fsynced, so without this a power loss
+                # could leave CURRENT.json naming map files that never reached the disk, failing every
+                # later run.
+                from mf_spark import publish
+
+                publish.fsync_tree(target)
+                new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
+                log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
             compare_and_swap_pointer(root_path, read, new_pointer)
-        except IdMapConflictError:
-            for target in written:  # never current; a rerun with this run id would remove them anyway
-                shutil.rmtree(target, ignore_errors=True)
+        except BaseException:
+            # A concurrent writer, a full disk, Ctrl-C: the versions this run wrote are never current,
+            # and left behind they counted among the newest kept by _prune_versions, pushing out real
+            # ones. Unless the swap itself went through (a failure after it): then they are the maps.
+            with suppress(Exception):
+                named = {entry["path"] for entry in (read_pointer(root) or {"maps": {}})["maps"].values()}
+                for target in written:
+                    if str(target.relative_to(root_path)) not in named:
+                        shutil.rmtree(target, ignore_errors=True)
             raise
         for name in extended:
             _prune_versions(root_path, name, new_pointer["maps"][name]["path"], keep_versions)
