@@ -177,8 +177,7 @@ def run_job(
         if isinstance(exc, Exception) and out_of_space(exc) and not published:
             # A full disk is the machine's state, not a bug: no traceback, and its own exit code
             where = exc.filename if isinstance(exc, OSError) and exc.filename else java_cause(exc)
-            message = (f"no space left on device ({where}); the job's outputs are replaced only once written "
-                       "whole, so the previous ones are unchanged. Free space and rerun")
+            message = f"no space left on device ({where}); free space on that disk and rerun"
             log.error("%s", message)
             print(f"error: {message}", file=sys.stderr)
             return OutOfSpaceError.exit_code

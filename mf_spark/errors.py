@@ -83,22 +83,29 @@ class OutOfSpaceError(PipelineError):
     exit_code = 8
 
 
-#: How the JVM and the C library say ENOSPC.
-NO_SPACE_TEXT = "No space left on device"
+#: How a Java stack says ENOSPC (Hadoop wraps it: ``FSError: java.io.IOException: No space left on device``).
+_JAVA_NO_SPACE = re.compile(r"java\.io\.IOException: No space left on device")
 
 
 def out_of_space(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it was raised from) is a full disk: an ``OSError`` with ENOSPC,
-    or a Spark / Py4J error whose Java cause says so."""
+    """Whether ``exc`` is a full disk: an ``OSError`` with ENOSPC, or a Spark / Py4J error whose Java stack
+    has ``java.io.IOException: No space left on device``; also when explicitly raised from one
+    (``raise ... from``). Not an error merely raised while one was being handled (a bug in the handler
+    must keep its traceback), and never itself an error: a Py4J error's text needs the JVM, which may be
+    gone by then."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno == errno.ENOSPC:
             return True
-        if NO_SPACE_TEXT in str(current):
+        try:
+            text = str(current)
+        except Exception:  # noqa: BLE001 - a Py4J error after the JVM exited
+            text = ""
+        if _JAVA_NO_SPACE.search(text):
             return True
-        current = current.__cause__ or current.__context__
+        current = current.__cause__
     return False
 
 

@@ -340,6 +340,7 @@ def run_nightly(
                     # Any failure, not only the expected ones, and Ctrl-C: a run directory without a
                     # manifest would look like a crash ("partial") and say nothing of why.
                     manifest["status"] = "failed"
+                    full_disk = False
                     if isinstance(exc, KeyboardInterrupt):
                         manifest["error"] = "interrupted (SIGINT)"
                     elif isinstance(exc, SystemExit):
@@ -356,8 +357,14 @@ def run_nightly(
                         # The tables are no use (nothing was published) and hold the space the record
                         # needs: on a full disk the manifest write failed too, and the next run deleted
                         # the directory as a crash's, with the only word of why.
-                        publish.remove_tables(run)
-                        manifest["error"] = out_of_space_message(exc, root, timer)
+                        full_disk = True
+                        try:
+                            removed = publish.remove_tables(run)
+                        except Exception as remove_exc:  # noqa: BLE001 - the record matters more
+                            log.error("could not remove the tables of failed run %s: %s", run.relative_path,
+                                      remove_exc)
+                            removed = False
+                        manifest["error"] = out_of_space_message(exc, root, timer, removed)
                     else:
                         text = str(exc).strip()  # a Py4J error's text is the whole Java stack
                         detail = java_cause(exc) if "\n" in text else text
@@ -365,12 +372,12 @@ def run_nightly(
                     manifest["timings"] = timer.seconds
                     try:
                         publish.write_failed_manifest(run, manifest)
-                    except OSError as record_exc:  # never replace the run's own error with this one
+                    except Exception as record_exc:  # noqa: BLE001 - never replace the run's own error
                         log.error("run %s failed (%s); its failed manifest could not be written either: %s",
                                   run.relative_path, manifest["error"], record_exc)
                         with suppress(OSError):
                             publish.retract_manifest(run)
-                if out_of_space(exc) and isinstance(exc, Exception) and not isinstance(exc, PipelineError):
+                if full_disk:
                     raise OutOfSpaceError(manifest["error"]) from exc
                 raise
             finally:
@@ -389,12 +396,16 @@ def run_nightly(
     return NightlyResult(run.path, manifest, True)
 
 
-def out_of_space_message(exc: BaseException, root: str, timer: StageTimer | None = None) -> str:
-    """What a full disk stopped, for the failed manifest and the job's ``error:`` line."""
+def out_of_space_message(exc: BaseException, root: str, timer: StageTimer | None = None,
+                         tables_removed: bool = True) -> str:
+    """What a full disk stopped, for the failed manifest and the job's ``error:`` line. The full disk may
+    be output.root's or Spark's scratch (``spark.local.dir``): the file or Java cause says which."""
     stage = f" in stage {next(reversed(timer.seconds))}" if timer and timer.seconds else ""
-    where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else f" ({java_cause(exc)})"
-    return (f"no space left on the disk of output.root = {root}{stage}{where}; nothing was published and "
-            "latest.json is unchanged; the failed run's tables were removed to free space. Free space and rerun")
+    where = exc.filename if isinstance(exc, OSError) and exc.filename else java_cause(exc)
+    tables = ("the failed run's tables were removed to free space" if tables_removed
+              else "the failed run's tables could not all be removed")
+    return (f"no space left on device{stage} ({where}); nothing was published and latest.json is unchanged; "
+            f"{tables}. Free space on that disk (output.root = {root}, or Spark's spark.local.dir) and rerun")
 
 
 def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTimer) -> None:

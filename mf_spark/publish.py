@@ -723,14 +723,15 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
-def remove_tables(run: RunDir) -> None:
+def remove_tables(run: RunDir) -> bool:
     """Delete the directories (tables, report, staging) of an unpublished run, keeping its files (the
-    manifest): what a full disk's failed run does to make room for its record."""
+    manifest): what a full disk's failed run does to make room for its record. True when none is left."""
     if run_status(run) in ("published", "superseded"):
         raise ValueError(f"remove_tables: {run.relative_path} is published")
     for child in Path(run.path).iterdir():
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
+    return not any(child.is_dir() for child in Path(run.path).iterdir())
 
 
 def retract_manifest(run: RunDir) -> None:

@@ -207,6 +207,20 @@ def test_a_failed_update_removes_the_versions_it_wrote(spark, tmp_path, monkeypa
     assert sorted(p.name for p in (tmp_path / "dim_item").iterdir()) == ["version=run1"]
     assert read_pointer(str(tmp_path))["run_id"] == "run1"
 
+    # a failure after the pointer swap went through: the versions are the current maps and must stay
+    monkeypatch.undo()
+    real_swap = id_maps.compare_and_swap_pointer
+
+    def swapped_then_failed(*args, **kwargs):
+        real_swap(*args, **kwargs)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(id_maps, "compare_and_swap_pointer", swapped_then_failed)
+    with pytest.raises(OSError):
+        update(spark, tmp_path, "run3", ["c"], ["z"])
+    assert read_pointer(str(tmp_path))["run_id"] == "run3"
+    assert sorted(r["user_id"] for r in load_id_map(spark, str(tmp_path), "dim_user").collect()) == ["a", "c"]
+
 
 def test_new_ids_are_numbered_in_sorted_order_across_partitions(spark):
     existing = spark.createDataFrame([("zz", 0), ("aa", 1), ("mm", 2)], USER_MAP)

@@ -249,7 +249,7 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
                          (java, "(org.apache.spark.SparkException: Job aborted.)")):
         assert run_job("x", "x", raising(error), argv=argv) == 8
         err = capsys.readouterr().err
-        assert f"error: no space left on device {named}; the job's outputs are replaced only once written" in err
+        assert f"error: no space left on device {named}; free space on that disk and rerun" in err
     with pytest.raises(OSError):  # after publication it is no longer the job's failure to report so
         run_job("x", "x", raising(OSError(errno.ENOSPC, "No space left on device"), published_run=run), argv=argv)
 
@@ -380,6 +380,40 @@ def test_a_date_without_events_still_fails_without_the_flag(spark, tmp_path, eve
     assert not (tmp_path / "out" / "latest.json").exists()
 
 
+def test_out_of_space_is_the_disk_and_not_a_path_or_a_bug_in_a_handler():
+    import errno
+
+    from mf_spark.errors import out_of_space
+
+    enospc = OSError(errno.ENOSPC, "No space left on device")
+    assert out_of_space(enospc)
+    assert out_of_space(RuntimeError("o1.save.\n: org.apache.hadoop.fs.FSError: java.io.IOException: No space "
+                                     "left on device\n\tat x"))
+    try:
+        raise RuntimeError("wrapped") from enospc
+    except RuntimeError as wrapped:
+        assert out_of_space(wrapped)
+    # not: a path that merely contains the words, a bug raised while handling ENOSPC, a "from None"
+    assert not out_of_space(FileNotFoundError(errno.ENOENT, "No such file", "/data/No space left on device.csv"))
+    def bad_value():
+        raise ValueError("bad")
+
+    for replace in (lambda: 1 + "x", bad_value):
+        try:
+            try:
+                raise enospc
+            except OSError:
+                replace()
+        except (TypeError, ValueError) as later:
+            assert later.__context__ is enospc and not out_of_space(later)
+
+    class JvmGone(Exception):  # a Py4J error's str() asks the JVM, which may have exited
+        def __str__(self):
+            raise ConnectionRefusedError(111, "Connection refused")
+
+    assert not out_of_space(JvmGone())
+
+
 def test_a_full_disk_leaves_a_failed_manifest_and_frees_the_tables(spark, tmp_path, events_with_a_gap,
                                                                    monkeypatch):
     """On a full output disk the failed-manifest write failed too (ENOSPC): the run had no record and the
@@ -403,8 +437,9 @@ def test_a_full_disk_leaves_a_failed_manifest_and_frees_the_tables(spark, tmp_pa
 
     monkeypatch.setattr(mf_spark.publish, "write_json_atomic", disk_full_while_tables_exist)
     monkeypatch.setattr(mf_spark.publish, "publish_run", publish_on_a_full_disk)
-    with pytest.raises(OutOfSpaceError, match=rf"^no space left on the disk of output.root = {root} in stage "
-                                              r"publish: .*manifest\.json\.tmp; nothing was published") as raised:
+    with pytest.raises(OutOfSpaceError, match=r"^no space left on device in stage publish \(.*manifest\.json\.tmp\); "
+                                              r"nothing was published.*tables were removed to free space\. Free "
+                                              rf"space on that disk \(output\.root = {root}, ") as raised:
         run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
     assert raised.value.exit_code == 8
     [run] = list_runs(str(root))
