@@ -69,8 +69,9 @@ def test_crash_before_the_pointer_swap_leaves_the_old_map_current(spark, tmp_pat
     monkeypatch.setattr(id_maps, "swap_pointer", crash)
     with pytest.raises(OSError, match="simulated crash"):
         update(spark, tmp_path, "run2", ["a", "b"], ["x", "y"])
-    assert (tmp_path / "dim_user" / "version=run2").is_dir()  # the new version was written...
-    assert json.loads((tmp_path / "CURRENT.json").read_text()) == before  # ...but is not current
+    # the new version was written but is not current; an error (not a kill) also removes it
+    assert not (tmp_path / "dim_user" / "version=run2").exists()
+    assert json.loads((tmp_path / "CURRENT.json").read_text()) == before
     assert_df_equality(
         load_id_map(spark, str(tmp_path), "dim_user"),
         spark.createDataFrame([("a", 0)], USER_MAP),
@@ -78,7 +79,8 @@ def test_crash_before_the_pointer_swap_leaves_the_old_map_current(spark, tmp_pat
     )
     monkeypatch.undo()
 
-    # the rerun replaces the abandoned directory and completes
+    # a killed run leaves its version behind: the rerun replaces the abandoned directory and completes
+    spark.createDataFrame([("zzz", 0)], USER_MAP).write.parquet(str(tmp_path / "dim_user" / "version=run2"))
     rerun = update(spark, tmp_path, "run2", ["a", "b"], ["x", "y"])
     assert (rerun.new_users, rerun.new_items) == (1, 1)
     assert sorted(tuple(r) for r in rerun.dim_user.collect()) == [("a", 0), ("b", 1)]
