@@ -245,6 +245,11 @@ def run_nightly(
                 # from). Inside the try: a damaged manifest it must read fails this run with a record of why.
                 baseline = publish.previous_published(root, before=run_date)
                 manifest[publish.BASELINE_KEY] = None if baseline is None else baseline["run_id"]
+                if baseline is not None:
+                    with suppress(OSError):  # a hint only: never the reason a run fails
+                        warning = publish.low_space_warning(root, baseline["run_dir"])
+                        if warning:
+                            log.warning("%s", warning)
                 with timer.stage("ingest"):
                     try:
                         ingested = run_ingest(

@@ -723,6 +723,28 @@ def signals_deferred() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
+#: Free space below this multiple of the previous run's size gets a warning before the run starts.
+LOW_SPACE_FACTOR = 1.5
+
+
+def disk_usage_of(root: str) -> int:
+    """Bytes free for this user on the disk of ``root``."""
+    return shutil.disk_usage(root).free
+
+
+def low_space_warning(root: str, previous_run_dir: str) -> str | None:
+    """A warning when the disk of ``root`` has less free space than :data:`LOW_SPACE_FACTOR` times the
+    size of ``previous_run_dir`` (the run this one warm-starts from; a run is about as big as the last),
+    else None. A full disk is only found when it fills (exit 8), after ingest and training."""
+    size = sum(f.stat().st_size for f in Path(previous_run_dir).rglob("*") if f.is_file() and not f.is_symlink())
+    free = disk_usage_of(root)
+    if free >= LOW_SPACE_FACTOR * size:
+        return None
+    mib = 1024 * 1024
+    return (f"output.root {root} has {free / mib:,.1f} MiB free and the previous run "
+            f"{Path(previous_run_dir).name} takes {size / mib:,.1f} MiB: this run may run out of space (exit 8)")
+
+
 def remove_tables(run: RunDir) -> bool:
     """Delete the directories (tables, report, staging) of an unpublished run, keeping its files (the
     manifest): what a full disk's failed run does to make room for its record. True when none is left."""

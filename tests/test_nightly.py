@@ -560,12 +560,16 @@ def test_a_backfill_says_which_of_its_runs_retention_removed(spark, tmp_path, ev
     with (caplog.at_level(logging.WARNING, logger="mf_spark"), contextlib.redirect_stdout(printed),
           pytest.MonkeyPatch.context() as patch):
         patch.setattr(mf_spark.pipeline, "run_nightly", spy)
+        # and a disk with less room than a run takes: each warm-started date warns before it starts
+        patch.setattr(mf_spark.publish, "disk_usage_of", lambda root: 1024)
         results = run_backfill(spark, cfg, GAP[0], GAP[2])
     assert len(results) == 3
     assert [(h or {}).get("purpose") for h in holders] == ["backfill"] * 3
     assert len({h["token"] for h in holders}) == 1 and read_lock(str(root)) is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("it will remove backfilled runs" in w and "--set publish.keep_runs=3" in w for w in warnings)
+    low = [w for w in warnings if "MiB free and the previous run" in w and "may run out of space (exit 8)" in w]
+    assert len(low) == 2  # dates 2 and 3; the first has no previous run
     expected = ("backfill: retention has removed 2 of the 3 run(s) this backfill published (2024-03-01, "
                 "2024-03-02): publish.keep_runs = 1 keeps the newest run dates")
     assert expected in printed.getvalue() and expected in warnings

@@ -127,6 +127,18 @@ def test_a_full_disk_at_latest_json_leaves_no_manifest_saying_published(tmp_path
         publish.remove_tables(done)
 
 
+def test_low_space_warning_compares_free_space_with_the_previous_run(tmp_path, monkeypatch):
+    run = published(tmp_path, D1)
+    (Path(run.path) / "table").mkdir()
+    (Path(run.path) / "table" / "part-0").write_bytes(b"x" * 3 * 1024 * 1024)
+    monkeypatch.setattr(publish, "disk_usage_of", lambda root: 4 * 1024 * 1024)  # below 1.5 x 3 MiB
+    warning = publish.low_space_warning(str(tmp_path), run.path)
+    assert warning is not None and f"output.root {tmp_path} has 4.0 MiB free" in warning
+    assert f"previous run run_id={run.run_id} takes 3.0 MiB" in warning
+    monkeypatch.setattr(publish, "disk_usage_of", lambda root: 5 * 1024 * 1024)
+    assert publish.low_space_warning(str(tmp_path), run.path) is None
+
+
 def test_nothing_published_means_no_latest(tmp_path):
     assert read_latest(str(tmp_path)) is None
     assert previous_published(str(tmp_path)) is None
