@@ -6,8 +6,9 @@ Writes Parquet ``<output.root>/ingest/dt=D/interactions`` and ``.../rejects`` an
 ``.../report.json``, updates ``<output.root>/id_maps`` and prints the report table. The nightly does not
 use this job: it calls the same library function, ``mf_spark.ingest.run_ingest``. Like the nightly, the
 job holds the output root's lock (``_LOCK``) while it writes. Exit codes: 3 for bad input (missing path
-or column, uncastable type, no events, no interaction left; in that last case the rejects and the report
-are still written, to see why), 4 when too many rows are rejected, 6 when another run holds the lock.
+or column, uncastable type, a damaged event file, a missing or damaged ID-map version, no events, no
+interaction left; in that last case the rejects and the report are still written, to see why), 4 when
+too many rows are rejected, 6 when another run holds the lock, 8 when a disk is full.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Errors a job reports to its operator, each with its own exit code.
 
 A job catches :class:`PipelineError`, prints its message (no stack trace) and exits with ``exit_code``;
-anything else is a bug and exits 1 with the traceback. The README's operations section lists the codes.
+anything else is a bug and exits 1 with the traceback, except a full disk (ENOSPC), which exits 8
+(:class:`OutOfSpaceError`) with one line. The README's operations section lists the codes.
 """
 
 from __future__ import annotations

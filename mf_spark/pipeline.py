@@ -208,7 +208,8 @@ def run_nightly(
     """Run the whole nightly for ``run_date`` and publish it when the quality gate passes.
 
     Raises a :class:`~mf_spark.errors.PipelineError` subclass (and publishes nothing) on bad input,
-    too many rejects, a failed gate or a held lock.
+    too many rejects, a failed gate or a held lock, and :class:`~mf_spark.errors.OutOfSpaceError` on a
+    full disk, after removing the failed run's tables.
     """
     from mf_spark.evaluate import evaluate_gate, evaluate_holdout
     from mf_spark.evaluate.models import persistent_rdd_ids, unpersist_since

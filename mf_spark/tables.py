@@ -1,4 +1,4 @@
-"""Reading a Parquet table named on the command line or in the config, with errors that name it.
+"""Reading a Parquet table named on the command line or found in a run directory, with errors naming it.
 
 Spark's own errors for a table that is there but wrong (an empty directory, files that are not Parquet, a
 rejects table given as interactions) are analysis traces that surface far from the flag that named it.
@@ -34,8 +34,9 @@ def read_parquet_table(spark: SparkSession, path: str, what: str, required: Sequ
     Raises
     ------
     InputDataError
-        When the (local) path does not exist, holds no Parquet files or files Spark cannot read as
-        Parquet, or the table lacks a required column; the message names ``what``, ``path`` and the column.
+        When the (local) path does not exist, holds no Parquet files, Spark cannot read its schema as
+        Parquet (it reads one file's footer), or the table lacks a required column; the message names
+        ``what``, ``path`` and the column.
     """
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"{what} not found: {path}")

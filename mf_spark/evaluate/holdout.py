@@ -87,7 +87,8 @@ def evaluate_holdout(
         Names from :data:`mf_spark.evaluate.models.MODELS`; the first is the *primary* model the gate reads.
     out_dir
         When given, ``metrics.json``, ``report.md`` and plots are written there, replacing the directory
-        whole: one holding anything but an earlier report is refused before any work (UsageError).
+        whole: one holding anything but an earlier report, or that cannot be created or written, is
+        refused before any work (UsageError).
     tune, tuning_grid, tuning_metric, tuning_mode, tuning_samples
         Tuning mode: each factor model searches the dimensions of ``tuning_grid`` it supports
         (``name -> values``; names from :data:`mf_spark.evaluate.tuning.TUNABLE`; default

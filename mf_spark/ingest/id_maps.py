@@ -318,13 +318,16 @@ def update_id_maps(
 
     Nothing is written when no id is new. Otherwise each changed map is written to
     ``<name>/version=<run_id>/`` and then the pointer is swapped; a failure before the swap leaves the
-    previous maps current.
+    previous maps current and removes the version directories this call wrote (only a killed process
+    leaves them behind).
 
     Raises
     ------
     IdMapConflictError
         When ``CURRENT.json`` changed since this call read it (a concurrent writer): the pointer is
         left as the other writer made it and this run's version directories are removed.
+    InputDataError
+        When a map version ``CURRENT.json`` names is missing or its files are damaged.
     """
     if not _RUN_ID.match(run_id):
         raise ValueError(f"run_id {run_id!r} must be letters, digits and _.:+- only")

@@ -97,7 +97,8 @@ def read_raw(
     InputDataError
         When the path does not exist, Spark cannot infer a schema (an empty directory), the files are not
         in ``input.format`` (Parquet read as CSV or JSON, text read as Parquet, no line of a JSON input
-        is a JSON record), or a CSV/JSON input is empty (no header and no rows).
+        is a JSON record), a CSV/JSON input is empty (no header and no rows), or the first data file
+        cannot be opened (e.g. no read permission).
     """
     if "://" not in path and not os.path.exists(path):
         raise InputDataError(f"input path {path} does not exist (input.path)")

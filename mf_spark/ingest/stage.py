@@ -130,8 +130,10 @@ def run_ingest(
     Raises
     ------
     InputDataError
-        Missing input path, missing or uncastable mapped column (naming column and path), no events in
-        the window (:class:`~mf_spark.errors.NoEventsError`), no interaction left after the rules
+        Missing input path, missing or uncastable mapped column (naming column and path), a damaged
+        event file or one whose column types differ from the others' (naming file and column), a
+        missing or damaged ID-map version, no events in the window
+        (:class:`~mf_spark.errors.NoEventsError`), no interaction left after the rules
         (:class:`~mf_spark.errors.NoInteractionsLeftError`, which carries the rejects and the report).
     RejectThresholdError
         The reject fraction exceeds ``settings.max_reject_fraction``; no ID map is written.
