@@ -16,7 +16,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mf_spark.config import key_source, load_config, spark_properties
-from mf_spark.errors import ConfigError, OutOfSpaceError, PipelineError, UsageError, java_cause, out_of_space
+from mf_spark.errors import (
+    ConfigError,
+    OutOfSpaceError,
+    PipelineError,
+    UsageError,
+    failing_file_or_cause,
+    java_cause,
+    out_of_space,
+)
 
 log = logging.getLogger("mf_spark")
 
@@ -176,8 +184,7 @@ def run_job(
             print(f"error: {exc.backfill_note}", file=sys.stderr)  # type: ignore[attr-defined]
         if isinstance(exc, Exception) and out_of_space(exc) and not published:
             # A full disk is the machine's state, not a bug: no traceback, and its own exit code
-            where = exc.filename if isinstance(exc, OSError) and exc.filename else java_cause(exc)
-            message = f"no space left on device ({where}); free space on that disk and rerun"
+            message = f"no space left on device ({failing_file_or_cause(exc)}); free space on that disk and rerun"
             log.error("%s", message)
             print(f"error: {message}", file=sys.stderr)
             return OutOfSpaceError.exit_code

@@ -110,6 +110,11 @@ def out_of_space(exc: BaseException) -> bool:
     return False
 
 
+def failing_file_or_cause(exc: BaseException) -> str:
+    """The file an ``OSError`` names, else :func:`java_cause`: where a full disk stopped the job."""
+    return exc.filename if isinstance(exc, OSError) and exc.filename else java_cause(exc)
+
+
 def java_cause(exc: BaseException) -> str:
     """The first line of the Java exception inside a Py4J error (``java.io.IOException: ...``), or the
     error's own first line: what an operator needs, without the JVM stack."""

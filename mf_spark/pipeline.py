@@ -30,6 +30,7 @@ from mf_spark.errors import (
     PipelineError,
     QualityGateError,
     damaged_file_cause,
+    failing_file_or_cause,
     java_cause,
     out_of_space,
 )
@@ -407,7 +408,7 @@ def out_of_space_message(exc: BaseException, root: str, timer: StageTimer | None
     """What a full disk stopped, for the failed manifest and the job's ``error:`` line. The full disk may
     be output.root's or Spark's scratch (``spark.local.dir``): the file or Java cause says which."""
     stage = f" in stage {next(reversed(timer.seconds))}" if timer and timer.seconds else ""
-    where = exc.filename if isinstance(exc, OSError) and exc.filename else java_cause(exc)
+    where = failing_file_or_cause(exc)
     tables = ("the failed run's tables were removed to free space" if tables_removed
               else "the failed run's tables could not all be removed")
     return (f"no space left on device{stage} ({where}); nothing was published and latest.json is unchanged; "

@@ -25,7 +25,7 @@ from mf_spark.evaluate.metrics import (
 )
 from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, persistent_rdd_ids, recommend_for_users
 from mf_spark.evaluate.report import check_report_dir, write_report
-from mf_spark.evaluate.splits import make_split
+from mf_spark.evaluate.splits import check_columns, make_split
 from mf_spark.evaluate.tuning import tune_model, validation_splits
 from mf_spark.tables import INTERACTION_COLUMNS
 
@@ -120,10 +120,7 @@ def evaluate_holdout(
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     parse_metric_name(tuning_metric)
-    missing = [c for c in INTERACTION_COLUMNS if c not in interactions.columns]
-    if missing:  # the counts below would fail first, with an analysis trace
-        raise InputDataError(f"interactions lack column(s) {', '.join(missing)} "
-                             f"(have {', '.join(interactions.columns)})")
+    check_columns(interactions, INTERACTION_COLUMNS, needed_by="")  # the counts below failed with a trace
     base = TrainParams.from_mapping(train_params)
     models = list(models)
     # label this evaluation's Spark jobs; later jobs of the caller are not "evaluation"

@@ -123,12 +123,13 @@ def _seeded_hash(seed: int, *columns: str) -> Column:
     return F.xxhash64(F.lit(int(seed)), *[F.col(c) for c in columns])
 
 
-def _check_columns(interactions: DataFrame, needed: tuple[str, ...]) -> None:
+def check_columns(interactions: DataFrame, needed: tuple[str, ...], needed_by: str = "the split") -> None:
+    """Raise :class:`InputDataError` naming the columns of ``needed`` that ``interactions`` lacks."""
     missing = [c for c in needed if c not in interactions.columns]
     if missing:
+        by = f" needed by {needed_by}" if needed_by else ""
         raise InputDataError(
-            f"interactions lack column(s) {', '.join(missing)} needed by the split "
-            f"(have {', '.join(interactions.columns)})"
+            f"interactions lack column(s) {', '.join(missing)}{by} (have {', '.join(interactions.columns)})"
         )
 
 
@@ -181,7 +182,7 @@ def user_temporal_split(interactions: DataFrame, *, test_fraction: float = 0.2, 
     ``test_n > 0`` holds out the last ``test_n``; otherwise ``round(test_fraction * n_u)``, at least 1;
     a user always keeps at least one training interaction (single-interaction users are train only).
     """
-    _check_columns(interactions, (USER, ITEM))
+    check_columns(interactions, (USER, ITEM))
     time = _time_column(interactions)
     train, test = _split_each_user(interactions, [F.col(time), F.col(ITEM)], test_fraction, test_n)
     return Split(
@@ -196,7 +197,7 @@ def user_random_split(
 
     Sizes as in :func:`user_temporal_split`.
     """
-    _check_columns(interactions, (USER, ITEM))
+    check_columns(interactions, (USER, ITEM))
     order = [_seeded_hash(seed, USER, ITEM), F.col(ITEM)]
     train, test = _split_each_user(interactions, order, test_fraction, test_n)
     return Split(
@@ -213,7 +214,7 @@ def global_temporal_split(interactions: DataFrame, *, cutoff_date: str | dt.date
     Test rows of users with no interaction up to the cutoff go to ``cold_test`` (reported, not scored).
     A row without a time cannot be after the cutoff: it is training data (it fell out of both parts).
     """
-    _check_columns(interactions, (USER, ITEM))
+    check_columns(interactions, (USER, ITEM))
     time = _time_column(interactions)
     if isinstance(cutoff_date, str):
         try:
@@ -246,7 +247,7 @@ def strong_generalization_split(
     split at random (seeded hash) into ``fold_in`` (``1 - test_fraction``) and ``test``; everyone
     else's interactions are ``train`` (the VAE-CF protocol of Liang et al. 2018).
     """
-    _check_columns(interactions, (USER, ITEM))
+    check_columns(interactions, (USER, ITEM))
     if holdout_users < 1:
         raise ValueError(f"holdout_users must be >= 1, got {holdout_users}")
     eligible = interactions.groupBy(USER).agg(F.count(F.lit(1)).alias("_n")).where(F.col("_n") >= 2)
