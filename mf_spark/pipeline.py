@@ -373,9 +373,8 @@ def run_nightly(
                             removed = False
                         manifest["error"] = out_of_space_message(exc, root, timer, removed)
                     else:
-                        text = str(exc).strip()  # a Py4J error's text is the whole Java stack
-                        detail = java_cause(exc) if "\n" in text else text
-                        manifest["error"] = f"{type(exc).__name__}: {detail}"
+                        # a Py4J error's text is the whole Java stack: its cause is the line that matters
+                        manifest["error"] = f"{type(exc).__name__}: {java_cause(exc)}"
                     manifest["timings"] = timer.seconds
                     try:
                         publish.write_failed_manifest(run, manifest)

@@ -39,7 +39,7 @@ def read_parquet_table(spark: SparkSession, path: str, what: str, required: Sequ
         ``what``, ``path`` and the column.
     """
     if "://" not in path and not os.path.exists(path):
-        raise InputDataError(f"{what} not found: {path}")
+        raise InputDataError(f"{what} {path} does not exist")
     try:
         table = spark.read.parquet(path)
     except AnalysisException as exc:
@@ -48,8 +48,13 @@ def read_parquet_table(spark: SparkSession, path: str, what: str, required: Sequ
         raise InputDataError(f"{what} {path}: cannot be read as Parquet: {java_cause(exc)}") from None
     except Py4JJavaError as exc:  # a footer that is not Parquet's, an unreachable URI
         raise InputDataError(f"{what} {path}: cannot be read as Parquet: {java_cause(exc)}") from None
+    require_columns(table, f"{what} {path}", required)
+    return table
+
+
+def require_columns(table: DataFrame, name: str, required: Sequence[str]) -> None:
+    """Raise :class:`InputDataError` naming ``name`` and every ``required`` column ``table`` lacks."""
     missing = [c for c in required if c not in table.columns]
     if missing:
-        raise InputDataError(f"{what} {path}: table has no column {', '.join(repr(c) for c in missing)} "
+        raise InputDataError(f"{name}: table has no column {', '.join(repr(c) for c in missing)} "
                              f"(columns: {', '.join(table.columns)})")
-    return table

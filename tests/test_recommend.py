@@ -560,12 +560,17 @@ def test_item_tables_that_cannot_be_read_name_the_key(spark, tmp_path):
     from mf_spark.errors import InputDataError
     from mf_spark.recommend.tables import read_item_table
 
-    with pytest.raises(InputDataError, match=r"^recommend.item_filter_path = hdfs:///x cannot be read as Parquet"):
+    with pytest.raises(InputDataError, match=r"^recommend.item_filter_path = hdfs:///x: cannot be read as Parquet"):
         read_item_table(spark, "hdfs:///x", "item_filter_path")
     (tmp_path / "list.txt").write_text("not parquet\n")
-    with pytest.raises(InputDataError, match=r"^recommend.allow_list_path = .*list.txt cannot be read as Parquet"):
+    with pytest.raises(InputDataError, match=r"^recommend.allow_list_path = .*list.txt: cannot be read as Parquet"):
         read_item_table(spark, str(tmp_path / "list.txt"), "allow_list_path")
     assert read_item_table(spark, "", "allow_list_path") is None
+    with pytest.raises(InputDataError, match=r"^recommend.allow_list_path = .*nothing does not exist$"):
+        read_item_table(spark, str(tmp_path / "nothing"), "allow_list_path")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputDataError, match=r"^recommend.item_filter_path = .*empty: holds no Parquet files$"):
+        read_item_table(spark, str(tmp_path / "empty"), "item_filter_path")
     spark.createDataFrame([("a",)], "sku string").write.parquet(str(tmp_path / "skus"))
     with pytest.raises(InputDataError, match=r"^recommend.allow_list_path = .*skus: table has no column 'item_id'"):
         read_item_table(spark, str(tmp_path / "skus"), "allow_list_path")

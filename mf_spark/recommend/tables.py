@@ -11,26 +11,18 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from py4j.protocol import Py4JJavaError
 from pyspark import Broadcast
-from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark import publish
 from mf_spark.als.params import SolveParams
-from mf_spark.errors import InputDataError, java_cause
+from mf_spark.errors import InputDataError
 from mf_spark.recommend.engine import DEFAULT_MAX_BROADCAST_BYTES, has_nonzero_factor, recommend_top_k, similar_items
 from mf_spark.recommend.fold_in import fold_in_new_users
-from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
+from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table, require_columns
 
 logger = logging.getLogger(__name__)
-
-
-def _require(df: DataFrame, name: str, columns: tuple[str, ...]) -> None:
-    for col in columns:
-        if col not in df.columns:
-            raise InputDataError(f"{name}: table has no column '{col}' (columns: {', '.join(df.columns)})")
 
 
 def to_string_ids(recs: DataFrame, dim_user: DataFrame, dim_item: DataFrame) -> DataFrame:
@@ -51,8 +43,8 @@ def to_string_ids(recs: DataFrame, dim_user: DataFrame, dim_item: DataFrame) -> 
         ``user_id`` string, ``rank`` int, ``item_id`` string, ``score`` float. Rows whose index is
         missing from a map are dropped (inner joins).
     """
-    _require(dim_user, "dim_user", ("user_id", "user_idx"))
-    _require(dim_item, "dim_item", ("item_id", "item_idx"))
+    require_columns(dim_user, "dim_user", ("user_id", "user_idx"))
+    require_columns(dim_item, "dim_item", ("item_id", "item_idx"))
     users = dim_user.select(F.col("user_idx").cast("int").alias("src"), F.col("user_id").cast("string"))
     items = dim_item.select(F.col("item_idx").cast("int").alias("dst"), F.col("item_id").cast("string"))
     return recs.join(users, "src").join(items, "dst").select("user_id", "rank", "item_id", "score")
@@ -63,7 +55,7 @@ def similar_to_string_ids(sims: DataFrame, dim_item: DataFrame) -> DataFrame:
 
     ``sims`` has the columns of :func:`~mf_spark.recommend.engine.similar_items`.
     """
-    _require(dim_item, "dim_item", ("item_id", "item_idx"))
+    require_columns(dim_item, "dim_item", ("item_id", "item_idx"))
     items = dim_item.select(F.col("item_idx").cast("int").alias("idx"), F.col("item_id").cast("string"))
     return (
         sims.join(items.withColumnRenamed("idx", "item"), "item")
@@ -77,7 +69,7 @@ def similar_to_string_ids(sims: DataFrame, dim_item: DataFrame) -> DataFrame:
 
 def item_ids_to_index(items: DataFrame, dim_item: DataFrame, name: str) -> DataFrame:
     """``id`` int of the ``item_id`` values of a filter table (ids unknown to ``dim_item`` are ignored)."""
-    _require(items, name, ("item_id",))
+    require_columns(items, name, ("item_id",))
     return (
         items.select(F.col("item_id").cast("string"))
         .join(dim_item.select(F.col("item_id").cast("string"), F.col("item_idx")), "item_id")
@@ -252,14 +244,7 @@ def read_item_table(spark: SparkSession, path: str, key: str) -> DataFrame | Non
     the key is empty. The nightly and the recommend job both read them here."""
     if not path:
         return None
-    if "://" not in path and not os.path.exists(path):
-        raise InputDataError(f"recommend.{key} = {path} does not exist")
-    try:
-        table = spark.read.parquet(path)
-    except (AnalysisException, Py4JJavaError) as exc:  # an unreachable URI, not a Parquet table
-        raise InputDataError(f"recommend.{key} = {path} cannot be read as Parquet: {java_cause(exc)}") from None
-    _require(table, f"recommend.{key} = {path}", ("item_id",))
-    return table
+    return read_parquet_table(spark, path, f"recommend.{key} =", ("item_id",))
 
 
 def _read_id_map(spark: SparkSession, run_dir: str, id_map_dir: str | None, name: str) -> DataFrame:
