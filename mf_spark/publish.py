@@ -237,7 +237,7 @@ def _iso(ts: dt.datetime) -> str:
 # the lock
 
 
-def _process_start_ticks(pid: int) -> int | None:
+def process_start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (Linux ``/proc``), to detect pid reuse."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
@@ -268,7 +268,7 @@ def pid_alive(pid: int, start_ticks: int | None = None) -> bool:
     if _process_state(pid) in ("Z", "X"):
         return False
     if start_ticks is not None:
-        current = _process_start_ticks(pid)
+        current = process_start_ticks(pid)
         if current is not None and current != start_ticks:
             return False
     return True
@@ -323,7 +323,7 @@ class RunLock:
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
-            "pid_start_ticks": _process_start_ticks(os.getpid()),
+            "pid_start_ticks": process_start_ticks(os.getpid()),
             "started_at": _iso(_utc_now()),
             "run_date": self.run_date.isoformat(),
             "purpose": self.purpose,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -166,8 +167,39 @@ def temporary_checkpoint_dir(prefix: str) -> str:
     """A fresh local directory for checkpoints, deleted when the Python process exits.
 
     Checkpoints are only needed while the driver lives; without the clean-up every job run left one
-    directory (with every checkpointed factor RDD) in /tmp.
+    directory (with every checkpointed factor RDD) in /tmp. A SIGKILLed driver (the OOM killer) runs no
+    exit handler, so the name carries the pid and its start time, and the directories of dead drivers
+    are removed here, when the next job starts.
     """
-    path = tempfile.mkdtemp(prefix=prefix)
+    from mf_spark.publish import process_start_ticks
+
+    pid = os.getpid()
+    remove_dead_checkpoint_dirs(tempfile.gettempdir(), prefix)
+    path = tempfile.mkdtemp(prefix=f"{prefix}{pid}-{process_start_ticks(pid) or 0}-")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
+
+
+def remove_dead_checkpoint_dirs(parent: str, prefix: str) -> list[str]:
+    """Remove the ``prefix<pid>-<start ticks>-*`` directories under ``parent`` whose process is gone;
+    the names removed. Directories named otherwise (older versions, other tools) are left alone."""
+    from mf_spark.publish import pid_alive
+
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-(\d+)-")
+    removed = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in names:
+        match = pattern.match(name)
+        if match is None:
+            continue
+        pid, ticks = int(match.group(1)), int(match.group(2))
+        if not pid_alive(pid, ticks or None):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    if removed:
+        log.info("removed %d checkpoint director%s left by killed jobs in %s", len(removed),
+                 "y" if len(removed) == 1 else "ies", parent)
+    return removed

@@ -294,3 +294,31 @@ def test_a_table_that_is_there_but_wrong_is_an_input_error_naming_it(spark, tmp_
     no_strength = spark.createDataFrame([(0, 1)], "user_idx int, item_idx int")
     with pytest.raises(InputDataError, match=r"^interactions lack column\(s\) strength \(have user_idx, item_idx\)"):
         evaluate_holdout(spark, no_strength, split="user_random", models=["popular"], train_params=train)
+
+
+def test_checkpoint_dirs_of_killed_drivers_are_removed_when_the_next_job_starts(tmp_path, monkeypatch):
+    """A SIGKILLed driver runs no atexit handler: every OOM-killed local job left its checkpoints in /tmp."""
+    import subprocess
+    import tempfile
+
+    from mf_spark.publish import process_start_ticks
+    from mf_spark.session import temporary_checkpoint_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    me, my_ticks = os.getpid(), process_start_ticks(os.getpid())
+    names = {
+        "dead": f"mf-spark-ckpt-{gone.pid}-{my_ticks}-x1",
+        "reused_pid": f"mf-spark-ckpt-{me}-{my_ticks + 1}-x2",  # this pid, but another process's start
+        "alive": f"mf-spark-ckpt-{me}-{my_ticks}-x3",
+        "old_style": "mf-spark-ckpt-x4",
+        "other_prefix": f"mf-spark-als-ckpt-{gone.pid}-{my_ticks}-x5",
+    }
+    for name in names.values():
+        (tmp_path / name / "rdd-1").mkdir(parents=True)
+    fresh = temporary_checkpoint_dir("mf-spark-ckpt-")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["dead"] not in left and names["reused_pid"] not in left
+    assert {names["alive"], names["old_style"], names["other_prefix"], os.path.basename(fresh)} <= left
+    assert os.path.basename(fresh).startswith(f"mf-spark-ckpt-{me}-{my_ticks}-")
