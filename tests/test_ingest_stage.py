@@ -167,8 +167,8 @@ def test_every_reject_reason_conservation_and_interactions(spark, tmp_path):
         "outside_window": 1,
         "bot_user": 6,
     }
-    # outside_window is not counted: 18 of the 24 rows in the window
-    assert report["reject_fraction"] == pytest.approx(18 / 24)
+    # outside_window and future_timestamp are not counted: 17 of the 23 rows in the window
+    assert report["reject_fraction"] == pytest.approx(17 / 23)
     assert (report["users"], report["items"], report["interactions"]) == (2, 2, 4)
     assert (report["new_users"], report["new_items"]) == (2, 2)
     assert report["window"] == ["2024-03-01", "2024-03-10"]
@@ -248,6 +248,8 @@ def test_reject_threshold_fails_and_publishes_no_id_map(spark, tmp_path):
         (None, "i1", "view", "2024-03-10 01:00:00", None),
         ("u1", "i1", "click", "2024-03-10 01:00:00", None),
         ("u1", "i1", "view", "2020-01-01 00:00:00", None),  # outside the window: not counted
+        ("u1", "i1", "view", "2024-03-11 01:00:00", None),  # after the run date: not counted either
+        (None, "i1", "click", "2024-03-11 02:00:00", None),  # nor its problems: a later run's row
     ]
     path = write_parquet(tmp_path / "events.parquet", rows)
     with pytest.raises(RejectThresholdError) as info:
@@ -259,8 +261,19 @@ def test_reject_threshold_fails_and_publishes_no_id_map(spark, tmp_path):
     assert ("Event types rejected as unknown, commonest first: 'click' (1); configured in ingest.event_types: "
             "purchase, return, view.") in message
     assert read_pointer(str(tmp_path / "id_maps")) is None
+    assert "(rows read in the window: 3)" in message and "future_timestamp" not in message
     # exactly at the limit passes
-    assert ingest(spark, path, tmp_path, max_reject_fraction=2 / 3).report["rejected"] == 3
+    assert ingest(spark, path, tmp_path, max_reject_fraction=2 / 3).report["rejected"] == 5
+
+
+def test_a_nightly_after_midnight_over_an_unpartitioned_log_is_not_failed_by_the_new_day(spark, tmp_path):
+    """The cron runs at 03:30 UTC for yesterday: today's first hours are in the log, and counting them
+    as rejects failed the run (15 of 115 rows) with exit 4."""
+    rows = [(f"u{n % 7}", f"i{n % 11}", "view", f"2024-03-10 {n % 24:02d}:00:00", None) for n in range(100)]
+    rows += [(f"u{n}", "i1", "view", f"2024-03-11 0{n % 3}:30:00", None) for n in range(15)]
+    report = ingest(spark, write_parquet(tmp_path / "events.parquet", rows), tmp_path, lookback_days=1,
+                    max_reject_fraction=0.01).report
+    assert report["rejected_by_reason"] == {"future_timestamp": 15} and report["reject_fraction"] == 0.0
 
 
 def test_ids_that_are_not_utf8_are_rejected_until_the_encoding_is_given(spark, tmp_path):

@@ -29,17 +29,22 @@ def check_conservation(report: dict[str, Any]) -> None:
         )
 
 
-def reject_fraction(rows_read: int, rejected_by_reason: dict[str, int]) -> float:
-    """Rejected rows over rows read, both without :data:`NOT_COUNTED_IN_REJECT_FRACTION` reasons.
+def rows_in_window(rows_read: int, rejected_by_reason: dict[str, int]) -> int:
+    """Rows read minus those before or after the run's window."""
+    return rows_read - rejected_by_reason.get("outside_window", 0) - rejected_by_reason.get("future_timestamp", 0)
 
-    Rows outside the window are not bad data (an unpartitioned log holds every day), and the support
-    filters are a modelling choice, so neither counts; ``future_timestamp`` and ``bot_user`` do.
+
+def reject_fraction(rows_read: int, rejected_by_reason: dict[str, int]) -> float:
+    """Rejected rows over rows read in the window, without :data:`NOT_COUNTED_IN_REJECT_FRACTION` reasons.
+
+    Rows before or after the window are not bad data (an unpartitioned log holds every day, and a
+    nightly runs after its date has ended), and the support filters are a modelling choice, so none of
+    them counts; ``bot_user`` does.
     """
-    outside = rejected_by_reason.get("outside_window", 0)
     counted = sum(
         n for reason, n in rejected_by_reason.items() if reason not in NOT_COUNTED_IN_REJECT_FRACTION
     )
-    denominator = rows_read - outside
+    denominator = rows_in_window(rows_read, rejected_by_reason)
     return counted / denominator if denominator > 0 else 0.0
 
 
@@ -64,7 +69,7 @@ def check_reject_threshold(
         raise RejectThresholdError(
             f"{fraction:.2%} of the rows read from {input_path} were rejected, above "
             f"ingest.max_reject_fraction = {max_reject_fraction:.2%} (rows read in the window: "
-            f"{rows_read - rejected_by_reason.get('outside_window', 0):,}); rejects by reason: "
+            f"{rows_in_window(rows_read, rejected_by_reason):,}); rejects by reason: "
             f"{_format_counts(counted)}.{' ' + hint if hint else ''} Nothing was published."
         )
     return fraction

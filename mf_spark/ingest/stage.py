@@ -30,6 +30,7 @@ from mf_spark.ingest.report import (
     check_reject_threshold,
     ordered_reasons,
     reject_fraction,
+    rows_in_window,
     write_report,
 )
 from mf_spark.ingest.rules import (
@@ -163,7 +164,7 @@ def run_ingest(
                                  "file of the input must be readable and of one schema; nothing was written")
         valid_rows = by_reason.pop(None, 0)
         rows_read = valid_rows + sum(by_reason.values())
-        in_window = rows_read - by_reason.get("outside_window", 0) - by_reason.get("future_timestamp", 0)
+        in_window = rows_in_window(rows_read, by_reason)
         if rows_read == 0 or in_window == 0:
             from mf_spark.errors import NoEventsError
 
