@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mf_spark.config import key_source, load_config, spark_properties
+from mf_spark.config import key_source, load_config, parse_iso_date, spark_properties
 from mf_spark.errors import (
     ConfigError,
     OutOfSpaceError,
@@ -39,7 +39,7 @@ RUN_DATE_RANGE = (dt.date(1900, 1, 1), dt.date(9999, 12, 30))
 
 def parse_date(text: str) -> dt.date:
     try:
-        date = dt.date.fromisoformat(text)
+        date = parse_iso_date(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date in YYYY-MM-DD form: {text!r}") from None
     low, high = RUN_DATE_RANGE

@@ -21,6 +21,26 @@ from typing import Any
 from mf_spark.errors import ConfigError
 
 
+
+def parse_iso_date(text: str) -> dt.date:
+    """``text`` as a ``YYYY-MM-DD`` date; ``ValueError`` for anything else.
+
+    ``date.fromisoformat`` also takes ``2011-W49`` (a Monday), ``2011W495`` and ``20111209``: a typo
+    became another run date or cutoff without a word.
+    """
+    if not (len(text) == 10 and text.isascii() and text[4] == text[7] == "-" and text.replace("-", "").isdigit()):
+        raise ValueError(f"not a date in YYYY-MM-DD form: {text!r}")
+    return dt.date.fromisoformat(text)
+
+
+def utc_midnight_micros(day: dt.date) -> int:
+    """Microseconds since the epoch of midnight UTC at the start of ``day``.
+
+    Compare ``unix_micros(ts)`` with it rather than a date or datetime literal: Spark turns those into
+    instants in the session time zone (and, before 1900, rebases them with the JVM's zone).
+    """
+    return (day - dt.date(1970, 1, 1)).days * 86_400_000_000
+
 @dataclass(frozen=True)
 class Key:
     """One configuration key.

@@ -32,6 +32,7 @@ def test_defaults_are_valid():
         ({"gate": {"metric": "auc@20"}}, "evaluate.gate.metric"),
         ({"split": "global_temporal"}, "evaluate.cutoff_date"),
         ({"cutoff_date": "2024-13-01"}, "evaluate.cutoff_date"),
+        ({"cutoff_date": "2024-W48"}, "evaluate.cutoff_date"),  # an ISO week date: was 2024-11-25
         ({"tuning": {"confidence": ["linear", "sqrt"]}}, "evaluate.tuning.confidence"),
         ({"tuning": {"alpha": [1, "x"]}}, "evaluate.tuning.alpha"),
         ({"tuning": {"frequency_nu": [0.5, -1.0]}}, "evaluate.tuning.frequency_nu"),

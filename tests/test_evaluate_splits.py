@@ -193,3 +193,28 @@ def test_random_is_seeded_and_excludes_seen(spark):
     assert sorted(r["rank"] for r in rows if r["user_idx"] == 2) == [1, 2, 3, 4, 5]
     assert len({r["item_idx"] for r in rows if r["user_idx"] == 2}) == 5
     assert _pairs(first) != _pairs(random_items(catalogue, users, 5, seen=seen, seed=4))
+
+
+def test_global_temporal_cuts_at_the_utc_day_whatever_the_session_zone(spark):
+    """The cutoff was midnight in the session time zone: under America/New_York a pair first met at
+    00:30 UTC the day after the cutoff was training data (the docs say UTC days)."""
+    after = [dt.datetime(2024, 6, 2, 0, 0, tzinfo=dt.UTC), dt.datetime(2024, 6, 2, 0, 30, tzinfo=dt.UTC)]
+    before = dt.datetime(2024, 6, 1, 23, 59, tzinfo=dt.UTC)
+    rows = [(1, item, 1.0, 1, ts, ts) for item, ts in enumerate([before, *after])]
+    zone = spark.conf.get("spark.sql.session.timeZone")
+    try:
+        for session_zone in ("America/New_York", "Asia/Tokyo", "UTC"):
+            spark.conf.set("spark.sql.session.timeZone", session_zone)
+            frame = spark.createDataFrame(rows, "user_idx int, item_idx int, strength float, n_events long, "
+                                                "first_ts timestamp, last_ts timestamp")
+            split = make_split(frame, "global_temporal", cutoff_date="2024-06-01")
+            assert (_pairs(split.train), _pairs(split.test)) == ([(1, 0)], [(1, 1), (1, 2)]), session_zone
+    finally:
+        spark.conf.set("spark.sql.session.timeZone", zone)
+
+
+@pytest.mark.parametrize("text", ["2024-W22", "20240601", "2024W226", "2024-6-1"])
+def test_a_cutoff_date_in_another_iso_form_is_refused(interactions, text):
+    """date.fromisoformat took ISO week dates and the compact form: '2024-W22' became 2024-05-27."""
+    with pytest.raises(ValueError, match="YYYY-MM-DD"):
+        make_split(interactions, "global_temporal", cutoff_date=text)

@@ -96,7 +96,7 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         ("last_instant", event("u1", "i1", "view", "2024-03-10 23:59:59.999999")),
         ("before", event("u1", "i1", "view", "2024-02-29 23:59:59")),
         ("first_instant", event("u1", "i1", "view", "2024-03-01 00:00:00")),
-        # two problems: the earlier reason in the precedence order wins
+        # two problems: the earlier reason in the precedence order wins (after the window: a later run's row)
         ("null_user_and_future", event(None, "i1", "click", "2030-01-01 00:00:00")),
         # a row before the window is outside_window whatever else is wrong with it (it is not counted)
         ("old_unknown_type", event("u1", "i1", "click", "2022-01-01 00:00:00")),
@@ -143,6 +143,28 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
     expected = spark.createDataFrame(list(expected_reasons.items()), "label string, reason string")
     assert_df_equality(actual, expected, ignore_row_order=True, ignore_nullable=True)
 
+
+
+def test_window_edges_do_not_depend_on_the_jvms_time_zone(spark):
+    """A datetime literal is rebased with the JVM's default zone before 1900: on a Los Angeles JVM the
+    window started 422 s early and an event a minute before it was accepted."""
+    from mf_spark.ingest.read import EventWindow
+
+    window = EventWindow(dt.date(1850, 1, 1), dt.date(1850, 1, 10))
+    rows = [(label, *event("u1", "i1", "view", when)) for label, when in (
+        ("before", "1849-12-31 23:59:00"), ("first", "1850-01-01 00:00:00"),
+        ("last", "1850-01-10 23:59:59"), ("after", "1850-01-11 00:00:00"))]
+    time_zone = spark.sparkContext._jvm.java.util.TimeZone
+    default = time_zone.getDefault()
+    try:
+        for zone in ("America/Los_Angeles", "Asia/Kolkata", "UTC"):
+            time_zone.setDefault(time_zone.getTimeZone(zone))
+            df = spark.createDataFrame(rows, f"label string, {CANONICAL}")
+            reasons = {r.label: r.reason for r in df.transform(classify_rows(settings(), window)).collect()}
+            assert reasons == {"before": "outside_window", "first": None, "last": None,
+                               "after": "future_timestamp"}, zone
+    finally:
+        time_zone.setDefault(default)
 
 def test_deduplicate_counts_copies_and_keeps_smallest_provenance(spark):
     rows = [

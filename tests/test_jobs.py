@@ -322,3 +322,15 @@ def test_checkpoint_dirs_of_killed_drivers_are_removed_when_the_next_job_starts(
     assert names["dead"] not in left and names["reused_pid"] not in left
     assert {names["alive"], names["old_style"], names["other_prefix"], os.path.basename(fresh)} <= left
     assert os.path.basename(fresh).startswith(f"mf-spark-ckpt-{me}-{my_ticks}-")
+
+
+@pytest.mark.parametrize("text", ["2011-W49", "2011-W49-5", "2011W495", "20111209"])
+def test_a_run_date_in_another_iso_form_is_refused(text):
+    """date.fromisoformat took ISO week dates and the compact form: --date 2011-W49 ran 2011-12-05."""
+    import argparse
+
+    from mf_spark.cli import parse_date
+
+    with pytest.raises(argparse.ArgumentTypeError, match="not a date in YYYY-MM-DD form"):
+        parse_date(text)
+    assert parse_date("2011-12-09") == __import__("datetime").date(2011, 12, 9)

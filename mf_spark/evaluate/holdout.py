@@ -12,6 +12,7 @@ from pyspark import SparkContext, StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from mf_spark.config import parse_iso_date
 from mf_spark.errors import InputDataError
 from mf_spark.evaluate.metrics import (
     LIST_METRICS,
@@ -365,7 +366,7 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
         raise ConfigError("key 'evaluate.cutoff_date': the global_temporal split needs a date (YYYY-MM-DD)")
     if evaluate["cutoff_date"]:
         try:
-            dt.date.fromisoformat(evaluate["cutoff_date"])
+            parse_iso_date(evaluate["cutoff_date"])
         except ValueError:
             raise ConfigError(
                 f"key 'evaluate.cutoff_date': not a YYYY-MM-DD date: {evaluate['cutoff_date']!r}"

@@ -25,6 +25,7 @@ from typing import Any
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from mf_spark.config import parse_iso_date, utc_midnight_micros
 from mf_spark.errors import InputDataError
 
 log = logging.getLogger(__name__)
@@ -218,11 +219,12 @@ def global_temporal_split(interactions: DataFrame, *, cutoff_date: str | dt.date
     time = _time_column(interactions)
     if isinstance(cutoff_date, str):
         try:
-            cutoff_date = dt.date.fromisoformat(cutoff_date)
+            cutoff_date = parse_iso_date(cutoff_date)
         except ValueError:
             raise ValueError(f"cutoff_date must be YYYY-MM-DD, got {cutoff_date!r}") from None
-    first_test_day = F.lit(cutoff_date + dt.timedelta(days=1)).cast("timestamp")
-    is_test = F.coalesce(F.col(time) >= first_test_day, F.lit(False))
+    # a date cast to timestamp is midnight in the session time zone: the cutoff moved by hours
+    first_test_day = utc_midnight_micros(cutoff_date + dt.timedelta(days=1))
+    is_test = F.coalesce(F.unix_micros(F.col(time).cast("timestamp")) >= F.lit(first_test_day), F.lit(False))
     train = interactions.where(~is_test)
     all_test = interactions.where(is_test)
     train_users = train.select(USER).distinct()

@@ -34,6 +34,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from mf_spark.config import utc_midnight_micros
 from mf_spark.errors import InputDataError, java_cause
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,16 @@ class EventWindow:
     @property
     def end_ts(self) -> dt.datetime:
         return dt.datetime.combine(self.end + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
+
+    # Spark compares these with unix_micros(event_ts): a datetime literal is rebased with the JVM's time
+    # zone before 1900, which moved the window's edges by minutes with the machine's zone
+    @property
+    def start_micros(self) -> int:
+        return utc_midnight_micros(self.start)
+
+    @property
+    def end_micros(self) -> int:
+        return utc_midnight_micros(self.end + dt.timedelta(days=1))
 
 
 def event_window(run_date: dt.date, lookback_days: int) -> EventWindow:

@@ -102,8 +102,8 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
     too_long = (F.length("user_id") > settings.max_id_length) | (F.length("item_id") > settings.max_id_length)
     reason = (
         F.when(F.col("malformed"), F.lit("malformed_record"))
-        .when(F.col("event_ts") < F.lit(window.start_ts), F.lit("outside_window"))
-        .when(F.col("event_ts") >= F.lit(window.end_ts), F.lit("future_timestamp"))
+        .when(F.unix_micros("event_ts") < F.lit(window.start_micros), F.lit("outside_window"))
+        .when(F.unix_micros("event_ts") >= F.lit(window.end_micros), F.lit("future_timestamp"))
         .when(F.col("user_id").isNull(), F.lit("null_user_id"))
         .when(_is_blank(F.col("user_id")), F.lit("empty_user_id"))
         .when(F.col("item_id").isNull(), F.lit("null_item_id"))
