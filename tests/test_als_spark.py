@@ -3,6 +3,7 @@ determinism, routing vs broadcast, input validation, persistence and the MLlib-c
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -701,3 +702,41 @@ def test_blocks_too_large_to_travel_are_refused_before_the_fit(spark, small, mon
     monkeypatch.setattr(train, "MAX_BLOCK_FACTOR_BYTES", 4 * 4 * 3)  # three rank-4 factors per block
     with pytest.raises(ConfigError, match="numItemBlocks = 2 puts about"):
         ImplicitALS(rank=4, maxIter=1, numUserBlocks=R.shape[0], numItemBlocks=2).fit(ratings)
+
+
+def test_rating_blocks_too_large_to_cache_name_the_block_count_to_set(spark, small, monkeypatch):
+    """A block of ratings is cached as one pickled value: above 2 GiB (about 200M ratings) PySpark's
+    "can not serialize object larger than 2G" stopped the fit, naming no setting."""
+    from mf_spark.als import blocks
+    from mf_spark.errors import ConfigError
+
+    R, ratings = small
+    nnz = int((R != 0).sum())
+    monkeypatch.setattr(blocks, "MAX_IN_BLOCK_BYTES", 9 * nnz // 2)  # about half the ratings per block
+    with pytest.raises(ConfigError, match=rf"^ImplicitALS: user block 0 of 1 holds {nnz} ratings \(0\.00 GiB; .*"
+                                          r"set numUserBlocks \(train\.num_user_blocks\) to at least [3-9]$"):
+        ImplicitALS(rank=4, maxIter=1, numUserBlocks=1, numItemBlocks=4).fit(ratings)
+    ImplicitALS(rank=4, maxIter=1, numUserBlocks=4, numItemBlocks=4).fit(ratings)
+
+
+def test_a_routed_fit_warns_when_one_task_gathers_too_many_factors(spark, small, monkeypatch, caplog):
+    """Each block of a routed half-step receives the factors of every fixed-side entity that rated it:
+    at 50M users over 32 item blocks about 18 GiB per task, which nothing said before executors died."""
+    from mf_spark.als import train
+
+    R, ratings = small
+    users_per_item_block = max(len(np.unique(np.nonzero(R[:, b::3])[0])) for b in range(3))
+    items_per_user_block = max(len(np.unique(np.nonzero(R[b::2])[1])) for b in range(2))
+    monkeypatch.setattr(train, "ROUTED_FACTORS_WARN_BYTES", 4 * 4 * (users_per_item_block - 1))
+    with caplog.at_level(logging.WARNING, logger="mf_spark"):
+        ImplicitALS(rank=4, maxIter=1, numUserBlocks=2, numItemBlocks=3, broadcastThreshold=0).fit(ratings)
+    warnings = [r.getMessage() for r in caplog.records if "gathers the factors" in r.getMessage()]
+    assert warnings == [f"solving one item block gathers the factors of up to {users_per_item_block} users (0.0 GiB "
+                        "at rank 4) in one task, and its Python worker needs about 2.3 times that: give executors "
+                        "the memory (spark.executor.pyspark.memory or spark.executor.memoryOverhead) or raise "
+                        "numItemBlocks (docs/als.md, Blocks)"]
+    assert items_per_user_block < users_per_item_block  # so the user blocks' figure stays under the limit
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mf_spark"):  # broadcast: nothing is gathered by routing
+        ImplicitALS(rank=4, maxIter=1, numUserBlocks=2, numItemBlocks=3).fit(ratings)
+    assert not [r for r in caplog.records if "gathers the factors" in r.getMessage()]

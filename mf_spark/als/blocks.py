@@ -21,6 +21,7 @@ sees Arrow batches and numpy arrays, never single rows.
 from __future__ import annotations
 
 import pickle
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -352,7 +353,20 @@ def _chunk_batch(sides: list[int], blocks: list[int], payloads: list[bytes]) -> 
 _CHUNK_ARROW_SCHEMA = pa.schema([("side", pa.int32()), ("block", pa.int32()), ("payload", pa.binary())])
 
 
-def _in_blocks_of_side(chunks: RDD, side: int, num_partitions: int, num_src_blocks: int) -> RDD:
+#: Bytes of one rating block's arrays beyond which the fit stops with the block count to set. A block
+#: is cached as one pickled value, and PySpark refuses values of 2 GiB or more ("can not serialize
+#: object larger than 2G") after ingest, with no word of which setting to change.
+MAX_IN_BLOCK_BYTES = (1 << 31) - (1 << 26)
+#: Marks the task error :func:`build_rating_blocks` turns into a ConfigError.
+_TOO_LARGE = "MF_SPARK_RATING_BLOCK_TOO_LARGE"
+
+
+def in_block_bytes(in_block: InBlock) -> int:
+    return sum(getattr(in_block, name).nbytes for name in
+               ("dst_ids", "indptr", "indices", "ratings", "src_ids", "src_offsets", "n_positive"))
+
+
+def _in_blocks_of_side(chunks: RDD, side: int, num_partitions: int, num_src_blocks: int, max_bytes: int) -> RDD:
     """``RDD[(block, InBlock)]`` of one side from the encoded chunks: one shuffle into
     ``num_partitions`` partitions (see :func:`num_task_partitions`)."""
 
@@ -360,7 +374,11 @@ def _in_blocks_of_side(chunks: RDD, side: int, num_partitions: int, num_src_bloc
         for block, payloads in group_by_block(records):
             parts = [pickle.loads(payload) for payload in payloads]
             dst, src, ratings = (np.concatenate([p[i] for p in parts]) for i in range(3))
-            yield block, make_in_block(dst, src, ratings, num_src_blocks)
+            in_block = make_in_block(dst, src, ratings, num_src_blocks)
+            size = in_block_bytes(in_block)
+            if size > max_bytes:
+                raise ValueError(f"{_TOO_LARGE} side={side} block={block} ratings={in_block.nnz} bytes={size}")
+            yield block, in_block
 
     return (
         chunks.filter(lambda row: row[0] == side)
@@ -390,6 +408,10 @@ class RatingBlocks:
     n_users: int
     n_items: int
     storage_level: StorageLevel
+    #: Most fixed-side entities one block is solved against (``len(src_ids)``): a routed half-step
+    #: gathers that many factors in one task. Users per item block, items per user block.
+    max_users_per_item_block: int = 0
+    max_items_per_user_block: int = 0
     _out: dict = field(default_factory=dict)
 
     def out_blocks(self, side: int) -> RDD:
@@ -403,6 +425,19 @@ class RatingBlocks:
     def unpersist(self) -> None:
         for rdd in (self.user_in, self.item_in, *self._out.values()):
             rdd.unpersist()
+
+
+def _block_too_large(side: int, block: int, nnz: int, size: int, num_blocks: int, max_bytes: int) -> Exception:
+    from mf_spark.errors import ConfigError
+
+    name, param = ("user", "numUserBlocks") if side == USER_SIDE else ("item", "numItemBlocks")
+    # blocks are filled by hash, so they are about equal: scale the count, with a margin for the spread
+    needed = max(num_blocks + 1, -(-num_blocks * size * 5 // (max_bytes * 4)))
+    return ConfigError(
+        f"ImplicitALS: {name} block {block} of {num_blocks} holds {nnz:,} ratings ({size / 2**30:.2f} GiB; a "
+        f"block is cached as one value of less than 2 GiB): set {param} (train.num_{name}_blocks) to at "
+        f"least {needed}"
+    )
 
 
 def build_rating_blocks(
@@ -434,6 +469,8 @@ def build_rating_blocks(
     InputDataError
         The input is empty, or some id is null, fractional or outside the Int range, or some rating is
         null, NaN, infinite or beyond float32's range; the message names the input column.
+    ConfigError
+        A block's ratings exceed :data:`MAX_IN_BLOCK_BYTES`; the message names the block count to set.
     """
     names = column_names
     max_chunk_ratings, max_batch_bytes = MAX_CHUNK_RATINGS, MAX_BATCH_BYTES  # read here: executors see no patch
@@ -447,16 +484,29 @@ def build_rating_blocks(
         .rdd.map(tuple)
         .persist(storage_level)
     )
-    user_in = _in_blocks_of_side(chunks, USER_SIDE, user_partitions, num_item_blocks).persist(storage_level)
-    item_in = _in_blocks_of_side(chunks, ITEM_SIDE, item_partitions, num_user_blocks).persist(storage_level)
+    max_in_block_bytes = MAX_IN_BLOCK_BYTES
+    user_in = _in_blocks_of_side(chunks, USER_SIDE, user_partitions, num_item_blocks, max_in_block_bytes)
+    item_in = _in_blocks_of_side(chunks, ITEM_SIDE, item_partitions, num_user_blocks, max_in_block_bytes)
+    user_in, item_in = user_in.persist(storage_level), item_in.persist(storage_level)
     # one job computes the chunks once (cached) and both sides' blocks; it returns only small summaries
-    summaries = sc.union([
-        chunks.filter(lambda row: row[0] == _STATS).map(lambda row: (_STATS, pickle.loads(row[2]))),
-        # the third figure: pairs whose duplicate rows sum beyond float32 (each row alone was checked)
-        user_in.map(lambda kv: (USER_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz,
-                                            int(np.count_nonzero(~np.isfinite(kv[1].ratings)))))),
-        item_in.map(lambda kv: (ITEM_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz, 0))),
-    ]).collect()
+    try:
+        summaries = sc.union([
+            chunks.filter(lambda row: row[0] == _STATS).map(lambda row: (_STATS, pickle.loads(row[2]))),
+            # the third figure: pairs whose duplicate rows sum beyond float32 (each row alone was checked)
+            user_in.map(lambda kv: (USER_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz,
+                                                int(np.count_nonzero(~np.isfinite(kv[1].ratings))),
+                                                kv[1].src_ids.shape[0]))),
+            item_in.map(lambda kv: (ITEM_SIDE, (kv[1].dst_ids.shape[0], kv[1].nnz, 0, kv[1].src_ids.shape[0]))),
+        ]).collect()
+    except Exception as exc:
+        too_large = re.search(_TOO_LARGE + r" side=(\d) block=(\d+) ratings=(\d+) bytes=(\d+)", str(exc))
+        if too_large is None:
+            raise
+        for rdd in (chunks, user_in, item_in):
+            rdd.unpersist()
+        side, block, nnz, size = (int(g) for g in too_large.groups())
+        raise _block_too_large(side, block, nnz, size, num_user_blocks if side == USER_SIDE else num_item_blocks,
+                               max_in_block_bytes) from None
     chunks.unpersist()
     stats = np.sum([v for k, v in summaries if k == _STATS] or [[0, 0, 0, 0]], axis=0)
     problems = []
@@ -489,4 +539,6 @@ def build_rating_blocks(
         user_in, item_in, num_user_blocks, num_item_blocks, user_partitions, item_partitions,
         nnz=int(sum(v[1] for v in user_sizes)), n_users=int(sum(v[0] for v in user_sizes)),
         n_items=int(sum(v[0] for v in item_sizes)), storage_level=storage_level,
+        max_users_per_item_block=int(max(v[3] for v in item_sizes)),
+        max_items_per_user_block=int(max(v[3] for v in user_sizes)),
     )
