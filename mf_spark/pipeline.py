@@ -265,6 +265,9 @@ def run_nightly(
                         raise
                     ingested.interactions.write.parquet(run.sub("interactions"))
                     ingested.rejects.write.parquet(run.sub("rejects"))
+                    # Later stages read the written tables: the caches would hold executor memory
+                    # (about 15 bytes per interaction) through training, which needs it.
+                    ingested.unpersist()
                     interactions = spark.read.parquet(run.sub("interactions"))
                     dim_user, dim_item = ingested.dim_user, ingested.dim_item
                     manifest["ingest"] = ingested.report
@@ -282,6 +285,8 @@ def run_nightly(
                     _with_string_ids(model.itemFactors, dim_item, "item_idx", "item_id").write.parquet(run.sub("item_factors"))
                     for broadcast in model.trainingBroadcasts:  # the factors are written; a backfill goes on
                         broadcast.destroy()
+                    model.userFactors.unpersist()  # recommend and evaluate read the written tables
+                    model.itemFactors.unpersist()
                     manifest["train"] = {
                         "warm_start_from": None if previous is None else previous.get("run_id"),
                         "iterations": max_iter, "training_loss": model.trainingLoss,

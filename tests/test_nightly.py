@@ -49,8 +49,18 @@ def two_days(spark, tmp_path_factory, filtered_items):
                       [*SMALL, f"output.root={root}", f"recommend.item_filter_path={filtered_items[0]}"])
     before = persistent_rdd_ids(spark)
     temp_files_before = set(os.listdir(spark.sparkContext._temp_dir))
-    first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
-    second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
+    import mf_spark.recommend
+
+    build_tables = mf_spark.recommend.build_recommendation_tables
+
+    def recording(*args, **kwargs):
+        CACHED_AT_RECOMMEND.append(persistent_rdd_ids(spark) - before)
+        return build_tables(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mf_spark.recommend, "build_recommendation_tables", recording)
+        first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
+        second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
     LEFT_CACHED["two_days"] = persistent_rdd_ids(spark) - before
     LEFT_TEMP_FILES["two_days"] = set(os.listdir(spark.sparkContext._temp_dir)) - temp_files_before
     return root, first, second
@@ -60,12 +70,21 @@ def two_days(spark, tmp_path_factory, filtered_items):
 #: they left behind (filled by the fixtures).
 LEFT_CACHED: dict[str, frozenset[int]] = {}
 LEFT_TEMP_FILES: dict[str, set[str]] = {}
+#: RDDs the run had persisted when the recommend stage started, per nightly of two_days.
+CACHED_AT_RECOMMEND: list[frozenset[int]] = []
 
 
 def test_a_nightly_releases_what_it_cached(two_days):
     """A backfill runs its dates in one session: each date left its interactions, rejects and both factor
     tables cached on the executors (a 30-day backfill, 30 copies of the factors)."""
     assert LEFT_CACHED["two_days"] == frozenset()
+
+
+def test_written_tables_are_not_kept_cached_for_the_later_stages(two_days):
+    """Recommend and evaluate read the written interactions and factors, yet the caches of ingest's
+    interactions and rejects and of both factor tables held executor memory until the run ended (at 2B
+    interactions about 58 GB, while ALS and top-N needed it)."""
+    assert CACHED_AT_RECOMMEND == [frozenset(), frozenset()]
 
 
 def test_a_nightly_destroys_its_broadcasts(two_days):
