@@ -17,8 +17,10 @@ Two plans, chosen by the size of the dst matrix (after the allow/exclude filters
   blocks and chunks are persisted (memory and disk) for the lifetime of the returned DataFrame's
   lineage; they are at most the size of the two factor tables plus the seen pairs.
 
-Memory per task is bounded by the block and chunk sizes (plus, in the broadcast plan, the broadcast
-matrix), whatever the number of src rows. The order of a list is total (higher score, then lower dst
+A scoring task's memory is bounded by the block and chunk sizes (plus, in the broadcast plan, the
+broadcast matrix), whatever the number of src rows; the cross plan's merge task holds ``k`` candidates
+per src row from every chunk, and its crossing runs one task per (block, chunk) pair
+(docs/recommend.md, "Bounded memory"). The order of a list is total (higher score, then lower dst
 id) and the block layout depends only on the data, so reruns give identical tables.
 """
 
