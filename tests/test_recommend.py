@@ -83,6 +83,32 @@ def test_top_k_equals_brute_force_with_seen_excluded(data, max_broadcast_bytes, 
     assert_same(collected(recs), expected)
 
 
+def test_the_cross_plan_runs_no_more_tasks_than_there_are_user_blocks(spark, data):
+    """The crossing ran one task per pair of partitions of the packed blocks and chunks: 12,000 blocks x
+    100 chunk partitions would be 1.2M tasks in one stage for the driver to track. Here 37 blocks x 29
+    chunks made 1,073; packing the blocks takes 37."""
+    sc = spark.sparkContext
+    # as with a large catalogue: the chunks too big to broadcast into the join, nor coalesced by AQE
+    settings = {"spark.sql.adaptive.coalescePartitions.enabled": "false", "spark.sql.autoBroadcastJoinThreshold": "-1"}
+    previous = {key: spark.conf.get(key) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    sc.setJobGroup("cross-plan-tasks", "count the tasks of the cross plan")
+    try:
+        recs = recommend_top_k(data["user_df"], data["item_df"], 6, seen=data["seen_df"], src_block_size=1,
+                               dst_chunk_size=1, max_broadcast_bytes=CROSS)
+        assert_same(collected(recs), brute_force(data["user_ids"], data["users"], data["item_ids"],
+                                                 data["items"], 6, set(data["seen"])))
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+        for key, value in previous.items():
+            spark.conf.set(key, value)
+    tracker = sc.statusTracker()
+    tasks = [tracker.getStageInfo(stage).numTasks for job in tracker.getJobIdsForGroup("cross-plan-tasks")
+             for stage in tracker.getJobInfo(job).stageIds if tracker.getStageInfo(stage) is not None]
+    assert max(tasks) == len(data["user_ids"]), sorted(tasks)
+
+
 @PLANS
 def test_top_k_without_seen_exclusion(data, max_broadcast_bytes):
     recs = recommend_top_k(data["user_df"], data["item_df"], 3, src_block_size=8, dst_chunk_size=10,
