@@ -21,7 +21,6 @@ from typing import Any
 from mf_spark.errors import ConfigError
 
 
-
 def parse_iso_date(text: str) -> dt.date:
     """``text`` as a ``YYYY-MM-DD`` date; ``ValueError`` for anything else.
 
@@ -40,6 +39,7 @@ def utc_midnight_micros(day: dt.date) -> int:
     instants in the session time zone (and, before 1900, rebases them with the JVM's zone).
     """
     return (day - dt.date(1970, 1, 1)).days * 86_400_000_000
+
 
 @dataclass(frozen=True)
 class Key:

@@ -59,23 +59,15 @@ _ID_TYPES = (
 class EventWindow:
     """Event dates ``[start, end]`` (inclusive) of a run; instants are UTC.
 
-    ``start_ts`` is midnight at the start of ``start``; ``end_ts`` is midnight *after* ``end`` (exclusive),
-    which is also the reference instant of the time decay.
+    ``start_micros`` is midnight at the start of ``start``; ``end_micros`` is midnight *after* ``end``
+    (exclusive), which is also the reference instant of the time decay. Both are microseconds since the
+    epoch, compared with ``unix_micros(event_ts)``: a datetime literal is rebased with the JVM's time
+    zone before 1900, which moved the window's edges by minutes with the machine's zone.
     """
 
     start: dt.date
     end: dt.date
 
-    @property
-    def start_ts(self) -> dt.datetime:
-        return dt.datetime.combine(self.start, dt.time(), tzinfo=dt.UTC)
-
-    @property
-    def end_ts(self) -> dt.datetime:
-        return dt.datetime.combine(self.end + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-
-    # Spark compares these with unix_micros(event_ts): a datetime literal is rebased with the JVM's time
-    # zone before 1900, which moved the window's edges by minutes with the machine's zone
     @property
     def start_micros(self) -> int:
         return utc_midnight_micros(self.start)

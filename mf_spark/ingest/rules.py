@@ -170,7 +170,7 @@ def with_contribution(settings: IngestSettings, window: EventWindow) -> Callable
     capped = F.when(cap.isNull(), value).otherwise(F.least(value, cap))
     multiplier = F.when(uses_value, capped).otherwise(F.lit(1.0))
     if settings.half_life_days > 0:
-        end_seconds = window.end_ts.timestamp()
+        end_seconds = window.end_micros / 1e6
         age_days = (F.lit(end_seconds) - F.unix_micros("event_ts") / F.lit(1e6)) / F.lit(_SECONDS_PER_DAY)
         decay = F.pow(F.lit(0.5), age_days / F.lit(settings.half_life_days))
     else:

@@ -13,8 +13,8 @@ Two plans, chosen by the size of the dst matrix (after the allow/exclude filters
   most ``dst_chunk_size``. One shuffle (the co-group), no merge step.
 * **cross**: dst rows are packed into chunks of about ``dst_chunk_size`` (chunk = ``id mod
   num_chunks``), every src block is crossed with every chunk (a few tasks per core, each scoring many
-  pairs), each pair yields its per-chunk top-k, and the chunks' lists of a block are merged two at a
-  time with the same exact order (``reduceByKey``). The packed
+  pairs and folding a block's per-chunk top-k lists into one as they come), and a second step merges
+  the few lists of each block with the same exact order. The packed
   blocks and chunks are persisted (memory and disk) for the lifetime of the returned DataFrame's
   lineage; they are at most the size of the two factor tables plus the seen pairs.
 
@@ -363,48 +363,52 @@ def _cross_plan(
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
 
-    def score_pairs(rows: Iterator[Any]) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-        # The cartesian product visits all chunks of one block in a row: unpickle each block once.
-        current_block, block_inputs = None, None
+    def merge(a: tuple, b: tuple) -> tuple:
+        # Each (src, dst) pair is scored in one chunk only and the order is total, so merging lists two
+        # at a time, in any grouping, gives the exact top-k.
+        merged = merge_top_k(*(np.concatenate([x[i] for x in (a, b)]) for i in range(3)), k)
+        return merged.src, merged.dst, merged.score
+
+    def score_pairs(rows: Iterator[Any]) -> Iterator[tuple[int, bytes]]:
+        # The product visits all chunks of one block in a row: unpickle each block once, and fold its
+        # chunks' lists into one as they come, so that a task holds two lists, not one per chunk.
+        current_block, block_inputs, best = None, None, None
         for row in rows:
             if row["block"] != current_block:
-                current_block, block_inputs = row["block"], pickle.loads(row["payload"])
+                if best is not None:
+                    yield current_block, pickle.dumps(best, protocol=5)
+                current_block, block_inputs, best = row["block"], pickle.loads(row["payload"]), None
             ids, factors, indptr, seen_dst = block_inputs
             chunk_ids, chunk_matrix = pickle.loads(row["dst_payload"])
             with task_blas_threads():
                 result = block_top_k(
                     ids, factors, chunk_ids, chunk_matrix, k, seen_indptr=indptr, seen_dst=seen_dst, **kernel_args
                 )
-            yield current_block, (result.src, result.dst, result.score)
+            found = (result.src, result.dst, result.score)
+            best = found if best is None else merge(best, found)
+        if best is not None:
+            yield current_block, pickle.dumps(best, protocol=5)
 
     # A cartesian product runs one task per pair of partitions: with one partition per block and per
     # chunk, 12,000 blocks x 100 chunks made 1.2M tasks for the driver to track. A few tasks per core,
-    # each scoring many (block, chunk) pairs, do the same work.
+    # each scoring many (block, chunk) pairs, do the same work; and a block then reaches the merge
+    # below as one list per partition of chunks (at most 4 per core), not one per chunk, which made
+    # the merge's memory grow with the catalogue.
     parallelism = max(1, spark.sparkContext.defaultParallelism)
     src_partitions = min(src_payload.rdd.getNumPartitions(), 2 * parallelism)
     dst_partitions = min(num_chunks, max(1, 4 * parallelism // src_partitions))
     pairs = src_payload.coalesce(src_partitions).crossJoin(dst_payload.coalesce(dst_partitions))
-
-    def merge(a: tuple, b: tuple) -> tuple:
-        # Each (src, dst) pair is scored in one chunk only and the order is total, so merging lists two
-        # at a time, in any grouping, gives the exact top-k; and memory stays at two lists per block
-        # (the whole block's chunks at once grew with the catalogue).
-        merged = merge_top_k(*(np.concatenate([x[i] for x in (a, b)]) for i in range(3)), k)
-        return merged.src, merged.dst, merged.score
-
-    def to_table(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            for payload in batch.column("payload").to_pylist():
-                src, dst, score = pickle.loads(payload)
-                yield from _topk_table(merge_top_k(src, dst, score, k)).to_batches()
-
     # RDD iteration streams one (block, chunk) pair at a time; an Arrow batch could hold thousands.
-    merged = (
-        pairs.rdd.mapPartitions(score_pairs)
-        .reduceByKey(merge, numPartitions=int(spark.conf.get("spark.sql.shuffle.partitions")))
-        .map(lambda kv: (kv[0], pickle.dumps(kv[1], protocol=5)))
-    )
-    return spark.createDataFrame(merged, _PAYLOAD_SCHEMA).mapInArrow(to_table, RECOMMENDATION_SCHEMA)
+    partial = spark.createDataFrame(pairs.rdd.mapPartitions(score_pairs), _PAYLOAD_SCHEMA)
+
+    def merge_block(table: pa.Table) -> pa.Table:
+        parts = [pickle.loads(p) for p in table.column("payload").to_pylist()]
+        src = np.concatenate([p[0] for p in parts])
+        dst = np.concatenate([p[1] for p in parts])
+        score = np.concatenate([p[2] for p in parts])
+        return _topk_table(merge_top_k(src, dst, score, k))
+
+    return partial.groupBy("block").applyInArrow(merge_block, RECOMMENDATION_SCHEMA)
 
 
 def has_nonzero_factor(column: str = "features") -> Column:
