@@ -100,7 +100,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "min_events_per_item": Key("int", 1, "items with fewer accepted (user,item) pairs are dropped", minimum=1),
         "k_core": Key("bool", False, "iterate the two minimum filters until both hold (k-core)"),
         "max_events_per_user_day": Key("int", 0, "bot rule: users above this many events on any day are rejected whole; 0 = off", minimum=0),
-        "max_reject_fraction": Key("float", 0.05, "fail the run when rejected / read exceeds this", minimum=0),
+        "max_reject_fraction": Key("float", 0.05, "fail the run (exit 4) when the counted rejects exceed this fraction of the rows read in the window (docs/ingest.md: rows before or after the window, and the support filters, do not count)", minimum=0),
         "event_types": MapOf(
             {
                 "weight": Key("float", 1.0, "weight of one event of this type; negative = confident dislike"),
@@ -156,7 +156,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "split": Key("str", "user_temporal", "split protocol", choices=("user_temporal", "global_temporal", "user_random", "strong_generalization")),
         "test_fraction": Key("float", 0.2, "fraction of each user's interactions held out, strictly between 0 and 1", minimum=0, above_minimum=True),
         "test_n": Key("int", 0, "hold out each user's last n instead of a fraction; 0 = use test_fraction", minimum=0),
-        "cutoff_date": Key("str", "", "global_temporal: test = interactions after this date"),
+        "cutoff_date": Key("str", "", "global_temporal: test = pairs first met after this UTC day (YYYY-MM-DD)"),
         "holdout_users": Key("int", 100, "strong_generalization: number of held-out users", minimum=1),
         "seed": Key("int", 7, "seed of random splits"),
         "ks": Key("list[int]", [10, 20, 50, 100], "cut-offs K of every metric"),
