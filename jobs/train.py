@@ -23,7 +23,7 @@ def add_arguments(parser):
 def check_paths(args, cfg):
     from mf_spark.pipeline import check_model_out, require_local_path
 
-    require_local_path(args.interactions, f"train: interactions not found: {args.interactions}")
+    require_local_path(args.interactions, f"train: interactions {args.interactions} does not exist")
     check_model_out(args.model_out)
 
 

@@ -209,8 +209,9 @@ def run_nightly(
     """Run the whole nightly for ``run_date`` and publish it when the quality gate passes.
 
     Raises a :class:`~mf_spark.errors.PipelineError` subclass (and publishes nothing) on bad input,
-    too many rejects, a failed gate or a held lock, and :class:`~mf_spark.errors.OutOfSpaceError` on a
-    full disk, after removing the failed run's tables.
+    too many rejects, a failed gate or a held lock (a :class:`~mf_spark.errors.ConfigError` too when the
+    ALS blocks turn out too large for the data, after ingest), and
+    :class:`~mf_spark.errors.OutOfSpaceError` on a full disk, after removing the failed run's tables.
     """
     from mf_spark.evaluate import evaluate_gate, evaluate_holdout
     from mf_spark.evaluate.models import persistent_rdd_ids, unpersist_since
@@ -578,7 +579,7 @@ def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path
     """Fit on a stored interaction table and save the model; prints the loss per iteration."""
     from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
 
-    require_local_path(interactions_path, f"train: interactions not found: {interactions_path}")
+    require_local_path(interactions_path, f"train: interactions {interactions_path} does not exist")
     check_model_out(model_out)
     interactions = read_parquet_table(spark, interactions_path, "train: interactions", INTERACTION_COLUMNS)
     model = build_estimator(train, train["max_iter"]).fit(interactions)

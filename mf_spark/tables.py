@@ -1,4 +1,5 @@
-"""Reading a Parquet table named on the command line or found in a run directory, with errors naming it.
+"""Reading a Parquet table named on the command line, by a config key or found in a run directory, with
+errors naming it.
 
 Spark's own errors for a table that is there but wrong (an empty directory, files that are not Parquet, a
 rejects table given as interactions) are analysis traces that surface far from the flag that named it.

@@ -734,7 +734,7 @@ def test_a_routed_fit_warns_when_one_task_gathers_too_many_factors(spark, small,
     assert warnings == [f"solving one item block gathers the factors of up to {users_per_item_block} users (0.0 GiB "
                         "at rank 4) in one task, and its Python worker needs about 2.3 times that: give executors "
                         "the memory (spark.executor.pyspark.memory or spark.executor.memoryOverhead) or raise "
-                        "numItemBlocks (docs/als.md, Blocks)"]
+                        "numItemBlocks (docs/als.md, \"Blocks and tasks\")"]
     assert items_per_user_block < users_per_item_block  # so the user blocks' figure stays under the limit
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mf_spark"):  # broadcast: nothing is gathered by routing

@@ -29,7 +29,7 @@ def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.Complet
 @pytest.mark.parametrize("job, args, code, message", [
     ("evaluate.py", ["--date", DAY, "--interactions", "/no/such/table"], 3, "--interactions /no/such/table does not exist"),
     ("evaluate.py", ["--date", DAY], 3, f"no run published for {DAY}"),
-    ("train.py", ["--interactions", "/no/such/table", "--model-out", "m"], 3, "interactions not found: /no/such/table"),
+    ("train.py", ["--interactions", "/no/such/table", "--model-out", "m"], 3, "interactions /no/such/table does not exist"),
     ("recommend.py", ["--date", DAY, "--run-dir", "/no/such/run"], 3, "--run-dir /no/such/run does not exist"),
     ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "/no/such/model", "--interactions", "."], 3,
      "--model /no/such/model does not exist"),

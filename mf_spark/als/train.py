@@ -363,7 +363,7 @@ def warn_routed_factors(blocks: RatingBlocks, rank: int, broadcast_users: bool, 
     A routed (not broadcast) half-step hands each dst block the factors of every src entity it rated,
     as MLlib does: with 40 ratings per user over 32 item blocks, 72% of all users reach each item block,
     so more blocks shrink this only slowly, and the task's Python worker needs about 2.3 times it
-    (measured). Raising ``broadcast_threshold_bytes`` is no way out at that size; the warning names the
+    (measured). Raising ``broadcastThreshold`` is no way out at that size; the warning names the
     figure so that executors can be sized (``spark.executor.pyspark.memory`` / ``memoryOverhead``).
     """
     for routed, src, dst, count, param in (
@@ -375,7 +375,7 @@ def warn_routed_factors(blocks: RatingBlocks, rank: int, broadcast_users: bool, 
             log.warning("solving one %s block gathers the factors of up to %d %ss (%.1f GiB at rank %d) in one "
                         "task, and its Python worker needs about 2.3 times that: give executors the memory "
                         "(spark.executor.pyspark.memory or spark.executor.memoryOverhead) or raise %s "
-                        "(docs/als.md, Blocks)", dst, count, src, size / 2**30, rank, param)
+                        "(docs/als.md, \"Blocks and tasks\")", dst, count, src, size / 2**30, rank, param)
 
 
 def train_implicit(

@@ -67,7 +67,7 @@ def check_reject_threshold(
             r: n for r, n in rejected_by_reason.items() if r not in NOT_COUNTED_IN_REJECT_FRACTION and n
         }
         raise RejectThresholdError(
-            f"{fraction:.2%} of the rows read from {input_path} were rejected, above "
+            f"{fraction:.2%} of the rows read in the window from {input_path} were rejected, above "
             f"ingest.max_reject_fraction = {max_reject_fraction:.2%} (rows read in the window: "
             f"{rows_in_window(rows_read, rejected_by_reason):,}); rejects by reason: "
             f"{_format_counts(counted)}.{' ' + hint if hint else ''} Nothing was published."

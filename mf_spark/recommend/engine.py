@@ -14,13 +14,13 @@ Two plans, chosen by the size of the dst matrix (after the allow/exclude filters
 * **cross**: dst rows are packed into chunks of about ``dst_chunk_size`` (chunk = ``id mod
   num_chunks``), every src block is crossed with every chunk (a few tasks per core, each scoring many
   pairs and folding a block's per-chunk top-k lists into one as they come), and a second step merges
-  the few lists of each block with the same exact order. The packed
-  blocks and chunks are persisted (memory and disk) for the lifetime of the returned DataFrame's
-  lineage; they are at most the size of the two factor tables plus the seen pairs.
+  the few lists of each block with the same exact order. The packed blocks and chunks are persisted
+  (memory and disk) for the lifetime of the returned DataFrame's lineage; they are at most the size
+  of the two factor tables plus the seen pairs.
 
 Memory per task is bounded by the block and chunk sizes (plus, in the broadcast plan, the broadcast
-matrix), whatever the number of src rows or chunks. The order of a list is total (higher score, then lower dst
-id) and the block layout depends only on the data, so reruns give identical tables.
+matrix), whatever the number of src rows or chunks. The order of a list is total (higher score, then
+lower dst id) and the block layout depends only on the data, so reruns give identical tables.
 """
 
 from __future__ import annotations
