@@ -115,10 +115,20 @@ def failing_file_or_cause(exc: BaseException) -> str:
     return exc.filename if isinstance(exc, OSError) and exc.filename else java_cause(exc)
 
 
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, which never raises: a Py4J error's text comes from the JVM, and once the Spark driver
+    is gone (spark-submit got SIGTERM) reading it raised inside the failure handler, so the failed run
+    got no manifest."""
+    try:
+        return str(exc)
+    except Exception:  # noqa: BLE001 - any failure to describe must not replace the error described
+        return "(its message could not be read: the Spark driver is gone)"
+
+
 def java_cause(exc: BaseException) -> str:
     """The first line of the Java exception inside a Py4J error (``java.io.IOException: ...``), or the
     error's own first line: what an operator needs, without the JVM stack."""
-    text = str(exc).strip()
+    text = error_text(exc).strip()
     java = [line.lstrip(": ") for line in text.splitlines() if line.lstrip(": ").startswith(("java.", "org."))]
     if java:
         return java[0]

@@ -30,6 +30,7 @@ from mf_spark.errors import (
     PipelineError,
     QualityGateError,
     damaged_file_cause,
+    error_text,
     failing_file_or_cause,
     java_cause,
     out_of_space,
@@ -359,7 +360,8 @@ def run_nightly(
                     elif isinstance(exc, SystemExit):
                         manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
                     elif not isinstance(exc, PipelineError) and spark_context_stopped(spark):
-                        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                        text = error_text(exc).strip()
+                        first_line = text.splitlines()[0] if text else ""
                         manifest["error"] = (
                             "the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a "
                             "scheduler's timeout or `yarn application -kill`, or the driver JVM failed): "

@@ -468,6 +468,33 @@ def test_a_full_disk_leaves_a_failed_manifest_and_frees_the_tables(spark, tmp_pa
     assert not (root / "latest.json").exists()
 
 
+def test_an_error_whose_text_needs_the_gone_jvm_still_leaves_a_failed_manifest(spark, tmp_path, events_with_a_gap,
+                                                                               monkeypatch):
+    """A Py4J error reads its text from the JVM: after SIGTERM to spark-submit the JVM was gone, reading
+    it raised inside the failure handler, and the run got no manifest (seen once in the SIGTERM fault
+    test), so the next run deleted it as a crash's, with the only word of why."""
+    import mf_spark.pipeline
+    from mf_spark.publish import list_runs
+
+    class JavaErrorOfAGoneJvm(Exception):
+        def __str__(self):
+            raise ConnectionRefusedError("the gateway is gone")
+
+    def broken(*args, **kwargs):
+        raise JavaErrorOfAGoneJvm()
+
+    monkeypatch.setattr(mf_spark.pipeline, "build_estimator", broken)
+    root = tmp_path / "out"
+    for stopped, error in ((True, "the Spark driver stopped during the run (spark-submit got SIGTERM"),
+                           (False, "JavaErrorOfAGoneJvm: (its message could not be read: the Spark driver is gone)")):
+        monkeypatch.setattr(mf_spark.pipeline, "spark_context_stopped", lambda spark, stopped=stopped: stopped)
+        with pytest.raises(JavaErrorOfAGoneJvm):
+            run_nightly(spark, gap_config(root, events_with_a_gap), GAP[0], print_summary=False)
+        errors = [json.loads((root / r["path"] / "manifest.json").read_text())["error"]
+                  for r in list_runs(str(root)) if r["status"] == "failed"]
+        assert any(e.startswith(error) for e in errors), errors
+
+
 def test_an_unexpected_failure_still_leaves_a_failed_manifest(spark, tmp_path, events_with_a_gap, monkeypatch,
                                                                caplog):
     """Only PipelineErrors wrote the failed manifest; a bug (or a Java error) left a run directory
