@@ -100,11 +100,7 @@ def out_of_space(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno == errno.ENOSPC:
             return True
-        try:
-            text = str(current)
-        except Exception:  # noqa: BLE001 - a Py4J error after the JVM exited
-            text = ""
-        if _JAVA_NO_SPACE.search(text):
+        if _JAVA_NO_SPACE.search(error_text(current)):
             return True
         current = current.__cause__
     return False

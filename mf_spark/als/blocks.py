@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import pyarrow as pa
@@ -362,8 +362,7 @@ _TOO_LARGE = "MF_SPARK_RATING_BLOCK_TOO_LARGE"
 
 
 def in_block_bytes(in_block: InBlock) -> int:
-    return sum(getattr(in_block, name).nbytes for name in
-               ("dst_ids", "indptr", "indices", "ratings", "src_ids", "src_offsets", "n_positive"))
+    return sum(getattr(in_block, f.name).nbytes for f in fields(InBlock))
 
 
 def _in_blocks_of_side(chunks: RDD, side: int, num_partitions: int, num_src_blocks: int, max_bytes: int) -> RDD:
