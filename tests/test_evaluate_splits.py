@@ -155,6 +155,13 @@ def test_missing_time_column_names_it(spark):
         make_split(df, "user_temporal")
 
 
+@pytest.mark.parametrize("protocol", SPLITS)
+def test_missing_id_column_names_it(interactions, protocol):
+    no_item = interactions.withColumnRenamed("item_idx", "item")
+    with pytest.raises(InputDataError, match=r"^interactions: table has no column 'item_idx' \(columns: user_idx, item, "):
+        make_split(no_item, protocol, **SETTINGS)
+
+
 def test_most_popular_excludes_seen_and_breaks_ties_by_item(spark):
     train = spark.createDataFrame(
         [(1, 5), (2, 5), (3, 5), (1, 7), (2, 7), (3, 2), (2, 9)], "user_idx int, item_idx int"

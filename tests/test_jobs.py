@@ -292,7 +292,7 @@ def test_a_table_that_is_there_but_wrong_is_an_input_error_naming_it(spark, tmp_
     assert not (tmp_path / "model").exists()
     # the library call too: its first count failed with an analysis trace
     no_strength = spark.createDataFrame([(0, 1)], "user_idx int, item_idx int")
-    with pytest.raises(InputDataError, match=r"^interactions lack column\(s\) strength \(have user_idx, item_idx\)"):
+    with pytest.raises(InputDataError, match=r"^interactions: table has no column 'strength' \(columns: user_idx, item_idx\)"):
         evaluate_holdout(spark, no_strength, split="user_random", models=["popular"], train_params=train)
 
 

@@ -26,9 +26,9 @@ from mf_spark.evaluate.metrics import (
 )
 from mf_spark.evaluate.models import ALS_MODELS, MODELS, TrainParams, persistent_rdd_ids, recommend_for_users
 from mf_spark.evaluate.report import check_report_dir, write_report
-from mf_spark.evaluate.splits import check_columns, make_split
+from mf_spark.evaluate.splits import make_split
 from mf_spark.evaluate.tuning import tune_model, validation_splits
-from mf_spark.tables import INTERACTION_COLUMNS
+from mf_spark.tables import INTERACTION_COLUMNS, require_columns
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def evaluate_holdout(
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive integers, got {ks}")
     parse_metric_name(tuning_metric)
-    check_columns(interactions, INTERACTION_COLUMNS, needed_by="")  # the counts below failed with a trace
+    require_columns(interactions, "interactions", INTERACTION_COLUMNS)  # the counts below failed with a trace
     base = TrainParams.from_mapping(train_params)
     models = list(models)
     # label this evaluation's Spark jobs; later jobs of the caller are not "evaluation"

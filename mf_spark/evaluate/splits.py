@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 
 from mf_spark.config import parse_iso_date, utc_midnight_micros
 from mf_spark.errors import InputDataError
+from mf_spark.tables import require_columns
 
 log = logging.getLogger(__name__)
 
@@ -124,16 +125,6 @@ def _seeded_hash(seed: int, *columns: str) -> Column:
     return F.xxhash64(F.lit(int(seed)), *[F.col(c) for c in columns])
 
 
-def check_columns(interactions: DataFrame, needed: tuple[str, ...], needed_by: str = "the split") -> None:
-    """Raise :class:`InputDataError` naming the columns of ``needed`` that ``interactions`` lacks."""
-    missing = [c for c in needed if c not in interactions.columns]
-    if missing:
-        by = f" needed by {needed_by}" if needed_by else ""
-        raise InputDataError(
-            f"interactions lack column(s) {', '.join(missing)}{by} (have {', '.join(interactions.columns)})"
-        )
-
-
 def _time_column(interactions: DataFrame) -> str:
     for name in TIME_COLUMNS:
         if name in interactions.columns:
@@ -183,7 +174,7 @@ def user_temporal_split(interactions: DataFrame, *, test_fraction: float = 0.2, 
     ``test_n > 0`` holds out the last ``test_n``; otherwise ``round(test_fraction * n_u)``, at least 1;
     a user always keeps at least one training interaction (single-interaction users are train only).
     """
-    check_columns(interactions, (USER, ITEM))
+    require_columns(interactions, "interactions", (USER, ITEM))
     time = _time_column(interactions)
     train, test = _split_each_user(interactions, [F.col(time), F.col(ITEM)], test_fraction, test_n)
     return Split(
@@ -198,7 +189,7 @@ def user_random_split(
 
     Sizes as in :func:`user_temporal_split`.
     """
-    check_columns(interactions, (USER, ITEM))
+    require_columns(interactions, "interactions", (USER, ITEM))
     order = [_seeded_hash(seed, USER, ITEM), F.col(ITEM)]
     train, test = _split_each_user(interactions, order, test_fraction, test_n)
     return Split(
@@ -215,7 +206,7 @@ def global_temporal_split(interactions: DataFrame, *, cutoff_date: str | dt.date
     Test rows of users with no interaction up to the cutoff go to ``cold_test`` (reported, not scored).
     A row without a time cannot be after the cutoff: it is training data (it fell out of both parts).
     """
-    check_columns(interactions, (USER, ITEM))
+    require_columns(interactions, "interactions", (USER, ITEM))
     time = _time_column(interactions)
     if isinstance(cutoff_date, str):
         try:
@@ -249,7 +240,7 @@ def strong_generalization_split(
     split at random (seeded hash) into ``fold_in`` (``1 - test_fraction``) and ``test``; everyone
     else's interactions are ``train`` (the VAE-CF protocol of Liang et al. 2018).
     """
-    check_columns(interactions, (USER, ITEM))
+    require_columns(interactions, "interactions", (USER, ITEM))
     if holdout_users < 1:
         raise ValueError(f"holdout_users must be >= 1, got {holdout_users}")
     eligible = interactions.groupBy(USER).agg(F.count(F.lit(1)).alias("_n")).where(F.col("_n") >= 2)
