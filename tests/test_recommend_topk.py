@@ -10,6 +10,7 @@ from mf_spark.recommend.topk import (
     csr_from_pairs,
     decode_keys,
     merge_top_k,
+    merge_top_k_lists,
     normalize_rows,
     score_keys,
 )
@@ -145,6 +146,14 @@ def test_scores_and_ties_do_not_depend_on_tiles_or_on_the_other_rows():
              for a in range(0, len(src_ids), 7) for c in range(4)]
     columns = (np.concatenate([getattr(p, field) for p in parts]) for field in ("src", "dst", "score"))
     assert as_rows(merge_top_k(*columns, 10)) == expected
+    # the same lists merged at once, and folded two at a time as a crossing task does
+    lists = [(p.src, p.dst, p.score) for p in parts]
+    assert as_rows(merge_top_k_lists(lists, 10)) == expected
+    folded = lists[0]
+    for found in lists[1:]:
+        merged = merge_top_k_lists((folded, found), 10)
+        folded = (merged.src, merged.dst, merged.score)
+    assert as_rows(merge_top_k_lists([folded], 10)) == expected
     # within each list, equal scores come in ascending id order
     assert all(a[2] < b[2] for a, b in zip(expected, expected[1:]) if a[0] == b[0] and a[3] == b[3])
     assert sum(a[3] == b[3] for a, b in zip(expected, expected[1:]) if a[0] == b[0]) > 1000

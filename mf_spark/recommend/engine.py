@@ -46,7 +46,7 @@ from mf_spark.recommend.topk import (
     TopK,
     block_top_k,
     csr_from_pairs,
-    merge_top_k,
+    merge_top_k_lists,
     normalize_rows,
 )
 
@@ -366,7 +366,7 @@ def _cross_plan(
     def merge(a: tuple, b: tuple) -> tuple:
         # Each (src, dst) pair is scored in one chunk only and the order is total, so merging lists two
         # at a time, in any grouping, gives the exact top-k.
-        merged = merge_top_k(*(np.concatenate([x[i] for x in (a, b)]) for i in range(3)), k)
+        merged = merge_top_k_lists((a, b), k)
         return merged.src, merged.dst, merged.score
 
     def score_pairs(rows: Iterator[Any]) -> Iterator[tuple[int, bytes]]:
@@ -403,10 +403,7 @@ def _cross_plan(
 
     def merge_block(table: pa.Table) -> pa.Table:
         parts = [pickle.loads(p) for p in table.column("payload").to_pylist()]
-        src = np.concatenate([p[0] for p in parts])
-        dst = np.concatenate([p[1] for p in parts])
-        score = np.concatenate([p[2] for p in parts])
-        return _topk_table(merge_top_k(src, dst, score, k))
+        return _topk_table(merge_top_k_lists(parts, k))
 
     return partial.groupBy("block").applyInArrow(merge_block, RECOMMENDATION_SCHEMA)
 

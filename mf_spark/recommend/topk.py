@@ -29,6 +29,7 @@ the expected number of candidates per row and tile near ``k`` for scores in rand
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -457,3 +458,7 @@ def merge_top_k(src: np.ndarray, dst: np.ndarray, score: np.ndarray, k: int) -> 
     keep = rank <= k
     return TopK(src[keep].astype(np.int32), rank[keep], dst[keep].astype(np.int32), score[keep])
 
+
+def merge_top_k_lists(lists: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> TopK:
+    """:func:`merge_top_k` of several ``(src, dst, score)`` lists, e.g. one block's per-chunk top-k lists."""
+    return merge_top_k(*(np.concatenate([part[i] for part in lists]) for i in range(3)), k)
