@@ -179,6 +179,28 @@ def test_cg_stops_each_entity_once_its_residual_vanishes():
     np.testing.assert_array_equal(got[[2, 3]], 0.0)
 
 
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+@pytest.mark.parametrize("regularization,confidence", ALL_MODES)
+def test_rows_without_a_positive_rating_get_exactly_zero(solver, regularization, confidence, caplog):
+    """b = 0 for rows 2 and 3 (only negative ratings). CG from a warm start left ~1e-8 there, which
+    cosine similarity scaled back to unit length (a returns-only item got similar items). Under count
+    regularisation their lambda is 0, so with a rank-deficient Gramian their singular systems sent the
+    whole batch to the pseudo-inverse, moving the other rows."""
+    block = make_block(seed=5)
+    block["src_factors"] = block["src_factors"].copy()
+    block["src_factors"][:, -1] = 0.0
+    block["src_gramian"] = gramian(block["src_factors"]) + np.diag([1.0] * (RANK - 1) + [0.0])
+    params = SolveParams(alpha=2.0, reg_param=0.1, regularization=regularization, confidence=confidence,
+                         solver=solver, cg_steps=3)
+    assert np.all(block["init"][[2, 3]] != 0.0)
+    with caplog.at_level(logging.WARNING, logger=solve.__name__):
+        got = run(solve_block, block, params)
+    assert "not positive definite" not in caplog.text
+    np.testing.assert_array_equal(got[[0, 2, 3, 16]], 0.0)
+    assert np.all(np.any(got[[1, 4, 5, 17]] != 0.0, axis=1))
+    np.testing.assert_array_equal(run(reference_solve, block, params)[[0, 2, 3, 16]], 0.0)
+
+
 def test_singular_systems_fall_back_to_least_squares(caplog):
     """reg_param = 0 with a src factor column that is all zero: A is singular, Cholesky fails."""
     block = make_block(seed=4)

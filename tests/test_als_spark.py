@@ -333,6 +333,26 @@ def test_cg_reaches_cholesky_objective(spark):
     assert cg.trainingLoss[-1] <= chol.trainingLoss[-1] * 1.01
 
 
+@pytest.mark.parametrize("solver", ["cg", "cholesky"])
+def test_an_item_with_only_returns_gets_a_zero_factor_and_no_similar_items(spark, small, solver):
+    """CG's warm start left ~1e-8 in the factor of an item with no positive rating: it passed the
+    all-zero filter of similar_items and got unit-length cosine neighbours (0.69 in the review)."""
+    from mf_spark.recommend import similar_items
+
+    R = small[0].copy()
+    returns_only = R.shape[1]
+    R = np.hstack([R, np.zeros((R.shape[0], 1))])
+    R[[1, 5, 9], returns_only] = -1.0
+    model = ImplicitALS(rank=8, maxIter=3, regParam=0.1, alpha=10.0, seed=1, numUserBlocks=2, numItemBlocks=2,
+                        solver=solver).fit(to_frame(spark, R))
+    factors = factors_matrix(model.itemFactors, R.shape[1])
+    assert np.all(factors[returns_only] == 0.0)
+    assert np.all(np.any(factors[:returns_only] != 0.0, axis=1) == np.any(R[:, :returns_only] > 0, axis=0))
+    sims = similar_items(model.itemFactors, 3)
+    assert sims.where(f"item = {returns_only} or similar_item = {returns_only}").count() == 0
+    assert sims.count() > 0
+
+
 def test_warm_start_converges_in_fewer_iterations(spark):
     R = random_ratings(100, 60, 0.1, seed=8)
     ratings = to_frame(spark, R)

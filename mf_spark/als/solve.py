@@ -147,7 +147,8 @@ def solve_block(
     whose systems are not positive definite, e.g. with ``reg_param = 0``, falls back to the pseudo-inverse's
     least-squares solution). ``"cg"`` runs ``params.cg_steps`` float32 conjugate-gradient steps per entity from
     ``init`` (Takacs, Pilaszy and Tikk 2011), stopping early for an entity whose squared residual norm
-    falls below 1e-20. A row with no ratings gets the zero vector under both solvers.
+    falls below 1e-20. A row with no positive rating (none at all, or only zero and negative ones) gets
+    the zero vector under both solvers: its right-hand side is 0.
 
     Parameters
     ----------
@@ -261,8 +262,8 @@ def reference_solve(
         raise ValueError("solver 'cg' needs init, the previous dst factors (n_dst, k)")
     solved = np.zeros((n_dst, rank), dtype=np.float32)
     for u in range(n_dst):
-        if indptr[u] == indptr[u + 1]:
-            continue
+        if not np.any(np.asarray(ratings[indptr[u] : indptr[u + 1]]) > 0):
+            continue  # b = 0: the solution is the zero vector
         matrix = np.array(src_gramian, dtype=np.float64)
         rhs = np.zeros(rank)
         n_positive = 0
@@ -439,6 +440,7 @@ class _Block:
         gramian_: np.ndarray,
         lam: np.ndarray,
         init: np.ndarray | None,
+        n_positive: np.ndarray,
     ):
         self.indptr = indptr
         self.indices = indices
@@ -451,9 +453,14 @@ class _Block:
         self.n_dst = len(indptr) - 1
         self.rank = src.shape[1]
         self.counts = np.diff(indptr)
+        # A row without a positive rating has b = 0, so its solution is exactly 0 (the least-norm one
+        # where A is singular, as under count regularisation, whose lambda is then 0); it is left at 0
+        # unsolved. CG from a warm start would only shrink the old vector, leaving ~1e-8 that passes
+        # every exact-zero test and that cosine similarity scales back to a unit vector.
+        self.solvable = n_positive > 0
         # Longest row gathered in one piece; longer rows get their system formed chunk by chunk.
         self.max_gather_length = max(1, _BATCH_BYTES // (8 * self.rank))
-        self.long_rows = np.flatnonzero(self.counts > self.max_gather_length)
+        self.long_rows = np.flatnonzero(self.solvable & (self.counts > self.max_gather_length))
 
     @classmethod
     def build(
@@ -498,17 +505,18 @@ class _Block:
                 raise ValueError(f"init must be ({n_dst}, {rank}), got shape {init_work.shape}")
         extra = confidence_minus_one(ratings, params).astype(work, copy=False)
         positive_weights = np.where(ratings > 0, 1.0 + extra, 0.0).astype(work, copy=False)
-        lam = regularization_weights(_positive_counts(indptr, ratings), n_src_total, params).astype(work, copy=False)
-        return cls(indptr, indices, extra, positive_weights, src, gramian_, lam, init_work)
+        n_positive = _positive_counts(indptr, ratings)
+        lam = regularization_weights(n_positive, n_src_total, params).astype(work, copy=False)
+        return cls(indptr, indices, extra, positive_weights, src, gramian_, lam, init_work, n_positive)
 
     def batches(self, dense_systems: bool = True) -> Iterator[tuple[np.ndarray, int]]:
         """Yield ``(rows, length)``: rows (nb,) with counts in one length class, sized to _BATCH_BYTES.
 
-        Empty and long rows are left out. With ``dense_systems`` the batch's (nb, k, k) systems count
+        Empty rows, rows without a positive rating and long rows are left out. With ``dense_systems`` the batch's (nb, k, k) systems count
         towards the bound as well as its gathered factors.
         """
         counts = self.counts
-        candidates = np.flatnonzero((counts > 0) & (counts <= self.max_gather_length))
+        candidates = np.flatnonzero(self.solvable & (counts <= self.max_gather_length))
         lengths = _padded_lengths(counts[candidates])
         order = np.argsort(lengths, kind="stable")
         candidates, lengths = candidates[order], lengths[order]
