@@ -760,3 +760,24 @@ def test_a_routed_fit_warns_when_one_task_gathers_too_many_factors(spark, small,
     with caplog.at_level(logging.WARNING, logger="mf_spark"):  # broadcast: nothing is gathered by routing
         ImplicitALS(rank=4, maxIter=1, numUserBlocks=2, numItemBlocks=3).fit(ratings)
     assert not [r for r in caplog.records if "gathers the factors" in r.getMessage()]
+
+
+def test_a_fit_whose_factors_stop_being_finite_fails_naming_the_cause(spark, small):
+    """One rating of 1e19 (within float32's range, so accepted) overflowed CG's float32 residual: a NaN
+    item factor, every user left at its random start, loss=nan on each line, and a model that still
+    recommended. The fit now stops; Cholesky (float64) trains the same data."""
+    from mf_spark.errors import ConfigError
+
+    R = small[0].copy()
+    user, item = np.argwhere(R > 0)[0]
+    R[user, item] = 1e19
+    ratings = to_frame(spark, R)
+    kw = dict(rank=4, maxIter=2, alpha=10.0, seed=1, numUserBlocks=2, numItemBlocks=2)
+    persisted_before = set(spark.sparkContext._jsc.getPersistentRDDs().keySet())
+    with pytest.raises(ConfigError, match=r"^ImplicitALS diverged in iteration 1: the new item factors are not "
+                                          r"finite \(alpha = 10, .*: solver 'cg' works in float32, .* use solver "
+                                          r"'cholesky'"):
+        ImplicitALS(solver="cg", **kw).fit(ratings)
+    assert set(spark.sparkContext._jsc.getPersistentRDDs().keySet()) <= persisted_before
+    model = ImplicitALS(solver="cholesky", **kw).fit(ratings)
+    assert np.all(np.isfinite(model.trainingLoss))

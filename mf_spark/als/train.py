@@ -41,6 +41,7 @@ from mf_spark.als.blocks import (
 )
 from mf_spark.als.params import SolveParams
 from mf_spark.blas import task_blas_threads
+from mf_spark.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -336,8 +337,6 @@ def check_block_sizes(n_users: int, n_items: int, settings: TrainSettings) -> No
     ConfigError
         Naming the block count to raise and the smallest that fits.
     """
-    from mf_spark.errors import ConfigError
-
     for side, n, blocks, param in (("user", n_users, settings.num_user_blocks, "numUserBlocks"),
                                    ("item", n_items, settings.num_item_blocks, "numItemBlocks")):
         per_block = -(-n // blocks) * settings.rank * 4
@@ -500,6 +499,14 @@ def train_implicit(
             _delete_checkpoint_files(sc, checkpoint_files)
             checkpoint_files = [f for f in (item_factors.getCheckpointFile(), user_factors.getCheckpointFile()) if f]
 
+        diverged = not_finite_message(iteration, settings.solve, user=user_stats, item=item_stats)
+        if diverged:
+            blocks.unpersist()
+            for rdd in (user_factors, item_factors):
+                rdd.unpersist()
+            for bc in broadcasts:
+                bc.destroy()
+            raise ConfigError(diverged)
         loss = user_stats.data_loss + user_stats.reg_loss + item_stats.reg_loss
         elapsed = time.perf_counter() - t0
         losses.append(loss if settings.compute_loss else float("nan"))
@@ -513,6 +520,27 @@ def train_implicit(
         bc.unpersist()
     log.info("ALS fit: %d iterations in %.1fs", settings.max_iter, time.perf_counter() - started)
     return TrainResult(user_factors, item_factors, losses, seconds, broadcasts)
+
+
+def not_finite_message(iteration: int, params: SolveParams, **sides: _SideStats) -> str | None:
+    """Why the fit must stop, when a side's new factors hold NaN or infinity (seen in its Gramian, which
+    sums them all); None otherwise.
+
+    Without this check the fit went on: a NaN item factor made every user's system NaN, CG then left the
+    users at their starting factors, and the model recommended from random factors with ``loss=nan``.
+    """
+    bad = [name for name, stats in sides.items() if not np.all(np.isfinite(stats.gramian))]
+    if not bad:
+        return None
+    if params.solver == "cg":
+        why = ("solver 'cg' works in float32, which confidences alpha*|r| or regularisation weights of "
+               "about 1e19 and more overflow; use solver 'cholesky', confidence 'log', or smaller "
+               "ratings, alpha or regParam")
+    else:
+        why = "the confidences or regularisation weights overflow; use smaller ratings, alpha or regParam"
+    return (f"ImplicitALS diverged in iteration {iteration}: the new {' and '.join(bad)} factors are not "
+            f"finite (alpha = {params.alpha:g}, regParam = {params.reg_param:g}, confidence "
+            f"'{params.confidence}', regularization '{params.regularization}'): {why}")
 
 
 def _delete_checkpoint_files(sc, paths: list[str]) -> None:
