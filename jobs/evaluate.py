@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from mf_spark.cli import parse_date, run_job
+from mf_spark.cli import non_empty, parse_date, run_job
 
 
 def add_arguments(parser):
@@ -22,12 +22,13 @@ def add_arguments(parser):
     )
     parser.add_argument(
         "--interactions",
+        type=non_empty,
         help="Parquet interactions (user_idx, item_idx, strength, first_ts or last_ts) instead",
     )
     parser.add_argument(
         "--tune", action="store_true", help="search [evaluate.tuning] per model on a validation split"
     )
-    parser.add_argument("--out", help="report directory (default under output.root/evaluations)")
+    parser.add_argument("--out", type=non_empty, help="report directory (default under output.root/evaluations)")
 
 
 def validate(args, cfg):

@@ -24,16 +24,16 @@ import os
 import re
 import sys
 
-from mf_spark.cli import parse_date, run_job
+from mf_spark.cli import non_empty, parse_date, run_job
 
 
 def add_arguments(parser):
     parser.add_argument("--date", type=parse_date,
                         help="run date D, for the log only; checked against the dt=D of --run-dir when it has one")
-    parser.add_argument("--run-dir", required=True, help="run directory holding the factors and interactions "
+    parser.add_argument("--run-dir", required=True, type=non_empty, help="run directory holding the factors and interactions "
                         "(with --model: where the tables are written)")
-    parser.add_argument("--model", help="model directory saved by jobs/train.py, instead of RUN_DIR's factors")
-    parser.add_argument("--interactions", help="interaction table (user_idx, item_idx, strength) instead of "
+    parser.add_argument("--model", type=non_empty, help="model directory saved by jobs/train.py, instead of RUN_DIR's factors")
+    parser.add_argument("--interactions", type=non_empty, help="interaction table (user_idx, item_idx, strength) instead of "
                         "RUN_DIR/interactions; needed with --model")
     parser.add_argument("--break-stale-lock", action="store_true",
                         help="break the output root's lock if its holder on this host is gone "

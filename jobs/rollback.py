@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 
-from mf_spark.cli import base_parser, parse_date, setup_logging
+from mf_spark.cli import base_parser, non_empty, parse_date, setup_logging
 from mf_spark.config import load_config
 from mf_spark.errors import PipelineError
 
@@ -23,7 +23,7 @@ from mf_spark.errors import PipelineError
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--to", metavar="RUN_ID", help="run id to publish again")
+    target.add_argument("--to", type=non_empty, metavar="RUN_ID", help="run id to publish again")
     target.add_argument("--date", type=parse_date, metavar="YYYY-MM-DD",
                         help="publish that date's newest published run")
     target.add_argument("--list", action="store_true", help="list the runs and their status")

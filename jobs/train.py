@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import sys
 
-from mf_spark.cli import run_job
+from mf_spark.cli import non_empty, run_job
 
 
 def add_arguments(parser):
-    parser.add_argument("--interactions", required=True, help="Parquet: user_idx, item_idx, strength")
-    parser.add_argument("--model-out", required=True, help="directory to save the ImplicitALSModel to (a new "
+    parser.add_argument("--interactions", required=True, type=non_empty, help="Parquet: user_idx, item_idx, strength")
+    parser.add_argument("--model-out", required=True, type=non_empty, help="directory to save the ImplicitALSModel to (a new "
                         "directory, or a model saved before, which is replaced once the new one is written)")
 
 

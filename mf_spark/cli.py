@@ -48,10 +48,20 @@ def parse_date(text: str) -> dt.date:
     return date
 
 
+def non_empty(text: str) -> str:
+    """argparse type of a path or id argument: an empty value (an unset scheduler variable) is a usage
+    error, not the current directory or a crash after the job's work."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
 def base_parser(description: str) -> argparse.ArgumentParser:
     # Raw: the job docstrings are command examples, which argparse's default formatter runs together.
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="TOML config file, e.g. conf/local.toml")
+    # No abbreviations: spark-submit's --conf after the job file was taken as --config, --dat as --date.
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--config", required=True, type=non_empty, help="TOML config file, e.g. conf/local.toml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config key (repeatable)")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,

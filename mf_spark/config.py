@@ -100,7 +100,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "min_events_per_item": Key("int", 1, "items with fewer accepted (user,item) pairs are dropped", minimum=1),
         "k_core": Key("bool", False, "iterate the two minimum filters until both hold (k-core)"),
         "max_events_per_user_day": Key("int", 0, "bot rule: users above this many events on any day are rejected whole; 0 = off", minimum=0),
-        "max_reject_fraction": Key("float", 0.05, "fail the run (exit 4) when the counted rejects exceed this fraction of the rows read in the window (docs/ingest.md: rows before or after the window, and the support filters, do not count)", minimum=0),
+        "max_reject_fraction": Key("float", 0.05, "fail the run (exit 4) when the counted rejects exceed this fraction of the rows read in the window (docs/ingest.md: rows before or after the window, and the support filters, do not count)", minimum=0, maximum=1),
         "event_types": MapOf(
             {
                 "weight": Key("float", 1.0, "weight of one event of this type; negative = confident dislike"),
@@ -159,7 +159,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "cutoff_date": Key("str", "", "global_temporal: test = pairs first met after this UTC day (YYYY-MM-DD)"),
         "holdout_users": Key("int", 100, "strong_generalization: number of held-out users", minimum=1),
         "seed": Key("int", 7, "seed of random splits"),
-        "ks": Key("list[int]", [10, 20, 50, 100], "cut-offs K of every metric"),
+        "ks": Key("list[int]", [10, 20, 50, 100], "cut-offs K of every metric, from 1 to 1000 (evaluate.metrics.MAX_K)"),
         "models": Key("list[str]", ["implicit_als", "popular"],
                       "models compared, the first is the one the gate reads: implicit_als, implicit_als_cholesky, mllib_als, popular, random"),
         "tuning": {
@@ -186,6 +186,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "keep_runs": Key("int", 7, "published runs kept: those of the newest run dates; the one latest.json names is never deleted", minimum=1),
     },
 }
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 _TYPE_NAMES = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
                "list[int]": "a list of integers", "list[float]": "a list of numbers", "list[str]": "a list of strings", "scalar": "a string, number or boolean"}
@@ -220,10 +222,15 @@ def _check_value(key: Key | str, value: Any, where: str) -> Any:
         raise AssertionError(type_name)
     if not ok:
         raise ConfigError(f"{where}: expected {_TYPE_NAMES[type_name]}, got {value!r} ({type(value).__name__})")
+    # TOML integers are unbounded; Spark's are 64-bit: 10**23 passed here and failed in the JVM
+    if any(isinstance(v, int) and not isinstance(v, bool) and not INT64_MIN <= v <= INT64_MAX
+           for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(f"{where}: {value!r} is outside the 64-bit integer range")
     # TOML has inf and nan; `nan < minimum` is False, so they would pass every bound below
     if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
         raise ConfigError(f"{where}: expected a finite number, got {value!r}")
-    if isinstance(key, Key) and key.required and isinstance(value, str) and not value.strip():
+    # a key with a non-empty default (a column name, a metric) has no meaning when empty either
+    if isinstance(key, Key) and (key.required or key.default) and isinstance(value, str) and not value.strip():
         raise ConfigError(f"{where}: must not be empty ({key.doc})")
     if isinstance(key, Key):
         if key.choices and value not in key.choices:
@@ -253,8 +260,12 @@ def _validate_table(
     overridden = overridden or {}
 
     def origin(key: str) -> str:
-        # A value set on the command line is reported against that --set, not against the file.
-        return f"--set {overridden[key]!r}" if key in overridden else source
+        # A value set on the command line is reported against that --set, not against the file; so is
+        # an unknown or mistyped table the --set itself made (--set trian.rank=3 names 'trian').
+        for dotted, text in overridden.items():
+            if dotted == key or dotted.startswith(key + "."):
+                return f"--set {text!r}"
+        return source
 
     result: dict[str, Any] = {}
     for name in raw:
@@ -280,8 +291,9 @@ def _validate_table(
                 raise ConfigError(f"{where}: must not be empty ({spec.doc})")
             if isinstance(spec.value, dict):
                 result[name] = {
-                    sub: _validate_table(spec.value, _as_table(v, f"{where}.{sub}"), f"{path}{name}.{sub}.",
-                                         source, overridden)
+                    sub: _validate_table(spec.value,
+                                         _as_table(v, f"{origin(f'{path}{name}.{sub}')}: key '{path}{name}.{sub}'"),
+                                         f"{path}{name}.{sub}.", source, overridden)
                     for sub, v in value.items()
                 }
             else:
@@ -391,19 +403,30 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
         parts, _ = _parse_override(text)
         overridden[".".join(parts)] = text
     cfg = validate(apply_overrides(raw, overrides or []), source, overridden)
+
+    def origin(dotted: str) -> str:
+        return f"--set {overridden[dotted]!r}" if dotted in overridden else source
+
     root = cfg["output"]["root"]
     if root.startswith("file://"):
         cfg["output"]["root"] = root[len("file://"):]
     elif "://" in root:
         # Refused here, before Spark starts: it used to pass until the ID-map swap, after the whole ingest,
         # leaving a local "./s3a:/..." directory with a lock and a run in it.
-        where = f"--set {overridden['output.root']!r}" if "output.root" in overridden else source
-        raise ConfigError(f"{where}: key 'output.root' = {root!r} must be a local or NFS (POSIX) path, not a "
+        raise ConfigError(f"{origin('output.root')}: key 'output.root' = {root!r} must be a local or NFS (POSIX) path, not a "
                           "URL: publishing swaps files with rename(2) (docs/operations.md, Storage)")
     for section, key in (("input", "path"), ("output", "root"), ("recommend", "item_filter_path"), ("recommend", "allow_list_path")):
         value = cfg[section][key]
         if value and "://" not in value:
-            cfg[section][key] = str(Path(value).expanduser().resolve())
+            try:
+                cfg[section][key] = str(Path(value).expanduser().resolve())
+            except (OSError, RuntimeError, ValueError) as exc:  # ~nosuchuser, an embedded NUL
+                raise ConfigError(f"{origin(f'{section}.{key}')}: key '{section}.{key}' = {value!r} is not a usable path: {exc}") from None
+    for name in cfg["spark"]:
+        if name.startswith("spark.") or '"' in name or "'" in name:
+            # Spark ignores the resulting "spark.spark.sql..." without a word
+            raise ConfigError(f"{origin(f'spark.{name}')}: key 'spark.{name}': write [spark] keys without the 'spark.' prefix and "
+                              "unquoted, e.g. sql.shuffle.partitions = 4 or --set spark.sql.shuffle.partitions=4")
     # Spark's reader options are strings; `--set input.options.header=true` parses as a TOML boolean.
     cfg["input"]["options"] = {
         name: (str(value).lower() if isinstance(value, bool) else str(value))

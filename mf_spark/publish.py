@@ -908,8 +908,11 @@ def unwritable_reason(path: str | os.PathLike[str]) -> str | None:
     """Why the local directory ``path`` could not be created or written to, or None when it could (its
     nearest existing ancestor is a writable directory)."""
     existing = Path(path)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+    except OSError as exc:  # a name longer than the file system allows (ENAMETOOLONG)
+        return f"{path} cannot be a directory: {exc.strerror}"
     if not existing.is_dir():
         return f"{existing} is not a directory"
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -929,7 +932,11 @@ def check_output_root(root: str, source: str = "the config") -> Path:
         When ``root`` does not exist or is not a directory; the message names the key and ``source``.
     """
     path = Path(root)
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name longer than the file system allows (ENAMETOOLONG)
+        raise ConfigError(f"output.root = {root} (from {source}) cannot be a directory: {exc.strerror}") from None
+    if not exists:
         raise ConfigError(f"output.root = {root} (from {source}) does not exist, so there is no run to list "
                           "or roll back to; check the path. Nothing was created")
     if not path.is_dir():

@@ -25,7 +25,9 @@ A job reads one TOML file (`--config conf/local.toml`) and any number of `--set 
 overrides (the value is parsed as TOML: `--set train.rank=64`, `--set evaluate.ks=[10,20]`,
 `--set spark.sql.shuffle.partitions=8`). An unknown key, a wrong type, a value outside its choices or
 range, or a missing required key stops the job before Spark starts, with exit code 2 and a message naming
-the key and the file. Relative paths (`input.path`, `output.root`, filter tables) are resolved against
+the key and the file (or the `--set` that set it). So do an empty string where the default is not empty
+(a column name, a metric), an integer outside the 64-bit range, NaN or infinity, and a `[spark]` key
+written with its `spark.` prefix (Spark would ignore `spark.spark.sql...`). Relative paths (`input.path`, `output.root`, filter tables) are resolved against
 the directory the job starts in.
 """
 

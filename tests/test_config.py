@@ -59,6 +59,15 @@ def test_defaults_are_filled_and_relative_paths_resolved(tmp_path, monkeypatch):
         ("[ingest.event_types.view]\nweight = nan\n", r"key 'ingest\.event_types\.view\.weight': expected a finite"),
         ("[evaluate.tuning]\nalpha = [1.0, inf]\n", r"key 'evaluate\.tuning\.alpha': expected a finite number"),
         ("[ingest.event_types]\n", r"key 'ingest\.event_types': must not be empty"),
+        # TOML integers are unbounded: 10**23 meaning "no limit" failed in the JVM after Spark started
+        ("[ingest]\nmax_id_length = 99999999999999999999999\n", r"key 'ingest\.max_id_length': .* outside the 64-bit"),
+        ("[evaluate]\nks = [10, 9223372036854775808]\n", r"key 'evaluate\.ks': .* outside the 64-bit"),
+        # a column named "" passed, and failed after Spark started, the lock taken (exit 3)
+        ("[input.columns]\nuser_id = \"\"\n", r"key 'input\.columns\.user_id': must not be empty"),
+        ("[ingest]\nmax_reject_fraction = 1.5\n", r"key 'ingest\.max_reject_fraction': 1\.5 is above the maximum 1"),
+        # Spark silently ignores "spark.spark.sql.shuffle.partitions"
+        ("[spark]\n\"spark.sql.shuffle.partitions\" = 4\n", r"key 'spark\.spark\.sql\.shuffle\.partitions': write "
+                                                          r"\[spark\] keys without the 'spark\.' prefix"),
     ],
 )
 def test_each_kind_of_error_names_key_and_file(tmp_path, extra, message):
@@ -161,6 +170,38 @@ def test_overrides(tmp_path):
         load_config(path, ["train.rank"])
 
 
+def test_an_error_in_a_set_names_the_set_even_for_tables_it_made(tmp_path):
+    """--set trian.rank=3 was reported as "<file>: unknown key 'trian'": the file has no trian."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^--set 'trian\.rank=3': unknown key 'trian'"):
+        load_config(path, ["trian.rank=3"])
+    with pytest.raises(ConfigError, match=r"^--set 'train \. rank=16': unknown key 'train '"):
+        load_config(path, ["train . rank=16"])
+    with pytest.raises(ConfigError, match=r"^--set 'ingest\.event_types\.purchase=2': key "
+                                          r"'ingest\.event_types\.purchase': expected a table, got 2$"):
+        load_config(path, ["ingest.event_types.purchase=2"])
+    for text in ("spark.spark.sql.shuffle.partitions=4", 'spark."sql.shuffle.partitions"=4'):
+        with pytest.raises(ConfigError, match=rf"^--set '{text}': key .*without the 'spark\.' prefix and unquoted"):
+            load_config(path, [text])
+
+
+def test_paths_that_cannot_be_paths_are_config_errors(tmp_path):
+    """~nosuchuser, an embedded NUL and a name over 255 bytes were tracebacks (exit 1)."""
+    from mf_spark.publish import check_output_root, check_writable_root
+
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^--set 'output\.root=~nosuchuser-mf/out': key 'output\.root' = "
+                                          r"'~nosuchuser-mf/out' is not a usable path: "):
+        load_config(path, ["output.root=~nosuchuser-mf/out"])
+    with pytest.raises(ConfigError, match=r"job\.toml: key 'input\.path' = .* is not a usable path: .*null"):
+        load_config(write(tmp_path, MINIMAL.replace("data/sample/events", "data\\u0000x")))
+    long_root = str(tmp_path / ("x" * 300) / "out")
+    with pytest.raises(ConfigError, match=r"cannot be used: .* cannot be a directory: File name too long"):
+        check_writable_root(long_root)
+    with pytest.raises(ConfigError, match=r"cannot be a directory: File name too long"):
+        check_output_root(long_root)
+
+
 def test_spark_tables_are_flattened(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL + "[spark]\nsql.shuffle.partitions = 3\n\"ui.enabled\" = false\n"))
     props = spark_properties(cfg)
@@ -227,6 +268,47 @@ def test_nightly_checks_evaluate_settings_before_spark(tmp_path):
     assert proc.returncode == 2 and "deep_magic" in proc.stderr and "Traceback" not in proc.stderr
     # before Spark and before the run: no session (its start-up line) and no output root
     assert "Setting default log level" not in proc.stderr and not root.exists()
+
+
+def test_cut_offs_above_the_largest_k_are_refused_in_config_and_library(spark):
+    """evaluate.ks = [20, 2**63 - 1] passed, ran the whole nightly, then failed in the JVM (exit 1);
+    K = 20000 spent 80 s on the ideal-DCG table before any metric."""
+    from mf_spark.config import validate
+    from mf_spark.evaluate.holdout import evaluate_holdout, validate_settings
+    from mf_spark.evaluate.metrics import MAX_K, parse_metric_name
+
+    evaluate = validate({"input": {"path": "x"}, "output": {"root": "y"}})["evaluate"]
+    validate_settings({**evaluate, "ks": [20, MAX_K]})
+    with pytest.raises(ConfigError, match=rf"^key 'evaluate\.ks': need cut-offs K from 1 to {MAX_K}, got \[20, 1001\]"):
+        validate_settings({**evaluate, "ks": [20, MAX_K + 1]})
+    with pytest.raises(ConfigError, match=r"key 'evaluate\.gate\.metric': .* K from 1 to 1000, got 'ndcg@5000'"):
+        validate_settings({**evaluate, "gate": {**evaluate["gate"], "metric": "ndcg@5000"}})
+    assert parse_metric_name(f"recall@{MAX_K}") == ("recall", MAX_K)
+    df = spark.createDataFrame([(0, 1, 1.0)], "user_idx int, item_idx int, strength float")
+    with pytest.raises(ValueError, match="need cut-offs K from 1 to 1000, got \\[0, 20\\]"):
+        evaluate_holdout(spark, df, split="user_random", models=["popular"], ks=[0, 20])
+    with pytest.raises(ValueError, match="need cut-offs K from 1 to 1000"):
+        evaluate_holdout(spark, df, split="user_random", models=["popular"], ks=[20, 5000])
+
+
+@pytest.mark.parametrize("args, message", [
+    # spark-submit's --conf placed after the job file was taken as --config (abbreviation), --dat as --date
+    (["jobs/nightly.py", "--config", "{cfg}", "--dat", "2011-12-09"], "unrecognized arguments: --dat"),
+    (["jobs/nightly.py", "--conf", "spark.sql.shuffle.partitions=3", "--config", "{cfg}", "--date", "2011-12-09"],
+     "unrecognized arguments: --conf"),
+    # an unset scheduler variable: rollback crashed (exit 1), train ran the whole fit, then crashed
+    (["jobs/rollback.py", "--config", "{cfg}", "--to", ""], "argument --to: must not be empty"),
+    (["jobs/train.py", "--config", "{cfg}", "--interactions", "x", "--model-out", ""],
+     "argument --model-out: must not be empty"),
+    (["jobs/recommend.py", "--config", "{cfg}", "--run-dir", " "], "argument --run-dir: must not be empty"),
+    (["jobs/evaluate.py", "--config", "{cfg}", "--date", "2011-12-09", "--out", ""], "argument --out: must not be empty"),
+])
+def test_abbreviated_or_empty_arguments_are_usage_errors(tmp_path, args, message):
+    path = write(tmp_path, MINIMAL.replace('"out"', f'"{tmp_path / "out"}"'))
+    proc = subprocess.run([sys.executable] + [a.format(cfg=path) for a in args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("split, test_fraction, test_n, refused", [

@@ -132,6 +132,16 @@ def test_an_unreadable_uri_names_the_key(spark):
         read_raw(spark, "hdfs:///no/name/node", "parquet", {})
 
 
+def test_a_reader_option_spark_cannot_parse_names_input_options(spark, tmp_path):
+    """input.options.mergeSchema = "maybe" was a Python traceback (exit 1) saying only 'For input string'."""
+    from mf_spark.errors import ConfigError
+
+    pq.write_table(pa.table({"user_id": ["u"], "item_id": ["i"]}), tmp_path / "part-0.parquet")
+    with pytest.raises(ConfigError, match=r"^input\.options \(mergeSchema = 'maybe'\): Spark's parquet reader "
+                                          r"refused them: .*maybe"):
+        read_raw(spark, str(tmp_path), "parquet", {"mergeSchema": "maybe"})
+
+
 def _events_dirs(tmp_path: Path) -> dict[str, Path]:
     """The same event as partitioned Parquet, a CSV directory and a JSON file, with Spark's side files."""
     row = {"uid": "u", "sku": "a", "kind": "view", "at": "2024-03-10 08:00:00", "qty": "1"}

@@ -17,6 +17,7 @@ from mf_spark.errors import InputDataError
 from mf_spark.evaluate.metrics import (
     LIST_METRICS,
     METRICS,
+    check_ks,
     item_popularity_percentile,
     metric_name,
     paired_differences,
@@ -118,8 +119,7 @@ def evaluate_holdout(
             f"models must be a non-empty list from {', '.join(MODELS)}; unknown: {', '.join(unknown)}"
         )
     ks = sorted(set(int(k) for k in ks))
-    if not ks or ks[0] < 1:
-        raise ValueError(f"ks must be positive integers, got {ks}")
+    check_ks(ks)
     parse_metric_name(tuning_metric)
     require_columns(interactions, "interactions", INTERACTION_COLUMNS)  # the counts below failed with a trace
     base = TrainParams.from_mapping(train_params)
@@ -329,8 +329,10 @@ def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> Non
     if repeated:
         # one result per name: the second fit overwrote the first, and the primary was compared with itself
         raise ConfigError(f"key 'evaluate.models': {', '.join(repeated)} listed more than once")
-    if not evaluate["ks"] or min(evaluate["ks"]) < 1:
-        raise ConfigError(f"key 'evaluate.ks': need positive cut-offs, got {evaluate['ks']}")
+    try:
+        check_ks(evaluate["ks"])
+    except ValueError as exc:
+        raise ConfigError(f"key 'evaluate.ks': {exc}") from None
     metrics = [("evaluate.gate.metric", evaluate["gate"]["metric"])]
     if tune:
         metrics.append(("evaluate.tuning.metric", evaluate["tuning"]["metric"]))

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from py4j.protocol import Py4JJavaError
-from pyspark.errors import AnalysisException
+from pyspark.errors import AnalysisException, IllegalArgumentException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from mf_spark.config import utc_midnight_micros
-from mf_spark.errors import InputDataError, java_cause
+from mf_spark.errors import ConfigError, InputDataError, error_text, java_cause
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,11 @@ def read_raw(
                     "microseconds, e.g. df.to_parquet(..., coerce_timestamps='us', allow_truncated_timestamps=True)")
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else condition
         raise InputDataError(f"input.path = {path} cannot be read as {input_format}: {first_line}{hint}") from None
+    except IllegalArgumentException as exc:
+        # A reader option Spark cannot parse (mergeSchema = "maybe"): its message names only the value
+        given = ", ".join(f"{k} = {v!r}" for k, v in sorted(dict(options).items()))
+        raise ConfigError(f"input.options ({given}): Spark's {input_format} reader refused them: "
+                          f"{error_text(exc).strip().splitlines()[0]}") from None
     except Py4JJavaError as exc:
         # Parquet schema inference opens the footers; only this failure is the wrong format
         if input_format == "parquet" and any(m in str(exc) for m in _NOT_PARQUET_MARKERS):
