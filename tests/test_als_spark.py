@@ -493,6 +493,8 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     Y = factors_matrix(model.itemFactors, R.shape[1])
     assert scored[(0, 0)] == pytest.approx(float(X[0] @ Y[0]), rel=1e-5)
     assert np.isnan(scored[(0, 999)]) and np.isnan(scored[(999, 0)])
+    nulls = spark.createDataFrame([(None, 0), (0, None)], "user int, item int")  # docs/als.md: cold starts
+    assert [np.isnan(r.prediction) for r in model.transform(nulls).collect()] == [True, True]
     assert model.setColdStartStrategy("drop").transform(queries).count() == 1
     assert model.setColdStartStrategy("DROP").transform(queries).count() == 1  # MLlib lower-cases it
     with pytest.raises(ValueError, match="coldStartStrategy must be one of"):
@@ -524,6 +526,12 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     est.write().overwrite().save(str(tmp_path / "est"))
     est2 = ImplicitALS.load(str(tmp_path / "est"))
     assert est2.getOrDefault("rank") == 7 and est2.getOrDefault("regularization") == "frequency"
+    # the wrong class's directory: ImplicitALS.load returned a model, ImplicitALSModel.load raised KeyError 'rank'
+    with pytest.raises(Exception, match=r"mf_spark\.als\.estimator\.ImplicitALS.*mf_spark\.als\.model\.ImplicitALSModel"):
+        ImplicitALS.load(path)
+    with pytest.raises(ValueError, match=r"est holds a saved mf_spark\.als\.estimator\.ImplicitALS, not a model of "
+                                         r"mf_spark\.als\.model\.ImplicitALSModel or org\.apache\.spark\.ml\.recommendation\.ALSModel"):
+        ImplicitALSModel.load(str(tmp_path / "est"))
 
 
 def test_every_mllib_setter_and_getter_exists_and_sets_its_param():
@@ -541,6 +549,12 @@ def test_every_mllib_setter_and_getter_exists_and_sets_its_param():
     assert (est.getUserCol(), est.getItemCol(), est.getRatingCol(), est.getSeed()) == ("u", "i", "r", 9)
     assert (est.getColdStartStrategy(), est.getSolver(), est.getCheckpointInterval()) == ("drop", "cholesky", 2)
     est._validate()  # MLlib's level names, _SER ones included, are accepted
+    # this project's extras have theirs too
+    extras = (ImplicitALS().setCgSteps(5).setRegularization("frequency").setConfidence("log").setConfidenceEpsilon(0.5)
+              .setFrequencyAlpha0(0.2).setFrequencyNu(0.5).setBroadcastThreshold(1024).setComputeLoss(False))
+    assert (extras.getCgSteps(), extras.getRegularization(), extras.getConfidence(), extras.getConfidenceEpsilon(),
+            extras.getFrequencyAlpha0(), extras.getFrequencyNu(), extras.getBroadcastThreshold(),
+            extras.getComputeLoss()) == (5, "frequency", "log", 0.5, 0.2, 0.5, 1024, False)
     with pytest.raises(ValueError, match="intermediateStorageLevel = 'MEMORY' is not a storage level"):
         est.setIntermediateStorageLevel("MEMORY")._validate()
 
@@ -781,3 +795,26 @@ def test_a_fit_whose_factors_stop_being_finite_fails_naming_the_cause(spark, sma
     assert set(spark.sparkContext._jsc.getPersistentRDDs().keySet()) <= persisted_before
     model = ImplicitALS(solver="cholesky", **kw).fit(ratings)
     assert np.all(np.isfinite(model.trainingLoss))
+
+
+def test_final_storage_level_none_leaves_the_factors_to_sparks_cleaner(spark, small):
+    """Each fit persists its factor tables (finalStorageLevel) until unpersisted: a CrossValidator kept
+    two per dropped model for the session. With finalStorageLevel="NONE" the tables read the fit's last
+    RDDs, which Spark's cleaner frees once the model is garbage, as MLlib's (docs/als.md)."""
+    import gc
+    import time
+
+    R, ratings = small
+    sc = spark.sparkContext
+    before = set(sc._jsc.getPersistentRDDs().keySet())
+    model = ImplicitALS(rank=3, maxIter=2, numUserBlocks=2, numItemBlocks=2, finalStorageLevel="NONE").fit(ratings)
+    assert model.transform(ratings).where("prediction IS NULL").count() == 0
+    assert len(set(sc._jsc.getPersistentRDDs().keySet()) - before) == 2
+    del model
+    for _ in range(30):  # the cleaner works on the JVM's reference queue, in its own thread
+        gc.collect()
+        sc._jvm.System.gc()
+        if not set(sc._jsc.getPersistentRDDs().keySet()) - before:
+            break
+        time.sleep(1)
+    assert not set(sc._jsc.getPersistentRDDs().keySet()) - before

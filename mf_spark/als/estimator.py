@@ -19,7 +19,7 @@ from pyspark import StorageLevel
 from pyspark.ml import Estimator
 from pyspark.ml.param import Param, Params, TypeConverters
 from pyspark.ml.param.shared import HasCheckpointInterval, HasMaxIter, HasRegParam, HasSeed
-from pyspark.ml.util import DefaultParamsReadable, DefaultParamsWritable
+from pyspark.ml.util import DefaultParamsReadable, DefaultParamsReader, DefaultParamsWritable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark import keyword_only
 
@@ -128,6 +128,21 @@ class _ImplicitALSParams(_ImplicitALSModelParams, HasMaxIter, HasRegParam, HasCh
 
     def getConfidence(self) -> str:
         return self.getOrDefault(self.confidence)
+
+    def getConfidenceEpsilon(self) -> float:
+        return self.getOrDefault(self.confidenceEpsilon)
+
+    def getFrequencyAlpha0(self) -> float:
+        return self.getOrDefault(self.frequencyAlpha0)
+
+    def getFrequencyNu(self) -> float:
+        return self.getOrDefault(self.frequencyNu)
+
+    def getBroadcastThreshold(self) -> int:
+        return self.getOrDefault(self.broadcastThreshold)
+
+    def getComputeLoss(self) -> bool:
+        return self.getOrDefault(self.computeLoss)
 
     def solve_params(self) -> SolveParams:
         return SolveParams(
@@ -267,6 +282,25 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
     def setConfidence(self, value: str) -> ImplicitALS:
         return self._set(confidence=value)
 
+    def setConfidenceEpsilon(self, value: float) -> ImplicitALS:
+        return self._set(confidenceEpsilon=value)
+
+    def setFrequencyAlpha0(self, value: float) -> ImplicitALS:
+        return self._set(frequencyAlpha0=value)
+
+    def setFrequencyNu(self, value: float) -> ImplicitALS:
+        return self._set(frequencyNu=value)
+
+    def setBroadcastThreshold(self, value: int) -> ImplicitALS:
+        return self._set(broadcastThreshold=value)
+
+    def setComputeLoss(self, value: bool) -> ImplicitALS:
+        return self._set(computeLoss=value)
+
+    @classmethod
+    def read(cls) -> DefaultParamsReader:
+        return _ImplicitALSReader(cls)
+
     def _copyValues(self, to: Any, extra: Any = None) -> Any:
         to = super()._copyValues(to, extra)
         if isinstance(to, ImplicitALS):
@@ -333,3 +367,13 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
         model.trainingBroadcasts = result.broadcasts
         model._resetUid(self.uid)
         return self._copyValues(model)
+
+
+class _ImplicitALSReader(DefaultParamsReader):
+    """Loads a saved :class:`ImplicitALS`, refusing another class's directory: PySpark's default reader
+    built whatever class the metadata names, so ``ImplicitALS.load(model_dir)`` returned a model."""
+
+    def load(self, path: str) -> ImplicitALS:
+        expected = f"{ImplicitALS.__module__}.{ImplicitALS.__name__}"
+        DefaultParamsReader.loadMetadata(path, self.sparkSession, expectedClassName=expected)
+        return super().load(path)

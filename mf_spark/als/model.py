@@ -202,6 +202,10 @@ class _ImplicitALSModelWriter(MLWriter):
         self.instance.itemFactors.write.parquet(os.path.join(path, "itemFactors"))
 
 
+#: Saved model classes :meth:`ImplicitALSModel.load` reads: its own, and MLlib's (same layout).
+LOADABLE_MODEL_CLASSES = ("mf_spark.als.model.ImplicitALSModel", "org.apache.spark.ml.recommendation.ALSModel")
+
+
 class _ImplicitALSModelReader(MLReader):
     def __init__(self, cls: type):
         super().__init__()
@@ -210,6 +214,10 @@ class _ImplicitALSModelReader(MLReader):
     def load(self, path: str) -> ImplicitALSModel:
         spark = SparkSession.active()
         metadata = DefaultParamsReader.loadMetadata(path, spark.sparkContext)
+        if metadata["class"] not in LOADABLE_MODEL_CLASSES:
+            # an estimator's directory failed with a bare KeyError: 'rank'
+            raise ValueError(f"{path} holds a saved {metadata['class']}, not a model of "
+                             f"{' or '.join(LOADABLE_MODEL_CLASSES)}")
         model = ImplicitALSModel(
             rank=int(metadata["rank"]),
             userFactors=spark.read.parquet(os.path.join(path, "userFactors")),
