@@ -513,8 +513,8 @@ class _Block:
     def batches(self, dense_systems: bool = True) -> Iterator[tuple[np.ndarray, int]]:
         """Yield ``(rows, length)``: rows (nb,) with counts in one length class, sized to _BATCH_BYTES.
 
-        Empty rows, rows without a positive rating and long rows are left out. With ``dense_systems`` the batch's (nb, k, k) systems count
-        towards the bound as well as its gathered factors.
+        Empty rows, rows without a positive rating and long rows are left out. With ``dense_systems``
+        the batch's (nb, k, k) systems count towards the bound as well as its gathered factors.
         """
         counts = self.counts
         candidates = np.flatnonzero(self.solvable & (counts <= self.max_gather_length))
