@@ -178,7 +178,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         "gate": {
             "enabled": Key("bool", True, "stop publishing when the gate fails"),
             "metric": Key("str", "ndcg@20", "metric the gate checks, name@K"),
-            "min_value": Key("float", 0.0, "minimum value of the metric", minimum=0),
+            "min_value": Key("float", 0.0, "minimum value of the metric (every metric lies in 0..1)", minimum=0, maximum=1),
             "max_relative_drop": Key("float", 0.5, "maximum relative drop against the previous published run", minimum=0),
         },
     },

@@ -65,6 +65,8 @@ def test_defaults_are_filled_and_relative_paths_resolved(tmp_path, monkeypatch):
         # a column named "" passed, and failed after Spark started, the lock taken (exit 3)
         ("[input.columns]\nuser_id = \"\"\n", r"key 'input\.columns\.user_id': must not be empty"),
         ("[ingest]\nmax_reject_fraction = 1.5\n", r"key 'ingest\.max_reject_fraction': 1\.5 is above the maximum 1"),
+        # every metric lies in 0..1: a gate above 1 could never pass
+        ("[evaluate.gate]\nmin_value = 2.0\n", r"key 'evaluate\.gate\.min_value': 2\.0 is above the maximum 1"),
         # Spark silently ignores "spark.spark.sql.shuffle.partitions"
         ("[spark]\n\"spark.sql.shuffle.partitions\" = 4\n", r"key 'spark\.spark\.sql\.shuffle\.partitions': write "
                                                           r"\[spark\] keys without the 'spark\.' prefix"),
