@@ -168,7 +168,7 @@ def run_job(
         code = body(spark, cfg, args)
         return int(code or 0)
     except PipelineError as exc:
-        log.error("%s", exc)
+        # one line: the log line of the same text printed it twice (three times with the run's own)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:

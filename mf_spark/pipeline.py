@@ -329,6 +329,7 @@ def run_nightly(
                             manifest["gate"] = {"passed": gate.passed, "reason": gate.reason}
                             if not gate.passed:
                                 raise QualityGateError(f"quality gate failed: {gate.reason}")
+                            log.info("quality gate passed: %s", gate.reason)
 
                 manifest["outputs"] = {
                     name: spark.read.parquet(run.sub(name)).count()

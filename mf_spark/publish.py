@@ -582,7 +582,8 @@ def _latest_or_none(root: str) -> dict[str, Any] | None:
 
 
 def list_runs(root: str) -> list[dict[str, Any]]:
-    """Every run under ``root``, oldest first: run_date, run_id, path (relative), status, is_latest."""
+    """Every run under ``root``, oldest first: run_date, run_id, path (relative), status, is_latest, and
+    error (the first line of a failed run's error, else None)."""
     latest = _latest_or_none(root)
     try:
         holder = read_lock(root) or {}
@@ -599,18 +600,32 @@ def list_runs(root: str) -> list[dict[str, Any]]:
             "path": run.relative_path,
             "status": status,
             "is_latest": bool(latest) and latest.get("run_id") == run.run_id,
+            "error": _failure_reason(run) if status == "failed" else None,
         })
     return rows
 
 
+def _failure_reason(run: RunDir) -> str:
+    """The first line of a failed run's recorded error, for a listing (operations.md sends operators here)."""
+    try:
+        error = str(_read_json(Path(run.manifest_path)).get("error") or "unknown")
+    except PublishError:
+        return "unknown (manifest.json unreadable)"
+    first = error.strip().splitlines()[0] if error.strip() else "unknown"
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+
 def format_runs(rows: list[dict[str, Any]]) -> str:
-    """The rows of :func:`list_runs` as a text table; ``*`` marks the run latest.json names."""
+    """The rows of :func:`list_runs` as a text table; ``*`` marks the run latest.json names, a failed
+    run shows the first line of its error."""
     if not rows:
         return "no runs"
     lines = [f"  {'run_date':<10}  {'run_id':<30}  status"]
     for row in rows:
         mark = "*" if row["is_latest"] else " "
-        lines.append(f"{mark} {row['run_date']:<10}  {row['run_id']:<30}  {row['status']}")
+        why = f": {row['error']}" if row.get("error") else ""
+        lines.append(f"{mark} {row['run_date']:<10}  {row['run_id']:<30}  {row['status']}{why}")
     return "\n".join(lines)
 
 

@@ -447,6 +447,13 @@ def test_refine_search_climbs_to_the_best_within_the_budget():
 
     results = search(base, grid, score, model="implicit_als", mode="refine", samples=30, seed=7)
     assert len(results) == 30 and len({p for p, _, _ in results}) == 30
+    from mf_spark.evaluate.tuning import planned_trials  # the N of the "trial i/N" progress lines
+
+    for mode, samples, model, n in (("refine", 30, "implicit_als", 30), ("random", 30, "implicit_als", 30),
+                                    ("grid", 30, "implicit_als", len(space)), ("grid", 30, "mllib_als", 5 * 6 * 4)):
+        assert planned_trials(base, grid, model=model, mode=mode, samples=samples, seed=7) == n
+        if mode != "grid" or model == "mllib_als":
+            assert len(search(base, grid, score, model=model, mode=mode, samples=samples, seed=7)) == n
     assert [stage for _, _, stage in results] == ["random"] * 15 + ["local"] * 15
     best = max(results, key=lambda r: r[1])[0]
     found = (best.rank, best.reg_param, best.alpha, best.regularization, best.frequency_nu)
@@ -491,6 +498,10 @@ def test_cover_search_scores_mllibs_part_of_the_grid_first():
 
     results = search(base, grid, score, model="implicit_als", mode="cover", samples=18, seed=3)
     assert [stage for _, _, stage in results] == ["cover"] * 12 + ["local"] * 6
+    from mf_spark.evaluate.tuning import planned_trials
+
+    assert planned_trials(base, grid, model="implicit_als", mode="cover", samples=18, seed=3) == 18
+    assert planned_trials(base, grid, model="mllib_als", mode="cover", samples=18, seed=3) == len(mllib_space)
     assert [p for p, _, _ in results[:12]] == start
     assert len({p for p, _, _ in results}) == 18
     best = max(results, key=lambda r: r[1])[0]

@@ -57,10 +57,23 @@ def two_days(spark, tmp_path_factory, filtered_items):
         CACHED_AT_RECOMMEND.append(persistent_rdd_ids(spark) - before)
         return build_tables(*args, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mf_spark.recommend, "build_recommendation_tables", recording)
-        first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
-        second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
+    class Recorder(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            LOGGED["two_days"].append(record.getMessage())
+
+    recorder = Recorder(level=logging.INFO)
+    pipeline_log = logging.getLogger("mf_spark.pipeline")
+    level = pipeline_log.level
+    pipeline_log.addHandler(recorder)
+    pipeline_log.setLevel(logging.INFO)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(mf_spark.recommend, "build_recommendation_tables", recording)
+            first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
+            second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
+    finally:
+        pipeline_log.removeHandler(recorder)
+        pipeline_log.setLevel(level)
     LEFT_CACHED["two_days"] = persistent_rdd_ids(spark) - before
     LEFT_TEMP_FILES["two_days"] = set(os.listdir(spark.sparkContext._temp_dir)) - temp_files_before
     return root, first, second
@@ -70,8 +83,17 @@ def two_days(spark, tmp_path_factory, filtered_items):
 #: they left behind (filled by the fixtures).
 LEFT_CACHED: dict[str, frozenset[int]] = {}
 LEFT_TEMP_FILES: dict[str, set[str]] = {}
+#: mf_spark.pipeline's log lines during a fixture's nightlies.
+LOGGED: dict[str, list[str]] = {"two_days": []}
 #: RDDs the run had persisted when the recommend stage started, per nightly of two_days.
 CACHED_AT_RECOMMEND: list[frozenset[int]] = []
+
+
+def test_a_passing_gate_says_so_in_the_log(two_days):
+    """The gate's verdict was only in manifest.json when it passed; the docs promise it in the log."""
+    passed = [line for line in LOGGED["two_days"] if line.startswith("quality gate passed: ndcg@20 = ")]
+    assert len(passed) == 2, LOGGED["two_days"]
+    assert "previous" in passed[1]  # the second night is compared with the first
 
 
 def test_a_nightly_releases_what_it_cached(two_days):

@@ -650,6 +650,12 @@ def test_rollback_command(tmp_path):
     assert listing.returncode == 0, listing.stderr
     assert re.search(rf"\* 2011-12-07\s+{day2.run_id}\s+published", listing.stdout)
     assert re.search(rf"  2011-12-06\s+{day1.run_id}\s+published", listing.stdout)
+    # a failed run says why: operations.md sends a scheduler to --list for the reason
+    failed = begin_run(str(root), D2)
+    publish.write_failed_manifest(failed, {"error": "quality gate failed: ndcg@20 = 0.01 < minimum 0.1\nmore"})
+    listing = run_rollback_job(config, "--list")
+    assert re.search(rf"  2011-12-07\s+{failed.run_id}\s+failed: quality gate failed: ndcg@20 = 0\.01 < minimum "
+                     r"0\.1\n", listing.stdout), listing.stdout
 
     done = run_rollback_job(config, "--date", "2011-12-06")
     assert done.returncode == 0, done.stderr

@@ -243,6 +243,9 @@ def evaluate_holdout(
         primary_broadcasts: list = []  # every read of primary_per_user serialises them: destroyed at the end
         for model in models:
             params = chosen.get(model, base)
+            # in a nightly this fit's iteration lines follow the published model's: say which is which
+            log.info("evaluation: %s on the %s split's training part (%d test users)", model, split,
+                     counts["test_users"])
             run = recommend_for_users(
                 model,
                 the_split.train,

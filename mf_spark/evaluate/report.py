@@ -138,7 +138,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         for name, run in models.items()
     ]
     out += [_table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]
-    out += ["## Training loss", ""]
+    out += ["## Training loss", "", "Of each model's fit on the split's training part (not the published model's).", ""]
     for name, run in models.items():
         loss = run.get("training_loss")
         if loss:
@@ -232,7 +232,7 @@ def _plot_training_loss(result: dict[str, Any], path: Path) -> None:
     if ax.lines:
         ax.legend()
     note = "MLlib ALS exposes no per-iteration loss" if without else ""
-    ax.set_title("Training loss per iteration" + (f"\n({note})" if note else ""))
+    ax.set_title("Training loss per iteration, fits on the split's training part" + (f"\n({note})" if note else ""))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

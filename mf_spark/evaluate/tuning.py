@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -262,6 +263,16 @@ def search(
     return results
 
 
+def planned_trials(
+    base: TrainParams, grid: Mapping[str, Sequence[Any]], *, model: str, mode: str, samples: int, seed: int
+) -> int:
+    """How many sets :func:`search` will score with these arguments (for progress lines)."""
+    up_front = len(candidate_params(base, grid, model=model, mode=mode, samples=samples, seed=seed))
+    if mode not in ("refine", "cover"):
+        return up_front
+    return max(up_front, min(samples, len(search_space(base, grid, model=model))))
+
+
 def _ordered_neighbours(
     params: TrainParams,
     origin: TrainParams | None,
@@ -318,8 +329,10 @@ def tune_model(
             raise InputDataError(f"tuning: validation split {number} of {len(users)} has no user to score (too "
                                  "little history per user in the training part); tune on more data")
     trials: list[dict[str, Any]] = []
+    planned = planned_trials(base, grid, model=model, mode=mode, samples=samples, seed=seed)
 
     def score(params: TrainParams) -> float:
+        started = time.perf_counter()
         values, fit_seconds, final_loss = [], 0.0, None
         for split, split_users in zip(validations, users, strict=True):
             run = recommend_for_users(
@@ -339,7 +352,9 @@ def tune_model(
         if len(values) > 1:
             trial["values"] = values
         trials.append(trial)
-        log.info("tuning %s: %s = %.5f with %s", model, metric, value, trial["params"])
+        # a real grid is 100+ fits: say how far along the search is
+        log.info("tuning %s trial %d/%d: %s = %.5f with %s (%.1f s)", model, len(trials), planned, metric, value,
+                 trial["params"], time.perf_counter() - started)
         if on_trial:
             on_trial(trial)
         return value
