@@ -332,15 +332,22 @@ class RunLock:
         }
 
     def _try_create(self) -> bool:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
+        # Written whole under a temporary name, then linked to the lock's name, which fails when it exists
+        # (atomic, also on NFS): created empty and then written, the lock was read between the two by 13%
+        # of the losers of a race in the concurrency review, and called "cut short by a crash".
         self.info = self._payload()
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.info, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        temporary = temp_sibling(self.path)
+        try:
+            with open(temporary, "x", encoding="utf-8") as f:
+                json.dump(self.info, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(temporary, self.path)
+            except FileExistsError:
+                return False
+        finally:
+            temporary.unlink(missing_ok=True)
         _fsync_dir(self.root)
         return True
 
@@ -536,7 +543,11 @@ def _iter_run_dirs(root: Path) -> list[RunDir]:
             run_date = dt.date.fromisoformat(date_dir.name[3:])
         except ValueError:
             continue
-        for run_dir in date_dir.iterdir():
+        try:
+            run_dirs = list(date_dir.iterdir())
+        except FileNotFoundError:  # retention removed the emptied date directory meanwhile
+            continue
+        for run_dir in run_dirs:
             if run_dir.name.startswith("run_id=") and run_dir.is_dir():
                 found.append(RunDir(str(root), run_date, run_dir.name[len("run_id="):]))
     return sorted(found, key=lambda r: (r.run_date, r.run_id))
@@ -553,7 +564,7 @@ def run_status(run: RunDir) -> str:
         try:
             if _read_json(manifest).get("status") == "failed":
                 return "failed"
-        except PublishError:
+        except (FileNotFoundError, PublishError):  # removed by retention meanwhile, or damaged
             pass
     return "partial"
 
@@ -609,7 +620,7 @@ def _failure_reason(run: RunDir) -> str:
     """The first line of a failed run's recorded error, for a listing (operations.md sends operators here)."""
     try:
         error = str(_read_json(Path(run.manifest_path)).get("error") or "unknown")
-    except PublishError:
+    except (FileNotFoundError, PublishError):
         return "unknown (manifest.json unreadable)"
     first = error.strip().splitlines()[0] if error.strip() else "unknown"
     return first if len(first) <= 160 else first[:157] + "..."
@@ -629,8 +640,9 @@ def format_runs(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _record_run_id_in_lock(root: Path, run_id: str) -> dict[str, Any] | None:
-    """When this process holds the lock, add the run id to it; return the lock record (or None)."""
+def _record_run_id_in_lock(root: Path, run_date: dt.date, run_id: str) -> dict[str, Any] | None:
+    """When this process holds the lock, record the run it is writing in it (a backfill's lock, taken
+    for its first date, named that date beside a later date's run id); return the lock record (or None)."""
     lock_path = root / LOCK_NAME
     try:
         holder = _read_json(lock_path)
@@ -638,6 +650,7 @@ def _record_run_id_in_lock(root: Path, run_id: str) -> dict[str, Any] | None:
         return None
     if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
         holder["run_id"] = run_id
+        holder["run_date"] = run_date.isoformat()
         write_json_atomic(lock_path, holder)
     return holder
 
@@ -698,7 +711,7 @@ def begin_run(root: str, run_date: dt.date, run_id: str | None = None) -> RunDir
         raise ValueError(f"run_id {run_id!r} must be letters, digits, '.', '_' or '-'")
     root_path = Path(root)
     root_path.mkdir(parents=True, exist_ok=True)
-    _record_run_id_in_lock(root_path, run_id)
+    _record_run_id_in_lock(root_path, run_date, run_id)
     clean_partial_runs(root, keep_run_id=run_id)
     run = RunDir(str(root_path), run_date, run_id)
     Path(run.path).mkdir(parents=True, exist_ok=False)

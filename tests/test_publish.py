@@ -258,8 +258,30 @@ def test_lock_blocks_a_second_run_and_names_the_holder(tmp_path):
             RunLock(str(tmp_path), D2, break_stale=True).acquire()
         run = begin_run(str(tmp_path), D1)
         assert json.loads((tmp_path / "_LOCK").read_text())["run_id"] == run.run_id
+        # a backfill holds one lock over its dates: the record names the run it is writing, date included
+        later = begin_run(str(tmp_path), D2)
+        assert {k: json.loads((tmp_path / "_LOCK").read_text())[k] for k in ("run_date", "run_id")} == {
+            "run_date": D2.isoformat(), "run_id": later.run_id}
         assert lock.path.exists()
     assert not (tmp_path / "_LOCK").exists()
+
+
+def test_the_lock_file_never_exists_half_written(tmp_path, monkeypatch):
+    """Created empty and then written, the lock was read in between by 13% of the losers of a race
+    between two nightlies, who were told it was "cut short by a crash"."""
+    linked = []
+    real_link = os.link
+
+    def link(source, target):
+        linked.append(json.loads(Path(source).read_text())["pid"])  # complete before it gets the name
+        real_link(source, target)
+
+    monkeypatch.setattr(publish.os, "link", link)
+    with RunLock(str(tmp_path), D1):
+        with pytest.raises(LockHeldError, match="still running"):
+            RunLock(str(tmp_path), D2).acquire()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["_LOCK"]  # the loser's temporary is gone
+    assert linked == [os.getpid(), os.getpid()]
 
 
 def test_lock_is_released_when_the_run_raises(tmp_path):
@@ -516,6 +538,23 @@ def test_taking_the_lock_of_a_missing_root_warns_that_it_is_created(tmp_path, ca
     with caplog.at_level("WARNING", logger="mf_spark.publish"), RunLock(str(root), D1):
         pass
     assert not [r for r in caplog.records if "does not exist" in r.getMessage()]
+
+
+def test_list_runs_skips_a_date_directory_retention_removes_meanwhile(tmp_path, monkeypatch):
+    """rollback --list crashed (exit 1) when retention removed an emptied dt= directory between the
+    listing of runs/ and the listing of that directory."""
+    kept = published(tmp_path, D2)
+    gone = published(tmp_path, D1)
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self.name == f"dt={D1.isoformat()}":
+            raise FileNotFoundError(2, "No such file or directory", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert [r["run_id"] for r in list_runs(str(tmp_path))] == [kept.run_id]
+    assert gone.run_id
 
 
 def test_list_runs_shows_the_run_the_live_lock_holder_writes_as_running(tmp_path):
