@@ -20,7 +20,9 @@ from mf_spark.errors import (
     ConfigError,
     OutOfSpaceError,
     PipelineError,
+    InputDataError,
     UsageError,
+    damaged_file_cause,
     failing_file_or_cause,
     java_cause,
     out_of_space,
@@ -195,9 +197,17 @@ def run_job(
         if isinstance(exc, Exception) and out_of_space(exc) and not published:
             # A full disk is the machine's state, not a bug: no traceback, and its own exit code
             message = f"no space left on device ({failing_file_or_cause(exc)}); free space on that disk and rerun"
-            log.error("%s", message)
             print(f"error: {message}", file=sys.stderr)
             return OutOfSpaceError.exit_code
+        unreadable = damaged_file_cause(exc) if isinstance(exc, Exception) and not published else None
+        if unreadable:
+            # A file gone or damaged under a reading job (retention removed the run a standalone evaluate
+            # or train job was reading: they take no lock) is the input's state: exit 3, one line.
+            message = (f"an input file could not be read while the job ran: {unreadable}. A run that "
+                       "retention (publish.keep_runs) removed, or a damaged file: read a run retention keeps, "
+                       "or restore the file")
+            print(f"error: {message}", file=sys.stderr)
+            return InputDataError.exit_code
         raise
     finally:
         stop_session(spark)

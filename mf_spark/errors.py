@@ -143,7 +143,7 @@ def damaged_file_cause(exc: BaseException, markers: tuple[str, ...] = DAMAGED_FI
     """The sentence of a Spark error that names the unreadable file and why (``[FAILED_READ_FILE.
     PARQUET_COLUMN_DATA_TYPE_MISMATCH] Encountered error while reading file F. ... column [user_id] ...``),
     or None when ``exc`` carries none of ``markers`` (then it is not the files' fault: re-raise it)."""
-    for line in str(exc).splitlines():
+    for line in error_text(exc).splitlines():
         hit = next((m for m in markers if m in line), None)
         if hit is None:
             continue

@@ -294,6 +294,21 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     with pytest.raises(OSError):  # after publication it is no longer the job's failure to report so
         run_job("x", "x", raising(OSError(errno.ENOSPC, "No space left on device"), published_run=run), argv=argv)
 
+    # a file removed under a reading job (retention and a standalone evaluate): exit 3 and one line, not
+    # a Java stack and exit 1 ("a bug")
+    gone = RuntimeError("An error occurred while calling o120.count.\n: org.apache.spark.SparkException: Job "
+                        "aborted due to stage failure: Lost task 0.0: [FAILED_READ_FILE.FILE_NOT_EXIST] File "
+                        "file:/out/runs/dt=2011-12-08/run_id=r/interactions/part-0.parquet does not exist "
+                        "SQLSTATE: 42K03\n\tat x")
+    capsys.readouterr()
+    assert run_job("x", "x", raising(gone), argv=argv) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: an input file could not be read while the job ran: [FAILED_READ_FILE.FILE_NOT_"
+                          "EXIST] File file:/out/runs/dt=2011-12-08/run_id=r/interactions/part-0.parquet does not "
+                          "exist. A run that retention (publish.keep_runs) removed"), err
+    with pytest.raises(RuntimeError):
+        run_job("x", "x", raising(RuntimeError("[FAILED_READ_FILE.FILE_NOT_EXIST] x"), published_run=run), argv=argv)
+
 
 def test_spark_submit_sh_help_exits_0():
     """--help printed the usage to stderr and exited 2, like a usage error."""
