@@ -69,6 +69,7 @@ def evaluate_holdout(
     tuning_mode: str = "grid",
     tuning_samples: int | Mapping[str, int] = 8,
     tuning_validation_splits: int = 1,
+    source: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``models`` side by side on one holdout split of ``interactions``.
 
@@ -87,6 +88,10 @@ def evaluate_holdout(
         Cut-offs of every metric.
     models
         Names from :data:`mf_spark.evaluate.models.MODELS`; the first is the *primary* model the gate reads.
+    source
+        What was evaluated (e.g. the interactions' path, the run, the command, the git commit), kept as
+        the result's ``source`` and named at the top of ``report.md``; a report outside a run directory
+        says nothing of it otherwise.
     out_dir
         When given, ``metrics.json``, ``report.md`` and plots are written there, replacing the directory
         whole: one holding anything but an earlier report, or that cannot be created or written, is
@@ -306,6 +311,8 @@ def evaluate_holdout(
             "tuning": tuning_info,
             "models": runs,
         }
+        if source:
+            result["source"] = dict(source)
         if out_dir:
             write_report(result, out_dir)
         return result

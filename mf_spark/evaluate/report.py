@@ -86,6 +86,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     split, counts = result["split"], result["split"]["counts"]
     models = result["models"]
     out = ["# Offline evaluation", ""]
+    if result.get("source"):
+        out += ["Evaluated: " + ", ".join(f"{k} `{v}`" for k, v in result["source"].items()), ""]
     settings = ", ".join(f"{k}={v}" for k, v in split["settings"].items())
     out += [
         f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
