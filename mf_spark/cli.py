@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -159,6 +160,7 @@ def run_job(
     from mf_spark.session import build_session, stop_session  # late: config errors never wait for pyspark
 
     warn_about_driver_settings(cfg)
+    started = time.perf_counter()
     try:
         spark = build_session(app_name, spark_properties(cfg))
     except Exception as exc:  # noqa: BLE001 - any start-up failure is reported against the [spark] table
@@ -166,8 +168,12 @@ def run_job(
         # before anything is written; a traceback would hide which setting is wrong.
         print(f"error: {session_failure_message(exc, cfg, args.overrides)}", file=sys.stderr)
         return ConfigError.exit_code
+    session_seconds = time.perf_counter() - started
     try:
         code = body(spark, cfg, args)
+        # every job ends with its timing (the nightly also prints its stage table)
+        log.info("%s finished in %.1f s (Spark session start-up %.1f s)", app_name, time.perf_counter() - started,
+                 session_seconds)
         return int(code or 0)
     except PipelineError as exc:
         # one line: the log line of the same text printed it twice (three times with the run's own)

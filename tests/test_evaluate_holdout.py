@@ -254,6 +254,7 @@ def test_tuning_mode_picks_on_validation(communities, spark, tmp_path):
     assert (tmp_path / "tuning_metric_vs_rank.png").stat().st_size > 5000
     report = (tmp_path / "report.md").read_text()
     assert "## Tuning" in report and "| frequency_nu |" in report
+    assert report.count("| chosen |") == 1  # the set the test metrics are for
 
 
 def test_tuning_on_several_validation_splits_scores_their_mean(communities):

@@ -240,6 +240,23 @@ def test_bad_date_arguments_exit_2_before_spark_starts(argv, message, tmp_path, 
     assert not root.exists()
 
 
+def test_every_job_ends_with_its_timing(monkeypatch, caplog):
+    """The standalone jobs printed no timing at all (ingest was silent for 45 s, then done)."""
+    import mf_spark.session
+    from mf_spark.cli import run_job
+
+    class FakeSession:
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(mf_spark.session, "build_session", lambda *a, **k: FakeSession())
+    with caplog.at_level(logging.INFO, logger="mf_spark"):
+        assert run_job("mf-spark-x", "x", lambda spark, cfg, args: 0,
+                       argv=["--config", str(REPO / "conf" / "local.toml")]) == 0
+    assert [r.getMessage() for r in caplog.records if "finished in" in r.getMessage()][0].startswith(
+        "mf-spark-x finished in ")
+
+
 def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     """Ctrl-C printed a KeyboardInterrupt traceback and exited 1 (a bug, by the exit code table)."""
     import mf_spark.session

@@ -166,11 +166,13 @@ def render_markdown(result: dict[str, Any]) -> str:
             if not trials:
                 continue
             names = list(trials[0]["params"])
+            chosen = max(range(len(trials)), key=lambda i: trials[i]["value"])  # the first of equal values, as tuning
             rows = [
-                [*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}"]
-                for t in trials
+                [*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}",
+                 "chosen" if i == chosen else ""]
+                for i, t in enumerate(trials)
             ]
-            out += [f"### {name}", "", _table([*names, tuning["metric"], "fit s"], rows), ""]
+            out += [f"### {name}", "", _table([*names, tuning["metric"], "fit s", ""], rows), ""]
     plots = [p for p in result.get("plots", [])]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
