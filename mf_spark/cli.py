@@ -19,9 +19,9 @@ from typing import Any
 from mf_spark.config import key_source, load_config, parse_iso_date, spark_properties
 from mf_spark.errors import (
     ConfigError,
+    InputDataError,
     OutOfSpaceError,
     PipelineError,
-    InputDataError,
     UsageError,
     damaged_file_cause,
     failing_file_or_cause,
