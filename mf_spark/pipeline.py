@@ -170,6 +170,22 @@ def _unreadable_files(exc: BaseException) -> bool:
     return damaged_file_cause(exc, _UNREADABLE_FILE_MARKERS) is not None
 
 
+def list_coverage(spark: SparkSession, run: publish.RunDir, outputs: dict[str, int]) -> dict[str, int]:
+    """How many of the model's users got a top-N list and items a similar-items list, logged and kept in
+    the manifest: those left out (mostly an all-zero factor, i.e. no positive interaction in the window;
+    docs/recommend.md) were visible only by comparing counts, and they need the serving fallback."""
+    with_lists = {
+        "users_with_recommendations": spark.read.parquet(run.sub("recommendations")).select("user_id").distinct().count(),
+        "items_with_similar_items": spark.read.parquet(run.sub("similar_items")).select("item_id").distinct().count(),
+    }
+    coverage = {"users": outputs["user_factors"], "items": outputs["item_factors"], **with_lists}
+    log.info("recommend: %d of %d users got a list and %d of %d items a similar-items list (the others: no "
+             "positive interaction in the window, docs/recommend.md; serve them a fallback)",
+             coverage["users_with_recommendations"],
+             coverage["users"], coverage["items_with_similar_items"], coverage["items"])
+    return coverage
+
+
 def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: str) -> DataFrame:
     return factors.join(dim.select(F.col(idx_col).alias("id"), id_col), "id", "left").select("id", id_col, "features")
 
@@ -336,6 +352,7 @@ def run_nightly(
                     for name in ("interactions", "rejects", "user_factors", "item_factors", "recommendations", "similar_items")
                 }
                 manifest["id_maps"] = {"users": dim_user.count(), "items": dim_item.count()}
+                manifest["coverage"] = list_coverage(spark, run, manifest["outputs"])
                 manifest["timings"] = timer.seconds
                 with timer.stage("publish"):
                     publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])

@@ -190,6 +190,15 @@ def test_manifest_and_latest(two_days):
                                                + manifest["ingest"]["deduplicated"])
     assert set(manifest["timings"]) >= {"ingest", "train", "recommend", "evaluate"}  # publish ends after the manifest is written
     assert manifest["outputs"]["recommendations"] > 0
+    # who got no list was visible only by comparing counts
+    coverage = manifest["coverage"]
+    import pyarrow.parquet as pq
+
+    recs = pq.read_table(Path(second.run_dir) / "recommendations").column("user_id").to_pylist()
+    assert coverage["users_with_recommendations"] == len(set(recs)) <= coverage["users"] == manifest["outputs"]["user_factors"]
+    assert coverage["items_with_similar_items"] <= coverage["items"] == manifest["outputs"]["item_factors"]
+    assert any(line.startswith(f"recommend: {coverage['users_with_recommendations']} of {coverage['users']} users got "
+                               "a list") for line in LOGGED["two_days"])
     # day two was warm-started from day one, with fewer iterations
     assert manifest["train"]["warm_start_from"] == first.manifest["run"]["run_id"]
     assert len(manifest["train"]["training_loss"]) == 2
