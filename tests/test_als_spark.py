@@ -512,6 +512,9 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     model.write().overwrite().save(path)
     loaded = ImplicitALSModel.load(path)
     assert loaded.rank == 3 and loaded.trainingLoss == model.trainingLoss
+    # how it was trained travels with it (MLlib's model keeps only its own Params)
+    assert model.trainingParams["maxIter"] == 2 and model.trainingParams["solver"] == "cg"
+    assert loaded.trainingParams == model.trainingParams and loaded.provenance == {}
     assert loaded.getColdStartStrategy() == "drop"
     assert factors_matrix(loaded.userFactors, R.shape[0]).tolist() == X.tolist()
 

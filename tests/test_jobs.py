@@ -4,6 +4,7 @@ ingest -> train -> recommend that docs/operations.md documents."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import subprocess
 import sys
@@ -224,6 +225,11 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
             assert checkpoints.is_dir() and not list(checkpoints.iterdir())  # the ID maps were checkpointed
         if name == "recommend":
             assert f"took the lock {root / '_LOCK'}" in out and f"released the lock {root / '_LOCK'}" in out
+        if name == "train":  # the saved model says how and from what it was trained
+            metadata = json.loads(next((model / "metadata").glob("part-*")).read_text())
+            assert metadata["provenance"]["interactions"] == str(interactions)
+            assert "jobs/train.py" in metadata["provenance"]["command"] and metadata["provenance"]["git_commit"]
+            assert metadata["trainingParams"]["rank"] == 8
 
     table = read_table(recs / "recommendations")
     history = read_table(interactions)

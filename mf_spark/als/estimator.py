@@ -365,6 +365,7 @@ class ImplicitALS(Estimator, _ImplicitALSParams, DefaultParamsWritable, DefaultP
             result.item_factors.unpersist()
         model = ImplicitALSModel(settings.rank, user_factors, item_factors, result.training_loss, result.iteration_seconds)
         model.trainingBroadcasts = result.broadcasts
+        model.trainingParams = {param.name: value for param, value in self.extractParamMap().items()}
         model._resetUid(self.uid)
         return self._copyValues(model)
 

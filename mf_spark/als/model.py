@@ -58,6 +58,13 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
     trainingLoss : list of float
         The exact objective after each iteration (data term over all user-item pairs, computed with the
         Gramian trick, plus the regularisation terms).
+    trainingParams : dict
+        The estimator's parameters the model was fitted with (``regParam``, ``alpha``, ``solver``, ...),
+        saved with the model: MLlib's model keeps only its own few Params, so a saved model could not be
+        traced to how it was trained. Empty for a model built by hand or saved without them.
+    provenance : dict
+        Free-form record of where the model came from (``jobs/train.py`` puts the interactions' path,
+        the command and the git commit there), saved with the model.
     trainingBroadcasts : list of Broadcast
         The broadcasts of the fit's last iterations (since its last checkpoint): the fixed side's Gramian
         and, below ``broadcastThreshold``, its factors. They are in the factor tables' lineage, which
@@ -76,6 +83,8 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
         self._item_factors = itemFactors
         self.trainingLoss = list(trainingLoss or [])
         self.iterationSeconds = list(iterationSeconds or [])
+        self.trainingParams: dict[str, Any] = {}
+        self.provenance: dict[str, Any] = {}
         self.trainingBroadcasts: list[Broadcast] = []
 
     @property
@@ -196,7 +205,8 @@ class _ImplicitALSModelWriter(MLWriter):
 
     def saveImpl(self, path: str) -> None:
         extra = {"rank": self.instance.rank, "trainingLoss": self.instance.trainingLoss,
-                 "iterationSeconds": self.instance.iterationSeconds}
+                 "iterationSeconds": self.instance.iterationSeconds,
+                 "trainingParams": self.instance.trainingParams, "provenance": self.instance.provenance}
         DefaultParamsWriter.saveMetadata(self.instance, path, self.sparkSession.sparkContext, extraMetadata=extra)
         self.instance.userFactors.write.parquet(os.path.join(path, "userFactors"))
         self.instance.itemFactors.write.parquet(os.path.join(path, "itemFactors"))
@@ -225,6 +235,8 @@ class _ImplicitALSModelReader(MLReader):
             trainingLoss=[float(x) for x in metadata.get("trainingLoss", [])],
             iterationSeconds=[float(x) for x in metadata.get("iterationSeconds", [])],
         )
+        model.trainingParams = dict(metadata.get("trainingParams") or {})
+        model.provenance = dict(metadata.get("provenance") or {})
         model._resetUid(metadata["uid"])
         DefaultParamsReader.getAndSetParams(model, metadata)
         return model
