@@ -626,7 +626,6 @@ def _failure_reason(run: RunDir) -> str:
     return first if len(first) <= 160 else first[:157] + "..."
 
 
-
 def format_runs(rows: list[dict[str, Any]]) -> str:
     """The rows of :func:`list_runs` as a text table; ``*`` marks the run latest.json names, a failed
     run shows the first line of its error."""
