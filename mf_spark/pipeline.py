@@ -171,20 +171,26 @@ def _unreadable_files(exc: BaseException) -> bool:
     return damaged_file_cause(exc, _UNREADABLE_FILE_MARKERS) is not None
 
 
-def list_coverage(spark: SparkSession, run: publish.RunDir, outputs: dict[str, int]) -> dict[str, int]:
-    """How many of the model's users got a top-N list and items a similar-items list, logged and kept in
-    the manifest: those left out (mostly an all-zero factor, i.e. no positive interaction in the window;
-    docs/recommend.md) were visible only by comparing counts, and they need the serving fallback."""
-    with_lists = {
-        "users_with_recommendations": spark.read.parquet(run.sub("recommendations")).select("user_id").distinct().count(),
-        "items_with_similar_items": spark.read.parquet(run.sub("similar_items")).select("item_id").distinct().count(),
-    }
+def output_counts(spark: SparkSession, run: publish.RunDir) -> tuple[dict[str, int], dict[str, int]]:
+    """Rows of each written table, and how many of the model's users got a top-N list and items a
+    similar-items list (counted in the same pass over each list table), the latter logged.
+
+    Those left out (mostly an all-zero factor, i.e. no positive interaction in the window;
+    docs/recommend.md) were visible only by comparing counts, and they need the serving fallback.
+    """
+    outputs = {name: spark.read.parquet(run.sub(name)).count()
+               for name in ("interactions", "rejects", "user_factors", "item_factors")}
+    with_lists = {}
+    for table, key, name in (("recommendations", "user_id", "users_with_recommendations"),
+                             ("similar_items", "item_id", "items_with_similar_items")):
+        row = spark.read.parquet(run.sub(table)).agg(F.count(F.lit(1)), F.count_distinct(key)).first()
+        outputs[table], with_lists[name] = int(row[0]), int(row[1])
     coverage = {"users": outputs["user_factors"], "items": outputs["item_factors"], **with_lists}
     log.info("recommend: %d of %d users got a list and %d of %d items a similar-items list (the others: no "
              "positive interaction in the window, docs/recommend.md; serve them a fallback)",
              coverage["users_with_recommendations"],
              coverage["users"], coverage["items_with_similar_items"], coverage["items"])
-    return coverage
+    return outputs, coverage
 
 
 def _with_string_ids(factors: DataFrame, dim: DataFrame, idx_col: str, id_col: str) -> DataFrame:
@@ -348,12 +354,9 @@ def run_nightly(
                                 raise QualityGateError(f"quality gate failed: {gate.reason}")
                             log.info("quality gate passed: %s", gate.reason)
 
-                manifest["outputs"] = {
-                    name: spark.read.parquet(run.sub(name)).count()
-                    for name in ("interactions", "rejects", "user_factors", "item_factors", "recommendations", "similar_items")
-                }
+                manifest["outputs"], coverage = output_counts(spark, run)
                 manifest["id_maps"] = {"users": dim_user.count(), "items": dim_item.count()}
-                manifest["coverage"] = list_coverage(spark, run, manifest["outputs"])
+                manifest["coverage"] = coverage
                 manifest["timings"] = timer.seconds
                 with timer.stage("publish"):
                     publish.publish_run(run, manifest, keep_runs=cfg["publish"]["keep_runs"])
