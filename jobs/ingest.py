@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from mf_spark.cli import parse_date, run_job
+from mf_spark.cli import check_not_future, parse_date, run_job
 
 
 def add_arguments(parser):
@@ -30,6 +30,7 @@ def check_before_spark(args, cfg):
     from mf_spark.config import key_source
     from mf_spark.publish import RunLock, check_writable_root
 
+    check_not_future(args.date)
     check_local_inputs(cfg, item_tables=False)
     check_writable_root(cfg["output"]["root"], key_source(cfg, "output.root"))
     RunLock(cfg["output"]["root"], args.date, break_stale=args.break_stale_lock).check_free()

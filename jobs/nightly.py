@@ -10,11 +10,10 @@ whose window holds no event, logs each, lists them at the end and goes on; any o
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from typing import Any
 
-from mf_spark.cli import parse_date, run_job
+from mf_spark.cli import check_not_future, parse_date, run_job
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +36,7 @@ def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     if args.start and args.end < args.start:
         raise UsageError(f"--from {args.start} is after --to {args.end}: the backfill runs from the earlier "
                           "date to the later one")
-    latest = max(d for d in (args.date, args.end) if d)
-    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)  # a scheduler east of UTC is ahead
-    if latest > tomorrow:
-        # A typo (2052 for 2025) published and then held latest.json for ever: later dates never move it.
-        raise UsageError(f"run date {latest} is in the future (today is {tomorrow - dt.timedelta(days=1)} UTC): "
-                         "a published future date would keep latest.json from moving")
+    check_not_future(max(d for d in (args.date, args.end) if d))
     if args.date and args.skip_empty_days:
         # A single date with no events must fail (exit 3): skipping it would exit 0 with nothing published.
         raise UsageError("--skip-empty-days applies only to a backfill (--from D1 --to D2), not to --date")

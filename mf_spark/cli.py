@@ -51,6 +51,19 @@ def parse_date(text: str) -> dt.date:
     return date
 
 
+def check_not_future(date: dt.date) -> None:
+    """Refuse a run date after tomorrow (UTC; a scheduler east of UTC is a day ahead) with a UsageError.
+
+    A typo (2052 for 2025) published by the nightly would hold latest.json for ever: later dates never
+    move it. The ingest job refuses it too: its window would hold no event yet, and its ID-map version
+    and ``ingest/dt=...`` directory would carry a date no run can have.
+    """
+    tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
+    if date > tomorrow:
+        raise UsageError(f"run date {date} is in the future (today is {tomorrow - dt.timedelta(days=1)} UTC): "
+                         "a published future date would keep latest.json from moving")
+
+
 def non_empty(text: str) -> str:
     """argparse type of a path or id argument: an empty value (an unset scheduler variable) is a usage
     error, not the current directory or a crash after the job's work."""

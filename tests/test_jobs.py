@@ -36,6 +36,8 @@ def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.Complet
      "--model /no/such/model does not exist"),
     ("recommend.py", ["--date", DAY, "--run-dir", "out", "--model", "."], 2, "error: --model needs --interactions"),
     ("nightly.py", ["--date", DAY, "--log-level", "CHATTY"], 2, "invalid choice: 'CHATTY'"),
+    # the nightly refused a future date, the ingest job ran it (a window with no event yet)
+    ("ingest.py", ["--date", "2052-11-28"], 2, "error: run date 2052-11-28 is in the future (today is "),
     ("recommend.py", ["--date", DAY, "--run-dir", "/x/runs/dt=2011-12-08/run_id=a"], 2,
      f"error: --date {DAY} but --run-dir is a run of 2011-12-08"),
     ("recommend.py", ["--run-dir", "/x/runs/dt=2011-12-08/run_id=a"], 3, "--run-dir /x/runs/dt=2011-12-08/run_id=a does not"),
