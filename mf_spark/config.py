@@ -388,8 +388,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     path = Path(path)
     source = str(path)
     try:
-        with path.open("rb") as f:
-            raw = tomllib.load(f)
+        # utf-8-sig: Windows editors save a byte-order mark, which tomllib reports as an invalid
+        # character at line 1 without naming it.
+        raw = tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError(f"{source}: config file not found") from None
     except IsADirectoryError:

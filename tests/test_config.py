@@ -99,6 +99,13 @@ def test_missing_file_and_bad_toml(tmp_path):
         load_config(utf16)
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path):
+    """Notepad's UTF-8 with BOM was "not valid TOML ... (at line 1, column 1)", naming nothing."""
+    with_bom = tmp_path / "bom.toml"
+    with_bom.write_text(MINIMAL, encoding="utf-8-sig")
+    assert load_config(with_bom)["input"] == load_config(write(tmp_path, MINIMAL))["input"]
+
+
 def test_an_empty_required_path_is_refused(tmp_path):
     """output.root = "" (say, `--set output.root=$OUT` with OUT unset) put the lock, the runs, latest.json
     and a fresh id map numbering every id from 0 in the working directory, and exited 0."""
