@@ -16,7 +16,7 @@ import datetime as dt
 import sys
 
 from mf_spark.cli import base_parser, non_empty, parse_date, setup_logging
-from mf_spark.config import load_config
+from mf_spark.config import key_source, load_config
 from mf_spark.errors import PipelineError
 
 
@@ -36,13 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         root = cfg["output"]["root"]
-        overridden = any(o.split("=", 1)[0].strip() == "output.root" for o in args.overrides)
         # Before the lock: taking it would create a mistyped root, and --list would call it "no runs".
-        publish.check_output_root(root, "--set output.root" if overridden else cfg["_source"])
+        publish.check_output_root(root, key_source(cfg, "output.root"))
         if args.list:
             print(publish.format_runs(publish.list_runs(root)))
             return 0
-        publish.check_writable_root(root, "--set output.root" if overridden else cfg["_source"])
+        publish.check_writable_root(root, key_source(cfg, "output.root"))
         with publish.RunLock(root, dt.date.today(), break_stale=args.break_stale_lock, purpose="rollback"):
             entry = publish.rollback(root, args.to or args.date.isoformat())
     except PipelineError as exc:

@@ -1092,8 +1092,11 @@ def rollback(root: str, target: str) -> dict[str, Any]:
     previous = _latest_or_none(root)
     entry = _latest_entry(run, _iso(_utc_now()), rolled_back_from=(previous or {}).get("run_id"))
     write_json_atomic(Path(root) / LATEST_NAME, entry)
-    log.warning("rolled back: latest.json now names %s (was %s)", run.relative_path,
-                (previous or {}).get("path"))
+    was = (previous or {}).get("run_date", ""), (previous or {}).get("run_id", "")
+    # The same command also moves forward again (to a newer run after a rollback): say which it did.
+    now = run.run_date.isoformat(), run.run_id
+    moved = "rolled back" if now < was else "moved forward" if now > was else "unchanged"
+    log.warning("%s: latest.json now names %s (was %s)", moved, run.relative_path, (previous or {}).get("path"))
     return entry
 
 

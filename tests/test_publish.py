@@ -364,10 +364,16 @@ def test_a_backfilled_run_survives_its_own_retention(tmp_path):
     assert not Path(first.path).exists()
 
 
-def test_rollback_by_run_id_and_by_date(tmp_path):
+def test_rollback_by_run_id_and_by_date(tmp_path, caplog):
     day1 = published(tmp_path, D1)
     day2_first = published(tmp_path, D2)
     day2_second = published(tmp_path, D2)
+    with caplog.at_level("WARNING", logger="mf_spark.publish"):
+        entry = rollback(str(tmp_path), day1.run_id)
+        rollback(str(tmp_path), day2_second.run_id)
+        rollback(str(tmp_path), day2_second.run_id)
+    # going back to the newer run was also logged as "rolled back"
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["rolled back", "moved forward", "unchanged"]
     entry = rollback(str(tmp_path), day1.run_id)
     assert read_latest(str(tmp_path)) == entry
     assert entry["run_id"] == day1.run_id and entry["rolled_back_from"] == day2_second.run_id
@@ -734,7 +740,7 @@ def test_rollback_on_a_missing_root_names_it_and_creates_nothing(tmp_path, actio
 
     overridden = run_rollback_job(config, "--set", f"output.root={root}-2", *action)
     assert overridden.returncode == 2
-    assert f"output.root = {root}-2 (from --set output.root)" in overridden.stderr
+    assert f"output.root = {root}-2 (from --set 'output.root={root}-2')" in overridden.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml"]
 
 
