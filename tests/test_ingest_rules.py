@@ -78,7 +78,7 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         ("tab_user", event("\t", "i1", "view", "2024-03-10 10:00:00")),
         ("nbsp_item", event("u1", "\u00a0\n", "view", "2024-03-10 10:00:00")),
         ("huge_value", event("u1", "i1", "purchase", "2024-03-10 10:00:00", 1e300)),  # inf as float32
-        # U+FFFD: bytes the reader could not decode; before id_too_long ("\ufffd" * 9 is both)
+        # U+FFFD: bytes the reader could not decode; before item_id_too_long ("\ufffd" * 9 is both)
         ("undecodable_user", event("jos\ufffd", "i1", "view", "2024-03-10 10:00:00")),
         ("undecodable_item", event("u1", "\ufffd" * 9, "view", "2024-03-10 10:00:00")),
         ("undecodable_type", event("u1", "i1", "vi\ufffdw", "2024-03-10 10:00:00")),
@@ -121,8 +121,9 @@ def test_classify_rows_gives_each_reason_in_precedence_order(spark):
         "undecodable_user": "invalid_encoding",
         "undecodable_item": "invalid_encoding",
         "undecodable_type": "invalid_encoding",
-        "long_user": "id_too_long",
-        "long_item": "id_too_long",
+        # one reason "id_too_long" for both left the operator to find which id it was
+        "long_user": "user_id_too_long",
+        "long_item": "item_id_too_long",
         "unknown_type": "unknown_event_type",
         "null_type": "unknown_event_type",
         "null_ts": "null_timestamp",

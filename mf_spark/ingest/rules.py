@@ -38,7 +38,8 @@ ROW_REASONS = (
     # Spark decodes CSV and JSON as UTF-8 unless told otherwise and puts U+FFFD for bytes it cannot
     # decode: Latin-1 "josé" and "josè" both became "jos\ufffd", one user, for ever in the ID map.
     "invalid_encoding",
-    "id_too_long",
+    "user_id_too_long",
+    "item_id_too_long",
     "unknown_event_type",
     "null_timestamp",
     "unparseable_timestamp",
@@ -99,7 +100,6 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
     undecodable = F.lit(False)
     for column in ("user_id", "item_id", "event_type"):
         undecodable = undecodable | F.coalesce(F.col(column).contains(REPLACEMENT_CHARACTER), F.lit(False))
-    too_long = (F.length("user_id") > settings.max_id_length) | (F.length("item_id") > settings.max_id_length)
     reason = (
         F.when(F.col("malformed"), F.lit("malformed_record"))
         .when(F.unix_micros("event_ts") < F.lit(window.start_micros), F.lit("outside_window"))
@@ -109,7 +109,8 @@ def classify_rows(settings: IngestSettings, window: EventWindow) -> Callable[[Da
         .when(F.col("item_id").isNull(), F.lit("null_item_id"))
         .when(_is_blank(F.col("item_id")), F.lit("empty_item_id"))
         .when(undecodable, F.lit("invalid_encoding"))
-        .when(too_long, F.lit("id_too_long"))
+        .when(F.length("user_id") > settings.max_id_length, F.lit("user_id_too_long"))
+        .when(F.length("item_id") > settings.max_id_length, F.lit("item_id_too_long"))
         .when(
             ~F.col("event_type").isin(*sorted(rules)) | F.col("event_type").isNull(),
             F.lit("unknown_event_type"),
