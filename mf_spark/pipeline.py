@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,8 @@ from mf_spark.errors import (
 from mf_spark.session import spark_context_stopped
 
 if TYPE_CHECKING:  # imported lazily at run time, as run_nightly does, to keep this module light
+    from mf_spark.als.estimator import ImplicitALS
+    from mf_spark.als.model import ImplicitALSModel
     from mf_spark.recommend import RecommendSettings
 
 log = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ class StageTimer:
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
-    def stage(self, name: str):
+    def stage(self, name: str) -> Iterator[None]:
         log.info("stage %s: start", name)
         t0 = time.perf_counter()
         try:
@@ -97,7 +100,7 @@ def recommend_settings_from(cfg: dict[str, Any]) -> RecommendSettings:
     )
 
 
-def build_estimator(train: dict[str, Any], max_iter: int):
+def build_estimator(train: dict[str, Any], max_iter: int) -> ImplicitALS:
     from mf_spark import ImplicitALS
 
     return ImplicitALS(
@@ -110,9 +113,12 @@ def build_estimator(train: dict[str, Any], max_iter: int):
     )
 
 
-def load_warm_start(spark: SparkSession, root: str, rank: int, previous: dict[str, Any] | None):
+def load_warm_start(
+    spark: SparkSession, root: str, rank: int, previous: dict[str, Any] | None
+) -> tuple[ImplicitALSModel | None, dict[str, Any] | None]:
     """The factors of ``previous`` (a published run's manifest, the run's baseline from
-    :func:`mf_spark.publish.previous_published`) as an ``ImplicitALSModel``, or None.
+    :func:`mf_spark.publish.previous_published`) as an ``ImplicitALSModel``, and ``previous`` itself;
+    ``(None, None)`` for a cold start.
 
     Factor ids are ID-map indices, which never change meaning between runs, so yesterday's factors
     are valid starting points today. Factors that are missing, of another rank, or unreadable (a damaged
@@ -444,7 +450,7 @@ def out_of_space_message(exc: BaseException, root: str, timer: StageTimer | None
             f"{tables}. Free space on that disk (output.root = {root}, or Spark's spark.local.dir) and rerun")
 
 
-def print_run_summary(spark: SparkSession, root: str, run: Any, timer: StageTimer) -> None:
+def print_run_summary(spark: SparkSession, root: str, run: publish.RunDir, timer: StageTimer) -> None:
     print()
     print(timer.table())
     print()
@@ -580,7 +586,7 @@ def check_model_out(path: str) -> None:
                          "replace it. Give a new directory, or remove this one by hand")
 
 
-def save_model(model: Any, path: str) -> None:
+def save_model(model: ImplicitALSModel, path: str) -> None:
     """Save ``model`` to ``path``, replacing a previous model there.
 
     A local path is written to a hidden sibling first and swapped in once complete

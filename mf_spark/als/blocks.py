@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import pickle
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +63,7 @@ def num_task_partitions(sc: SparkContext, num_blocks: int) -> int:
     return num_blocks
 
 
-def group_by_block(records) -> list[tuple[int, list]]:
+def group_by_block(records: Iterable[tuple[int, Any]]) -> list[tuple[int, list]]:
     """Values of one partition's ``(block, value)`` records, grouped by block, in block order."""
     grouped: dict[int, list] = {}
     for block, value in records:
@@ -70,7 +72,10 @@ def group_by_block(records) -> list[tuple[int, list]]:
 
 
 def block_of(ids: np.ndarray, num_blocks: int) -> np.ndarray:
-    """Block of each id: ``id mod num_blocks`` (non-negative), as MLlib's HashPartitioner on Ints."""
+    """Block of each id: ``id mod num_blocks`` (non-negative), as MLlib's HashPartitioner on Ints.
+
+    ``ids`` of any shape; the result has its shape, int32.
+    """
     return np.mod(ids, num_blocks).astype(np.int32)
 
 
@@ -102,12 +107,15 @@ class InBlock:
         return int(self.indices.shape[0])
 
     def needed_from(self, src_block: int) -> np.ndarray:
-        """Sorted ids this block needs from ``src_block``."""
+        """Sorted ids this block needs from ``src_block``: a (n_needed,) int32 view of ``src_ids``."""
         return self.src_ids[self.src_offsets[src_block] : self.src_offsets[src_block + 1]]
 
 
 def make_in_block(dst: np.ndarray, src: np.ndarray, ratings: np.ndarray, num_src_blocks: int) -> InBlock:
     """Build the :class:`InBlock` of one dst block from its (dst, src, rating) triples.
+
+    ``dst``, ``src`` and ``ratings`` are (nnz,) arrays (ids of any integer type, ratings of any float
+    type); ``num_src_blocks`` sizes ``src_offsets``.
 
     Duplicate (dst, src) pairs are summed here: all of them land in the same block, so no Spark
     aggregation is needed. They are summed in float64 in value order, so the result does not depend on
@@ -171,6 +179,8 @@ def _run_starts(values: np.ndarray) -> np.ndarray:
 
 def sum_runs(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """Float64 sums of the runs ``values[starts[i]:starts[i+1]]``, each added left to right.
+
+    ``values`` is (n,); ``starts`` is (r,), sorted, ``starts[0] == 0``; the result is (r,) float64.
 
     ``np.add.reduceat`` adds a run of 3 or more with several partial sums (SIMD), which can differ in
     the last bit from :func:`ordered_sum`'s left-to-right order (fold-in and ingest sum strengths with
@@ -274,6 +284,7 @@ def make_out_block(in_block: InBlock, num_src_blocks: int) -> dict[int, np.ndarr
 
     ``{other block b: positions into in_block.dst_ids}`` of the entities rated together with some
     entity of block ``b``, sorted by id: exactly what block ``b``'s :class:`InBlock` expects from us.
+    Each value is a (n_b,) int32 array, ``n_b`` the number of this block's entities block ``b`` needs.
     """
     src_ids = in_block.src_ids[in_block.indices]
     other_block = block_of(src_ids, num_src_blocks)

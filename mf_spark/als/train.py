@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-from pyspark import RDD, AccumulatorParam, Broadcast, StorageLevel
+from pyspark import RDD, AccumulatorParam, Broadcast, SparkContext, StorageLevel
 from pyspark.accumulators import _accumulatorRegistry
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -77,6 +77,9 @@ class TrainSettings:
 
 @dataclass
 class TrainResult:
+    """What :func:`train_implicit` returns: the factors as ``RDD[(block, FactorBlock)]`` (one
+    ``(n_block, rank)`` float32 matrix per block, with its ids), the loss and seconds of each iteration."""
+
     user_factors: RDD
     item_factors: RDD
     training_loss: list[float]
@@ -87,7 +90,7 @@ class TrainResult:
 
 
 def random_factors(n: int, rank: int, seed: int, side: int, block: int) -> np.ndarray:
-    """Unit-norm Gaussian rows, seeded per (seed, side, block), as MLlib's ``initialize``."""
+    """(n, rank) float32 unit-norm Gaussian rows, seeded per (seed, side, block), as MLlib's ``initialize``."""
     rng = np.random.default_rng([seed % 2**64, side, block])  # MLlib's seed is a Long: keep all 64 bits
     factors = rng.standard_normal((n, rank))
     factors /= np.linalg.norm(factors, axis=1, keepdims=True)
@@ -314,10 +317,10 @@ def _materialize(
     # left its per-block Gramians there (a tuning run or a long-lived session grew without bound). The
     # driver's update handler ignores ids no longer registered, e.g. from a recomputed cache block.
     _accumulatorRegistry.pop(stats.aid, None)
-    gram = np.zeros((rank, rank), dtype=np.float64)
+    gramian = np.zeros((rank, rank), dtype=np.float64)
     for entry in by_block:
-        gram += entry[0]
-    side = _SideStats(gram, sum(e[1] for e in by_block), sum(e[2] for e in by_block), sum(e[3] for e in by_block),
+        gramian += entry[0]
+    side = _SideStats(gramian, sum(e[1] for e in by_block), sum(e[2] for e in by_block), sum(e[3] for e in by_block),
                       blocks)
     return tracked, side
 
@@ -377,6 +380,27 @@ def warn_routed_factors(blocks: RatingBlocks, rank: int, broadcast_users: bool, 
                         "(docs/als.md, \"Blocks and tasks\")", dst, count, src, size / 2**30, rank, param)
 
 
+def _with_checkpoint_dir(sc: SparkContext, settings: TrainSettings) -> TrainSettings:
+    """``settings``, once the context has a checkpoint directory when they checkpoint: a temporary one in
+    local mode; on a cluster none can be made up, and the settings returned do not checkpoint."""
+    if not sc.getCheckpointDir() and settings.checkpoint_interval > 0:
+        if sc.master.startswith("local"):
+            from mf_spark.session import temporary_checkpoint_dir
+
+            ckpt = temporary_checkpoint_dir("mf-spark-als-ckpt-")
+            log.warning("no checkpoint dir set; checkpointing ALS factors to %s (set spark.checkpoint.dir on a "
+                        "cluster)", ckpt)
+            sc.setCheckpointDir(ckpt)
+        else:
+            # A driver-local directory would break on a multi-host cluster (executors write to their own
+            # disks): run without checkpoints, as MLlib does, but say so.
+            log.warning("no checkpoint dir set on master %s: ALS runs without checkpoints (long runs may fail "
+                        "with a StackOverflowError); call spark.sparkContext.setCheckpointDir with a directory "
+                        "every node shares", sc.master)
+            return dataclasses.replace(settings, checkpoint_interval=-1)
+    return settings
+
+
 def train_implicit(
     spark: SparkSession,
     ratings: DataFrame,
@@ -408,28 +432,14 @@ def train_implicit(
     """
     sc = spark.sparkContext
     level = settings.intermediate_storage
-    rank, nub, nib = settings.rank, settings.num_user_blocks, settings.num_item_blocks
-    if not sc.getCheckpointDir() and settings.checkpoint_interval > 0:
-        if sc.master.startswith("local"):
-            from mf_spark.session import temporary_checkpoint_dir
-
-            ckpt = temporary_checkpoint_dir("mf-spark-als-ckpt-")
-            log.warning("no checkpoint dir set; checkpointing ALS factors to %s (set spark.checkpoint.dir on a "
-                        "cluster)", ckpt)
-            sc.setCheckpointDir(ckpt)
-        else:
-            # A driver-local directory would break on a multi-host cluster (executors write to their own
-            # disks): run without checkpoints, as MLlib does, but say so.
-            log.warning("no checkpoint dir set on master %s: ALS runs without checkpoints (long runs may fail "
-                        "with a StackOverflowError); call spark.sparkContext.setCheckpointDir with a directory "
-                        "every node shares", sc.master)
-            settings = dataclasses.replace(settings, checkpoint_interval=-1)
+    rank, num_user_blocks, num_item_blocks = settings.rank, settings.num_user_blocks, settings.num_item_blocks
+    settings = _with_checkpoint_dir(sc, settings)
 
     started = time.perf_counter()
-    blocks = build_rating_blocks(ratings, nub, nib, level, column_names)
+    blocks = build_rating_blocks(ratings, num_user_blocks, num_item_blocks, level, column_names)
     user_in, item_in = blocks.user_in, blocks.item_in
     log.info("ALS blocks built: %d ratings, %d users, %d items, %dx%d blocks, %.1fs",
-             blocks.nnz, blocks.n_users, blocks.n_items, nub, nib, time.perf_counter() - started)
+             blocks.nnz, blocks.n_users, blocks.n_items, num_user_blocks, num_item_blocks, time.perf_counter() - started)
     check_block_sizes(blocks.n_users, blocks.n_items, settings)
 
     threshold = settings.broadcast_threshold_bytes
@@ -440,9 +450,9 @@ def train_implicit(
     item_out = None if broadcast_items else blocks.out_blocks(ITEM_SIDE)
 
     init_users = None if initial_user_factors is None else factor_frame_to_blocks(
-        initial_user_factors, nub, rank, blocks.user_partitions)
+        initial_user_factors, num_user_blocks, rank, blocks.user_partitions)
     init_items = None if initial_item_factors is None else factor_frame_to_blocks(
-        initial_item_factors, nib, rank, blocks.item_partitions)
+        initial_item_factors, num_item_blocks, rank, blocks.item_partitions)
 
     user_factors, user_stats = _materialize(initialize(user_in, rank, settings.seed, USER_SIDE, init_users), rank,
                                             level, collect_factors=broadcast_users)
@@ -609,7 +619,7 @@ def objective(
     users = factor_frame_to_blocks(user_factors, num_blocks, rank, blocks.user_partitions)
     items = factor_frame_to_blocks(item_factors, num_blocks, rank, blocks.item_partitions)
     item_blocks = sorted(items.collect(), key=lambda kv: kv[0])
-    item_gram = sum((solve.gramian(fb.factors) for _, fb in item_blocks), np.zeros((rank, rank)))
+    item_gramian = sum((solve.gramian(fb.factors) for _, fb in item_blocks), np.zeros((rank, rank)))
     n_items = sum(fb.ids.shape[0] for _, fb in item_blocks)
     n_users = users.map(lambda kv: kv[1].ids.shape[0]).sum()
     lookup = spark.sparkContext.broadcast(_fixed_side_lookup(item_blocks))
@@ -624,7 +634,7 @@ def objective(
             x = known.factors[np.searchsorted(known.ids, in_block.dst_ids)]
             with task_blas_threads():
                 yield block_id, sum(solve.block_loss(in_block.indptr, in_block.indices, in_block.ratings, x,
-                                                     table[rows], item_gram, n_items, params))
+                                                     table[rows], item_gramian, n_items, params))
 
     def item_terms(records):
         for block_id, parts in _blocks_of_partition(records):

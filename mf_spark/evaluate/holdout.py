@@ -131,7 +131,7 @@ def evaluate_holdout(
     models = list(models)
     # label this evaluation's Spark jobs; later jobs of the caller are not "evaluation"
     with _job_description(spark.sparkContext, "evaluation"):
-        data = (
+        input_counts = (
             interactions.agg(
                 F.count(F.lit(1)).alias("interactions"),
                 F.count_distinct("user_idx").alias("users"),
@@ -141,12 +141,12 @@ def evaluate_holdout(
             .first()
             .asDict()
         )
-        if data.pop("pairs") < data["interactions"]:
+        if input_counts.pop("pairs") < input_counts["interactions"]:
             # A pair in both parts is a seen item of its user, so its test row could never be a hit;
             # and rows equal in the split's order made the split depend on partitioning.
             raise InputDataError(
-                f"interactions: {data['interactions']} rows hold fewer distinct (user_idx, item_idx) pairs; "
-                "the evaluation needs one row per pair, as the pipeline's interactions table has "
+                f"interactions: {input_counts['interactions']} rows hold fewer distinct (user_idx, item_idx) "
+                "pairs; the evaluation needs one row per pair, as the pipeline's interactions table has "
                 "(aggregate the rows first)"
             )
         the_split = make_split(
@@ -174,7 +174,7 @@ def evaluate_holdout(
                 f"test_fraction={test_fraction}, test_n={test_n}")
             raise InputDataError(
                 f"the {split} split ({settings}) left no training interactions out of "
-                f"{data['interactions']}; nothing to train on (check [evaluate] in the config)"
+                f"{input_counts['interactions']}; nothing to train on (check [evaluate] in the config)"
             )
         if counts["test_users"] == 0:
             log.warning("the %s split left no test users with history; every per-user metric is NaN (null in "
@@ -307,7 +307,7 @@ def evaluate_holdout(
             "primary_model": models[0],
             "ks": ks,
             "split": {"protocol": split, "settings": the_split.settings, "counts": counts},
-            "data": {k: int(v) for k, v in data.items()},
+            "data": {k: int(v) for k, v in input_counts.items()},
             "tuning": tuning_info,
             "models": runs,
         }

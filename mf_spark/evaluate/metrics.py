@@ -19,7 +19,10 @@ the item at rank ``r`` is in ``T_u``; every metric is the mean over the evaluate
 
 The first four of precision, recall, MAP and NDCG coincide with
 :class:`pyspark.ml.evaluation.RankingEvaluator` (``precisionAtK``, ``recallAtK``,
-``meanAveragePrecisionAtK``, ``ndcgAtK``); the tests check the agreement. The evaluated users are
+``meanAveragePrecisionAtK``, ``ndcgAtK``); the tests check the agreement. They are computed here
+rather than by RankingEvaluator because the paired model comparison needs each user's values
+(:func:`per_user_metrics`), RankingEvaluator returns only the mean, and here sums are exact decimals,
+so a metric does not change in its last digits with the partitioning. The evaluated users are
 exactly the users of the test table: a user without a list (or with an empty one) scores 0.
 """
 

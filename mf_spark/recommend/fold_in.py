@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 
 from mf_spark.als.blocks import FLOAT32_MAX, ordered_sum
 from mf_spark.als.params import SolveParams
-from mf_spark.als.solve import solve_block
+from mf_spark.als.solve import gramian, solve_block
 from mf_spark.errors import InputDataError
 from mf_spark.recommend.engine import factor_frame, factors_from_arrow
 
@@ -56,8 +56,7 @@ def factor_gramian(factors: DataFrame) -> tuple[np.ndarray, int]:
     def chunk_gramian(table: pa.Table) -> pa.Table:
         chunk = int(table.column("chunk")[0].as_py())
         _, matrix = factors_from_arrow(table)  # rows sorted by id
-        m64 = matrix.astype(np.float64)
-        payload = pickle.dumps((m64.T @ m64, matrix.shape[0]), protocol=5)
+        payload = pickle.dumps((gramian(matrix), matrix.shape[0]), protocol=5)
         return pa.table({"chunk": pa.array([chunk], pa.int64()), "payload": pa.array([payload], pa.binary())})
 
     rows = (
@@ -68,10 +67,10 @@ def factor_gramian(factors: DataFrame) -> tuple[np.ndarray, int]:
     parts = [pickle.loads(row["payload"]) for row in sorted(rows, key=lambda row: row["chunk"])]
     if not parts:
         return np.zeros((0, 0)), 0
-    gram = parts[0][0].copy()
+    total = parts[0][0].copy()
     for partial, _ in parts[1:]:
-        gram += partial
-    return gram, int(sum(n for _, n in parts))
+        total += partial
+    return total, int(sum(n for _, n in parts))
 
 
 def fold_in_factors(
@@ -115,7 +114,7 @@ def fold_in_factors(
             )
     exact = dataclasses.replace(params, solver="cholesky")
     fixed = factor_frame(fixed_factors, "fixed_factors")
-    gram, n_src_total = factor_gramian(fixed)
+    fixed_gramian, n_src_total = factor_gramian(fixed)
     spark = interactions.sparkSession
     if n_src_total == 0:
         return spark.createDataFrame([], FACTOR_SCHEMA)
@@ -152,7 +151,7 @@ def fold_in_factors(
     num_blocks = max(1, math.ceil(n_dst / block_size))
     logger.info("fold-in: %d entities in %d blocks against %d fixed factors", n_dst, num_blocks, n_src_total)
 
-    def solve(table: pa.Table) -> pa.Table:
+    def solve_fold_in_block(table: pa.Table) -> pa.Table:
         dst = table.column("dst").to_numpy()
         src = table.column("src").to_numpy()
         rating = table.column("rating").to_numpy().astype(np.float32)
@@ -167,7 +166,7 @@ def fold_in_factors(
         indptr = np.zeros(dst_unique.shape[0] + 1, np.int64)
         np.cumsum(counts, out=indptr[1:])
         indices = np.searchsorted(src_unique, src).astype(np.int32)
-        solved = solve_block(indptr, indices, rating, local_factors, gram, n_src_total, exact)
+        solved = solve_block(indptr, indices, rating, local_factors, fixed_gramian, n_src_total, exact)
         rank = solved.shape[1]
         features = pa.ListArray.from_arrays(
             pa.array(np.arange(0, (dst_unique.shape[0] + 1) * rank, rank, dtype=np.int32)),
@@ -179,7 +178,7 @@ def fold_in_factors(
         with_factors.withColumn("block", F.pmod(F.col("dst"), F.lit(num_blocks)))
         .repartition(num_blocks, "block")
         .groupBy("block")
-        .applyInArrow(solve, FACTOR_SCHEMA)
+        .applyInArrow(solve_fold_in_block, FACTOR_SCHEMA)
     )
 
 

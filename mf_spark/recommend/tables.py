@@ -145,7 +145,7 @@ def build_recommendation_tables(
     users = user_factors.select("id", "features")
     folded = None
     if settings.fold_in_new_users:
-        users, folded = fold_in_new_users(
+        _, folded = fold_in_new_users(
             users, item_factors, interactions, settings.solve_params, block_size=settings.user_block_size
         )
         # The user table is read more than once (sizes, then scoring): solve the new users only once.

@@ -72,14 +72,14 @@ def score_keys(scores: np.ndarray, columns: np.ndarray) -> np.ndarray:
 
 
 def decode_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`score_keys`: ``(scores float32, columns int64)``."""
+    """Inverse of :func:`score_keys`: ``(scores float32, columns int64)``, each of ``keys``' shape."""
     high = keys >> 32
     bits = np.where(high < 0, high ^ _SIGN_FLIP, high).astype(np.int32)
     return bits.view(np.float32), _LOW_MASK - (keys & _LOW_MASK)
 
 
 def is_real_key(keys: np.ndarray) -> np.ndarray:
-    """True where a key holds a finite candidate (not padding, not a masked -inf score)."""
+    """True where a key holds a finite candidate (not padding, not a masked -inf score); ``keys``' shape."""
     return (keys >> 32) > _NEG_INF_HIGH
 
 
@@ -147,7 +147,8 @@ def csr_from_pairs(
 
 
 def normalize_rows(factors: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero, so their cosines are 0."""
+    """(n, rank) rows scaled to unit L2 norm, (n, rank) float32; all-zero rows stay zero, so their
+    cosines are 0."""
     norms = np.linalg.norm(factors.astype(np.float64), axis=1)
     norms[norms == 0] = 1.0
     return (factors / norms[:, None]).astype(np.float32)
