@@ -57,7 +57,7 @@ def body(spark, cfg, args):
         summary_table,
     )
     from mf_spark.evaluate.tuning import TUNABLE
-    from mf_spark.publish import git_commit
+    from mf_spark.publish import provenance
     from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
 
     path = args.interactions_path
@@ -82,8 +82,7 @@ def body(spark, cfg, args):
         tuning_mode=tuning["mode"],
         tuning_samples=tuning["samples"],
         tuning_validation_splits=tuning["validation_splits"],
-        source={"interactions": path, "run_date": args.date.isoformat(), "command": " ".join(sys.argv),
-                "git_commit": git_commit()},
+        source=provenance(interactions=path, run_date=args.date.isoformat()),
     )
     print(summary_table(result))
     print(f"report: {out}/report.md")

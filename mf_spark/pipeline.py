@@ -11,7 +11,6 @@ import datetime as dt
 import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -613,8 +612,7 @@ def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path
     check_model_out(model_out)
     interactions = read_parquet_table(spark, interactions_path, "train: interactions", INTERACTION_COLUMNS)
     model = build_estimator(train, train["max_iter"]).fit(interactions)
-    model.provenance = {"interactions": interactions_path, "command": " ".join(sys.argv),
-                        "git_commit": publish.git_commit()}
+    model.provenance = publish.provenance(interactions=interactions_path)
     save_model(model, model_out)
     for i, (loss, sec) in enumerate(zip(model.trainingLoss, model.iterationSeconds), 1):
         print(f"iteration {i:3d}  loss {loss:.6e}  {sec:6.2f}s")

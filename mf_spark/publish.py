@@ -1149,22 +1149,15 @@ def _spark_version() -> str:
     return _package_version("pyspark")
 
 
-def manifest_base(run: RunDir | None = None, **extra: Any) -> dict[str, Any]:
-    """Provenance every manifest starts from: the run, versions, git commit, host, pid, command line.
+def provenance(**extra: Any) -> dict[str, Any]:
+    """Where a result comes from: versions, git commit, host, pid, command line (``argv``), start time.
 
-    Parameters
-    ----------
-    run : RunDir, optional
-        Recorded as ``run`` (run_date, run_id, path relative to the root).
-    **extra
-        Merged in at the top level (``config_file``, ``parameters``...).
+    The nightly's manifest, a standalone evaluation's ``source`` and a saved model's ``provenance`` all
+    record it in this one shape. ``extra`` (e.g. ``interactions``) is merged in at the top level.
     """
     import mf_spark
 
-    base: dict[str, Any] = {}
-    if run is not None:
-        base["run"] = {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}
-    base.update({
+    return {
         "versions": {
             "spark": _spark_version(),
             "pyspark": _package_version("pyspark"),
@@ -1175,8 +1168,23 @@ def manifest_base(run: RunDir | None = None, **extra: Any) -> dict[str, Any]:
         "git_commit": git_commit(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "argv": sys.argv,
+        "argv": list(sys.argv),
         "started_at": _iso(_utc_now()),
-    })
-    base.update(extra)
-    return base
+        **extra,
+    }
+
+
+def manifest_base(run: RunDir | None = None, **extra: Any) -> dict[str, Any]:
+    """Provenance every manifest starts from: the run, then :func:`provenance`.
+
+    Parameters
+    ----------
+    run : RunDir, optional
+        Recorded as ``run`` (run_date, run_id, path relative to the root).
+    **extra
+        Merged in at the top level (``config_file``, ``parameters``...).
+    """
+    base: dict[str, Any] = {}
+    if run is not None:
+        base["run"] = {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}
+    return {**base, **provenance(**extra)}

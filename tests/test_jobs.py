@@ -230,7 +230,8 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
         if name == "train":  # the saved model says how and from what it was trained
             metadata = json.loads(next((model / "metadata").glob("part-*")).read_text())
             assert metadata["provenance"]["interactions"] == str(interactions)
-            assert "jobs/train.py" in metadata["provenance"]["command"] and metadata["provenance"]["git_commit"]
+            assert "jobs/train.py" in metadata["provenance"]["argv"][0] and metadata["provenance"]["git_commit"]
+            assert metadata["provenance"]["versions"]["pyspark"]  # the manifest's provenance, in its shape
             assert metadata["trainingParams"]["rank"] == 8
 
     table = read_table(recs / "recommendations")

@@ -81,13 +81,22 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def source_line(source: dict[str, Any]) -> str:
+    """One line of a :func:`mf_spark.publish.provenance` record: what was evaluated, by which command
+    and code (the versions, host and pid stay in metrics.json)."""
+    shown = [(k, source[k]) for k in ("interactions", "run_date", "git_commit") if source.get(k)]
+    if source.get("argv"):
+        shown.append(("command", " ".join(source["argv"])))
+    return ", ".join(f"{k} `{v}`" for k, v in shown)
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     """``report.md`` of an :func:`~mf_spark.evaluate.evaluate_holdout` result."""
     split, counts = result["split"], result["split"]["counts"]
     models = result["models"]
     out = ["# Offline evaluation", ""]
     if result.get("source"):
-        out += ["Evaluated: " + ", ".join(f"{k} `{v}`" for k, v in result["source"].items()), ""]
+        out += [f"Evaluated: {source_line(result['source'])}", ""]
     settings = ", ".join(f"{k}={v}" for k, v in split["settings"].items())
     out += [
         f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
