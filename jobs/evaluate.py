@@ -51,38 +51,16 @@ def validate(args, cfg):
 
 
 def body(spark, cfg, args):
-    from mf_spark.evaluate.holdout import (
-        evaluate_holdout,
-        report_dir,
-        summary_table,
-    )
-    from mf_spark.evaluate.tuning import TUNABLE
+    from mf_spark.evaluate.holdout import evaluate_holdout, holdout_settings_from, report_dir, summary_table
     from mf_spark.publish import provenance
     from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
 
     path = args.interactions_path
     out = args.out or report_dir(cfg["output"]["root"], args.date)
-    ev, tuning = cfg["evaluate"], cfg["evaluate"]["tuning"]
     result = evaluate_holdout(
-        spark,
-        read_parquet_table(spark, path, "evaluate: interactions", INTERACTION_COLUMNS),
-        split=ev["split"],
-        test_fraction=ev["test_fraction"],
-        test_n=ev["test_n"],
-        cutoff_date=ev["cutoff_date"],
-        holdout_users=ev["holdout_users"],
-        seed=ev["seed"],
-        ks=ev["ks"],
-        models=ev["models"],
-        train_params=cfg["train"],
-        out_dir=out,
-        tune=args.tune,
-        tuning_grid={n: tuning[n] for n in TUNABLE},
-        tuning_metric=tuning["metric"],
-        tuning_mode=tuning["mode"],
-        tuning_samples=tuning["samples"],
-        tuning_validation_splits=tuning["validation_splits"],
+        spark, read_parquet_table(spark, path, "evaluate: interactions", INTERACTION_COLUMNS), out_dir=out,
         source=provenance(interactions=path, run_date=args.date.isoformat()),
+        **holdout_settings_from(cfg, tune=args.tune),
     )
     print(summary_table(result))
     print(f"report: {out}/report.md")

@@ -26,14 +26,10 @@ def add_arguments(parser):
 
 
 def check_before_spark(args, cfg):
-    from mf_spark.pipeline import check_local_inputs
-    from mf_spark.config import key_source
-    from mf_spark.publish import RunLock, check_writable_root
+    from mf_spark.pipeline import check_before_writing
 
     check_not_future(args.date)
-    check_local_inputs(cfg, item_tables=False)
-    check_writable_root(cfg["output"]["root"], key_source(cfg, "output.root"))
-    RunLock(cfg["output"]["root"], args.date, break_stale=args.break_stale_lock).check_free()
+    check_before_writing(cfg, args.date, break_stale_lock=args.break_stale_lock, item_tables=False)
 
 
 def body(spark, cfg, args):

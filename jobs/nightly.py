@@ -44,13 +44,10 @@ def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
         from mf_spark.evaluate.holdout import validate_settings
 
         validate_settings(cfg["evaluate"])
-    from mf_spark.pipeline import check_local_inputs
-    from mf_spark.config import key_source
-    from mf_spark.publish import RunLock, check_latest, check_writable_root
+    from mf_spark.pipeline import check_before_writing
+    from mf_spark.publish import check_latest
 
-    check_local_inputs(cfg)
-    check_writable_root(cfg["output"]["root"], key_source(cfg, "output.root"))
-    RunLock(cfg["output"]["root"], args.date or args.start, break_stale=args.break_stale_lock).check_free()
+    check_before_writing(cfg, args.date or args.start, break_stale_lock=args.break_stale_lock)
     check_latest(cfg["output"]["root"])
 
 

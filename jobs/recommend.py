@@ -18,10 +18,6 @@ for the nightly), so retention cannot delete the run it rewrites.
 
 from __future__ import annotations
 
-import datetime as dt
-import logging
-import os
-import re
 import sys
 
 from mf_spark.cli import non_empty, parse_date, run_job
@@ -40,65 +36,17 @@ def add_arguments(parser):
                         "(RUN_DIR in output.root)")
 
 
-def locked_root(args, cfg):
-    """output.root when RUN_DIR lies inside it: the job then holds the root's lock, so a nightly's
-    retention cannot delete the run it is rewriting (and a rollback cannot race it)."""
-    root = os.path.realpath(cfg["output"]["root"])
-    run_dir = os.path.realpath(args.run_dir)
-    return cfg["output"]["root"] if os.path.commonpath([root, run_dir]) == root else None
-
-
 def check_paths(args, cfg):
-    from mf_spark.errors import UsageError
+    from mf_spark.pipeline import check_recommend_job
 
-    if args.model and not args.interactions:
-        raise UsageError("--model needs --interactions (the history whose items are excluded and folded in)")
-    # The date selects nothing (the run directory does); a different dt= in the path is a mix-up.
-    in_path = re.search(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})(?:/|$)", args.run_dir)
-    if args.date and in_path and in_path.group(1) != args.date.isoformat():
-        raise UsageError(f"--date {args.date} but --run-dir is a run of {in_path.group(1)}; the run directory "
-                         "decides what is read, --date only labels the log")
-    args.date = args.date or (in_path.group(1) if in_path else "not given")
-    args.lock_date = dt.date.fromisoformat(str(args.date)) if args.date != "not given" else dt.date.today()
-    from mf_spark.pipeline import check_local_inputs, require_local_path
-    from mf_spark.publish import unwritable_reason
-
-    if "://" in args.run_dir:
-        # Its tables are swapped in with rename(2), like output.root's (docs/operations.md, Storage).
-        raise UsageError(f"--run-dir {args.run_dir}: must be a local (POSIX) path, not a URL")
-    reason = unwritable_reason(args.run_dir) if args.model else None
-    if reason:
-        raise UsageError(f"--run-dir {args.run_dir} cannot be written: {reason}")
-    check_local_inputs(cfg, events=False)
-    for flag, path in (("--model", args.model), ("--interactions", args.interactions),
-                       ("--run-dir", None if args.model else args.run_dir)):
-        require_local_path(path, f"recommend: {flag} {path} does not exist")
-    root = locked_root(args, cfg)
-    if root:
-        from mf_spark.publish import RunLock
-
-        RunLock(root, args.lock_date, break_stale=args.break_stale_lock).check_free()
+    args.job = check_recommend_job(cfg, args.run_dir, date=args.date, model_dir=args.model,
+                                   interactions_path=args.interactions, break_stale_lock=args.break_stale_lock)
 
 
 def body(spark, cfg, args):
-    from contextlib import nullcontext
+    from mf_spark.pipeline import run_recommend_job
 
-    from mf_spark.pipeline import recommend_settings_from
-    from mf_spark.publish import RunLock
-    from mf_spark.recommend import run_recommend_stage
-
-    logging.getLogger("mf_spark").info("recommend: run date %s, run directory %s", args.date, args.run_dir)
-    root = locked_root(args, cfg)
-    lock = (RunLock(root, args.lock_date, break_stale=args.break_stale_lock, purpose="recommend") if root
-            else nullcontext())
-    with lock:
-        run_recommend_stage(
-            spark, args.run_dir, recommend_settings_from(cfg),
-            id_map_dir=os.path.join(cfg["output"]["root"], "id_maps"),
-            item_filter_path=cfg["recommend"]["item_filter_path"],
-            allow_list_path=cfg["recommend"]["allow_list_path"],
-            model_dir=args.model, interactions_path=args.interactions,
-        )
+    run_recommend_job(spark, cfg, args.job, break_stale_lock=args.break_stale_lock)
 
 
 if __name__ == "__main__":

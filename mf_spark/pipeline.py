@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from mf_spark.errors import (
     OutOfSpaceError,
     PipelineError,
     QualityGateError,
+    UsageError,
     damaged_file_cause,
     error_text,
     failing_file_or_cause,
@@ -226,6 +228,15 @@ def check_local_inputs(cfg: dict[str, Any], *, events: bool = True, item_tables:
         require_local_path(path, f"{section}.{key} = {path} does not exist ({key_source(cfg, f'{section}.{key}')})")
 
 
+def check_before_writing(cfg: dict[str, Any], date: dt.date, *, break_stale_lock: bool = False,
+                         item_tables: bool = True) -> None:
+    """What the nightly and the ingest job check before Spark starts: the local inputs exist (exit 3),
+    ``output.root`` can be written (exit 2) and no other run holds its lock (exit 6)."""
+    check_local_inputs(cfg, item_tables=item_tables)
+    publish.check_writable_root(cfg["output"]["root"], key_source(cfg, "output.root"))
+    publish.RunLock(cfg["output"]["root"], date, break_stale=break_stale_lock).check_free()
+
+
 def run_nightly(
     spark: SparkSession,
     cfg: dict[str, Any],
@@ -243,6 +254,7 @@ def run_nightly(
     :class:`~mf_spark.errors.OutOfSpaceError` on a full disk, after removing the failed run's tables.
     """
     from mf_spark.evaluate import evaluate_gate, evaluate_holdout
+    from mf_spark.evaluate.holdout import holdout_settings_from
     from mf_spark.evaluate.models import persistent_rdd_ids, unpersist_since
     from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
     from mf_spark.ingest.stage import write_rejects_for_inspection
@@ -340,12 +352,8 @@ def run_nightly(
                 with timer.stage("evaluate"):
                     metrics = None
                     if eval_cfg["enabled"]:
-                        metrics = evaluate_holdout(
-                            spark, interactions, split=eval_cfg["split"], test_fraction=eval_cfg["test_fraction"],
-                            test_n=eval_cfg["test_n"], cutoff_date=eval_cfg["cutoff_date"],
-                            holdout_users=eval_cfg["holdout_users"], seed=eval_cfg["seed"], ks=eval_cfg["ks"],
-                            models=eval_cfg["models"], train_params=train_cfg, out_dir=run.sub("evaluation"),
-                        )
+                        metrics = evaluate_holdout(spark, interactions, out_dir=run.sub("evaluation"),
+                                                   **holdout_settings_from(cfg))
                         manifest["metrics"] = metrics
                         gate_cfg = eval_cfg["gate"]
                         if gate_cfg["enabled"]:
@@ -573,8 +581,6 @@ def check_model_out(path: str) -> None:
     UsageError
         Naming the flag and the reason.
     """
-    from mf_spark.errors import UsageError
-
     if "://" in path:
         return  # only Spark can see it
     reason = publish.unwritable_reason(path)
@@ -617,3 +623,81 @@ def train_and_save(spark: SparkSession, train: dict[str, Any], interactions_path
     for i, (loss, sec) in enumerate(zip(model.trainingLoss, model.iterationSeconds), 1):
         print(f"iteration {i:3d}  loss {loss:.6e}  {sec:6.2f}s")
     print(f"model saved to {model_out}")
+
+
+@dataclass(frozen=True)
+class RecommendJob:
+    """What ``jobs/recommend.py`` reads and rewrites, checked before Spark starts
+    (:func:`check_recommend_job`)."""
+
+    run_dir: str
+    model_dir: str | None
+    interactions_path: str | None
+    #: the run date for the log: ``--date``, else the ``dt=`` of ``run_dir``, else "not given"
+    date_label: str
+    #: ``output.root`` when ``run_dir`` lies inside it (the job then holds the root's lock), else None
+    locked_root: str | None
+    lock_date: dt.date
+
+
+def _root_holding(cfg: dict[str, Any], run_dir: str) -> str | None:
+    # A run being rewritten must not be deleted by a nightly's retention (or raced by a rollback).
+    root = os.path.realpath(cfg["output"]["root"])
+    return cfg["output"]["root"] if os.path.commonpath([root, os.path.realpath(run_dir)]) == root else None
+
+
+def check_recommend_job(cfg: dict[str, Any], run_dir: str, *, date: dt.date | None = None,
+                        model_dir: str | None = None, interactions_path: str | None = None,
+                        break_stale_lock: bool = False) -> RecommendJob:
+    """Check the recommend job's paths before Spark starts.
+
+    Raises
+    ------
+    UsageError
+        ``--model`` without ``--interactions``; a ``--date`` that contradicts ``run_dir``'s ``dt=``; a URL
+        as ``run_dir`` (its tables are swapped in with rename(2)); a ``run_dir`` that cannot be written.
+    InputDataError
+        A missing local input (the run directory, the model, the interactions, the config's lists).
+    LockHeldError
+        ``run_dir`` lies inside an output root another job holds.
+    """
+    if model_dir and not interactions_path:
+        raise UsageError("--model needs --interactions (the history whose items are excluded and folded in)")
+    # The date selects nothing (the run directory does); a different dt= in the path is a mix-up.
+    in_path = re.search(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})(?:/|$)", run_dir)
+    if date and in_path and in_path.group(1) != date.isoformat():
+        raise UsageError(f"--date {date} but --run-dir is a run of {in_path.group(1)}; the run directory "
+                         "decides what is read, --date only labels the log")
+    run_date = date or (dt.date.fromisoformat(in_path.group(1)) if in_path else None)
+    if "://" in run_dir:
+        # Its tables are swapped in with rename(2), like output.root's (docs/operations.md, Storage).
+        raise UsageError(f"--run-dir {run_dir}: must be a local (POSIX) path, not a URL")
+    reason = publish.unwritable_reason(run_dir) if model_dir else None
+    if reason:
+        raise UsageError(f"--run-dir {run_dir} cannot be written: {reason}")
+    check_local_inputs(cfg, events=False)
+    for flag, path in (("--model", model_dir), ("--interactions", interactions_path),
+                       ("--run-dir", None if model_dir else run_dir)):
+        require_local_path(path, f"recommend: {flag} {path} does not exist")
+    job = RecommendJob(run_dir, model_dir, interactions_path, str(run_date or "not given"),
+                       _root_holding(cfg, run_dir), run_date or dt.date.today())
+    if job.locked_root:
+        publish.RunLock(job.locked_root, job.lock_date, break_stale=break_stale_lock).check_free()
+    return job
+
+
+def run_recommend_job(spark: SparkSession, cfg: dict[str, Any], job: RecommendJob, *,
+                      break_stale_lock: bool = False) -> dict[str, int]:
+    """Write ``recommendations`` and ``similar_items`` into ``job.run_dir`` (holding the root's lock when it
+    lies in ``output.root``); returns their row counts (:func:`mf_spark.recommend.run_recommend_stage`)."""
+    from mf_spark.recommend import run_recommend_stage
+
+    log.info("recommend: run date %s, run directory %s", job.date_label, job.run_dir)
+    lock = (publish.RunLock(job.locked_root, job.lock_date, break_stale=break_stale_lock, purpose="recommend")
+            if job.locked_root else nullcontext())
+    with lock:
+        return run_recommend_stage(
+            spark, job.run_dir, recommend_settings_from(cfg), id_map_dir=os.path.join(cfg["output"]["root"], "id_maps"),
+            item_filter_path=cfg["recommend"]["item_filter_path"], allow_list_path=cfg["recommend"]["allow_list_path"],
+            model_dir=job.model_dir, interactions_path=job.interactions_path,
+        )

@@ -196,7 +196,7 @@ def test_a_submitted_time_zone_other_than_utc_is_warned_about(tmp_path):
 
 
 @pytest.mark.slow
-def test_standalone_chain_ingest_train_recommend(tmp_path):
+def test_standalone_chain_ingest_train_recommend_evaluate(tmp_path):
     """The documented path without the nightly: the ingest job's table and id maps, the train job's saved
     model and the recommend job's --model/--interactions (train wrote userFactors/, recommend read only
     a run's user_factors/: the chain had no documented way through). Temporary checkpoint directories
@@ -204,6 +204,7 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
     per-application sub-directory behind: a cluster's shared directory grew with every run)."""
     root, model = tmp_path / "root", tmp_path / "model"
     recs = root / "adhoc" / "recs"  # inside output.root: the recommend job holds the root's lock
+    report = tmp_path / "report"
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = base_env(TMPDIR=str(scratch))
@@ -218,6 +219,13 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
                    "--model-out", str(model)]),
         ("recommend", [*common, "jobs/recommend.py", *settings, "--date", DAY, "--model", str(model),
                        "--interactions", str(interactions), "--run-dir", str(recs)]),
+        # the standalone evaluation in tuning mode: nothing else runs the job's body
+        ("evaluate", [*common, "jobs/evaluate.py", *settings, "--date", DAY, "--interactions", str(interactions),
+                      "--out", str(report), "--tune", "--set", "evaluate.ks=[10]",
+                      "--set", 'evaluate.models=["implicit_als","popular"]', "--set", "evaluate.tuning.metric=ndcg@10",
+                      "--set", "evaluate.gate.metric=ndcg@10",
+                      "--set", "evaluate.tuning.rank=[4,8]", "--set", "evaluate.tuning.reg_param=[0.1]",
+                      "--set", "evaluate.tuning.alpha=[10.0]"]),
     ]
     for name, args in steps:
         code, out = run_submit(args, tmp_path / f"{name}.log", env=env)
@@ -233,6 +241,14 @@ def test_standalone_chain_ingest_train_recommend(tmp_path):
             assert "jobs/train.py" in metadata["provenance"]["argv"][0] and metadata["provenance"]["git_commit"]
             assert metadata["provenance"]["versions"]["pyspark"]  # the manifest's provenance, in its shape
             assert metadata["trainingParams"]["rank"] == 8
+        if name == "evaluate":
+            metrics = json.loads((report / "metrics.json").read_text())
+            assert metrics["source"]["interactions"] == str(interactions) and metrics["source"]["run_date"] == DAY
+            assert metrics["tuning"]["metric"] == "ndcg@10" and metrics["tuning"]["grid"]["rank"] == [4, 8]
+            assert metrics["tuning"]["trials"] == {"implicit_als": 2}
+            assert metrics["models"]["implicit_als"]["params"]["rank"] in (4, 8)
+            assert metrics["ks"] == [10] and set(metrics["models"]) == {"implicit_als", "popular"}
+            assert f"report: {report}/report.md" in out
 
     table = read_table(recs / "recommendations")
     history = read_table(interactions)

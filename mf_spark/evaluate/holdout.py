@@ -318,6 +318,27 @@ def evaluate_holdout(
         return result
 
 
+def holdout_settings_from(cfg: Mapping[str, Any], *, tune: bool = False) -> dict[str, Any]:
+    """The keyword arguments of :func:`evaluate_holdout` that a validated config sets: ``[evaluate]``'s
+    split and models, ``[train]`` as the models' parameters and, with ``tune``, ``[evaluate.tuning]``."""
+    evaluate = cfg["evaluate"]
+    settings: dict[str, Any] = {
+        "split": evaluate["split"], "test_fraction": evaluate["test_fraction"], "test_n": evaluate["test_n"],
+        "cutoff_date": evaluate["cutoff_date"], "holdout_users": evaluate["holdout_users"],
+        "seed": evaluate["seed"], "ks": evaluate["ks"], "models": evaluate["models"], "train_params": cfg["train"],
+    }
+    if tune:
+        from mf_spark.evaluate.tuning import TUNABLE
+
+        tuning = evaluate["tuning"]
+        settings.update(
+            tune=True, tuning_grid={name: tuning[name] for name in TUNABLE}, tuning_metric=tuning["metric"],
+            tuning_mode=tuning["mode"], tuning_samples=tuning["samples"],
+            tuning_validation_splits=tuning["validation_splits"],
+        )
+    return settings
+
+
 def validate_settings(evaluate: Mapping[str, Any], *, tune: bool = False) -> None:
     """Check the ``[evaluate]`` values that the schema cannot (before Spark starts).
 
