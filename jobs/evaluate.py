@@ -5,7 +5,8 @@
         --set 'evaluate.models=["implicit_als","mllib_als","popular","random"]'
 
 Without --interactions it evaluates the interactions of the run published for --date. The report
-(metrics.json, report.md, PNG plots) goes to --out or <output.root>/evaluations/dt=<date>/<run id>.
+(metrics.json, report.md, PNG plots) goes to --out or <output.root>/evaluations/dt=<date>/<evaluation id>
+(a UTC time and a random suffix, made like a run id).
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
         },
     },
     "publish": {
-        "keep_runs": Key("int", 7, "published runs kept: those of the newest run dates; the one latest.json names is never deleted", minimum=1),
+        "keep_runs": Key("int", 7, "published runs kept: those of the newest run dates; the one latest.json names, and the one it named before the last publication, are never deleted", minimum=1),
     },
 }
 

@@ -289,6 +289,9 @@ def run_nightly(
                 # from). Inside the try: a damaged manifest it must read fails this run with a record of why.
                 baseline = publish.previous_published(root, before=run_date)
                 manifest[publish.BASELINE_KEY] = None if baseline is None else baseline["run_id"]
+                # which one it is mattered after a rollback and was only in the manifest
+                log.info("baseline (warm start and gate): %s", "none, first run" if baseline is None
+                         else f"run {baseline['run_id']} of {baseline['run_date']}")
                 if baseline is not None:
                     with suppress(OSError):  # a hint only: never the reason a run fails
                         warning = publish.low_space_warning(root, baseline["run_dir"])
@@ -321,6 +324,8 @@ def run_nightly(
                     if train_cfg["warm_start"]:
                         initial, previous = load_warm_start(spark, root, train_cfg["rank"], baseline)
                     max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
+                    log.info("train: %s, %d iterations", "cold start" if initial is None
+                             else f"warm start from run {previous['run_id']}", max_iter)
                     estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
                     model = estimator.fit(interactions)
                     _with_string_ids(model.userFactors, dim_user, "user_idx", "user_id").write.parquet(run.sub("user_factors"))

@@ -39,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -885,8 +885,11 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
                         if r.run_id == baseline_id and run_status(r) in ("published", "superseded")]
             if recorded:
                 return _read_manifest(root, recorded[-1].relative_path)
-            log.warning("the baseline %s of the published run %s is gone (retention); using the newest "
-                        "published run before %s", baseline_id, same_date[-1].relative_path, before)
+            instead = (f"using {candidates[-1].relative_path}, the newest published run before {before}"
+                       if candidates else f"no published run before {before} is left: a cold start")
+            log.warning("the baseline %s of the published run %s is gone (retention); %s, so this rerun's tables "
+                        "will differ from that run's (a larger publish.keep_runs keeps older dates "
+                        "reproducible)", baseline_id, same_date[-1].relative_path, instead)
     return _read_manifest(root, candidates[-1].relative_path) if candidates else None
 
 
@@ -1020,7 +1023,8 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
     # "failed" run that consumers are reading. The next publication retries it.
     try:
         if keep_runs is not None:
-            apply_retention(run.root, keep_runs, protect=run.run_id)
+            # The run latest.json named until now too: a consumer that read it a moment ago is reading it.
+            apply_retention(run.root, keep_runs, protect=(run.run_id, *([latest["run_id"]] if latest else [])))
         for older in _iter_run_dirs(Path(run.root)):
             if older.run_date == run.run_date and older.run_id < run.run_id and run_status(older) == "published":
                 write_json_atomic(Path(older.path) / SUPERSEDED_MARKER,
@@ -1032,15 +1036,18 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
                   type(exc).__name__, exc)
 
 
-def apply_retention(root: str, keep_runs: int, protect: str | None = None) -> list[str]:
+def apply_retention(root: str, keep_runs: int, protect: Collection[str] = ()) -> list[str]:
     """Keep the published runs (superseded ones included) of the newest ``keep_runs`` run dates, delete
     the runs of older dates.
 
     Dates, not runs: reruns of one date must not push the previous dates, which are the rollback
     targets and a rerun's warm start and gate baseline, out of the history. The run ``latest.json``
-    names and the run whose id is ``protect`` are never deleted, whatever their age: publishing passes its own run, since a backfill of an older date is not among the newest runs
-    but is what the next backfill day warm-starts from. Failed runs older than the oldest kept published
-    run go too. Returns the removed paths relative to ``root``.
+    names and the runs whose ids are in ``protect`` are never deleted, whatever their age. Publishing
+    passes its own run (a backfill of an older date is not among the newest runs but is what the next
+    backfill day warm-starts from) and the run ``latest.json`` named before it (consumers that read
+    ``latest.json`` just before the swap are reading that run; it goes at the next publication).
+    Failed runs older than the oldest kept published run go too. Returns the removed paths relative
+    to ``root``.
     """
     if keep_runs < 1:
         raise ValueError(f"keep_runs must be at least 1, got {keep_runs}")
@@ -1060,7 +1067,7 @@ def apply_retention(root: str, keep_runs: int, protect: str | None = None) -> li
             (status in ("published", "superseded") and run not in kept)
             or (status == "failed" and (run.run_date, run.run_id) < oldest_kept)
         )
-        if doomed and run.run_id not in (latest_id, protect):
+        if doomed and run.run_id != latest_id and run.run_id not in protect:
             _remove_tree(Path(run.path))
             removed.append(run.relative_path)
             log.info("retention: removed %s (%s; publish.keep_runs = %d keeps the newest run dates)",

@@ -153,6 +153,7 @@ def test_every_reject_reason_conservation_and_interactions(spark, tmp_path):
     assert report["accepted_events"] == 5
     assert report["rejected"] == 19
     assert report["accepted_events"] + report["rejected"] + report["deduplicated"] == report["rows_read"]
+    assert report["newest_event"].startswith("2024-03-10 ")  # the run date has events: no warning
     assert report["rejected_by_reason"] == {
         "null_user_id": 1,
         "empty_user_id": 1,
@@ -466,6 +467,19 @@ def test_two_runs_give_identical_outputs(spark, tmp_path):
 
 
 ONE_PURCHASE = [("u1", "i1", "purchase", "2024-03-09 10:00:00", "1")]
+
+
+def test_a_run_date_without_events_is_warned_about(spark, tmp_path, caplog):
+    """A day's partition that never arrived looked like a quiet day: the window's older events trained and
+    published a model with nothing in the log."""
+    path = write_parquet(tmp_path / "events" / "part-0.parquet", [*ONE_PURCHASE, ("u2", "i1", "view", "2024-03-08 09:30:00", None)])
+    with caplog.at_level(logging.WARNING, logger="mf_spark.ingest"):
+        result = ingest(spark, path.parent, tmp_path)
+    assert result.report["newest_event"] == "2024-03-09 10:00:00"
+    assert ("no accepted event is dated 2024-03-10, the run date: the newest is from 2024-03-09 10:00:00"
+            in caplog.text)
+    assert "newest event" in format_report_table(result.report)
+    result.unpersist()
 
 
 def job_config(tmp_path: Path, events: Path) -> tuple[Path, list[str]]:

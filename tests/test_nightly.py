@@ -203,6 +203,12 @@ def test_manifest_and_latest(two_days):
     assert manifest["train"]["warm_start_from"] == first.manifest["run"]["run_id"]
     assert len(manifest["train"]["training_loss"]) == 2
     assert first.manifest["train"]["warm_start_from"] is None
+    # which run was the baseline and the warm start was only in the manifest (it matters after a rollback)
+    first_id = first.manifest["run"]["run_id"]
+    assert LOGGED["two_days"].count("baseline (warm start and gate): none, first run") == 1
+    assert f"baseline (warm start and gate): run {first_id} of {first.manifest['run']['run_date']}" in LOGGED["two_days"]
+    assert "train: cold start, 4 iterations" in LOGGED["two_days"]
+    assert f"train: warm start from run {first_id}, 2 iterations" in LOGGED["two_days"]
 
 
 
@@ -679,10 +685,11 @@ def test_a_backfill_says_which_of_its_runs_retention_removed(spark, tmp_path, ev
     assert any("it will remove backfilled runs" in w and "--set publish.keep_runs=3" in w for w in warnings)
     low = [w for w in warnings if "MiB free and the previous run" in w and "may run out of space (exit 8)" in w]
     assert len(low) == 2  # dates 2 and 3; the first has no previous run
-    expected = ("backfill: retention has removed 2 of the 3 run(s) this backfill published (2024-03-01, "
-                "2024-03-02): publish.keep_runs = 1 keeps the newest run dates")
+    # each publication keeps the run latest.json named before it (consumers may be reading it)
+    expected = ("backfill: retention has removed 1 of the 3 run(s) this backfill published (2024-03-01): "
+                "publish.keep_runs = 1 keeps the newest run dates")
     assert expected in printed.getvalue() and expected in warnings
-    assert [r["run_date"] for r in list_runs(str(root))] == ["2024-03-03"]
+    assert [r["run_date"] for r in list_runs(str(root))] == ["2024-03-02", "2024-03-03"]
 
 
 def test_the_backfill_retention_warning_counts_dates_not_runs(monkeypatch, caplog):

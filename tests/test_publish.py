@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -192,6 +193,19 @@ def test_a_rerun_after_a_rollback_keeps_the_first_runs_baseline(tmp_path):
     assert previous_published(str(nothing), before=D1) is None
 
 
+def test_a_rerun_whose_baseline_retention_removed_says_what_it_starts_from(tmp_path, caplog):
+    """The warning said "using the newest published run before D" when there was none (a cold start)."""
+    base = published(tmp_path, D1)
+    first = begin_run(str(tmp_path), D2)
+    fake_tables(first)
+    publish_run(first, {publish.BASELINE_KEY: base.run_id})
+    shutil.rmtree(base.path)  # as retention does once D1 is older than the kept dates
+    with caplog.at_level("WARNING", logger="mf_spark.publish"):
+        assert previous_published(str(tmp_path), before=D2) is None
+    assert (f"the baseline {base.run_id} of the published run {first.relative_path} is gone (retention); no "
+            "published run before 2011-12-07 is left: a cold start, so this rerun's tables will differ") in caplog.text
+
+
 def test_publishing_an_older_date_does_not_move_latest_back(tmp_path):
     later = published(tmp_path, D3)
     older = published(tmp_path, D1)
@@ -336,8 +350,12 @@ def test_retention_keeps_the_newest_runs_and_the_latest(tmp_path):
     write_failed_manifest(failed_old, {"error": "boom"})
     rollback(str(tmp_path), runs[0].run_id)  # consumers now read the oldest run
     fourth = published(tmp_path, D4, keep_runs=2)
-    # publishing D4 moved latest to D4; retention kept D3 and D4 and removed D1, D2 and the old failure
+    # publishing D4 moved latest to D4; retention kept D3 and D4 and removed D2 and the old failure, and
+    # kept D1 until the next publication: consumers that read latest.json a moment ago are reading it
+    # (it was deleted within milliseconds of the swap)
     assert read_latest(str(tmp_path))["run_id"] == fourth.run_id
+    assert [r["run_date"] for r in list_runs(str(tmp_path))] == ["2011-12-06", "2011-12-08", "2011-12-09"]
+    assert apply_retention(str(tmp_path), 2) == [runs[0].relative_path]
     assert [r["run_date"] for r in list_runs(str(tmp_path))] == ["2011-12-08", "2011-12-09"]
     # retention never deletes the run latest.json names, however old
     rollback(str(tmp_path), "2011-12-08")

@@ -94,6 +94,7 @@ def format_report_table(report: dict[str, Any]) -> str:
         ("users", f"{report['users']:,} ({report['new_users']:,} new)"),
         ("items", f"{report['items']:,} ({report['new_items']:,} new)"),
         ("interactions", f"{report['interactions']:,}"),
+        ("newest event", report.get("newest_event") or "-"),
     ]
     width = max(len(label) for label, _ in rows)
     value_width = max(len(value) for _, value in rows)

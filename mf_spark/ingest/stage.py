@@ -211,6 +211,9 @@ def run_ingest(
             F.sum("n_events").alias("events"),
             F.countDistinct("user_id").alias("users"),
             F.countDistinct("item_id").alias("items"),
+            # as text in the session's time zone (UTC in the jobs): a collected timestamp is converted to
+            # the driver process's local zone
+            F.date_format(F.max("last_ts"), "yyyy-MM-dd HH:mm:ss").alias("newest"),
             F.count(F.when(F.isnan("strength") | (F.abs("strength") == F.lit(float("inf"))), 1)).alias("overflow"),
         ).first()
         accepted_events = int(kept_totals["events"] or 0)
@@ -258,7 +261,14 @@ def run_ingest(
             "users": int(kept_totals["users"]),
             "items": int(kept_totals["items"]),
             "interactions": int(kept_totals["pairs"]),
+            "newest_event": kept_totals["newest"],
         }
+        if kept_totals["newest"] is not None and kept_totals["newest"][:10] < run_date.isoformat():
+            # A partition that never arrived looked like a quiet day: the window's older events still
+            # trained and published a model, with nothing in the log.
+            log.warning("no accepted event is dated %s, the run date: the newest is from %s. If events are "
+                        "expected every day, check that the input for %s has arrived", run_date,
+                        kept_totals["newest"], run_date)
         check_conservation(report)
         if report["interactions"] == 0:
             raise NoInteractionsLeftError(
