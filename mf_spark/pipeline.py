@@ -253,17 +253,12 @@ def run_nightly(
     ALS blocks turn out too large for the data, after ingest), and
     :class:`~mf_spark.errors.OutOfSpaceError` on a full disk, after removing the failed run's tables.
     """
-    from mf_spark.evaluate import evaluate_gate, evaluate_holdout
-    from mf_spark.evaluate.holdout import holdout_settings_from
     from mf_spark.evaluate.models import persistent_rdd_ids, unpersist_since
-    from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
-    from mf_spark.ingest.stage import write_rejects_for_inspection
-    from mf_spark.recommend import build_recommendation_tables
     from mf_spark.recommend.tables import read_item_table
 
     root = cfg["output"]["root"]
     timer = StageTimer()  # the lock creates a missing root, with a warning (a typo there renumbers every id)
-    train_cfg, rec_cfg, eval_cfg = cfg["train"], cfg["recommend"], cfg["evaluate"]
+    rec_cfg = cfg["recommend"]
     # A backfill holds the lock over all its dates (take_lock=False here) so nothing slips in between.
     lock = publish.RunLock(root, run_date=run_date, break_stale=break_stale_lock) if take_lock else nullcontext()
     # Everything the day caches (ingest outputs, factors, top-k payloads) is released when it ends: a
@@ -298,79 +293,17 @@ def run_nightly(
                         if warning:
                             log.warning("%s", warning)
                 with timer.stage("ingest"):
-                    try:
-                        ingested = run_ingest(
-                            spark, input_path=cfg["input"]["path"], input_format=cfg["input"]["format"],
-                            columns=cfg["input"]["columns"], reader_options=cfg["input"]["options"],
-                            settings=IngestSettings.from_config(cfg["ingest"]), run_date=run_date,
-                            id_map_root=os.path.join(root, "id_maps"), run_id=run.run_id,
-                        )
-                    except NoInteractionsLeftError as exc:
-                        write_rejects_for_inspection(exc, run.sub("rejects"))
-                        raise
-                    ingested.interactions.write.parquet(run.sub("interactions"))
-                    ingested.rejects.write.parquet(run.sub("rejects"))
-                    # Later stages read the written tables: the caches would hold executor memory
-                    # (about 15 bytes per interaction) through training, which needs it.
-                    ingested.unpersist()
-                    interactions = spark.read.parquet(run.sub("interactions"))
-                    dim_user, dim_item = ingested.dim_user, ingested.dim_item
-                    manifest["ingest"] = ingested.report
-                    if print_summary:
-                        print(format_report_table(ingested.report))
+                    interactions, dim_user, dim_item = _ingest_stage(spark, cfg, run, manifest, print_summary)
 
                 with timer.stage("train"):
-                    initial, previous = (None, None)
-                    if train_cfg["warm_start"]:
-                        initial, previous = load_warm_start(spark, root, train_cfg["rank"], baseline)
-                    max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
-                    log.info("train: %s, %d iterations", "cold start" if initial is None
-                             else f"warm start from run {previous['run_id']}", max_iter)
-                    estimator = build_estimator(train_cfg, max_iter).setInitialModel(initial)
-                    model = estimator.fit(interactions)
-                    _with_string_ids(model.userFactors, dim_user, "user_idx", "user_id").write.parquet(run.sub("user_factors"))
-                    _with_string_ids(model.itemFactors, dim_item, "item_idx", "item_id").write.parquet(run.sub("item_factors"))
-                    for broadcast in model.trainingBroadcasts:  # the factors are written; a backfill goes on
-                        broadcast.destroy()
-                    model.userFactors.unpersist()  # recommend and evaluate read the written tables
-                    model.itemFactors.unpersist()
-                    manifest["train"] = {
-                        "warm_start_from": None if previous is None else previous.get("run_id"),
-                        "iterations": max_iter, "training_loss": model.trainingLoss,
-                        "iteration_seconds": model.iterationSeconds,
-                    }
+                    _train_stage(spark, cfg, run, interactions, dim_user, dim_item, baseline, manifest)
 
                 with timer.stage("recommend"):
-                    # The same function as jobs/recommend.py, so that the item filter, the allow list,
-                    # broadcast_max_mb and fold-in mean the same in both (they once drifted apart).
-                    tables = build_recommendation_tables(
-                        spark.read.parquet(run.sub("user_factors")).select("id", "features"),
-                        spark.read.parquet(run.sub("item_factors")).select("id", "features"),
-                        interactions, dim_user, dim_item, recommend_settings_from(cfg),
-                        item_filter=item_filter, allow_list=allow_list,
-                    )
-                    # Plain writes, not write_tables_replacing: this run is not published yet and nobody reads it.
-                    tables.recommendations.write.parquet(run.sub("recommendations"))
-                    tables.similar_items.write.parquet(run.sub("similar_items"))
-                    tables.release()  # the session lives on (a backfill): free the scoring's cache and broadcasts
+                    _recommend_stage(spark, cfg, run, interactions, dim_user, dim_item, item_filter, allow_list)
 
                 with timer.stage("evaluate"):
-                    metrics = None
-                    if eval_cfg["enabled"]:
-                        metrics = evaluate_holdout(spark, interactions, out_dir=run.sub("evaluation"),
-                                                   **holdout_settings_from(cfg))
-                        manifest["metrics"] = metrics
-                        gate_cfg = eval_cfg["gate"]
-                        if gate_cfg["enabled"]:
-                            gate = evaluate_gate(
-                                metrics, None if baseline is None else baseline.get("metrics"),
-                                metric=gate_cfg["metric"], min_value=gate_cfg["min_value"],
-                                max_relative_drop=gate_cfg["max_relative_drop"],
-                            )
-                            manifest["gate"] = {"passed": gate.passed, "reason": gate.reason}
-                            if not gate.passed:
-                                raise QualityGateError(f"quality gate failed: {gate.reason}")
-                            log.info("quality gate passed: %s", gate.reason)
+                    if cfg["evaluate"]["enabled"]:
+                        _evaluate_and_gate(spark, cfg, interactions, run, baseline, manifest)
 
                 manifest["outputs"], coverage = output_counts(spark, run)
                 manifest["id_maps"] = {"users": dim_user.count(), "items": dim_item.count()}
@@ -394,35 +327,7 @@ def run_nightly(
                     # Any failure, not only the expected ones, and Ctrl-C: a run directory without a
                     # manifest would look like a crash ("partial") and say nothing of why.
                     manifest["status"] = "failed"
-                    full_disk = False
-                    if isinstance(exc, KeyboardInterrupt):
-                        manifest["error"] = "interrupted (SIGINT)"
-                    elif isinstance(exc, SystemExit):
-                        manifest["error"] = f"terminated (exit {exc.code}; SIGTERM gives 143)"
-                    elif not isinstance(exc, PipelineError) and spark_context_stopped(spark):
-                        text = error_text(exc).strip()
-                        first_line = text.splitlines()[0] if text else ""
-                        manifest["error"] = (
-                            "the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a "
-                            "scheduler's timeout or `yarn application -kill`, or the driver JVM failed): "
-                            f"{type(exc).__name__}: {first_line}")
-                    elif isinstance(exc, PipelineError):
-                        manifest["error"] = str(exc)
-                    elif out_of_space(exc):
-                        # The tables are no use (nothing was published) and hold the space the record
-                        # needs: on a full disk the manifest write failed too, and the next run deleted
-                        # the directory as a crash's, with the only word of why.
-                        full_disk = True
-                        try:
-                            removed = publish.remove_tables(run)
-                        except Exception as remove_exc:  # noqa: BLE001 - the record matters more
-                            log.error("could not remove the tables of failed run %s: %s", run.relative_path,
-                                      remove_exc)
-                            removed = False
-                        manifest["error"] = out_of_space_message(exc, root, timer, removed)
-                    else:
-                        # a Py4J error's text is the whole Java stack: its cause is the line that matters
-                        manifest["error"] = f"{type(exc).__name__}: {java_cause(exc)}"
+                    manifest["error"], full_disk = _failure_error(exc, spark, run, timer)
                     manifest["timings"] = timer.seconds
                     try:
                         publish.write_failed_manifest(run, manifest)
@@ -448,6 +353,131 @@ def run_nightly(
                     exc.published_run = run.relative_path  # type: ignore[union-attr]
         raise
     return NightlyResult(run.path, manifest, True)
+
+
+def _ingest_stage(spark: SparkSession, cfg: dict[str, Any], run: publish.RunDir, manifest: dict[str, Any],
+                  print_summary: bool) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """Ingest the run date's window into ``run``'s interactions and rejects and extend the ID maps;
+    returns the written interactions and the maps ``(dim_user, dim_item)``."""
+    from mf_spark.ingest import IngestSettings, format_report_table, run_ingest
+    from mf_spark.ingest.stage import write_rejects_for_inspection
+
+    try:
+        ingested = run_ingest(
+            spark, input_path=cfg["input"]["path"], input_format=cfg["input"]["format"],
+            columns=cfg["input"]["columns"], reader_options=cfg["input"]["options"],
+            settings=IngestSettings.from_config(cfg["ingest"]), run_date=run.run_date,
+            id_map_root=os.path.join(cfg["output"]["root"], "id_maps"), run_id=run.run_id,
+        )
+    except NoInteractionsLeftError as exc:
+        write_rejects_for_inspection(exc, run.sub("rejects"))
+        raise
+    ingested.interactions.write.parquet(run.sub("interactions"))
+    ingested.rejects.write.parquet(run.sub("rejects"))
+    # Later stages read the written tables: the caches would hold executor memory (about 15 bytes per
+    # interaction) through training, which needs it.
+    ingested.unpersist()
+    manifest["ingest"] = ingested.report
+    if print_summary:
+        print(format_report_table(ingested.report))
+    return spark.read.parquet(run.sub("interactions")), ingested.dim_user, ingested.dim_item
+
+
+def _train_stage(spark: SparkSession, cfg: dict[str, Any], run: publish.RunDir, interactions: DataFrame,
+                 dim_user: DataFrame, dim_item: DataFrame, baseline: dict[str, Any] | None,
+                 manifest: dict[str, Any]) -> None:
+    """Fit ImplicitALS (warm-started from ``baseline``'s factors when configured) and write the factor
+    tables with string ids into ``run``."""
+    train_cfg = cfg["train"]
+    initial, previous = (None, None)
+    if train_cfg["warm_start"]:
+        initial, previous = load_warm_start(spark, cfg["output"]["root"], train_cfg["rank"], baseline)
+    max_iter = train_cfg["warm_start_iterations"] if initial is not None else train_cfg["max_iter"]
+    log.info("train: %s, %d iterations", "cold start" if previous is None
+             else f"warm start from run {previous['run_id']}", max_iter)
+    model = build_estimator(train_cfg, max_iter).setInitialModel(initial).fit(interactions)
+    _with_string_ids(model.userFactors, dim_user, "user_idx", "user_id").write.parquet(run.sub("user_factors"))
+    _with_string_ids(model.itemFactors, dim_item, "item_idx", "item_id").write.parquet(run.sub("item_factors"))
+    for broadcast in model.trainingBroadcasts:  # the factors are written; a backfill goes on
+        broadcast.destroy()
+    model.userFactors.unpersist()  # recommend and evaluate read the written tables
+    model.itemFactors.unpersist()
+    manifest["train"] = {
+        "warm_start_from": None if previous is None else previous.get("run_id"),
+        "iterations": max_iter, "training_loss": model.trainingLoss,
+        "iteration_seconds": model.iterationSeconds,
+    }
+
+
+def _recommend_stage(spark: SparkSession, cfg: dict[str, Any], run: publish.RunDir, interactions: DataFrame,
+                     dim_user: DataFrame, dim_item: DataFrame, item_filter: DataFrame | None,
+                     allow_list: DataFrame | None) -> None:
+    """Write ``run``'s recommendations and similar items from its written factor tables."""
+    from mf_spark.recommend import build_recommendation_tables
+
+    # The same function as jobs/recommend.py, so that the item filter, the allow list, broadcast_max_mb
+    # and fold-in mean the same in both (they once drifted apart).
+    tables = build_recommendation_tables(
+        spark.read.parquet(run.sub("user_factors")).select("id", "features"),
+        spark.read.parquet(run.sub("item_factors")).select("id", "features"),
+        interactions, dim_user, dim_item, recommend_settings_from(cfg), item_filter=item_filter,
+        allow_list=allow_list,
+    )
+    # Plain writes, not write_tables_replacing: this run is not published yet and nobody reads it.
+    tables.recommendations.write.parquet(run.sub("recommendations"))
+    tables.similar_items.write.parquet(run.sub("similar_items"))
+    tables.release()  # the session lives on (a backfill): free the scoring's cache and broadcasts
+
+
+def _evaluate_and_gate(spark: SparkSession, cfg: dict[str, Any], interactions: DataFrame, run: publish.RunDir,
+                       baseline: dict[str, Any] | None, manifest: dict[str, Any]) -> None:
+    """Evaluate on the configured split (report in ``run/evaluation``) and apply the quality gate against
+    ``baseline``'s metrics; raises QualityGateError when it fails."""
+    from mf_spark.evaluate import evaluate_gate, evaluate_holdout
+    from mf_spark.evaluate.holdout import holdout_settings_from
+
+    metrics = evaluate_holdout(spark, interactions, out_dir=run.sub("evaluation"), **holdout_settings_from(cfg))
+    manifest["metrics"] = metrics
+    gate_cfg = cfg["evaluate"]["gate"]
+    if not gate_cfg["enabled"]:
+        return
+    gate = evaluate_gate(
+        metrics, None if baseline is None else baseline.get("metrics"), metric=gate_cfg["metric"],
+        min_value=gate_cfg["min_value"], max_relative_drop=gate_cfg["max_relative_drop"],
+    )
+    manifest["gate"] = {"passed": gate.passed, "reason": gate.reason}
+    if not gate.passed:
+        raise QualityGateError(f"quality gate failed: {gate.reason}")
+    log.info("quality gate passed: %s", gate.reason)
+
+
+def _failure_error(exc: BaseException, spark: SparkSession, run: publish.RunDir,
+                   timer: StageTimer) -> tuple[str, bool]:
+    """The failed manifest's ``error`` for ``exc``, and whether a full disk caused it (the failed run's
+    tables are then removed: they hold the space the record needs)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (SIGINT)", False
+    if isinstance(exc, SystemExit):
+        return f"terminated (exit {exc.code}; SIGTERM gives 143)", False
+    if not isinstance(exc, PipelineError) and spark_context_stopped(spark):
+        text = error_text(exc).strip()
+        first_line = text.splitlines()[0] if text else ""
+        return ("the Spark driver stopped during the run (spark-submit got SIGTERM, e.g. a scheduler's timeout "
+                "or `yarn application -kill`, or the driver JVM failed): "
+                f"{type(exc).__name__}: {first_line}"), False
+    if isinstance(exc, PipelineError):
+        return str(exc), False
+    if out_of_space(exc):
+        # On a full disk the manifest write failed too, and the next run deleted the directory as a
+        # crash's, with the only word of why.
+        try:
+            removed = publish.remove_tables(run)
+        except Exception as remove_exc:  # noqa: BLE001 - the record matters more
+            log.error("could not remove the tables of failed run %s: %s", run.relative_path, remove_exc)
+            removed = False
+        return out_of_space_message(exc, run.root, timer, removed), True
+    # a Py4J error's text is the whole Java stack: its cause is the line that matters
+    return f"{type(exc).__name__}: {java_cause(exc)}", False
 
 
 def out_of_space_message(exc: BaseException, root: str, timer: StageTimer | None = None,
