@@ -12,12 +12,17 @@ Without --interactions it evaluates the interactions of the run published for --
 from __future__ import annotations
 
 import logging
+import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from mf_spark.cli import non_empty, parse_date, run_job
 
+if TYPE_CHECKING:  # the session comes from cli.run_job; pyspark loads only when it starts
+    from pyspark.sql import SparkSession
 
-def add_arguments(parser):
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--date", type=parse_date, required=True, help="run date whose interactions are evaluated"
     )
@@ -32,7 +37,7 @@ def add_arguments(parser):
     parser.add_argument("--out", type=non_empty, help="report directory (default under output.root/evaluations)")
 
 
-def validate(args, cfg):
+def validate(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     """Settings and the input table, before Spark starts: a wrong path should not cost a cluster start-up."""
     from mf_spark.evaluate.holdout import published_interactions_path, validate_settings
     from mf_spark.pipeline import require_local_path
@@ -51,7 +56,7 @@ def validate(args, cfg):
                                            args.date, args.interactions_path)
 
 
-def body(spark, cfg, args):
+def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> None:
     from mf_spark.evaluate.holdout import evaluate_holdout, holdout_settings_from, report_dir, summary_table
     from mf_spark.publish import provenance
     from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mf_spark.cli import check_not_future, parse_date, run_job
+
+if TYPE_CHECKING:  # the session comes from cli.run_job; pyspark loads only when it starts
+    from pyspark.sql import SparkSession
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +39,8 @@ def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     if args.start and args.end < args.start:
         raise UsageError(f"--from {args.start} is after --to {args.end}: the backfill runs from the earlier "
                           "date to the later one")
-    check_not_future(max(d for d in (args.date, args.end) if d))
+    check_not_future(max(d for d in (args.date, args.end) if d),
+                     "a published future date would keep latest.json from moving")
     if args.date and args.skip_empty_days:
         # A single date with no events must fail (exit 3): skipping it would exit 0 with nothing published.
         raise UsageError("--skip-empty-days applies only to a backfill (--from D1 --to D2), not to --date")
@@ -51,7 +55,7 @@ def check_dates(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     check_latest(cfg["output"]["root"])
 
 
-def body(spark: Any, cfg: dict[str, Any], args: argparse.Namespace) -> None:
+def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> None:
     from mf_spark.pipeline import run_backfill, run_nightly
 
     if args.date:

@@ -18,12 +18,17 @@ for the nightly), so retention cannot delete the run it rewrites.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from mf_spark.cli import non_empty, parse_date, run_job
 
+if TYPE_CHECKING:  # the session comes from cli.run_job; pyspark loads only when it starts
+    from pyspark.sql import SparkSession
 
-def add_arguments(parser):
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--date", type=parse_date,
                         help="run date D, for the log only; checked against the dt=D of --run-dir when it has one")
     parser.add_argument("--run-dir", required=True, type=non_empty, help="run directory holding the factors and interactions "
@@ -36,14 +41,14 @@ def add_arguments(parser):
                         "(RUN_DIR in output.root)")
 
 
-def check_paths(args, cfg):
+def check_paths(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from mf_spark.pipeline import check_recommend_job
 
     args.job = check_recommend_job(cfg, args.run_dir, date=args.date, model_dir=args.model,
                                    interactions_path=args.interactions, break_stale_lock=args.break_stale_lock)
 
 
-def body(spark, cfg, args):
+def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> None:
     from mf_spark.pipeline import run_recommend_job
 
     run_recommend_job(spark, cfg, args.job, break_stale_lock=args.break_stale_lock)

@@ -9,25 +9,30 @@ The model directory holds ``metadata/``, ``userFactors/`` and ``itemFactors/``;
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import TYPE_CHECKING, Any
 
 from mf_spark.cli import non_empty, run_job
 
+if TYPE_CHECKING:  # the session comes from cli.run_job; pyspark loads only when it starts
+    from pyspark.sql import SparkSession
 
-def add_arguments(parser):
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--interactions", required=True, type=non_empty, help="Parquet: user_idx, item_idx, strength")
     parser.add_argument("--model-out", required=True, type=non_empty, help="directory to save the ImplicitALSModel to (a new "
                         "directory, or a model saved before, which is replaced once the new one is written)")
 
 
-def check_paths(args, cfg):
+def check_paths(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
     from mf_spark.pipeline import check_model_out, require_local_path
 
     require_local_path(args.interactions, f"train: interactions {args.interactions} does not exist")
     check_model_out(args.model_out)
 
 
-def body(spark, cfg, args):
+def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> None:
     from mf_spark.pipeline import train_and_save
 
     train_and_save(spark, cfg["train"], args.interactions, args.model_out)

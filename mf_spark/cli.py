@@ -51,8 +51,9 @@ def parse_date(text: str) -> dt.date:
     return date
 
 
-def check_not_future(date: dt.date) -> None:
-    """Refuse a run date after tomorrow (UTC; a scheduler east of UTC is a day ahead) with a UsageError.
+def check_not_future(date: dt.date, why: str) -> None:
+    """Refuse a run date after tomorrow (UTC; a scheduler east of UTC is a day ahead) with a UsageError
+    that ends with ``why``.
 
     A typo (2052 for 2025) published by the nightly would hold latest.json for ever: later dates never
     move it. The ingest job refuses it too: its window would hold no event yet, and its ID-map version
@@ -60,8 +61,7 @@ def check_not_future(date: dt.date) -> None:
     """
     tomorrow = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=1)
     if date > tomorrow:
-        raise UsageError(f"run date {date} is in the future (today is {tomorrow - dt.timedelta(days=1)} UTC): "
-                         "a published future date would keep latest.json from moving")
+        raise UsageError(f"run date {date} is in the future (today is {tomorrow - dt.timedelta(days=1)} UTC): {why}")
 
 
 def non_empty(text: str) -> str:
@@ -100,10 +100,13 @@ def _mentioned(value: str, text: str) -> bool:
 
 def session_failure_message(exc: BaseException, cfg: dict[str, Any], overrides: Sequence[str]) -> str:
     """One line for a SparkSession that would not start: the Java cause and the ``[spark]`` settings."""
+    from mf_spark.publish import redact_argv, redact_settings
+
     cause = java_cause(exc)
-    # Name the setting the cause mentions (Hadoop prints hdfs:///x as hdfs:/x).
-    suspects = [f"spark.{k} = {v}" for k, v in cfg.get("spark", {}).items() if _mentioned(str(v), cause)]
-    spark_overrides = [o for o in overrides if o.strip().startswith("spark.")]
+    # Name the setting the cause mentions (Hadoop prints hdfs:///x as hdfs:/x); credentials stay out.
+    suspects = [f"spark.{k} = {v}" for k, v in redact_settings(cfg.get("spark", {})).items()
+                if _mentioned(str(v), cause)]
+    spark_overrides = redact_argv([o for o in overrides if o.strip().startswith("spark.")])
     source = cfg.get("_source", "the config")
     source += f" with --set {', '.join(spark_overrides)}" if spark_overrides else ""
     where = f"{'; '.join(suspects)} in" if suspects else "the [spark] table of"

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -273,8 +274,9 @@ def run_nightly(
         with lock:
             run = publish.begin_run(root, run_date)
             log.info("run %s for %s in %s", run.run_id, run_date, run.path)
+            settings = {k: v for k, v in cfg.items() if not k.startswith("_")}
             manifest: dict[str, Any] = publish.manifest_base(
-                run, config_file=cfg.get("_source", ""), parameters={k: v for k, v in cfg.items() if not k.startswith("_")},
+                run, config_file=cfg.get("_source", ""), parameters=publish.redact_settings(settings),
             )
             manifest["status"] = "running"
             manifest[publish.BASELINE_KEY] = None
@@ -285,7 +287,7 @@ def run_nightly(
                 baseline = publish.previous_published(root, before=run_date)
                 manifest[publish.BASELINE_KEY] = None if baseline is None else baseline["run_id"]
                 # which one it is mattered after a rollback and was only in the manifest
-                log.info("baseline (warm start and gate): %s", "none, first run" if baseline is None
+                log.info("baseline (warm start and gate): %s", "none (cold start)" if baseline is None
                          else f"run {baseline['run_id']} of {baseline['run_date']}")
                 if baseline is not None:
                     with suppress(OSError):  # a hint only: never the reason a run fails
@@ -327,7 +329,7 @@ def run_nightly(
                     # Any failure, not only the expected ones, and Ctrl-C: a run directory without a
                     # manifest would look like a crash ("partial") and say nothing of why.
                     manifest["status"] = "failed"
-                    manifest["error"], full_disk = _failure_error(exc, spark, run, timer)
+                    manifest["error"], full_disk = _failure_error(exc, spark, root, run, timer)
                     manifest["timings"] = timer.seconds
                     try:
                         publish.write_failed_manifest(run, manifest)
@@ -451,7 +453,7 @@ def _evaluate_and_gate(spark: SparkSession, cfg: dict[str, Any], interactions: D
     log.info("quality gate passed: %s", gate.reason)
 
 
-def _failure_error(exc: BaseException, spark: SparkSession, run: publish.RunDir,
+def _failure_error(exc: BaseException, spark: SparkSession, root: str, run: publish.RunDir,
                    timer: StageTimer) -> tuple[str, bool]:
     """The failed manifest's ``error`` for ``exc``, and whether a full disk caused it (the failed run's
     tables are then removed: they hold the space the record needs)."""
@@ -475,7 +477,7 @@ def _failure_error(exc: BaseException, spark: SparkSession, run: publish.RunDir,
         except Exception as remove_exc:  # noqa: BLE001 - the record matters more
             log.error("could not remove the tables of failed run %s: %s", run.relative_path, remove_exc)
             removed = False
-        return out_of_space_message(exc, run.root, timer, removed), True
+        return out_of_space_message(exc, root, timer, removed), True
     # a Py4J error's text is the whole Java stack: its cause is the line that matters
     return f"{type(exc).__name__}: {java_cause(exc)}", False
 
@@ -621,9 +623,26 @@ def check_model_out(path: str) -> None:
     reason = publish.unwritable_reason(path)
     if reason:
         raise UsageError(f"--model-out {path} cannot be written: {reason}")
-    if os.path.exists(path) and not os.path.isdir(os.path.join(path, "metadata")):
-        raise UsageError(f"--model-out {path} exists and is not a saved model (no metadata/ in it); refusing to "
-                         "replace it. Give a new directory, or remove this one by hand")
+    if os.path.exists(path) and _saved_model_class(path) is None:
+        # A directory that merely has a metadata/ (a project's, a docs tree's) was replaced whole.
+        raise UsageError(f"--model-out {path} exists and is not a saved model (no metadata/part-* naming a "
+                         "model class in it); refusing to replace it. Give a new directory, or remove this one by "
+                         "hand")
+
+
+def _saved_model_class(path: str) -> str | None:
+    """The model class a saved model at ``path`` names in its ``metadata/part-*``, or None."""
+    import json
+
+    from mf_spark.als.model import LOADABLE_MODEL_CLASSES
+
+    parts = sorted(Path(path, "metadata").glob("part-*")) if os.path.isdir(os.path.join(path, "metadata")) else []
+    try:
+        with open(parts[0], encoding="utf-8") as f:
+            name = json.loads(f.readline()).get("class")
+    except (IndexError, OSError, ValueError, AttributeError):
+        return None
+    return name if name in LOADABLE_MODEL_CLASSES else None
 
 
 def save_model(model: ImplicitALSModel, path: str) -> None:

@@ -25,6 +25,7 @@ Test-only fault injection: when the environment variable ``MF_SPARK_FAULT`` equa
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -46,6 +48,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from mf_spark.config import parse_iso_date
 from mf_spark.errors import ConfigError, LockHeldError, PublishError
 
 log = logging.getLogger(__name__)
@@ -116,12 +119,21 @@ def fsync_tree(path: str | os.PathLike[str]) -> int:
     files = 0
     for directory, _, names in os.walk(path, topdown=False):
         for name in names:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            # Regular files only, never through a link: a FIFO left in a run directory blocked the open
+            # (with the lock held) and a dangling link failed the publication.
             try:
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOENT, errno.ENXIO):  # a link, gone, a socket
+                    continue
+                raise
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    continue
                 os.fsync(fd)
+                files += 1
             finally:
                 os.close(fd)
-            files += 1
         _fsync_dir(Path(directory))
     return files
 
@@ -137,14 +149,15 @@ def temp_sibling(path: str | os.PathLike[str]) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
+def write_json_atomic(path: str | os.PathLike[str], payload: dict[str, Any], *, sort_keys: bool = True) -> None:
     """Write ``payload`` as JSON to ``path`` so that readers see the old file or the new one, never a mix.
 
     The text goes to a temporary file in the same directory, is fsynced, renamed over ``path`` with
-    :func:`os.replace` (atomic on POSIX) and the directory entry is fsynced too.
+    :func:`os.replace` (atomic on POSIX) and the directory entry is fsynced too. ``sort_keys=False``
+    keeps the payload's order (a report written for people).
     """
     path = Path(path)
-    text = json.dumps(json_ready(payload), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(json_ready(payload), indent=2, sort_keys=sort_keys) + "\n"
     tmp = temp_sibling(path)
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -162,8 +175,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise PublishError(f"{path}: not valid JSON ({exc}); fix or remove it by hand") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise PublishError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]}); fix or remove it "
+                           "by hand") from None
     if not isinstance(value, dict):
         raise PublishError(f"{path}: expected a JSON object")
     return value
@@ -173,7 +187,15 @@ def _remove_tree(path: Path) -> None:
     """Delete a directory crash-safely: rename it to a hidden trash name first, then remove it."""
     trash = path.with_name(f"{_TRASH_PREFIX}{path.name}-{secrets.token_hex(3)}")
     os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    _delete(trash)
+
+
+def _delete(path: Path) -> None:
+    # rmtree refuses a symbolic link (and never follows one inside the tree): remove the link itself
+    if path.is_symlink():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -328,7 +350,7 @@ class RunLock:
             "run_date": self.run_date.isoformat(),
             "purpose": self.purpose,
             "token": secrets.token_hex(8),
-            "argv": sys.argv,
+            "argv": redact_argv(sys.argv),
         }
 
     def _try_create(self) -> bool:
@@ -352,13 +374,7 @@ class RunLock:
         return True
 
     def _holder(self) -> dict[str, Any] | None:
-        try:
-            return _read_json(self.path)
-        except FileNotFoundError:
-            return None
-        except PublishError:
-            # A lock file cut short by a crash between create and write: nobody can be named.
-            return {"host": "?", "pid": -1, "started_at": "?", "run_date": "?", "unreadable": True}
+        return read_lock(str(self.root))
 
     def _is_stale(self, holder: dict[str, Any]) -> bool:
         if holder.get("unreadable"):
@@ -380,9 +396,9 @@ class RunLock:
         except FileNotFoundError:
             return True
         try:
-            moved = _read_json(aside)
-        except PublishError:
-            moved = {"unreadable": True}
+            moved = _lock_record(aside)
+        except FileNotFoundError:
+            moved = dict(UNREADABLE_LOCK)
         if moved.get("token") != holder.get("token"):
             # Someone took the lock between our read and our rename: put theirs back untouched.
             try:
@@ -486,12 +502,38 @@ def _holder_may_be_alive(holder: dict[str, Any]) -> bool:
     return pid_alive(int(holder.get("pid", -1)), holder.get("pid_start_ticks"))
 
 
+#: What a lock whose holder cannot be named reads as (see :meth:`RunLock._is_stale`).
+UNREADABLE_LOCK = {"host": "?", "pid": -1, "started_at": "?", "run_date": "?", "unreadable": True}
+
+
 def read_lock(root: str) -> dict[str, Any] | None:
-    """The current lock holder's record, or None when the root is not locked."""
+    """The current lock holder's record, or None when the root is not locked.
+
+    A lock file cut short by a crash between create and write, or damaged (not JSON, a ``pid`` that is
+    not an integer, start ticks that are not one), reads as :data:`UNREADABLE_LOCK`: nobody can be named.
+    A ``pid_start_ticks`` of another type made a live holder's lock look stale.
+    """
     try:
-        return _read_json(Path(root) / LOCK_NAME)
+        return _lock_record(Path(root) / LOCK_NAME)
     except FileNotFoundError:
         return None
+
+
+def _lock_record(path: Path) -> dict[str, Any]:
+    # One judgement for reading the lock and for checking the file a break moved aside: the damaged
+    # lock's token was read there but not here, so breaking it always looked like losing a race.
+    try:
+        holder = _read_json(path)
+    except PublishError:
+        return dict(UNREADABLE_LOCK)
+    ticks = holder.get("pid_start_ticks")
+    if not _is_int(holder.get("pid")) or not (ticks is None or _is_int(ticks)):
+        return dict(UNREADABLE_LOCK)
+    return holder
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,20 +579,36 @@ def _iter_run_dirs(root: Path) -> list[RunDir]:
     if not runs_root.is_dir():
         return found
     for date_dir in runs_root.iterdir():
-        if not date_dir.name.startswith("dt=") or not date_dir.is_dir():
+        # Exactly "dt=YYYY-MM-DD": fromisoformat also takes 20111209 and 2011-W49-5, whose run then had a
+        # path no RunDir has and stopped every nightly with a traceback.
+        if not date_dir.name.startswith("dt="):
             continue
         try:
-            run_date = dt.date.fromisoformat(date_dir.name[3:])
+            run_date = parse_iso_date(date_dir.name[3:])
         except ValueError:
+            continue
+        if _linked(date_dir) or not date_dir.is_dir():
             continue
         try:
             run_dirs = list(date_dir.iterdir())
         except FileNotFoundError:  # retention removed the emptied date directory meanwhile
             continue
         for run_dir in run_dirs:
-            if run_dir.name.startswith("run_id=") and run_dir.is_dir():
-                found.append(RunDir(str(root), run_date, run_dir.name[len("run_id="):]))
+            run_id = run_dir.name[len("run_id="):]
+            if (run_dir.name.startswith("run_id=") and _RUN_ID_PATTERN.match(run_id) and not _linked(run_dir)
+                    and run_dir.is_dir()):
+                found.append(RunDir(str(root), run_date, run_id))
     return sorted(found, key=lambda r: (r.run_date, r.run_id))
+
+
+def _linked(path: Path) -> bool:
+    """True, with a warning, for a symbolic link under ``runs/``: retention and the clean-up of crashed
+    runs delete what they list, and through a linked date directory they deleted outside the root;
+    a linked run directory could be published, rolled back to and warm-started from."""
+    if not path.is_symlink():
+        return False
+    log.warning("ignoring %s: a symbolic link under runs/ (runs are never followed through links)", path)
+    return True
 
 
 def run_status(run: RunDir) -> str:
@@ -596,10 +654,7 @@ def list_runs(root: str) -> list[dict[str, Any]]:
     """Every run under ``root``, oldest first: run_date, run_id, path (relative), status, is_latest, and
     error (the first line of a failed run's error, else None)."""
     latest = _latest_or_none(root)
-    try:
-        holder = read_lock(root) or {}
-    except PublishError:  # a lock cut short while being written: no run id to match
-        holder = {}
+    holder = read_lock(root) or {}
     rows = []
     for run in _iter_run_dirs(Path(root)):
         status = run_status(run)
@@ -677,7 +732,8 @@ def clean_partial_runs(root: str, keep_run_id: str | None = None) -> list[str]:
     runs_root = root_path / RUNS_DIR
     if runs_root.is_dir():
         for trash in runs_root.glob(f"dt=*/{_TRASH_PREFIX}*"):
-            shutil.rmtree(trash, ignore_errors=True)
+            if not trash.parent.is_symlink():
+                _delete(trash)
     for run in _iter_run_dirs(root_path):
         if run.run_id in protected or run_status(run) != "partial":
             continue
@@ -824,13 +880,22 @@ def read_latest(root: str) -> dict[str, Any] | None:
     if missing:
         raise PublishError(f"{path}: missing or not a string: {', '.join(missing)}")
     try:
-        dt.date.fromisoformat(latest["run_date"])
+        run_date = parse_iso_date(latest["run_date"])
     except ValueError:
         raise PublishError(f"{path}: run_date {latest['run_date']!r} is not a YYYY-MM-DD date") from None
+    if not _RUN_ID_PATTERN.match(latest["run_id"]):
+        raise PublishError(f"{path}: run_id {latest['run_id']!r} is not a run id")
+    expected = RunDir(root, run_date, latest["run_id"]).relative_path
+    if latest["path"] != expected:
+        # Publishing and the warm start read the run at "path": an absolute or ../ path made them read
+        # a manifest outside the root.
+        raise PublishError(f"{path}: path {latest['path']!r} is not the run's directory {expected!r}")
     return latest
 
 
 def _read_manifest(root: str, relative_path: str) -> dict[str, Any] | None:
+    if _linked(Path(root) / relative_path):  # latest.json may name a run that is now a link
+        return None
     path = Path(root) / relative_path / MANIFEST_NAME
     try:
         manifest = _read_json(path)
@@ -1156,6 +1221,35 @@ def _spark_version() -> str:
     return _package_version("pyspark")
 
 
+#: Setting names whose values are credentials (``spark.hadoop.fs.s3a.secret.key``, a token, a password):
+#: manifests and the lock file are readable by everyone who reads the runs, and retention keeps them.
+_SECRET_NAME = re.compile(r"(password|passwd|secret|token|credential|access[._-]?key|private[._-]?key)", re.I)
+REDACTED = "<redacted>"
+
+
+def redact_settings(value: Any) -> Any:
+    """``value`` (a config table, nested) with the values of credential-like keys replaced by ``<redacted>``."""
+    if isinstance(value, dict):
+        return {k: REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) else redact_settings(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact_settings(v) for v in value]
+    return value
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """A command line with the values of credential-like ``key=value`` arguments (``--set``, ``--conf``)
+    replaced by ``<redacted>``."""
+    def redacted(arg: str) -> str:
+        option, _, setting = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        key, equals, _ = setting.partition("=")  # --set=key=value as well as key=value
+        if equals and _SECRET_NAME.search(key):
+            return f"{option}{'=' if option else ''}{key}={REDACTED}"
+        return arg
+
+    return [redacted(arg) for arg in argv]
+
+
 def provenance(**extra: Any) -> dict[str, Any]:
     """Where a result comes from: versions, git commit, host, pid, command line (``argv``), start time.
 
@@ -1175,7 +1269,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
         "git_commit": git_commit(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
-        "argv": list(sys.argv),
+        "argv": redact_argv(sys.argv),
         "started_at": _iso(_utc_now()),
         **extra,
     }

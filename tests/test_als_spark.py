@@ -12,7 +12,7 @@ from pyspark.ml import Pipeline
 from pyspark.sql import functions as F
 
 from mf_spark import ImplicitALS, ImplicitALSModel
-from mf_spark.errors import InputDataError
+from mf_spark.errors import InputDataError, UsageError
 
 # --- dense numpy reference (Hu, Koren and Volinsky 2008, MLlib's conventions) ----------------------
 
@@ -519,8 +519,9 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     assert factors_matrix(loaded.userFactors, R.shape[0]).tolist() == X.tolist()
 
     # jobs/train.py's save: a second save replaces the first only once it is complete, and leaves no temporary
-    from mf_spark.pipeline import save_model
+    from mf_spark.pipeline import check_model_out, save_model
 
+    check_model_out(path)  # a saved model may be replaced
     save_model(model, path)
     assert ImplicitALSModel.load(path).trainingLoss == model.trainingLoss
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
@@ -535,6 +536,11 @@ def test_transform_cold_start_and_persistence(spark, small, tmp_path):
     with pytest.raises(ValueError, match=r"est holds a saved mf_spark\.als\.estimator\.ImplicitALS, not a model of "
                                          r"mf_spark\.als\.model\.ImplicitALSModel or org\.apache\.spark\.ml\.recommendation\.ALSModel"):
         ImplicitALSModel.load(str(tmp_path / "est"))
+    # ...but not an estimator's directory, nor any other with a metadata/ (it was replaced whole)
+    (tmp_path / "project" / "metadata").mkdir(parents=True)
+    for not_a_model in (tmp_path / "est", tmp_path / "project"):
+        with pytest.raises(UsageError, match="exists and is not a saved model"):
+            check_model_out(str(not_a_model))
 
 
 def test_every_mllib_setter_and_getter_exists_and_sets_its_param():

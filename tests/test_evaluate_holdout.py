@@ -118,7 +118,8 @@ def test_models_side_by_side_and_report(communities, spark, tmp_path):
 def test_baselines_alone_get_no_empty_plots(communities, spark, tmp_path):
     """Without a factor model training_loss.png was empty axes, linked from report.md."""
     source = {"interactions": "/out/runs/dt=2024-01-02/run_id=r/interactions", "git_commit": "abc123",
-              "versions": {"pyspark": "4.3.0"}, "argv": ["jobs/evaluate.py", "--date", "2024-01-02"]}
+              "versions": {"pyspark": "4.3.0"}, "argv": ["jobs/evaluate.py", "--date", "2024-01-02"],
+              "host": "h1", "experiment": "ablation"}
     evaluate_holdout(spark, communities, split="user_random", test_fraction=0.25, ks=[5],
                      models=["popular", "random"], train_params=TRAIN, out_dir=str(tmp_path), source=source)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["metric_vs_k.png"]
@@ -127,7 +128,7 @@ def test_baselines_alone_get_no_empty_plots(communities, spark, tmp_path):
     # a standalone evaluation's report said nothing of what it evaluated
     assert json.loads((tmp_path / "metrics.json").read_text())["source"] == source
     assert ("Evaluated: interactions `/out/runs/dt=2024-01-02/run_id=r/interactions`, git_commit `abc123`, "
-            "command `jobs/evaluate.py --date 2024-01-02`\n") in report  # versions only in metrics.json
+            "experiment `ablation`, command `jobs/evaluate.py --date 2024-01-02`\n") in report  # versions, host: json
 
 
 def test_a_report_replaces_its_directory_whole(communities, spark, tmp_path, monkeypatch):

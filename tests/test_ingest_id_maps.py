@@ -17,6 +17,10 @@ USER_MAP = "user_id string, user_idx int"
 ITEM_MAP = "item_id string, item_idx int"
 
 
+def assert_user_map(spark, actual, rows) -> None:
+    assert_df_equality(actual, spark.createDataFrame(rows, USER_MAP), ignore_row_order=True, ignore_nullable=True)
+
+
 def ids(spark, column, values):
     return spark.createDataFrame([(v,) for v in values], f"{column} string")
 
@@ -83,7 +87,7 @@ def test_crash_before_the_pointer_swap_leaves_the_old_map_current(spark, tmp_pat
     spark.createDataFrame([("zzz", 0)], USER_MAP).write.parquet(str(tmp_path / "dim_user" / "version=run2"))
     rerun = update(spark, tmp_path, "run2", ["a", "b"], ["x", "y"])
     assert (rerun.new_users, rerun.new_items) == (1, 1)
-    assert sorted(tuple(r) for r in rerun.dim_user.collect()) == [("a", 0), ("b", 1)]
+    assert_user_map(spark, rerun.dim_user, [("a", 0), ("b", 1)])
     assert not list(tmp_path.glob(".CURRENT.json.*"))  # no temporary pointer left behind
 
 
@@ -105,7 +109,7 @@ def test_rerun_with_the_same_run_id_does_not_overwrite_the_current_version(spark
     update(spark, tmp_path, "run1", ["a"], ["x"])
     again = update(spark, tmp_path, "run1", ["a", "b"], ["x"])
     assert read_pointer(str(tmp_path))["maps"]["dim_user"]["path"] == "dim_user/version=run1.1"
-    assert sorted(tuple(r) for r in again.dim_user.collect()) == [("a", 0), ("b", 1)]
+    assert_user_map(spark, again.dim_user, [("a", 0), ("b", 1)])
 
 
 def test_map_files_reach_the_disk_before_the_pointer_names_them(spark, tmp_path, monkeypatch):
@@ -258,13 +262,29 @@ def test_a_concurrent_update_is_refused_not_lost(spark, tmp_path, monkeypatch):
     assert raised.value.exit_code == 6  # a LockHeldError: two writers ran at once
     # the other writer's update stands: b keeps index 1, c was not given it too
     assert read_pointer(str(tmp_path))["run_id"] == "other"
-    assert sorted(tuple(r) for r in load_id_map(spark, str(tmp_path), "dim_user").collect()) == [
-        ("a", 0),
-        ("b", 1),
-    ]
+    assert_user_map(spark, load_id_map(spark, str(tmp_path), "dim_user"), [("a", 0), ("b", 1)])
     assert not (tmp_path / "dim_user" / "version=mine").exists()  # never current: removed
     monkeypatch.undo()
 
     # the refused run succeeds when rerun, numbering from the other writer's map
     rerun = update(spark, tmp_path, "mine", ["c"], ["x"])
-    assert sorted(tuple(r) for r in rerun.dim_user.collect()) == [("a", 0), ("b", 1), ("c", 2)]
+    assert_user_map(spark, rerun.dim_user, [("a", 0), ("b", 1), ("c", 2)])
+
+
+@pytest.mark.parametrize("entry", [
+    {"path": "dim_user/../dim_user/version=A", "size": 1},  # loaded, then pruning deleted version=A
+    {"path": "../elsewhere/version=A", "size": 1},
+    {"path": "/abs/dim_user/version=A", "size": 1},
+    {"path": "dim_user/version=A", "size": "1"},
+])
+def test_a_pointer_entry_must_be_the_map_own_version(tmp_path, entry):
+    (tmp_path / "CURRENT.json").write_text(json.dumps({"format": 1, "maps": {"dim_user": entry}}))
+    with pytest.raises(InputDataError, match="entry 'dim_user' .* is not"):
+        read_pointer(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"[1]"])
+def test_an_undecodable_or_non_object_pointer_is_a_clear_error(tmp_path, content):
+    (tmp_path / "CURRENT.json").write_bytes(content)
+    with pytest.raises(InputDataError, match="id map pointer"):
+        read_pointer(str(tmp_path))

@@ -591,3 +591,17 @@ def test_when_every_row_is_rejected_the_ingest_job_still_writes_the_rejects(spar
     report = json.loads((out / "report.json").read_text())
     assert len(reasons) == 2 and report["rejected"] == 2 and "no interaction left" in report["error"]
     assert not (out / "interactions").exists()
+
+
+def test_the_report_file_gets_the_mode_of_every_other_file(tmp_path):
+    """report.json came from mkstemp: 0600, unreadable by the accounts that read the run's other files."""
+    from mf_spark.ingest import write_report
+
+    old = os.umask(0o022)
+    try:
+        write_report({"rows_read": 1, "accepted_events": 1}, tmp_path / "out" / "report.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out" / "report.json").stat().st_mode & 0o777 == 0o644
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == {"rows_read": 1, "accepted_events": 1}
+    assert list((tmp_path / "out").iterdir()) == [tmp_path / "out" / "report.json"]  # no temporary left

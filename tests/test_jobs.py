@@ -48,7 +48,7 @@ def run_job_directly(job: str, *args: str, tmp_path: Path) -> subprocess.Complet
      "--run-dir /etc/hostname/recs cannot be written: /etc/hostname is not a directory"),
     # saving replaced the directory: a mistyped --model-out deleted an output root with latest.json
     ("train.py", ["--interactions", ".", "--model-out", "conf"], 2,
-     "--model-out conf exists and is not a saved model (no metadata/ in it)"),
+     "--model-out conf exists and is not a saved model (no metadata/part-* naming a model class in it)"),
     # found only after every model had been trained: the whole evaluation was lost
     ("evaluate.py", ["--date", DAY, "--interactions", ".", "--out", "/etc/hostname/report"], 2,
      "report directory (--out) /etc/hostname/report cannot be written: /etc/hostname is not a directory"),
@@ -359,3 +359,14 @@ def test_a_run_date_in_another_iso_form_is_refused(text):
     with pytest.raises(argparse.ArgumentTypeError, match="not a date in YYYY-MM-DD form"):
         parse_date(text)
     assert parse_date("2011-12-09") == __import__("datetime").date(2011, 12, 9)
+
+
+def test_a_session_failure_message_keeps_credentials_out():
+    """The error: line listed every --set spark.* override verbatim, credentials included."""
+    from mf_spark.cli import session_failure_message
+
+    cfg = {"_source": "job.toml", "spark": {"hadoop.fs.s3a.secret.key": "hunter2", "master": "spark://nohost:7077"}}
+    message = session_failure_message(Exception("cannot reach spark://nohost:7077"), cfg,
+                                      ["spark.hadoop.fs.s3a.secret.key=hunter2"])
+    assert "hunter2" not in message
+    assert "spark.master = spark://nohost:7077 in job.toml with --set spark.hadoop.fs.s3a.secret.key=<redacted>" in message

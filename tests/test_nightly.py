@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import os
+import sys
 import subprocess
 from pathlib import Path
 
@@ -45,8 +46,10 @@ def filtered_items(spark, tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def two_days(spark, tmp_path_factory, filtered_items):
     root = tmp_path_factory.mktemp("nightly-root")
+    # a credential in the config and on the command line: manifests are read by all who read the runs
+    secret = ["spark.hadoop.fs.s3a.secret.key=hunter2"]
     cfg = load_config(REPO / "conf" / "local.toml",
-                      [*SMALL, f"output.root={root}", f"recommend.item_filter_path={filtered_items[0]}"])
+                      [*SMALL, f"output.root={root}", f"recommend.item_filter_path={filtered_items[0]}", *secret])
     before = persistent_rdd_ids(spark)
     temp_files_before = set(os.listdir(spark.sparkContext._temp_dir))
     import mf_spark.recommend
@@ -69,6 +72,7 @@ def two_days(spark, tmp_path_factory, filtered_items):
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(mf_spark.recommend, "build_recommendation_tables", recording)
+            patch.setattr(sys, "argv", ["jobs/nightly.py", "--set", *secret])
             first = run_nightly(spark, cfg, dt.date(2011, 12, 8), print_summary=False)
             second = run_nightly(spark, cfg, dt.date(2011, 12, 9), print_summary=True)
     finally:
@@ -186,6 +190,9 @@ def test_manifest_and_latest(two_days):
     assert manifest["status"] == "published"
     for key in ("ingest", "train", "metrics", "outputs", "id_maps", "timings", "parameters"):
         assert key in manifest, key
+    assert "hunter2" not in (Path(second.run_dir) / "manifest.json").read_text()
+    assert manifest["parameters"]["spark"]["hadoop.fs.s3a.secret.key"] == "<redacted>"
+    assert manifest["argv"] == ["jobs/nightly.py", "--set", "spark.hadoop.fs.s3a.secret.key=<redacted>"]
     assert manifest["ingest"]["rows_read"] == (manifest["ingest"]["accepted_events"] + manifest["ingest"]["rejected"]
                                                + manifest["ingest"]["deduplicated"])
     assert set(manifest["timings"]) >= {"ingest", "train", "recommend", "evaluate"}  # publish ends after the manifest is written
@@ -205,7 +212,7 @@ def test_manifest_and_latest(two_days):
     assert first.manifest["train"]["warm_start_from"] is None
     # which run was the baseline and the warm start was only in the manifest (it matters after a rollback)
     first_id = first.manifest["run"]["run_id"]
-    assert LOGGED["two_days"].count("baseline (warm start and gate): none, first run") == 1
+    assert LOGGED["two_days"].count("baseline (warm start and gate): none (cold start)") == 1
     assert f"baseline (warm start and gate): run {first_id} of {first.manifest['run']['run_date']}" in LOGGED["two_days"]
     assert "train: cold start, 4 iterations" in LOGGED["two_days"]
     assert f"train: warm start from run {first_id}, 2 iterations" in LOGGED["two_days"]

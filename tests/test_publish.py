@@ -904,3 +904,114 @@ def test_signals_wait_until_a_deferred_block_is_done():
         assert written == ["manifest"] and stopped.value.code == 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# hostile or unlucky contents of the output root (a path-safety review)
+
+
+def test_runs_are_never_followed_through_symbolic_links(tmp_path, caplog):
+    """A linked date directory made the clean-up of crashed runs (and retention) delete outside the root;
+    a linked run directory holding _PUBLISHED was marked superseded and could be rolled back to."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (outside / "run_id=x").mkdir(parents=True)
+    (outside / "run_id=x" / "precious").write_text("keep me")
+    (outside / ".deleting-foo").mkdir()
+    (outside / "planted").mkdir()
+    (outside / "planted" / publish.PUBLISHED_MARKER).write_text("")
+    published(root, D1)
+    (root / "runs" / "dt=2011-12-08").symlink_to(outside)
+    (root / "runs" / "dt=2011-12-06" / "run_id=0000-planted").symlink_to(outside / "planted")
+    with caplog.at_level("WARNING", logger="mf_spark.publish"):
+        assert publish.clean_partial_runs(str(root)) == []
+        published(root, D1, keep_runs=1)
+        with pytest.raises(PublishError, match="no published run matches '0000-planted'"):
+            rollback(str(root), "0000-planted")
+    assert (outside / "run_id=x" / "precious").read_text() == "keep me"
+    assert (outside / ".deleting-foo").is_dir()
+    assert not (outside / "planted" / publish.SUPERSEDED_MARKER).exists()
+    assert "a symbolic link under runs/" in caplog.text
+    # latest.json naming a run directory that became a link: not read as the baseline
+    linked = tmp_path / "linked"
+    published(linked, D1)
+    real = Path(list_runs(str(linked))[0]["path"])
+    moved = tmp_path / "moved-run"
+    (linked / real).rename(moved)
+    (linked / real).symlink_to(moved)
+    assert previous_published(str(linked)) is None
+    assert [r["run_id"] for r in list_runs(str(root))] != [] and all(
+        r["run_id"] != "0000-planted" for r in list_runs(str(root)))
+
+
+def test_a_date_directory_in_another_iso_form_is_not_a_run(tmp_path):
+    """dt=20111209 parsed as 2011-12-09: its run had a path no RunDir has, and every nightly crashed."""
+    (tmp_path / "runs" / "dt=20111209" / "run_id=hand").mkdir(parents=True)
+    (tmp_path / "runs" / "dt=2011-W49-5" / "run_id=hand").mkdir(parents=True)
+    assert list_runs(str(tmp_path)) == []
+    run = published(tmp_path, D4)
+    assert [r["run_id"] for r in list_runs(str(tmp_path))] == [run.run_id]
+
+
+@pytest.mark.parametrize("path", ["/tmp/elsewhere", "../outside", "runs/../../outside",
+                                  "runs/dt=2011-12-06/run_id=r2"])
+def test_latest_json_must_name_its_own_run_directory(tmp_path, path):
+    """An absolute or ../ path made the warm start, the gate baseline and the space check read outside
+    the root."""
+    (tmp_path / "latest.json").write_text(json.dumps({"run_date": "2011-12-06", "run_id": "r1", "path": path}))
+    with pytest.raises(PublishError, match=r"is not the run's directory 'runs/dt=2011-12-06/run_id=r1'"):
+        read_latest(str(tmp_path))
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe{}", b"[" * 100_000 + b"]" * 100_000])
+def test_undecodable_or_too_deep_json_is_a_clear_error(tmp_path, content):
+    """Non-UTF-8 bytes and deep nesting were UnicodeDecodeError and RecursionError tracebacks."""
+    (tmp_path / "latest.json").write_bytes(content)
+    with pytest.raises(PublishError, match="latest.json: not valid JSON"):
+        read_latest(str(tmp_path))
+    (tmp_path / "_LOCK").write_bytes(content)
+    assert publish.read_lock(str(tmp_path))["unreadable"]
+
+
+@pytest.mark.parametrize("fields", [{"pid": "abc"}, {"pid": None}, {"pid": 1, "pid_start_ticks": "x"}])
+def test_a_lock_with_fields_of_the_wrong_type_is_unreadable_not_stale(tmp_path, fields):
+    """pid "abc" was a ValueError traceback; start ticks "x" made a live holder's lock look stale and
+    --break-stale-lock broke it."""
+    lock = {"host": socket.gethostname(), "started_at": "now", "run_date": "2011-12-09", **fields}
+    (tmp_path / "_LOCK").write_text(json.dumps(lock))
+    assert publish.read_lock(str(tmp_path))["unreadable"]
+    with pytest.raises(LockHeldError, match="cannot be read"):
+        RunLock(str(tmp_path), D2, break_stale=True).acquire()  # written just now: not broken
+    assert json.loads((tmp_path / "_LOCK").read_text()) == lock
+    # a minute later --break-stale-lock breaks it (the moved file's token once made that look like a race)
+    lock["token"] = "t0"
+    (tmp_path / "_LOCK").write_text(json.dumps(lock))
+    old = dt.datetime.now().timestamp() - 120
+    os.utime(tmp_path / "_LOCK", (old, old))
+    with RunLock(str(tmp_path), D2, break_stale=True):
+        assert json.loads((tmp_path / "_LOCK").read_text())["pid"] == os.getpid()
+
+
+def test_fsync_tree_skips_what_is_not_a_regular_file(tmp_path):
+    """A FIFO left in a run directory blocked the publication (lock held) for ever; a dangling link
+    failed it."""
+    (tmp_path / "part-0.parquet").write_bytes(b"x")
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    assert publish.fsync_tree(tmp_path) == 1
+
+
+def test_credentials_stay_out_of_the_lock_and_the_provenance(tmp_path, monkeypatch):
+    """--set spark.hadoop.fs.s3a.secret.key=... went verbatim into _LOCK and every manifest's argv."""
+    monkeypatch.setattr(sys, "argv", ["jobs/nightly.py", "--set", "spark.hadoop.fs.s3a.access.key=AKIA",
+                                      "--conf", "spark.hadoop.fs.s3a.secret.key=s3cr3t", "--set", "train.rank=8",
+                                      "--set=spark.hadoop.fs.s3a.session.token=tok", "--date=2011-12-09"])
+    expected = ["jobs/nightly.py", "--set", "spark.hadoop.fs.s3a.access.key=<redacted>",
+                "--conf", "spark.hadoop.fs.s3a.secret.key=<redacted>", "--set", "train.rank=8",
+                "--set=spark.hadoop.fs.s3a.session.token=<redacted>", "--date=2011-12-09"]
+    with RunLock(str(tmp_path), D1):
+        assert publish.read_lock(str(tmp_path))["argv"] == expected
+    assert manifest_base()["argv"] == expected
+    assert publish.redact_settings({"spark": {"hadoop.fs.s3a.secret.key": "x", "sql.shuffle.partitions": 2},
+                                    "input": {"options": {"password": "p", "header": "true"}}}) == {
+        "spark": {"hadoop.fs.s3a.secret.key": "<redacted>", "sql.shuffle.partitions": 2},
+        "input": {"options": {"password": "<redacted>", "header": "true"}}}

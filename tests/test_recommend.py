@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from pyspark.sql import functions as F
+from pyspark.testing import assertDataFrameEqual
 
 from mf_spark.als.params import SolveParams
 from mf_spark.errors import InputDataError
@@ -356,11 +357,13 @@ def test_to_string_ids_joins_both_maps(spark):
     dim_item = spark.createDataFrame([("apple", 0), ("pear", 1)], "item_id string, item_idx int")
     out = to_string_ids(recs, dim_user, dim_item)
     assert out.columns == ["user_id", "rank", "item_id", "score"]
-    assert sorted(tuple(r) for r in out.collect()) == [("alice", 1, "pear", 0.5), ("alice", 2, "apple", 0.25),
-                                                      ("bob", 1, "apple", 0.75)]
+    expected = spark.createDataFrame([("alice", 1, "pear", 0.5), ("alice", 2, "apple", 0.25), ("bob", 1, "apple", 0.75)],
+                                     "user_id string, rank int, item_id string, score float")
+    assertDataFrameEqual(out, expected)
     sims = spark.createDataFrame([(0, 1, 1, 0.9)], "item int, rank int, similar_item int, score float")
-    named = [tuple(r) for r in similar_to_string_ids(sims, dim_item).collect()]
-    assert named == [("apple", 1, "pear", pytest.approx(0.9))]
+    assertDataFrameEqual(similar_to_string_ids(sims, dim_item),
+                         spark.createDataFrame([("apple", 1, "pear", 0.9)],
+                                               "item_id string, rank int, similar_item_id string, score float"))
     with pytest.raises(InputDataError, match="'user_id'"):
         to_string_ids(recs, dim_user.drop("user_id"), dim_item)
 

@@ -89,9 +89,10 @@ def evaluate_holdout(
     models
         Names from :data:`mf_spark.evaluate.models.MODELS`; the first is the *primary* model the gate reads.
     source
-        What was evaluated (e.g. the interactions' path, the run, the command, the git commit), kept as
-        the result's ``source`` and named at the top of ``report.md``; a report outside a run directory
-        says nothing of it otherwise.
+        What was evaluated (e.g. the interactions' path, the run, the command, the git commit; the
+        evaluate job passes :func:`mf_spark.publish.provenance`), kept as the result's ``source``; its
+        keys but versions, host, pid and start time are named at the top of ``report.md`` (a report
+        outside a run directory says nothing of what it evaluated otherwise).
     out_dir
         When given, ``metrics.json``, ``report.md`` and plots are written there, replacing the directory
         whole: one holding anything but an earlier report, or that cannot be created or written, is

@@ -81,12 +81,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Keys of a provenance record left to metrics.json: how it ran, not what was evaluated.
+_SOURCE_DETAILS = ("versions", "host", "pid", "started_at", "argv")
+
+
 def source_line(source: dict[str, Any]) -> str:
-    """One line of a :func:`mf_spark.publish.provenance` record: what was evaluated, by which command
-    and code (the versions, host and pid stay in metrics.json)."""
-    shown = [(k, source[k]) for k in ("interactions", "run_date", "git_commit") if source.get(k)]
+    """One line of an evaluation's ``source`` (e.g. a :func:`mf_spark.publish.provenance` record): what
+    was evaluated and by which command; the versions, host, pid and start time stay in metrics.json."""
+    first = [k for k in ("interactions", "run_date", "git_commit") if k in source]
+    rest = [k for k in source if k not in first and k not in _SOURCE_DETAILS]
+    shown = [(k, source[k]) for k in first + rest if source[k] not in (None, "")]
     if source.get("argv"):
-        shown.append(("command", " ".join(source["argv"])))
+        shown.append(("command", " ".join(map(str, source["argv"]))))
     return ", ".join(f"{k} `{v}`" for k, v in shown)
 
 

@@ -90,14 +90,24 @@ def read_pointer(root: str) -> dict[str, Any] | None:
     """The current pointer, or None when no map has been written yet."""
     path = local_root(root) / POINTER_FILE
     try:
-        with path.open() as f:
+        with path.open(encoding="utf-8") as f:
             pointer = json.load(f)
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as exc:  # os.replace never leaves a half-written pointer; a person did
-        raise InputDataError(f"id map pointer {path} is not valid JSON: {exc}") from None
-    if pointer.get("format") != POINTER_FORMAT:
-        raise InputDataError(f"id map pointer {path} has unknown format {pointer.get('format')!r}")
+    except (ValueError, RecursionError) as exc:  # os.replace never leaves a half-written pointer; a person did
+        raise InputDataError(f"id map pointer {path} is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(pointer, dict) or pointer.get("format") != POINTER_FORMAT:
+        found = pointer.get("format") if isinstance(pointer, dict) else type(pointer).__name__
+        raise InputDataError(f"id map pointer {path} has unknown format {found!r}")
+    for name, entry in (pointer.get("maps") or {}).items():
+        # Only "<map>/version=<run id>": pruning compared paths as written, so "dim_user/../dim_user/
+        # version=A" loaded fine and then had its current version deleted; "../" read maps elsewhere.
+        version = entry.get("path", "") if isinstance(entry, dict) else ""
+        prefix = f"{name}/version="
+        if (name not in DIMENSIONS or not version.startswith(prefix) or not _RUN_ID.match(version[len(prefix):])
+                or not isinstance(entry.get("size"), int)):
+            raise InputDataError(f"id map pointer {path}: entry {name!r} = {entry!r} is not "
+                                 f"{{\"path\": \"<map>/version=<run id>\", \"size\": <int>}}; {_RESTORE_HINT}")
     return pointer
 
 
@@ -290,8 +300,8 @@ def _prune_versions(root: Path, name: str, current: str, keep: int) -> None:
     versions = sorted(
         (p for p in (root / name).glob("version=*") if p.is_dir()), key=lambda p: p.stat().st_mtime
     )
-    current_path = root / current
-    stale = [p for p in versions if p != current_path][: max(0, len(versions) - keep)]
+    current_path = (root / current).resolve()
+    stale = [p for p in versions if p.resolve() != current_path][: max(0, len(versions) - keep)]
     for path in stale:
         log.info("deleting old id map version %s", path)
         shutil.rmtree(path, ignore_errors=True)

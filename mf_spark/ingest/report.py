@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -104,15 +102,10 @@ def format_report_table(report: dict[str, Any]) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write the report as JSON (temporary file + rename, so a reader never sees half a file)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the report as JSON, atomically (:func:`mf_spark.publish.write_json_atomic`: a reader never
+    sees half a file; the file gets the umask's mode like every other file of a run, where a private
+    ``mkstemp`` file was 0600)."""
+    from mf_spark.publish import write_json_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, report, sort_keys=False)
