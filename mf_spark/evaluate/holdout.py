@@ -132,24 +132,7 @@ def evaluate_holdout(
     models = list(models)
     # label this evaluation's Spark jobs; later jobs of the caller are not "evaluation"
     with _job_description(spark.sparkContext, "evaluation"):
-        input_counts = (
-            interactions.agg(
-                F.count(F.lit(1)).alias("interactions"),
-                F.count_distinct("user_idx").alias("users"),
-                F.count_distinct("item_idx").alias("items"),
-                F.count_distinct("user_idx", "item_idx").alias("pairs"),
-            )
-            .first()
-            .asDict()
-        )
-        if input_counts.pop("pairs") < input_counts["interactions"]:
-            # A pair in both parts is a seen item of its user, so its test row could never be a hit;
-            # and rows equal in the split's order made the split depend on partitioning.
-            raise InputDataError(
-                f"interactions: {input_counts['interactions']} rows hold fewer distinct (user_idx, item_idx) "
-                "pairs; the evaluation needs one row per pair, as the pipeline's interactions table has "
-                "(aggregate the rows first)"
-            )
+        input_counts = _count_input(interactions)
         the_split = make_split(
             interactions,
             split,
@@ -189,58 +172,12 @@ def evaluate_holdout(
         chosen: dict[str, TrainParams] = {}
         trials: dict[str, list[dict[str, Any]]] = {}
         if tune:
-            grid = dict(tuning_grid or DEFAULT_TUNING_GRID)
-            validations = validation_splits(
-                the_split,
-                tuning_validation_splits,
-                test_fraction=test_fraction,
-                holdout_users=holdout_users,
-                seed=seed,
+            validations = validation_splits(the_split, tuning_validation_splits, test_fraction=test_fraction,
+                                            holdout_users=holdout_users, seed=seed)
+            tuning_info, chosen, trials = _tune_models(
+                models, validations, base, dict(tuning_grid or DEFAULT_TUNING_GRID), metric=tuning_metric,
+                mode=tuning_mode, samples=tuning_samples, seed=seed,
             )
-            validation_cached = [
-                df.persist()
-                for validation in validations
-                for df in (validation.train, validation.test, validation.fold_in)
-                if df is not None
-            ]
-            tuning_info.update(
-                metric=tuning_metric,
-                mode=tuning_mode,
-                samples=tuning_samples if isinstance(tuning_samples, int) else dict(tuning_samples),
-                grid=grid,
-                validation_protocol=validations[0].protocol,
-                validation_splits=len(validations),
-                validation_counts=validations[0].counts(),
-            )
-            tuned_once: dict[str, Any] = {}
-            for model in models:
-                if model not in ALS_MODELS:
-                    continue
-                # both ImplicitALS solvers share one search (same objective); the CG winner is reused for
-                # Cholesky
-                family = "implicit" if model.startswith("implicit_als") else model
-                if family not in tuned_once:
-                    tuned_once[family] = tune_model(
-                        model,
-                        validations,
-                        base,
-                        grid,
-                        metric=tuning_metric,
-                        mode=tuning_mode,
-                        samples=_samples_for(model, tuning_samples),
-                        seed=seed,
-                    )
-                result = tuned_once[family]
-                chosen[model] = result.best
-                trials[model] = result.trials if result.model == model else []
-            # the budget each search spent (random, refine: min(samples, distinct sets of its space))
-            tuning_info["trials"] = {r.model: len(r.trials) for r in tuned_once.values()}
-            if isinstance(tuning_samples, int) and len(set(tuning_info["trials"].values())) > 1:
-                log.warning(
-                    "the tuning searches tried different numbers of parameter sets: %s", tuning_info["trials"]
-                )
-            for df in validation_cached:
-                df.unpersist()
 
         runs: dict[str, Any] = {}
         # each model against the primary one, user by user: is a gap more than which users were drawn?
@@ -317,6 +254,79 @@ def evaluate_holdout(
         if out_dir:
             write_report(result, out_dir)
         return result
+
+
+def _count_input(interactions: DataFrame) -> dict[str, int]:
+    """``interactions``, ``users`` and ``items`` of the input; raises InputDataError when a
+    (user_idx, item_idx) pair has more than one row."""
+    counts = (
+        interactions.agg(
+            F.count(F.lit(1)).alias("interactions"),
+            F.count_distinct("user_idx").alias("users"),
+            F.count_distinct("item_idx").alias("items"),
+            F.count_distinct("user_idx", "item_idx").alias("pairs"),
+        )
+        .first()
+        .asDict()
+    )
+    if counts.pop("pairs") < counts["interactions"]:
+        # A pair in both parts is a seen item of its user, so its test row could never be a hit;
+        # and rows equal in the split's order made the split depend on partitioning.
+        raise InputDataError(
+            f"interactions: {counts['interactions']} rows hold fewer distinct (user_idx, item_idx) "
+            "pairs; the evaluation needs one row per pair, as the pipeline's interactions table has "
+            "(aggregate the rows first)"
+        )
+    return counts
+
+
+def _tune_models(
+    models: Sequence[str],
+    validations: Sequence[Any],
+    base: TrainParams,
+    grid: dict[str, Sequence[Any]],
+    *,
+    metric: str,
+    mode: str,
+    samples: int | Mapping[str, int],
+    seed: int,
+) -> tuple[dict[str, Any], dict[str, TrainParams], dict[str, list[dict[str, Any]]]]:
+    """Search ``grid`` for each ALS model of ``models`` on the validation splits.
+
+    Returns the ``tuning`` record of the result, the chosen parameters per model and the trials per model
+    (both ImplicitALS solvers share one search: the same objective; the CG winner is reused for
+    Cholesky, whose trials list is then empty).
+    """
+    validation_cached = [
+        df.persist() for validation in validations
+        for df in (validation.train, validation.test, validation.fold_in) if df is not None
+    ]
+    tuning_info: dict[str, Any] = {
+        "enabled": True, "metric": metric, "mode": mode,
+        "samples": samples if isinstance(samples, int) else dict(samples), "grid": grid,
+        "validation_protocol": validations[0].protocol, "validation_splits": len(validations),
+        "validation_counts": validations[0].counts(),
+    }
+    chosen: dict[str, TrainParams] = {}
+    trials: dict[str, list[dict[str, Any]]] = {}
+    tuned_once: dict[str, Any] = {}
+    for model in models:
+        if model not in ALS_MODELS:
+            continue
+        family = "implicit" if model.startswith("implicit_als") else model
+        if family not in tuned_once:
+            tuned_once[family] = tune_model(model, validations, base, grid, metric=metric, mode=mode,
+                                            samples=_samples_for(model, samples), seed=seed)
+        result = tuned_once[family]
+        chosen[model] = result.best
+        trials[model] = result.trials if result.model == model else []
+    # the budget each search spent (random, refine: min(samples, distinct sets of its space))
+    tuning_info["trials"] = {r.model: len(r.trials) for r in tuned_once.values()}
+    if isinstance(samples, int) and len(set(tuning_info["trials"].values())) > 1:
+        log.warning("the tuning searches tried different numbers of parameter sets: %s", tuning_info["trials"])
+    for df in validation_cached:
+        df.unpersist()
+    return tuning_info, chosen, trials
 
 
 def holdout_settings_from(cfg: Mapping[str, Any], *, tune: bool = False) -> dict[str, Any]:
