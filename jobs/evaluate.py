@@ -11,8 +11,8 @@ Without --interactions it evaluates the interactions of the run published for --
 
 from __future__ import annotations
 
-import logging
 import argparse
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 

@@ -51,7 +51,7 @@ def check_paths(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> None:
     from mf_spark.pipeline import run_recommend_job
 
-    run_recommend_job(spark, cfg, args.job, break_stale_lock=args.break_stale_lock)
+    run_recommend_job(spark, cfg, args.job)
 
 
 if __name__ == "__main__":

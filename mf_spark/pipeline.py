@@ -692,6 +692,7 @@ class RecommendJob:
     #: ``output.root`` when ``run_dir`` lies inside it (the job then holds the root's lock), else None
     locked_root: str | None
     lock_date: dt.date
+    break_stale_lock: bool = False
 
 
 def _root_holding(cfg: dict[str, Any], run_dir: str) -> str | None:
@@ -734,20 +735,19 @@ def check_recommend_job(cfg: dict[str, Any], run_dir: str, *, date: dt.date | No
                        ("--run-dir", None if model_dir else run_dir)):
         require_local_path(path, f"recommend: {flag} {path} does not exist")
     job = RecommendJob(run_dir, model_dir, interactions_path, str(run_date or "not given"),
-                       _root_holding(cfg, run_dir), run_date or dt.date.today())
+                       _root_holding(cfg, run_dir), run_date or dt.date.today(), break_stale_lock)
     if job.locked_root:
         publish.RunLock(job.locked_root, job.lock_date, break_stale=break_stale_lock).check_free()
     return job
 
 
-def run_recommend_job(spark: SparkSession, cfg: dict[str, Any], job: RecommendJob, *,
-                      break_stale_lock: bool = False) -> dict[str, int]:
+def run_recommend_job(spark: SparkSession, cfg: dict[str, Any], job: RecommendJob) -> dict[str, int]:
     """Write ``recommendations`` and ``similar_items`` into ``job.run_dir`` (holding the root's lock when it
     lies in ``output.root``); returns their row counts (:func:`mf_spark.recommend.run_recommend_stage`)."""
     from mf_spark.recommend import run_recommend_stage
 
     log.info("recommend: run date %s, run directory %s", job.date_label, job.run_dir)
-    lock = (publish.RunLock(job.locked_root, job.lock_date, break_stale=break_stale_lock, purpose="recommend")
+    lock = (publish.RunLock(job.locked_root, job.lock_date, break_stale=job.break_stale_lock, purpose="recommend")
             if job.locked_root else nullcontext())
     with lock:
         return run_recommend_stage(

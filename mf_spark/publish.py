@@ -556,6 +556,12 @@ class RunDir:
     def path(self) -> str:
         return str(Path(self.root) / self.relative_path)
 
+    @property
+    def record(self) -> dict[str, str]:
+        """``run_date``, ``run_id`` and ``path`` (relative to the root): how manifests and latest.json name
+        the run."""
+        return {"run_date": self.run_date.isoformat(), "run_id": self.run_id, "path": self.relative_path}
+
     def sub(self, name: str) -> str:
         """Path of a table or file inside the run, e.g. ``run.sub("recommendations")``."""
         if not name or "/" in name or name in (".", ".."):
@@ -855,8 +861,7 @@ def write_failed_manifest(run: RunDir, manifest: dict[str, Any]) -> None:
     kept for inspection - the next run's cleanup leaves them, retention removes them once they are
     older than every kept published run.
     """
-    payload = {**manifest, "status": "failed", "failed_at": _iso(_utc_now()),
-               "run": {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}}
+    payload = {**manifest, "status": "failed", "failed_at": _iso(_utc_now()), "run": run.record}
     payload.setdefault("error", "unknown")
     write_manifest(run, payload)
     log.error("run %s failed, nothing published: %s", run.relative_path, payload["error"])
@@ -1040,8 +1045,8 @@ def check_output_root(root: str, source: str = "the config") -> Path:
 
 
 def _latest_entry(run: RunDir, published_at: str, **extra: Any) -> dict[str, Any]:
-    return {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path,
-            "manifest": f"{run.relative_path}/{MANIFEST_NAME}", "published_at": published_at, **extra}
+    return {**run.record, "manifest": f"{run.relative_path}/{MANIFEST_NAME}", "published_at": published_at,
+            **extra}
 
 
 def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = None) -> None:
@@ -1060,8 +1065,7 @@ def publish_run(run: RunDir, manifest: dict[str, Any], keep_runs: int | None = N
     files = fsync_tree(run.path)
     log.info("flushed %d files of %s to disk in %.2fs", files, run.relative_path, time.perf_counter() - started)
     published_at = _iso(_utc_now())
-    payload = {**manifest, "status": "published", "published_at": published_at,
-               "run": {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}}
+    payload = {**manifest, "status": "published", "published_at": published_at, "run": run.record}
     fault_point("before_manifest")
     write_manifest(run, payload)
     fault_point("before_published_marker")
@@ -1287,5 +1291,5 @@ def manifest_base(run: RunDir | None = None, **extra: Any) -> dict[str, Any]:
     """
     base: dict[str, Any] = {}
     if run is not None:
-        base["run"] = {"run_date": run.run_date.isoformat(), "run_id": run.run_id, "path": run.relative_path}
+        base["run"] = run.record
     return {**base, **provenance(**extra)}

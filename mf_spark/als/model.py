@@ -63,8 +63,9 @@ class ImplicitALSModel(Model, _ImplicitALSModelParams, MLWritable, MLReadable):
         saved with the model: MLlib's model keeps only its own few Params, so a saved model could not be
         traced to how it was trained. Empty for a model built by hand or saved without them.
     provenance : dict
-        Free-form record of where the model came from (``jobs/train.py`` puts the interactions' path,
-        the command and the git commit there), saved with the model.
+        Free-form record of where the model came from (``jobs/train.py`` puts the interactions' path and
+        :func:`mf_spark.publish.provenance` there: command line, git commit, versions, host), saved with
+        the model.
     trainingBroadcasts : list of Broadcast
         The broadcasts of the fit's last iterations (since its last checkpoint): the fixed side's Gramian
         and, below ``broadcastThreshold``, its factors. They are in the factor tables' lineage, which
