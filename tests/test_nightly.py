@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from mf_spark.config import load_config
 from mf_spark.evaluate.models import persistent_rdd_ids

@@ -585,7 +585,7 @@ def test_list_runs_shows_the_run_the_live_lock_holder_writes_as_running(tmp_path
     """It showed "partial", which the docs call a crashed run, removed by the next run."""
     root = str(tmp_path / "out")
     with RunLock(root, D1):
-        run = begin_run(root, D1)
+        begin_run(root, D1)
         assert [r["status"] for r in list_runs(root)] == ["running"]
     assert [r["status"] for r in list_runs(root)] == ["partial"]  # the holder is gone: a crash
 

@@ -10,14 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 
 from mf_spark import publish
-from mf_spark.errors import InputDataError, NoInteractionsLeftError, damaged_file_cause
+from mf_spark.errors import InputDataError, NoEventsError, NoInteractionsLeftError, damaged_file_cause
 from mf_spark.ingest.id_maps import update_id_maps
 from mf_spark.ingest.read import (
     PARTITION_FIELD,
+    EventWindow,
     event_window,
     partition_column,
     prune_to_window,
@@ -140,38 +141,18 @@ def run_ingest(
         The reject fraction exceeds ``settings.max_reject_fraction``; no ID map is written.
     """
     window = event_window(run_date, settings.lookback_days)
-    text_columns = [columns.get(field, field) for field in ("user_id", "item_id", "event_type")]
-    raw = read_raw(spark, input_path, input_format, reader_options, text_columns=text_columns)
-    pruned_by = partition_column(raw, columns.get(PARTITION_FIELD, PARTITION_FIELD))
-    if pruned_by:
-        raw = prune_to_window(raw, pruned_by, window)
-    value_required = any(rule.use_value for rule in settings.event_types.values())
-    canonical = to_canonical(raw, columns, input_path, value_required, reader_options)
+    canonical, pruned_by = _read_events(
+        spark, input_path, input_format, columns, reader_options, settings, window
+    )
 
     classified = canonical.transform(classify_rows(settings, window)).persist(StorageLevel.MEMORY_AND_DISK)
     caches: list[DataFrame] = [classified]
     outputs: list[DataFrame] = []  # released only on failure
     try:
-        try:  # the one pass over the raw files: later counts read the cached rows
-            by_reason = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
-        except Exception as exc:
-            cause = damaged_file_cause(exc)
-            if cause is None:
-                raise
-            # read_raw checked one file; Spark infers the schema from one footer too, so a damaged file
-            # or one whose column types differ from its siblings' fails here, behind a Py4J trace.
-            raise InputDataError(f"input.path = {input_path}: an event file cannot be read: {cause}. Every "
-                                 "file of the input must be readable and of one schema; nothing was written")
+        by_reason = _count_by_reason(classified, input_path)
         valid_rows = by_reason.pop(None, 0)
         rows_read = valid_rows + sum(by_reason.values())
-        in_window = rows_in_window(rows_read, by_reason)
-        if rows_read == 0 or in_window == 0:
-            from mf_spark.errors import NoEventsError
-
-            raise NoEventsError(
-                f"no events in the window {window.start} .. {window.end} in {input_path} "
-                f"({rows_read} rows read{', partitions pruned by ' + pruned_by if pruned_by else ''})"
-            )
+        _check_events_in_window(rows_read, by_reason, window, input_path, pruned_by)
 
         valid = classified.filter(F.col("reason").isNull())
         # Cached: the bot rule, the dedup count and the aggregation all read the distinct events.
@@ -184,14 +165,7 @@ def run_ingest(
         bot_rows = valid.join(bots, "user_id", "left_semi")
         if settings.max_events_per_user_day > 0:
             by_reason[BOT_USER] = bot_rows.count()
-        hint = ""
-        too_many = reject_fraction(rows_read, by_reason) > settings.max_reject_fraction
-        if too_many and by_reason.get("unknown_event_type"):
-            hint = unknown_event_type_hint(classified, settings)
-        if too_many and by_reason.get("invalid_encoding"):
-            hint = (f"{hint} " if hint else "") + (
-                "Ids or event types with bytes that are not UTF-8 (invalid_encoding): give the files' encoding as "
-                "input.options.encoding, e.g. \"ISO-8859-1\" or \"windows-1252\".")
+        hint = _reject_hint(classified, settings, rows_read, by_reason)
         fraction = check_reject_threshold(rows_read, by_reason, settings.max_reject_fraction, input_path, hint)
 
         events = unique_events.join(bots, "user_id", "left_anti").transform(
@@ -206,54 +180,23 @@ def run_ingest(
             pairs, settings.min_events_per_user, settings.min_events_per_item, settings.k_core
         )
         caches.append(kept)
-        kept_totals = kept.agg(
-            F.count(F.lit(1)).alias("pairs"),
-            F.sum("n_events").alias("events"),
-            F.countDistinct("user_id").alias("users"),
-            F.countDistinct("item_id").alias("items"),
-            # as text in the session's time zone (UTC in the jobs): a collected timestamp is converted to
-            # the driver process's local zone
-            F.date_format(F.max("last_ts"), "yyyy-MM-dd HH:mm:ss").alias("newest"),
-            F.count(F.when(F.isnan("strength") | (F.abs("strength") == F.lit(float("inf"))), 1)).alias("overflow"),
-        ).first()
-        accepted_events = int(kept_totals["events"] or 0)
-        if kept_totals["overflow"]:
-            # Each value is within float32's range, but weight * value or the sum over a pair's events is
-            # not: the strength column would hold inf and ALS would refuse it far from its cause.
-            raise InputDataError(
-                f"{kept_totals['overflow']} (user, item) pairs in {input_path} sum to a strength beyond float32's "
-                "range (weight * value summed over their events); cap the values with "
-                "ingest.event_types.<type>.value_cap. No ID map was written"
-            )
+        kept_totals = _kept_totals(kept)
+        _check_no_overflow(kept_totals, input_path)
 
         # The rejects table is materialised from the same cached rows as the counts, so a file landing
-        # in the input during the run cannot make it disagree with the report. Its per-reason counts are
-        # the report's, checked against the counts taken before.
-        parts = [_rejects(classified.filter(F.col("reason").isNotNull()), F.col("reason"))]
-        if settings.max_events_per_user_day > 0:
-            parts.append(_rejects(bot_rows, BOT_USER))
-        if kept is not pairs:
-            removed = pairs.join(kept.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
-            support = events.join(removed.select("user_id", "item_id"), ["user_id", "item_id"], "left_semi")
-            parts.append(_rejects(support, BELOW_MIN_SUPPORT))
-        rejects = functools.reduce(DataFrame.unionByName, parts).persist(StorageLevel.MEMORY_AND_DISK)
+        # in the input during the run cannot make it disagree with the report.
+        rejects = _rejects_table(classified, bot_rows, events, pairs, kept, settings).persist(
+            StorageLevel.MEMORY_AND_DISK
+        )
         outputs.append(rejects)
-        in_table = {row["reason"]: row["count"] for row in rejects.groupBy("reason").count().collect()}
-        for reason, n in by_reason.items():
-            if in_table.get(reason, 0) != n:
-                raise ConservationError(
-                    f"the rejects table holds {in_table.get(reason, 0)} rows with reason {reason}, "
-                    f"{n} were counted"
-                )
-
-        rejected_by_reason = ordered_reasons(in_table)
+        rejected_by_reason = _check_rejects_match(rejects, by_reason)
         report: dict[str, Any] = {
             "run_date": run_date.isoformat(),
             "window": [window.start.isoformat(), window.end.isoformat()],
             "input_path": input_path,
             "partition_pruned": bool(pruned_by),
             "rows_read": rows_read,
-            "accepted_events": accepted_events,
+            "accepted_events": int(kept_totals["events"] or 0),
             "deduplicated": deduplicated,
             "rejected": sum(rejected_by_reason.values()),
             "rejected_by_reason": rejected_by_reason,
@@ -263,12 +206,7 @@ def run_ingest(
             "interactions": int(kept_totals["pairs"]),
             "newest_event": kept_totals["newest"],
         }
-        if kept_totals["newest"] is not None and kept_totals["newest"][:10] < run_date.isoformat():
-            # A partition that never arrived looked like a quiet day: the window's older events still
-            # trained and published a model, with nothing in the log.
-            log.warning("no accepted event is dated %s, the run date: the newest is from %s. If events are "
-                        "expected every day, check that the input for %s has arrived", run_date,
-                        kept_totals["newest"], run_date)
+        _warn_if_run_date_has_no_event(kept_totals["newest"], run_date)
         check_conservation(report)
         if report["interactions"] == 0:
             raise NoInteractionsLeftError(
@@ -299,6 +237,131 @@ def run_ingest(
 
     log.info("ingest %s: %s", run_date, report)
     return IngestResult(interactions, rejects, maps.dim_user, maps.dim_item, report)
+
+
+def _read_events(
+    spark: SparkSession,
+    input_path: str,
+    input_format: str,
+    columns: dict[str, str],
+    reader_options: dict[str, str],
+    settings: IngestSettings,
+    window: EventWindow,
+) -> tuple[DataFrame, str | None]:
+    """The raw table in canonical columns, pruned to the window's partitions when it has a date column.
+
+    Returns the frame and the partition column it was pruned by (``None`` when not pruned).
+    """
+    text_columns = [columns.get(field, field) for field in ("user_id", "item_id", "event_type")]
+    raw = read_raw(spark, input_path, input_format, reader_options, text_columns=text_columns)
+    pruned_by = partition_column(raw, columns.get(PARTITION_FIELD, PARTITION_FIELD))
+    if pruned_by:
+        raw = prune_to_window(raw, pruned_by, window)
+    value_required = any(rule.use_value for rule in settings.event_types.values())
+    return to_canonical(raw, columns, input_path, value_required, reader_options), pruned_by
+
+
+def _count_by_reason(classified: DataFrame, input_path: str) -> dict[str | None, int]:
+    """Rows per reject reason (``None``: valid): the one pass over the raw files; later counts read the cache."""
+    try:
+        return {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
+    except Exception as exc:
+        cause = damaged_file_cause(exc)
+        if cause is None:
+            raise
+        # read_raw checked one file; Spark infers the schema from one footer too, so a damaged file
+        # or one whose column types differ from its siblings' fails here, behind a Py4J trace.
+        raise InputDataError(f"input.path = {input_path}: an event file cannot be read: {cause}. Every "
+                             "file of the input must be readable and of one schema; nothing was written")
+
+
+def _check_events_in_window(
+    rows_read: int, by_reason: dict[str | None, int], window: EventWindow, input_path: str, pruned_by: str | None
+) -> None:
+    if rows_read == 0 or rows_in_window(rows_read, by_reason) == 0:
+        raise NoEventsError(
+            f"no events in the window {window.start} .. {window.end} in {input_path} "
+            f"({rows_read} rows read{', partitions pruned by ' + pruned_by if pruned_by else ''})"
+        )
+
+
+def _reject_hint(
+    classified: DataFrame, settings: IngestSettings, rows_read: int, by_reason: dict[str | None, int]
+) -> str:
+    """What to change when the reject fraction is over the limit because of the input's form."""
+    if reject_fraction(rows_read, by_reason) <= settings.max_reject_fraction:
+        return ""
+    hints = []
+    if by_reason.get("unknown_event_type"):
+        hints.append(unknown_event_type_hint(classified, settings))
+    if by_reason.get("invalid_encoding"):
+        hints.append(
+            "Ids or event types with bytes that are not UTF-8 (invalid_encoding): give the files' encoding as "
+            "input.options.encoding, e.g. \"ISO-8859-1\" or \"windows-1252\".")
+    return " ".join(hint for hint in hints if hint)
+
+
+def _kept_totals(kept: DataFrame) -> Row:
+    """Pairs, events, users, items, the newest event and the count of overflowed strengths of the kept pairs."""
+    return kept.agg(
+        F.count(F.lit(1)).alias("pairs"),
+        F.sum("n_events").alias("events"),
+        F.countDistinct("user_id").alias("users"),
+        F.countDistinct("item_id").alias("items"),
+        # as text in the session's time zone (UTC in the jobs): a collected timestamp is converted to
+        # the driver process's local zone
+        F.date_format(F.max("last_ts"), "yyyy-MM-dd HH:mm:ss").alias("newest"),
+        F.count(F.when(F.isnan("strength") | (F.abs("strength") == F.lit(float("inf"))), 1)).alias("overflow"),
+    ).first()
+
+
+def _check_no_overflow(kept_totals: Row, input_path: str) -> None:
+    if kept_totals["overflow"]:
+        # Each value is within float32's range, but weight * value or the sum over a pair's events is
+        # not: the strength column would hold inf and ALS would refuse it far from its cause.
+        raise InputDataError(
+            f"{kept_totals['overflow']} (user, item) pairs in {input_path} sum to a strength beyond float32's "
+            "range (weight * value summed over their events); cap the values with "
+            "ingest.event_types.<type>.value_cap. No ID map was written"
+        )
+
+
+def _rejects_table(
+    classified: DataFrame,
+    bot_rows: DataFrame,
+    events: DataFrame,
+    pairs: DataFrame,
+    kept: DataFrame,
+    settings: IngestSettings,
+) -> DataFrame:
+    """Every rejected raw row with its reason: rule failures, bot users' rows, and below-support pairs' events."""
+    parts = [_rejects(classified.filter(F.col("reason").isNotNull()), F.col("reason"))]
+    if settings.max_events_per_user_day > 0:
+        parts.append(_rejects(bot_rows, BOT_USER))
+    if kept is not pairs:
+        removed = pairs.join(kept.select("user_id", "item_id"), ["user_id", "item_id"], "left_anti")
+        support = events.join(removed.select("user_id", "item_id"), ["user_id", "item_id"], "left_semi")
+        parts.append(_rejects(support, BELOW_MIN_SUPPORT))
+    return functools.reduce(DataFrame.unionByName, parts)
+
+
+def _check_rejects_match(rejects: DataFrame, by_reason: dict[str | None, int]) -> dict[str, int]:
+    """The rejects table's rows per reason, in report order, after checking them against the counts taken before."""
+    in_table = {row["reason"]: row["count"] for row in rejects.groupBy("reason").count().collect()}
+    for reason, n in by_reason.items():
+        if in_table.get(reason, 0) != n:
+            raise ConservationError(
+                f"the rejects table holds {in_table.get(reason, 0)} rows with reason {reason}, {n} were counted"
+            )
+    return ordered_reasons(in_table)
+
+
+def _warn_if_run_date_has_no_event(newest: str | None, run_date: dt.date) -> None:
+    if newest is not None and newest[:10] < run_date.isoformat():
+        # A partition that never arrived looked like a quiet day: the window's older events still
+        # trained and published a model, with nothing in the log.
+        log.warning("no accepted event is dated %s, the run date: the newest is from %s. If events are "
+                    "expected every day, check that the input for %s has arrived", run_date, newest, run_date)
 
 
 def ingest_job_output_dir(root: str, run_date: dt.date) -> str:
