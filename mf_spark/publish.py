@@ -1242,16 +1242,28 @@ def redact_settings(value: Any) -> Any:
 
 
 def redact_argv(argv: list[str]) -> list[str]:
-    """A command line with the values of credential-like ``key=value`` arguments (``--set``, ``--conf``)
-    replaced by ``<redacted>``."""
+    """A command line with credential-like values replaced by ``<redacted>``.
+
+    Covers ``key=value`` arguments whose key names a credential (``--set``, ``--conf``, ``--set=k=v``) and
+    options so named (``--password=value``, ``--access-key value``): no job has such an option today, but a
+    wrapper may pass one, and the command line goes into manifests and the lock.
+    """
     def redacted(arg: str) -> str:
-        option, _, setting = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        option, has_value, setting = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        if option and has_value and _SECRET_NAME.search(option):
+            return f"{option}={REDACTED}"
         key, equals, _ = setting.partition("=")  # --set=key=value as well as key=value
         if equals and _SECRET_NAME.search(key):
             return f"{option}{'=' if option else ''}{key}={REDACTED}"
         return arg
 
-    return [redacted(arg) for arg in argv]
+    out = [redacted(arg) for arg in argv]
+    for i in range(1, len(out)):
+        previous = argv[i - 1]
+        if previous.startswith("--") and "=" not in previous and _SECRET_NAME.search(previous) \
+                and not argv[i].startswith("-"):
+            out[i] = REDACTED  # --password value
+    return out
 
 
 def provenance(**extra: Any) -> dict[str, Any]:

@@ -1015,3 +1015,10 @@ def test_credentials_stay_out_of_the_lock_and_the_provenance(tmp_path, monkeypat
                                     "input": {"options": {"password": "p", "header": "true"}}}) == {
         "spark": {"hadoop.fs.s3a.secret.key": "<redacted>", "sql.shuffle.partitions": 2},
         "input": {"options": {"password": "<redacted>", "header": "true"}}}
+
+
+def test_credential_named_options_are_redacted_in_both_forms():
+    """--password=value and --password value were recorded verbatim (only key=value settings were covered)."""
+    argv = ["job.py", "--password=hunter2", "--access-key", "AKIA", "--date", "2011-12-09", "--token"]
+    assert publish.redact_argv(argv) == ["job.py", "--password=<redacted>", "--access-key", "<redacted>",
+                                         "--date", "2011-12-09", "--token"]
