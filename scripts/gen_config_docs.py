@@ -27,8 +27,10 @@ overrides (the value is parsed as TOML: `--set train.rank=64`, `--set evaluate.k
 range, or a missing required key stops the job before Spark starts, with exit code 2 and a message naming
 the key and the file (or the `--set` that set it). So do an empty string where the default is not empty
 (a column name, a metric), an integer outside the 64-bit range, NaN or infinity, and a `[spark]` key
-written with its `spark.` prefix (Spark would ignore `spark.spark.sql...`). Relative paths (`input.path`, `output.root`, filter tables) are resolved against
-the directory the job starts in.
+written with its `spark.` prefix (Spark would ignore `spark.spark.sql...`). Relative paths (`input.path`,
+`output.root`, filter tables) are resolved against the directory the job starts in, and a leading `~` is
+the home directory. Environment variables (`$HOME`, `${DATA}`) are not expanded in the file: let the shell
+expand them in an override, `--set "output.root=$DATA/mf-spark"`.
 """
 
 
