@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +419,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
                           "URL: publishing swaps files with rename(2) (docs/operations.md, Storage)")
     for section, key in (("input", "path"), ("output", "root"), ("recommend", "item_filter_path"), ("recommend", "allow_list_path")):
         value = cfg[section][key]
+        variable = _ENV_VARIABLE.search(value)
+        if variable:
+            # Not expanded: "$HOME/out" would quietly become a directory named "$HOME" in the working directory.
+            raise ConfigError(f"{origin(f'{section}.{key}')}: key '{section}.{key}' = {value!r}: environment variables "
+                              f"({variable.group(0)}) are not expanded in the config; let the shell expand it in an "
+                              f"override: --set \"{section}.{key}=...\"")
         if value and "://" not in value:
             try:
                 cfg[section][key] = str(Path(value).expanduser().resolve())
@@ -436,6 +443,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
     cfg["_source"] = source
     cfg["_set"] = overridden
     return cfg
+
+
+_ENV_VARIABLE = re.compile(r"\$(\{[A-Za-z_]\w*\}|[A-Za-z_]\w*)")
 
 
 def key_source(cfg: dict[str, Any], dotted: str) -> str:

@@ -211,6 +211,17 @@ def test_paths_that_cannot_be_paths_are_config_errors(tmp_path):
         check_output_root(long_root)
 
 
+def test_environment_variables_in_paths_are_refused_not_taken_literally(tmp_path):
+    """output.root = "$HOME/out" made a directory named "$HOME" in the working directory."""
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError, match=r"^--set 'output\.root=\$HOME/out': key 'output\.root' = '\$HOME/out': "
+                                          r"environment variables \(\$HOME\) are not expanded"):
+        load_config(path, ["output.root=$HOME/out"])
+    assert load_config(path, ["output.root=/tmp/price$/out"])["output"]["root"] == "/tmp/price$/out"
+    with pytest.raises(ConfigError, match=r"job\.toml: key 'input\.path' = .*\(\$\{DATA\}\) are not expanded"):
+        load_config(write(tmp_path, MINIMAL.replace("data/sample/events", "${DATA}/events")))
+
+
 def test_spark_tables_are_flattened(tmp_path):
     cfg = load_config(write(tmp_path, MINIMAL + "[spark]\nsql.shuffle.partitions = 3\n\"ui.enabled\" = false\n"))
     props = spark_properties(cfg)
