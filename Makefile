@@ -28,4 +28,4 @@ zip:
 	./spark-submit.sh --zip-only
 
 clean:
-	rm -rf dist output .pytest_cache
+	rm -rf dist output .pytest_cache build

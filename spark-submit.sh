@@ -18,7 +18,13 @@
 #   - exits with the job's exit code (see mf_spark/errors.py).
 set -euo pipefail
 
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# Resolved through links: called via a link in ~/bin, the link's own directory has no mf_spark/ to zip
+# and no conf/, and the job would run without the project's code on the executors.
+REPO_DIR="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)"
+if [[ ! -f "$REPO_DIR/mf_spark/__init__.py" ]]; then
+    echo "spark-submit.sh: no mf_spark/ package next to this script in $REPO_DIR; run the script of an mf-spark checkout" >&2
+    exit 2
+fi
 
 # usage [CODE]: asked-for help (-h, --help: CODE 0) is the whole header comment on stdout, for
 # "| less"; a usage error (CODE 2) is only the usage lines, on stderr.
@@ -125,8 +131,10 @@ dist = repo / "dist"
 dist.mkdir(exist_ok=True)
 buffer = io.BytesIO()
 with zipfile.ZipFile(buffer, "w") as zf:
-    entries = [(p.relative_to(repo).as_posix(), p.read_bytes()) for p in sorted((repo / "mf_spark").rglob("*"))
-               if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo")]
+    # Python sources only: the package opens no data files, and derby.log, spark-warehouse/ or an
+    # editor's backup that a run left in the tree (ignored by git, so not marked -dirty) stay out.
+    entries = [(p.relative_to(repo).as_posix(), p.read_bytes()) for p in sorted((repo / "mf_spark").rglob("*.py"))
+               if p.is_file() and "__pycache__" not in p.parts]
     entries.append(("mf_spark/_build_info.json", (json.dumps({"git_commit": commit}) + "\n").encode()))
     for name, data in entries:
         info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))

@@ -1191,8 +1191,9 @@ def git_commit() -> str:
     """The commit the code came from.
 
     ``spark-submit.sh`` stamps it into the shipped zip as ``mf_spark/_build_info.json`` (the driver
-    may run far from the checkout, e.g. YARN cluster mode); otherwise ``git rev-parse HEAD`` in the
-    package's checkout; otherwise ``"unknown"``.
+    may run far from the checkout, e.g. YARN cluster mode); otherwise ``git rev-parse HEAD`` of the
+    checkout the package is the top-level ``mf_spark/`` of, with ``-dirty`` when that directory has
+    uncommitted changes; otherwise (an installed package) ``"unknown"``.
     """
     import pkgutil
 
@@ -1208,10 +1209,17 @@ def git_commit() -> str:
     package_dir = Path(__file__).resolve().parent
     if package_dir.is_dir():
         try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package_dir, capture_output=True,
-                                 text=True, timeout=10, check=True)
-            return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
+            out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_dir,
+                                 capture_output=True, text=True, timeout=10, check=True)
+            toplevel, commit = out.stdout.split()
+            # Installed (not editable) into a venv inside some other repository, git would answer with
+            # that repository's commit: only the checkout the package sits at the top of counts.
+            if Path(toplevel).resolve() == package_dir.parent:
+                status = subprocess.run(["git", "status", "--porcelain", "--", package_dir.name],
+                                        cwd=package_dir.parent, capture_output=True, text=True, timeout=10)
+                # as spark-submit.sh stamps its zip: uncommitted changes to the package are not the commit
+                return f"{commit}-dirty" if status.stdout.strip() else commit
+        except (OSError, ValueError, subprocess.SubprocessError):
             pass
     return "unknown"
 
@@ -1280,7 +1288,7 @@ def provenance(**extra: Any) -> dict[str, Any]:
             "pyspark": _package_version("pyspark"),
             "python": platform.python_version(),
             "mf_spark": getattr(mf_spark, "__version__", "unknown"),
-            **{name: _package_version(name) for name in ("numpy", "pandas", "pyarrow", "scipy")},
+            **{name: _package_version(name) for name in ("numpy", "pandas", "pyarrow")},
         },
         "git_commit": git_commit(),
         "host": socket.gethostname(),

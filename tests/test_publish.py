@@ -628,7 +628,32 @@ def test_manifest_base_names_run_versions_commit_and_host(tmp_path):
     assert base["stage"] == "x"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True)
     expected = head.stdout.strip() if head.returncode == 0 else "unknown"
-    assert base["git_commit"] == expected
+    assert base["git_commit"] in (expected, f"{expected}-dirty")
+
+
+def _git_repo(path: Path) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", path.name], check=True)
+    return subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_git_commit_is_the_checkouts_own_not_an_enclosing_repositorys(tmp_path, monkeypatch):
+    """Installed (not editable) into a venv inside an application's repository, the manifests recorded
+    the application's commit as mf-spark's."""
+    host_commit = _git_repo(tmp_path / "app")
+    installed = tmp_path / "app" / ".venv" / "lib" / "site-packages" / "mf_spark"
+    installed.mkdir(parents=True)
+    monkeypatch.setattr(publish, "__file__", str(installed / "publish.py"))
+    assert publish.git_commit() == "unknown"
+
+    checkout_commit = _git_repo(tmp_path / "checkout")
+    (tmp_path / "checkout" / "mf_spark").mkdir()
+    monkeypatch.setattr(publish, "__file__", str(tmp_path / "checkout" / "mf_spark" / "publish.py"))
+    assert publish.git_commit() == checkout_commit != host_commit
+    (tmp_path / "checkout" / "mf_spark" / "new.py").write_text("X = 1\n")
+    assert publish.git_commit() == f"{checkout_commit}-dirty"  # as spark-submit.sh stamps its zip
 
 
 # --------------------------------------------------------------------------------------------------

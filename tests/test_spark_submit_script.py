@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -90,3 +91,30 @@ def test_version_is_passed_to_spark_submit_without_a_job(scratch_repo, args):
     assert done.returncode == 0, done.stderr
     assert (scratch_repo.parent / "bin" / "spark-submit.called").read_text() == "--version\n"
     assert not (scratch_repo / "dist").exists()  # no zip needed to show a version
+
+
+def test_called_through_a_link_it_zips_the_checkout_it_links_to(scratch_repo, tmp_path):
+    """Through a link in another directory it zipped <link dir>/mf_spark (absent: a zip with no code) and
+    pointed SPARK_CONF_DIR at <link dir>/conf, exit 0 and no word."""
+    (scratch_repo / "mf_spark" / "core.py").write_text("X = 1\n")
+    (scratch_repo / "mf_spark" / "derby.log").write_text("left by a run\n")
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "mf-spark-submit").symlink_to(scratch_repo / "spark-submit.sh")
+    env = base_env()
+    env["PATH"] = f"{scratch_repo.parent / 'bin'}:{env['PATH']}"
+    done = subprocess.run([str(links / "mf-spark-submit"), "--zip-only"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(scratch_repo / "dist" / "mf_spark.zip")
+    with zipfile.ZipFile(scratch_repo / "dist" / "mf_spark.zip") as zf:
+        assert sorted(zf.namelist()) == ["mf_spark/__init__.py", "mf_spark/_build_info.json", "mf_spark/core.py"]
+    assert not (links / "dist").exists()
+
+
+def test_a_copy_without_mf_spark_beside_it_refuses(scratch_repo):
+    shutil.rmtree(scratch_repo / "mf_spark")
+    done = run_script(scratch_repo, "--zip-only")
+    assert done.returncode == 2
+    assert "no mf_spark/ package next to this script" in done.stderr
+    assert not (scratch_repo / "dist").exists()
