@@ -482,7 +482,6 @@ def build_rating_blocks(
     ConfigError
         A block's ratings exceed :data:`MAX_IN_BLOCK_BYTES`; the message names the block count to set.
     """
-    names = column_names
     max_chunk_ratings, max_batch_bytes = MAX_CHUNK_RATINGS, MAX_BATCH_BYTES  # read here: executors see no patch
     sc = ratings.sparkSession.sparkContext
     user_partitions = num_task_partitions(sc, num_user_blocks)
@@ -518,17 +517,7 @@ def build_rating_blocks(
         raise _block_too_large(side, block, nnz, size, num_user_blocks if side == USER_SIDE else num_item_blocks,
                                max_in_block_bytes) from None
     chunks.unpersist()
-    stats = np.sum([v for k, v in summaries if k == _STATS] or [[0, 0, 0, 0]], axis=0)
-    problems = []
-    for name, count in zip(names[:2], stats[1:3]):
-        if count:
-            problems.append(f"{count} values of '{name}' are null, fractional or outside the Int range")
-    if stats[3]:
-        problems.append(f"{stats[3]} values of '{names[2]}' are null, NaN, infinite or beyond float32's range")
-    overflowing_sums = sum(v[2] for k, v in summaries if k == USER_SIDE)
-    if overflowing_sums:
-        problems.append(f"{overflowing_sums} ('{names[0]}', '{names[1]}') pairs have duplicate rows whose "
-                        f"'{names[2]}' values sum beyond float32's range")
+    problems = _rating_problems(summaries, column_names)
     if problems:
         user_in.unpersist()
         item_in.unpersist()
@@ -542,8 +531,8 @@ def build_rating_blocks(
         user_in.unpersist()
         item_in.unpersist()
         raise InputDataError(
-            f"ImplicitALS: no ratings to train on (the input with columns '{names[0]}', '{names[1]}', "
-            f"'{names[2]}' is empty)"
+            "ImplicitALS: no ratings to train on (the input with columns "
+            + ", ".join(f"'{name}'" for name in column_names) + " is empty)"
         )
     return RatingBlocks(
         user_in, item_in, num_user_blocks, num_item_blocks, user_partitions, item_partitions,
@@ -552,3 +541,23 @@ def build_rating_blocks(
         max_users_per_item_block=int(max(v[3] for v in item_sizes)),
         max_items_per_user_block=int(max(v[3] for v in user_sizes)),
     )
+
+
+def _rating_problems(summaries: list[tuple[int, Any]], names: tuple[str, str, str]) -> list[str]:
+    """What is wrong with the input's values, from the encode pass's counts and the user blocks' overflows.
+
+    ``summaries`` holds ``(_STATS, [rows, bad users, bad items, bad ratings])`` per input partition and
+    ``(USER_SIDE, (entities, nnz, overflowing sums, sources))`` per user block.
+    """
+    stats = np.sum([v for k, v in summaries if k == _STATS] or [[0, 0, 0, 0]], axis=0)
+    problems = []
+    for name, count in zip(names[:2], stats[1:3]):
+        if count:
+            problems.append(f"{count} values of '{name}' are null, fractional or outside the Int range")
+    if stats[3]:
+        problems.append(f"{stats[3]} values of '{names[2]}' are null, NaN, infinite or beyond float32's range")
+    overflowing_sums = sum(v[2] for k, v in summaries if k == USER_SIDE)
+    if overflowing_sums:
+        problems.append(f"{overflowing_sums} ('{names[0]}', '{names[1]}') pairs have duplicate rows whose "
+                        f"'{names[2]}' values sum beyond float32's range")
+    return problems
