@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,9 @@ def test_standalone_chain_ingest_train_recommend_evaluate(tmp_path):
         if name == "recommend":
             assert f"took the lock {root / '_LOCK'}" in out and f"released the lock {root / '_LOCK'}" in out
         if name == "train":  # the saved model says how and from what it was trained
+            assert re.search(rf"model saved to {re.escape(str(model))}: \d+ iterations in [\d.]+ s, final loss ", out)
+            assert len(re.findall(r"ALS iteration \d+/\d+ loss=", out)) == int(
+                re.search(r"(\d+) iterations in", out).group(1))
             metadata = json.loads(next((model / "metadata").glob("part-*")).read_text())
             assert metadata["provenance"]["interactions"] == str(interactions)
             assert "jobs/train.py" in metadata["provenance"]["argv"][0] and metadata["provenance"]["git_commit"]
