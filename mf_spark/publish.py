@@ -947,8 +947,8 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
     # is the right baseline; the recorded one then belongs to an older history.
     if same_date and not (candidates and candidates[-1].run_id > same_date[-1].run_id):
         first = _read_manifest(root, same_date[-1].relative_path) or {}
-        if BASELINE_KEY in first:
-            baseline_id = first[BASELINE_KEY]
+        if BASELINE_KEY in first or _warm_start_of(first):
+            baseline_id = first[BASELINE_KEY] if BASELINE_KEY in first else _warm_start_of(first)
             if baseline_id is None:
                 return None
             recorded = [r for r in runs
@@ -961,6 +961,15 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
                         "will differ from that run's (a larger publish.keep_runs keeps older dates "
                         "reproducible)", baseline_id, same_date[-1].relative_path, instead)
     return _read_manifest(root, candidates[-1].relative_path) if candidates else None
+
+
+def _warm_start_of(manifest: dict[str, Any]) -> str | None:
+    """The run a manifest's model was warm-started from: the only record of the baseline in manifests
+    written before ``baseline_run`` was (mf-spark before 2026-11-29), so a rerun after upgrading keeps it
+    too, or says that retention removed it."""
+    train = manifest.get("train")
+    warm_start = train.get("warm_start_from") if isinstance(train, dict) else None
+    return warm_start if isinstance(warm_start, str) else None
 
 
 def _latest_names(run: RunDir) -> bool:

@@ -206,6 +206,23 @@ def test_a_rerun_whose_baseline_retention_removed_says_what_it_starts_from(tmp_p
             "published run before 2011-12-07 is left: a cold start, so this rerun's tables will differ") in caplog.text
 
 
+def test_a_rerun_of_a_date_run_before_upgrading_keeps_its_warm_start_as_baseline(tmp_path, caplog):
+    """Manifests written before baseline_run was recorded name the baseline only as train.warm_start_from:
+    a rerun of such a date after a rollback took the rolled-back run, and once retention had removed the
+    baseline it went cold without the warning."""
+    good = published(tmp_path, D1, "good")
+    published(tmp_path, D2, "bad")
+    rollback(str(tmp_path), D1.isoformat())
+    first = begin_run(str(tmp_path), D3)
+    fake_tables(first)
+    publish_run(first, {"marker": "d3", "train": {"warm_start_from": good.run_id}})  # the old shape
+    assert previous_published(str(tmp_path), before=D3)["marker"] == "good"
+    shutil.rmtree(good.path)
+    with caplog.at_level("WARNING", logger="mf_spark.publish"):
+        assert previous_published(str(tmp_path), before=D3)["marker"] == "bad"
+    assert f"the baseline {good.run_id} of the published run {first.relative_path} is gone (retention)" in caplog.text
+
+
 def test_publishing_an_older_date_does_not_move_latest_back(tmp_path):
     later = published(tmp_path, D3)
     older = published(tmp_path, D1)
