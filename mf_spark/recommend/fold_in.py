@@ -119,20 +119,7 @@ def fold_in_factors(
     if n_src_total == 0:
         return spark.createDataFrame([], FACTOR_SCHEMA)
 
-    ratings = interactions.select(
-        F.col(dst_col).cast("int").alias("dst"), F.col(src_col).cast("int").alias("src"),
-        F.col(rating_col).cast("double").alias("rating"),
-    ).where(F.col("dst").isNotNull() & F.col("src").isNotNull() & F.col("rating").isNotNull())
-    if dst_ids is not None:
-        if "id" not in dst_ids.columns:
-            raise InputDataError(
-                f"fold-in: dst_ids has no column 'id' (columns: {', '.join(dst_ids.columns)})"
-            )
-        wanted = dst_ids.select(F.col("id").cast("int").alias("dst")).distinct()
-        ratings = ratings.join(wanted, "dst", "left_semi")
-    # In value order, as training sums duplicates: a plain Spark sum adds in arrival order, so the same
-    # rows partitioned differently gave another strength and another folded factor.
-    ratings = ratings.groupBy("dst", "src").agg(ordered_sum("rating").cast("float").alias("rating"))
+    ratings = _summed_ratings(interactions, src_col, dst_col, rating_col, dst_ids)
     with_factors = ratings.join(fixed.withColumnRenamed("id", "src"), "src")
     # Training refuses such values; here a NaN or infinite strength (or duplicates summing beyond float32)
     # gave the entity an all-NaN factor, and so silently no recommendations. Counted in the same job.
@@ -151,28 +138,8 @@ def fold_in_factors(
     num_blocks = max(1, math.ceil(n_dst / block_size))
     logger.info("fold-in: %d entities in %d blocks against %d fixed factors", n_dst, num_blocks, n_src_total)
 
-    def solve_fold_in_block(table: pa.Table) -> pa.Table:
-        dst = table.column("dst").to_numpy()
-        src = table.column("src").to_numpy()
-        rating = table.column("rating").to_numpy().astype(np.float32)
-        # One factor row per distinct src of the block, in src id order.
-        by_src = np.argsort(src, kind="stable")
-        src_unique, first = np.unique(src[by_src], return_index=True)
-        src_rows = pa.table({"id": table.column("src"), "features": table.column("features")})
-        _, local_factors = factors_from_arrow(src_rows.take(pa.array(by_src[first])))
-        order = np.lexsort((src, dst))
-        dst, src, rating = dst[order], src[order], rating[order]
-        dst_unique, counts = np.unique(dst, return_counts=True)
-        indptr = np.zeros(dst_unique.shape[0] + 1, np.int64)
-        np.cumsum(counts, out=indptr[1:])
-        indices = np.searchsorted(src_unique, src).astype(np.int32)
-        solved = solve_block(indptr, indices, rating, local_factors, fixed_gramian, n_src_total, exact)
-        rank = solved.shape[1]
-        features = pa.ListArray.from_arrays(
-            pa.array(np.arange(0, (dst_unique.shape[0] + 1) * rank, rank, dtype=np.int32)),
-            pa.array(solved.ravel(), pa.float32()),
-        )
-        return pa.table({"id": pa.array(dst_unique.astype(np.int32)), "features": features})
+    def solve_fold_in_block(table: pa.Table) -> pa.Table:  # typed: applyInArrow reads the hints
+        return _solve_fold_in_block(table, fixed_gramian=fixed_gramian, n_src_total=n_src_total, params=exact)
 
     return (
         with_factors.withColumn("block", F.pmod(F.col("dst"), F.lit(num_blocks)))
@@ -180,6 +147,56 @@ def fold_in_factors(
         .groupBy("block")
         .applyInArrow(solve_fold_in_block, FACTOR_SCHEMA)
     )
+
+
+def _summed_ratings(
+    interactions: DataFrame, src_col: str, dst_col: str, rating_col: str, dst_ids: DataFrame | None
+) -> DataFrame:
+    """``dst, src, rating`` (float): one row per pair with a non-null rating, duplicates summed as training
+    sums them, restricted to ``dst_ids`` when given."""
+    ratings = interactions.select(
+        F.col(dst_col).cast("int").alias("dst"), F.col(src_col).cast("int").alias("src"),
+        F.col(rating_col).cast("double").alias("rating"),
+    ).where(F.col("dst").isNotNull() & F.col("src").isNotNull() & F.col("rating").isNotNull())
+    if dst_ids is not None:
+        if "id" not in dst_ids.columns:
+            raise InputDataError(
+                f"fold-in: dst_ids has no column 'id' (columns: {', '.join(dst_ids.columns)})"
+            )
+        wanted = dst_ids.select(F.col("id").cast("int").alias("dst")).distinct()
+        ratings = ratings.join(wanted, "dst", "left_semi")
+    # In value order, as training sums duplicates: a plain Spark sum adds in arrival order, so the same
+    # rows partitioned differently gave another strength and another folded factor.
+    return ratings.groupBy("dst", "src").agg(ordered_sum("rating").cast("float").alias("rating"))
+
+
+def _solve_fold_in_block(
+    table: pa.Table, *, fixed_gramian: np.ndarray, n_src_total: int, params: SolveParams
+) -> pa.Table:
+    """Solve one block's entities: ``table`` holds ``dst, src, rating, features`` (one row per pair, the
+    src's fixed factor beside it); returns ``id, features`` per distinct dst, shapes as in training's
+    :func:`~mf_spark.als.solve.solve_block` (``fixed_gramian`` rank x rank)."""
+    dst = table.column("dst").to_numpy()
+    src = table.column("src").to_numpy()
+    rating = table.column("rating").to_numpy().astype(np.float32)
+    # One factor row per distinct src of the block, in src id order.
+    by_src = np.argsort(src, kind="stable")
+    src_unique, first = np.unique(src[by_src], return_index=True)
+    src_rows = pa.table({"id": table.column("src"), "features": table.column("features")})
+    _, local_factors = factors_from_arrow(src_rows.take(pa.array(by_src[first])))
+    order = np.lexsort((src, dst))
+    dst, src, rating = dst[order], src[order], rating[order]
+    dst_unique, counts = np.unique(dst, return_counts=True)
+    indptr = np.zeros(dst_unique.shape[0] + 1, np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.searchsorted(src_unique, src).astype(np.int32)
+    solved = solve_block(indptr, indices, rating, local_factors, fixed_gramian, n_src_total, params)
+    rank = solved.shape[1]
+    features = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, (dst_unique.shape[0] + 1) * rank, rank, dtype=np.int32)),
+        pa.array(solved.ravel(), pa.float32()),
+    )
+    return pa.table({"id": pa.array(dst_unique.astype(np.int32)), "features": features})
 
 
 def fold_in_new_users(
