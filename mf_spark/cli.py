@@ -153,26 +153,9 @@ def run_job(
         add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    try:
-        if validate_args:
-            validate_args(args, cfg)
-    except UsageError as exc:
-        parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except ConfigError as exc:
-        # Checks across keys (gate metric vs ks, models) know the key, not the file it came from.
-        where = "" if args.config in str(exc) else f"{config_source(cfg, args.overrides, str(exc))}: "
-        print(f"config error: {where}{exc}", file=sys.stderr)
-        return exc.exit_code
-    except PipelineError as exc:  # e.g. an input path given on the command line that does not exist
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+    cfg = _checked_config(parser, args, validate_args)
+    if isinstance(cfg, int):
+        return cfg
     from mf_spark.session import build_session, stop_session  # late: config errors never wait for pyspark
 
     warn_about_driver_settings(cfg)
@@ -196,40 +179,82 @@ def run_job(
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        # Ctrl-C: the run's failed manifest and the lock release are already done on the way out.
-        published = getattr(exc, "published_run", None)
-        note = getattr(exc, "backfill_note", None)
-        if published:
-            print(f"error: interrupted after {published} was published (retention may not have run; the next "
-                  "nightly does it)", file=sys.stderr)
-        elif not note:
-            print("error: interrupted; nothing was published", file=sys.stderr)
-        if note:
-            print(f"error: {note}", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+        return _interrupted(exc)
     except BaseException as exc:
-        # SIGTERM (SystemExit 143) or an unexpected error: say what was published before it, if anything,
-        # so nobody rolls back or reruns a good publication; the exit code and traceback stay as they are.
-        published = getattr(exc, "published_run", None)
-        if published:
-            print(f"error: {type(exc).__name__} after {published} was published: consumers read it, no rerun "
-                  "is needed", file=sys.stderr)
-        if getattr(exc, "backfill_note", None):
-            print(f"error: {exc.backfill_note}", file=sys.stderr)  # type: ignore[attr-defined]
-        if isinstance(exc, Exception) and out_of_space(exc) and not published:
-            # A full disk is the machine's state, not a bug: no traceback, and its own exit code
-            message = f"no space left on device ({failing_file_or_cause(exc)}); free space on that disk and rerun"
-            print(f"error: {message}", file=sys.stderr)
-            return OutOfSpaceError.exit_code
-        unreadable = damaged_file_cause(exc) if isinstance(exc, Exception) and not published else None
-        if unreadable:
-            # A file gone or damaged under a reading job (retention removed the run a standalone evaluate
-            # or train job was reading: they take no lock) is the input's state: exit 3, one line.
-            message = (f"an input file could not be read while the job ran: {unreadable}. A run that "
-                       "retention (publish.keep_runs) removed, or a damaged file: read a run retention keeps, "
-                       "or restore the file")
-            print(f"error: {message}", file=sys.stderr)
-            return InputDataError.exit_code
-        raise
+        code = _failure_exit_code(exc)
+        if code is None:
+            raise
+        return code
     finally:
         stop_session(spark)
+
+
+def _checked_config(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    validate_args: Callable[[argparse.Namespace, dict[str, Any]], None] | None,
+) -> dict[str, Any] | int:
+    """The validated config, or the exit code after printing why the job cannot start (before Spark)."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    try:
+        if validate_args:
+            validate_args(args, cfg)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ConfigError as exc:
+        # Checks across keys (gate metric vs ks, models) know the key, not the file it came from.
+        where = "" if args.config in str(exc) else f"{config_source(cfg, args.overrides, str(exc))}: "
+        print(f"config error: {where}{exc}", file=sys.stderr)
+        return exc.exit_code
+    except PipelineError as exc:  # e.g. an input path given on the command line that does not exist
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return cfg
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Ctrl-C: the run's failed manifest and the lock release are already done on the way out; say what
+    was published, if anything."""
+    published = getattr(exc, "published_run", None)
+    note = getattr(exc, "backfill_note", None)
+    if published:
+        print(f"error: interrupted after {published} was published (retention may not have run; the next "
+              "nightly does it)", file=sys.stderr)
+    elif not note:
+        print("error: interrupted; nothing was published", file=sys.stderr)
+    if note:
+        print(f"error: {note}", file=sys.stderr)
+    return INTERRUPTED_EXIT_CODE
+
+
+def _failure_exit_code(exc: BaseException) -> int | None:
+    """SIGTERM (SystemExit 143) or an unexpected error: say what was published before it, if anything, so
+    nobody rolls back or reruns a good publication. A full disk or an input file gone under the job gets
+    one line and its exit code; anything else returns None: the exit code and traceback stay as they are."""
+    published = getattr(exc, "published_run", None)
+    if published:
+        print(f"error: {type(exc).__name__} after {published} was published: consumers read it, no rerun "
+              "is needed", file=sys.stderr)
+    if getattr(exc, "backfill_note", None):
+        print(f"error: {exc.backfill_note}", file=sys.stderr)  # type: ignore[attr-defined]
+    if isinstance(exc, Exception) and out_of_space(exc) and not published:
+        # A full disk is the machine's state, not a bug: no traceback, and its own exit code
+        message = f"no space left on device ({failing_file_or_cause(exc)}); free space on that disk and rerun"
+        print(f"error: {message}", file=sys.stderr)
+        return OutOfSpaceError.exit_code
+    unreadable = damaged_file_cause(exc) if isinstance(exc, Exception) and not published else None
+    if unreadable:
+        # A file gone or damaged under a reading job (retention removed the run a standalone evaluate
+        # or train job was reading: they take no lock) is the input's state: exit 3, one line.
+        message = (f"an input file could not be read while the job ran: {unreadable}. A run that "
+                   "retention (publish.keep_runs) removed, or a damaged file: read a run retention keeps, "
+                   "or restore the file")
+        print(f"error: {message}", file=sys.stderr)
+        return InputDataError.exit_code
+    return None
