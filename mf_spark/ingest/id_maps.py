@@ -346,54 +346,11 @@ def update_id_maps(
     # must all refer to this same version.
     read = read_pointer(root)
     pointer = read or {"format": POINTER_FORMAT, "maps": {}}
-    extended: dict[str, tuple[DataFrame, int, int]] = {}
-    for name, ids in (("dim_user", users), ("dim_item", items)):
-        entry = pointer["maps"].get(name)
-        size = int(entry["size"]) if entry else 0
-        existing = _load_version(spark, root, pointer, name)
-        if entry:
-            _checked_size(existing, name, size, root_path / entry["path"])
-        new_map, n_new = append_new_ids(existing, size, ids, name)
-        extended[name] = (new_map, size, n_new)
-
+    extended = _extended_maps(spark, root, pointer, {"dim_user": users, "dim_item": items})
     if any(n_new for _, _, n_new in extended.values()):
-        new_pointer: dict[str, Any] = {
-            "format": POINTER_FORMAT,
-            "run_id": run_id,
-            "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "maps": dict(pointer["maps"]),
-        }
-        written: list[Path] = []
-        try:
-            for name, (new_map, size, n_new) in extended.items():
-                if n_new == 0:
-                    continue
-                current = pointer["maps"].get(name, {}).get("path")
-                target = _version_dir(root_path, name, run_id, current)
-                written.append(target)
-                new_map.write.mode("errorifexists").parquet(str(target))
-                # Spark never fsyncs what it writes; the pointer is fsynced, so without this a power loss
-                # could leave CURRENT.json naming map files that never reached the disk, failing every
-                # later run.
-                from mf_spark import publish
-
-                publish.fsync_tree(target)
-                new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
-                log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
-            compare_and_swap_pointer(root_path, read, new_pointer)
-        except BaseException:
-            # A concurrent writer, a full disk, Ctrl-C: the versions this run wrote are never current,
-            # and left behind they counted among the newest kept by _prune_versions, pushing out real
-            # ones. Unless the swap itself went through (a failure after it): then they are the maps.
-            with suppress(Exception):
-                named = {entry["path"] for entry in (read_pointer(root) or {"maps": {}})["maps"].values()}
-                for target in written:
-                    if str(target.relative_to(root_path)) not in named:
-                        shutil.rmtree(target, ignore_errors=True)
-            raise
+        pointer = _write_and_swap(root_path, read, pointer, extended, run_id)
         for name in extended:
-            _prune_versions(root_path, name, new_pointer["maps"][name]["path"], keep_versions)
-        pointer = new_pointer
+            _prune_versions(root_path, name, pointer["maps"][name]["path"], keep_versions)
     # The maps this run's pointer names, not whatever is current by now: the caller joins its
     # interactions with them, so they must be the ones the indices were assigned in.
     return IdMapUpdate(
@@ -403,3 +360,66 @@ def update_id_maps(
         new_items=extended["dim_item"][2],
         pointer=pointer,
     )
+
+
+def _extended_maps(
+    spark: SparkSession, root: str, pointer: dict[str, Any], ids_by_map: dict[str, DataFrame]
+) -> dict[str, tuple[DataFrame, int, int]]:
+    """Per map name: (the map with the new ids appended, its size before, the count of new ids)."""
+    root_path = local_root(root)
+    extended: dict[str, tuple[DataFrame, int, int]] = {}
+    for name, ids in ids_by_map.items():
+        entry = pointer["maps"].get(name)
+        size = int(entry["size"]) if entry else 0
+        existing = _load_version(spark, root, pointer, name)
+        if entry:
+            _checked_size(existing, name, size, root_path / entry["path"])
+        new_map, n_new = append_new_ids(existing, size, ids, name)
+        extended[name] = (new_map, size, n_new)
+    return extended
+
+
+def _write_and_swap(
+    root_path: Path,
+    read: dict[str, Any] | None,
+    pointer: dict[str, Any],
+    extended: dict[str, tuple[DataFrame, int, int]],
+    run_id: str,
+) -> dict[str, Any]:
+    """Write the changed maps as new versions and swap the pointer from ``read`` to them; returns the new
+    pointer. On any failure the versions written here that did not become current are removed."""
+    from mf_spark import publish
+
+    new_pointer: dict[str, Any] = {
+        "format": POINTER_FORMAT,
+        "run_id": run_id,
+        "updated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "maps": dict(pointer["maps"]),
+    }
+    written: list[Path] = []
+    try:
+        for name, (new_map, size, n_new) in extended.items():
+            if n_new == 0:
+                continue
+            current = pointer["maps"].get(name, {}).get("path")
+            target = _version_dir(root_path, name, run_id, current)
+            written.append(target)
+            new_map.write.mode("errorifexists").parquet(str(target))
+            # Spark never fsyncs what it writes; the pointer is fsynced, so without this a power loss
+            # could leave CURRENT.json naming map files that never reached the disk, failing every
+            # later run.
+            publish.fsync_tree(target)
+            new_pointer["maps"][name] = {"path": str(target.relative_to(root_path)), "size": size + n_new}
+            log.info("%s: %d ids, %d new, written to %s", name, size + n_new, n_new, target)
+        compare_and_swap_pointer(root_path, read, new_pointer)
+    except BaseException:
+        # A concurrent writer, a full disk, Ctrl-C: the versions this run wrote are never current,
+        # and left behind they counted among the newest kept by _prune_versions, pushing out real
+        # ones. Unless the swap itself went through (a failure after it): then they are the maps.
+        with suppress(Exception):
+            named = {entry["path"] for entry in (read_pointer(str(root_path)) or {"maps": {}})["maps"].values()}
+            for target in written:
+                if str(target.relative_to(root_path)) not in named:
+                    shutil.rmtree(target, ignore_errors=True)
+        raise
+    return new_pointer
