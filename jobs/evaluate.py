@@ -57,7 +57,8 @@ def validate(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 
 def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> None:
-    from mf_spark.evaluate.holdout import evaluate_holdout, holdout_settings_from, report_dir, summary_table
+    from mf_spark.evaluate.holdout import evaluate_holdout, holdout_settings_from, report_dir
+    from mf_spark.evaluate.report import summary_table, verdict_lines
     from mf_spark.publish import provenance
     from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
 
@@ -69,6 +70,7 @@ def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> 
         **holdout_settings_from(cfg, tune=args.tune),
     )
     print(summary_table(result))
+    print("\n".join(verdict_lines(result)))
     print(f"report: {out}/report.md")
 
 

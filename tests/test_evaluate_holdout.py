@@ -12,7 +12,7 @@ import pytest
 
 from mf_spark.errors import InputDataError
 from mf_spark.evaluate import evaluate_holdout
-from mf_spark.evaluate.holdout import summary_table
+from mf_spark.evaluate.report import summary_table
 from mf_spark.evaluate.models import TrainParams, recommend_for_users
 from mf_spark.evaluate.splits import make_split
 from mf_spark.evaluate.tuning import candidate_params
@@ -257,7 +257,7 @@ def test_tuning_mode_picks_on_validation(communities, spark, tmp_path):
     assert (tmp_path / "tuning_metric_vs_rank.png").stat().st_size > 5000
     report = (tmp_path / "report.md").read_text()
     assert "## Tuning" in report and "| frequency_nu |" in report
-    assert report.count("| chosen |") == 1  # the set the test metrics are for
+    assert report.count("| yes |") == 1  # the set the test metrics are for
 
 
 def test_tuning_on_several_validation_splits_scores_their_mean(communities):

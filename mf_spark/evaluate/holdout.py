@@ -470,24 +470,6 @@ def report_dir(root: str, run_date: dt.date) -> str:
     return os.path.join(root, "evaluations", f"dt={run_date.isoformat()}", new_run_id())
 
 
-def summary_table(result: Mapping[str, Any], k: int | None = None) -> str:
-    """A Markdown table of the main metrics at ``k`` (default: 20 if evaluated, else the smallest K), with
-    the primary model's NDCG@k lead over each other model and its paired 95% interval over test users."""
-    from mf_spark.evaluate.report import TABLE_METRICS, _interval, _table
-
-    ks = result["ks"]
-    k = k or (20 if 20 in ks else ks[0])
-    primary, ndcg = result["primary_model"], metric_name("ndcg", k)
-    rows = [
-        [name]
-        + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS]
-        + [_interval(run["primary_minus_model"][ndcg]) if run.get("primary_minus_model") else "-"]
-        for name, run in result["models"].items()
-    ]
-    header = ["model"] + [label for _, label in TABLE_METRICS] + [f"{primary} minus model, {ndcg} [95%]"]
-    return f"K = {k}\n" + _table(header, rows)
-
-
 def _samples_for(model: str, tuning_samples: int | Mapping[str, int]) -> int:
     if isinstance(tuning_samples, int):
         return tuning_samples

@@ -11,7 +11,9 @@ import json
 import logging
 import math
 import os
+import shlex
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from mf_spark.evaluate.tuning import CONDITIONAL
@@ -30,7 +32,23 @@ TABLE_METRICS = (
     ("coverage", "Coverage"),
     ("popularity", "Pop. pct"),
 )
-PLOT_METRICS = ("ndcg", "recall", "capped_recall", "map", "precision", "coverage")
+# capped_recall left out: beside recall it draws nearly the same curve; popularity shows the lists' bias
+PLOT_METRICS = ("ndcg", "recall", "map", "precision", "coverage", "popularity")
+PLOT_Y_LABELS = {
+    "coverage": "share of training items listed",
+    "popularity": "mean popularity percentile",
+}
+# Okabe-Ito colours (told apart with colour-blindness) and one marker and dash per model: the two ALS
+# models' curves lie on top of each other and were one line.
+MODEL_STYLES = (
+    ("#0072B2", "o", "-"), ("#E69F00", "s", "--"), ("#009E73", "^", "-."), ("#CC79A7", "D", ":"),
+    ("#D55E00", "v", "-"), ("#56B4E9", "P", "--"), ("#000000", "X", "-."),
+)
+
+
+def _style(index: int) -> dict[str, Any]:
+    color, marker, linestyle = MODEL_STYLES[index % len(MODEL_STYLES)]
+    return {"color": color, "marker": marker, "linestyle": linestyle}
 PARAM_COLUMNS = (
     "rank",
     "max_iter",
@@ -59,8 +77,15 @@ def _param(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else _fmt(value)
 
 
-def _param_value(params: dict[str, Any], name: str) -> Any:
-    """``params[name]``, or ``None`` where the parameter has no effect (tuning's ``CONDITIONAL``)."""
+#: Parameters a model's fit ignores (MLlib has one exact solver); shown as "-" in its row.
+IGNORED_BY_MODEL = {"mllib_als": ("solver", "cg_steps")}
+
+
+def _param_value(params: dict[str, Any], name: str, model: str = "") -> Any:
+    """``params[name]``, or ``None`` where the parameter has no effect (tuning's ``CONDITIONAL``, or a
+    parameter the model ignores)."""
+    if name in IGNORED_BY_MODEL.get(model, ()):
+        return None
     if name in CONDITIONAL:
         other, value = CONDITIONAL[name]
         if params.get(other) != value:
@@ -68,11 +93,69 @@ def _param_value(params: dict[str, Any], name: str) -> Any:
     return params.get(name)
 
 
+def _signed(value: float) -> str:
+    # +.4f printed a bound of -3.3e-05 as "-0.0000", hiding whether the interval excludes 0
+    return f"{value:+.4f}" if value == 0 or abs(value) >= 5e-5 else f"{value:+.1e}"
+
+
 def _interval(difference: dict[str, float | None]) -> str:
     mean = difference["mean"]
     if mean is None or math.isnan(mean):  # no shared test user (metrics.json: null)
         return "n/a (no users)"
-    return f"{mean:+.4f} [{difference['low']:+.4f}, {difference['high']:+.4f}]"
+    return f"{_signed(mean)} [{_signed(difference['low'])}, {_signed(difference['high'])}]"
+
+
+def _summary_k(result: Mapping[str, Any], k: int | None = None) -> int:
+    ks = result["ks"]
+    return k or (20 if 20 in ks else ks[0])
+
+
+def summary_table(result: Mapping[str, Any], k: int | None = None) -> str:
+    """A Markdown table of the main metrics at ``k`` (default: 20 if evaluated, else the smallest K), with
+    the primary model's NDCG@k lead over each other model and its paired 95% interval over test users."""
+    k = _summary_k(result, k)
+    primary, ndcg = result["primary_model"], f"ndcg@{k}"
+    rows = [
+        [name]
+        + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS]
+        + [_interval(run["primary_minus_model"][ndcg]) if run.get("primary_minus_model") else "-"]
+        for name, run in result["models"].items()
+    ]
+    header = ["model"] + [label for _, label in TABLE_METRICS] + [f"{primary} minus model, {ndcg} [95%]"]
+    return f"K = {k}\n" + _table(header, rows)
+
+
+def verdict_lines(result: Mapping[str, Any], k: int | None = None) -> list[str]:
+    """One line per other model: the primary model's NDCG@k lead, its 95% interval, the relative lead, and
+    whether the interval excludes 0 (more than which users were drawn)."""
+    k = _summary_k(result, k)
+    primary, ndcg = result["primary_model"], f"ndcg@{k}"
+    lines = []
+    for name, run in result["models"].items():
+        difference = (run.get("primary_minus_model") or {}).get(ndcg)
+        if not difference or difference["mean"] is None or math.isnan(difference["mean"]):
+            continue
+        theirs = run["metrics"].get(ndcg)
+        relative = f", {difference['mean'] / theirs:+.1%} relative" if theirs else ""
+        if difference["low"] > 0:
+            reading = "ahead by more than user sampling explains"
+        elif difference["high"] < 0:
+            reading = "behind by more than user sampling explains"
+        else:
+            reading = "no difference beyond user sampling (the interval holds 0)"
+        lines.append(f"- {primary} vs {name}: NDCG@{k} {_interval(difference)}{relative}: {reading}.")
+    return lines
+
+
+#: What the table columns and count rows mean, for a reader without docs/evaluation.md at hand.
+GLOSSARY = (
+    "P: hits in the top K / K. Recall: hits / the user's test items. Capped recall: hits / min(K, test "
+    "items), the papers' Recall@K. MAP and NDCG: binary-gain ranking scores (1 = every hit at the top). Hit "
+    "rate: share of users with any hit. MRR: 1 / rank of the first hit. Coverage: share of the training "
+    "items that appear in any list. Pop. pct: mean popularity percentile of the listed items (0.5 = typical, "
+    "1.0 = the most popular item); a high value means the lists favour popular items. All but coverage and "
+    "Pop. pct are means over test users with training history; definitions in docs/evaluation.md."
+)
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -92,7 +175,7 @@ def source_line(source: dict[str, Any]) -> str:
     rest = [k for k in source if k not in first and k not in _SOURCE_DETAILS]
     shown = [(k, source[k]) for k in first + rest if source[k] not in (None, "")]
     if source.get("argv"):
-        shown.append(("command", " ".join(map(str, source["argv"]))))
+        shown.append(("command", shlex.join(map(str, source["argv"]))))
     return ", ".join(f"{k} `{v}`" for k, v in shown)
 
 
@@ -108,7 +191,20 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
         "recommend only items seen in training. Metric definitions: docs/evaluation.md.",
         "",
+        "## Summary",
+        "",
     ]
+    verdicts = verdict_lines(result)
+    if verdicts:
+        out += [
+            *verdicts,
+            "",
+            "The intervals are 95% over the test users, paired (both models scored on the same users); they do "
+            "not cover the seed or the choice of parameters. With many metrics compared, some intervals "
+            "exclude 0 by chance: judge by the metric chosen beforehand (the gate's or tuning's).",
+            "",
+        ]
+    out += [summary_table(result).replace("\n", "\n\n", 1), "", GLOSSARY, "", "## Data", ""]
     out += [_table(["count", "value"], [[k, v] for k, v in {**result["data"], **counts}.items()]), ""]
     if counts.get("cold_test_users"):
         out += [
@@ -151,7 +247,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         ]
     out += ["## Parameters", ""]
     rows = [
-        [name, *(_param(_param_value(run["params"], c)) for c in PARAM_COLUMNS), f"{run['fit_seconds']:.1f}"]
+        [name, *(_param(_param_value(run["params"], c, name)) for c in PARAM_COLUMNS), f"{run['fit_seconds']:.1f}"]
         for name, run in models.items()
     ]
     out += [_table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]
@@ -181,13 +277,17 @@ def render_markdown(result: dict[str, Any]) -> str:
             if not trials:
                 continue
             names = list(trials[0]["params"])
-            chosen = max(range(len(trials)), key=lambda i: trials[i]["value"])  # the first of equal values, as tuning
+            chosen = _chosen_trial(trials)
             rows = [
                 [*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}",
-                 "chosen" if i == chosen else ""]
+                 "yes" if i == chosen else ""]
                 for i, t in enumerate(trials)
             ]
-            out += [f"### {name}", "", _table([*names, tuning["metric"], "fit s", ""], rows), ""]
+            out += [f"### {name}", "", _table([*names, f"validation {tuning['metric']}", "fit s", "chosen"], rows), ""]
+            edges = _grid_edges(trials, trials[chosen]["params"])
+            if edges:
+                out += [f"Chosen at the edge of the values tried: {'; '.join(edges)}. A value beyond it may score "
+                        "better: widen the grid to check.", ""]
     plots = [p for p in result.get("plots", [])]
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
@@ -200,12 +300,12 @@ def _plot_metric_vs_k(result: dict[str, Any], path: Path) -> None:
     ks = result["ks"]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5), constrained_layout=True)
     for ax, metric in zip(axes.flat, PLOT_METRICS, strict=True):
-        for name, run in result["models"].items():
-            ax.plot(
-                ks, [run["metrics"].get(f"{metric}@{k}", float("nan")) for k in ks], marker="o", label=name
-            )
+        for index, (name, run) in enumerate(result["models"].items()):
+            ax.plot(ks, [run["metrics"].get(f"{metric}@{k}", float("nan")) for k in ks], label=name,
+                    markerfacecolor="none", **_style(index))
         ax.set_title(f"{metric}@K")
         ax.set_xlabel("K")
+        ax.set_ylabel(PLOT_Y_LABELS.get(metric, f"mean {metric} over test users"))
         ax.set_xscale("log")
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
@@ -226,10 +326,10 @@ def _plot_training_loss(result: dict[str, Any], path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     without = []
-    for name, run in result["models"].items():
+    for index, (name, run) in enumerate(result["models"].items()):
         loss = run.get("training_loss")
         if loss:
-            ax.plot(range(1, len(loss) + 1), loss, marker="o", label=name)
+            ax.plot(range(1, len(loss) + 1), loss, label=name, markerfacecolor="none", **_style(index))
         elif name == "mllib_als":
             without.append(name)
             final, iterations = run.get("final_loss"), run["params"].get("max_iter")
@@ -245,8 +345,10 @@ def _plot_training_loss(result: dict[str, Any], path: Path) -> None:
                 )
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # log: on a linear axis the first iteration dwarfs the rest and a fit still improving looked flat
+    ax.set_yscale("log")
     ax.set_xlabel("iteration")
-    ax.set_ylabel("training loss (objective)")
+    ax.set_ylabel("training loss (objective, log scale)")
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend()
@@ -261,20 +363,19 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> None:
 
     metric = result["tuning"]["metric"]
     fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for name, run in result["models"].items():
+    for index, (name, run) in enumerate(result["models"].items()):
         trials = run.get("tuning_trials") or []
         if not trials:
             continue
+        style = _style(index)
         ranks = sorted({t["params"]["rank"] for t in trials})
         best = [max(t["value"] for t in trials if t["params"]["rank"] == r) for r in ranks]
-        (line,) = ax.plot(ranks, best, marker="o", label=f"{name} (best per rank)")
-        ax.scatter(
-            [t["params"]["rank"] for t in trials],
-            [t["value"] for t in trials],
-            alpha=0.35,
-            color=line.get_color(),
-            s=18,
-        )
+        ax.plot(ranks, best, label=f"{name} (best per rank, other parameters may differ)", **style)
+        ax.scatter([t["params"]["rank"] for t in trials], [t["value"] for t in trials], alpha=0.35,
+                   color=style["color"], s=18)
+        chosen = trials[_chosen_trial(trials)]
+        ax.scatter([chosen["params"]["rank"]], [chosen["value"]], marker="*", s=220, color=style["color"],
+                   edgecolors="black", zorder=3, label=f"{name} chosen: {_trial_label(chosen['params'])}")
     all_ranks = sorted(
         {t["params"]["rank"] for run in result["models"].values() for t in run.get("tuning_trials") or []}
     )
@@ -284,11 +385,33 @@ def _plot_tuning(result: dict[str, Any], path: Path) -> None:
     ax.minorticks_off()
     ax.set_xlabel("rank")
     ax.set_ylabel(f"validation {metric}")
-    ax.set_title(f"Tuning: validation {metric} vs rank (dots: every trial)")
+    ax.set_title(f"Tuning: validation {metric} vs rank (dots: every trial, star: chosen)")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _chosen_trial(trials: list[dict[str, Any]]) -> int:
+    """The index of the trial tuning chose: the best value, the first of equal values (as tuning keeps it)."""
+    return max(range(len(trials)), key=lambda i: trials[i]["value"])
+
+
+def _grid_edges(trials: list[dict[str, Any]], chosen: dict[str, Any]) -> list[str]:
+    """``"rank 32 (the largest of 8, 16, 32)"`` for each numeric parameter whose chosen value is the largest
+    or smallest of three or more values tried (with two, every pick is at an edge)."""
+    edges = []
+    for name, value in chosen.items():
+        tried = {t["params"].get(name) for t in trials}
+        numbers = sorted(v for v in tried if isinstance(v, (int, float)) and not isinstance(v, bool))
+        if len(numbers) >= 3 and value in (numbers[0], numbers[-1]):
+            which = "largest" if value == numbers[-1] else "smallest"
+            edges.append(f"{name} {_param(value)} (the {which} of {', '.join(_param(v) for v in numbers)})")
+    return edges
+
+
+def _trial_label(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {_param(v)}" for k, v in params.items() if v is not None)
 
 
 REPORT_FILES = ("metrics.json", "report.md", "metric_vs_k.png", "training_loss.png", "tuning_metric_vs_rank.png")
