@@ -26,7 +26,7 @@ TRIALS = [{"params": {"rank": r, "alpha": a}, "value": v, "fit_seconds": 1.0}
           for r, a, v in ((8, 1.0, 0.10), (16, 1.0, 0.12), (32, 1.0, 0.13), (32, 10.0, 0.13))]
 RESULT = {
     "split": {"protocol": "user_random", "settings": {"test_fraction": 0.2, "seed": 42},
-              "counts": {"test_users": 50, "cold_test_users": 0}},
+              "counts": {"test_users": 50, "cold_test_users": 0, "test_interactions_not_positive": 7}},
     "data": {"users": 60, "items": 40, "interactions": 900},
     "ks": KS,
     "primary_model": "implicit_als",
@@ -57,6 +57,8 @@ def test_the_report_opens_with_the_verdict_and_explains_its_columns():
     assert "- implicit_als vs popular: NDCG@20 +0.1000 [+0.0800, +0.1200], +83.3% relative: ahead by more" in report
     assert report.index("K = 20\n\n| model |") > summary  # the table at K = 20, right under the verdicts
     assert "Pop. pct: mean popularity percentile" in report and "Coverage: share of the training items" in report
+    assert "7 held-out rows have strength <= 0 (confident dislikes, e.g. returns): they are never counted" in report
+    assert "- implicit_als: 3 iterations, loss 900 -> 480 (the last iteration changed it by -4.00%)" in report
 
 
 def test_verdicts_say_behind_too():

@@ -213,6 +213,13 @@ def render_markdown(result: dict[str, Any]) -> str:
             "training history; they are counted here and not scored.",
             "",
         ]
+    if counts.get("test_interactions_not_positive"):
+        out += [
+            f"{counts['test_interactions_not_positive']} held-out rows have strength <= 0 (confident dislikes, "
+            "e.g. returns): they are never counted as hits, and a user is scored only with a held-out row "
+            "of strength > 0.",
+            "",
+        ]
     if counts.get("test_interactions_unseen_items"):
         out += [
             f"{counts['test_interactions_unseen_items']} test interactions are on "
@@ -255,7 +262,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     for name, run in models.items():
         loss = run.get("training_loss")
         if loss:
-            out.append(f"- {name}: {len(loss)} iterations, loss {loss[0]:.6g} -> {loss[-1]:.6g}")
+            # whether the fit had settled: a plot of the whole descent hides a last step still worth having
+            last_step = (f" (the last iteration changed it by {loss[-1] / loss[-2] - 1:+.2%})"
+                         if len(loss) > 1 and loss[-2] else "")
+            out.append(f"- {name}: {len(loss)} iterations, loss {loss[0]:.6g} -> {loss[-1]:.6g}{last_step}")
         elif name == "mllib_als":
             final = run.get("final_loss")
             out.append(
