@@ -180,9 +180,9 @@ def source_line(source: dict[str, Any]) -> str:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    """``report.md`` of an :func:`~mf_spark.evaluate.evaluate_holdout` result."""
-    split, counts = result["split"], result["split"]["counts"]
-    models = result["models"]
+    """``report.md`` of an :func:`~mf_spark.evaluate.evaluate_holdout` result: the verdict first, then the
+    data, the tables at every K, the paired differences, parameters, loss and tuning."""
+    split = result["split"]
     out = ["# Offline evaluation", ""]
     if result.get("source"):
         out += [f"Evaluated: {source_line(result['source'])}", ""]
@@ -191,9 +191,16 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
         "recommend only items seen in training. Metric definitions: docs/evaluation.md.",
         "",
-        "## Summary",
-        "",
     ]
+    out += _summary_section(result) + _data_section(result) + _results_sections(result)
+    out += _parameters_and_loss_sections(result) + _tuning_section(result)
+    if result.get("plots"):
+        out += ["## Plots", ""] + [f"![{p}]({p})" for p in result["plots"]] + [""]
+    return "\n".join(out)
+
+
+def _summary_section(result: dict[str, Any]) -> list[str]:
+    out = ["## Summary", ""]
     verdicts = verdict_lines(result)
     if verdicts:
         out += [
@@ -204,12 +211,15 @@ def render_markdown(result: dict[str, Any]) -> str:
             "exclude 0 by chance: judge by the metric chosen beforehand (the gate's or tuning's).",
             "",
         ]
-    out += [summary_table(result).replace("\n", "\n\n", 1), "", GLOSSARY, "", "## Data", ""]
-    out += [_table(["count", "value"], [[k, v] for k, v in {**result["data"], **counts}.items()]), ""]
+    return out + [summary_table(result).replace("\n", "\n\n", 1), "", GLOSSARY, ""]
+
+
+def _data_section(result: dict[str, Any]) -> list[str]:
+    counts = result["split"]["counts"]
+    out = ["## Data", "", _table(["count", "value"], [[k, v] for k, v in {**result["data"], **counts}.items()]), ""]
     if counts.get("cold_test_users"):
         out += [
-            f"{counts['cold_test_users']} test users ({counts['cold_test_interactions']} interactions) "
-            "have no "
+            f"{counts['cold_test_users']} test users ({counts['cold_test_interactions']} interactions) have no "
             "training history; they are counted here and not scored.",
             "",
         ]
@@ -227,13 +237,15 @@ def render_markdown(result: dict[str, Any]) -> str:
             "they stay in the denominators.",
             "",
         ]
+    return out
+
+
+def _results_sections(result: dict[str, Any]) -> list[str]:
+    models = result["models"]
+    out = []
     for k in result["ks"]:
-        out += [f"## Results at K = {k}", ""]
-        rows = [
-            [name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS]
-            for name, run in models.items()
-        ]
-        out += [_table(["model"] + [label for _, label in TABLE_METRICS], rows), ""]
+        rows = [[name] + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS] for name, run in models.items()]
+        out += [f"## Results at K = {k}", "", _table(["model"] + [label for _, label in TABLE_METRICS], rows), ""]
     compared = [
         (name, run["primary_minus_model"]) for name, run in models.items() if run.get("primary_minus_model")
     ]
@@ -246,18 +258,19 @@ def render_markdown(result: dict[str, Any]) -> str:
             "scored on the same users). A gap whose interval excludes 0 is more than which users were "
             "drawn; the interval does not cover the seed of the initial factors or the choice of parameters.",
             "",
-            _table(
-                ["model", *columns],
-                [[name, *(_interval(d[c]) for c in columns)] for name, d in compared],
-            ),
+            _table(["model", *columns], [[name, *(_interval(d[c]) for c in columns)] for name, d in compared]),
             "",
         ]
-    out += ["## Parameters", ""]
+    return out
+
+
+def _parameters_and_loss_sections(result: dict[str, Any]) -> list[str]:
+    models = result["models"]
     rows = [
         [name, *(_param(_param_value(run["params"], c, name)) for c in PARAM_COLUMNS), f"{run['fit_seconds']:.1f}"]
         for name, run in models.items()
     ]
-    out += [_table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]
+    out = ["## Parameters", "", _table(["model", *PARAM_COLUMNS, "fit s"], rows), ""]
     out += ["## Training loss", "", "Of each model's fit on the split's training part (not the published model's).", ""]
     for name, run in models.items():
         loss = run.get("training_loss")
@@ -272,36 +285,37 @@ def render_markdown(result: dict[str, Any]) -> str:
                 "- mllib_als: MLlib ALS does not expose a training loss"
                 + (f"; the same objective on its final factors is {final:.6g}." if final is not None else ".")
             )
-    out.append("")
+    return out + [""]
+
+
+def _tuning_section(result: dict[str, Any]) -> list[str]:
     tuning = result.get("tuning") or {}
-    if tuning.get("enabled"):
-        out += [
-            "## Tuning",
-            "",
-            f"Chosen by {tuning['metric']} on a validation split carved from the training part "
-            f"({tuning['mode']} search); test metrics above are for the chosen parameters.",
-            "",
+    if not tuning.get("enabled"):
+        return []
+    out = [
+        "## Tuning",
+        "",
+        f"Chosen by {tuning['metric']} on a validation split carved from the training part "
+        f"({tuning['mode']} search); test metrics above are for the chosen parameters.",
+        "",
+    ]
+    for name, run in result["models"].items():
+        trials = run.get("tuning_trials")
+        if not trials:
+            continue
+        names = list(trials[0]["params"])
+        chosen = _chosen_trial(trials)
+        rows = [
+            [*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}",
+             "yes" if i == chosen else ""]
+            for i, t in enumerate(trials)
         ]
-        for name, run in models.items():
-            trials = run.get("tuning_trials")
-            if not trials:
-                continue
-            names = list(trials[0]["params"])
-            chosen = _chosen_trial(trials)
-            rows = [
-                [*(_param(t["params"][n]) for n in names), t["value"], f"{t['fit_seconds']:.1f}",
-                 "yes" if i == chosen else ""]
-                for i, t in enumerate(trials)
-            ]
-            out += [f"### {name}", "", _table([*names, f"validation {tuning['metric']}", "fit s", "chosen"], rows), ""]
-            edges = _grid_edges(trials, trials[chosen]["params"])
-            if edges:
-                out += [f"Chosen at the edge of the values tried: {'; '.join(edges)}. A value beyond it may score "
-                        "better: widen the grid to check.", ""]
-    plots = [p for p in result.get("plots", [])]
-    if plots:
-        out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
-    return "\n".join(out)
+        out += [f"### {name}", "", _table([*names, f"validation {tuning['metric']}", "fit s", "chosen"], rows), ""]
+        edges = _grid_edges(trials, trials[chosen]["params"])
+        if edges:
+            out += [f"Chosen at the edge of the values tried: {'; '.join(edges)}. A value beyond it may score "
+                    "better: widen the grid to check.", ""]
+    return out
 
 
 def _plot_metric_vs_k(result: dict[str, Any], path: Path) -> None:
