@@ -384,3 +384,14 @@ def test_objective_from_the_solver_equals_block_loss(solver, regularization, con
     data, reg = block_loss(block["indptr"], block["indices"], block["ratings"], factors, block["src_factors"],
                            block["src_gramian"], N_SRC_TOTAL, params)
     assert objective == pytest.approx(data + reg, rel=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg"])
+def test_a_zero_rating_is_not_a_preference(solver):
+    """p = (r > 0): make_block never produced a zero, so `r >= 0` in the right-hand side went unnoticed."""
+    block = make_block(seed=1)
+    block["ratings"] = block["ratings"].copy()
+    block["ratings"][block["indptr"][[4, 9]]] = 0.0
+    params = SolveParams(alpha=3.0, reg_param=0.07, solver=solver)
+    np.testing.assert_allclose(run(solve_block, block, params), run(reference_solve, block, params),
+                               rtol=1e-4, atol=1e-6)

@@ -369,3 +369,46 @@ def test_driver_jvm_settings_in_the_config_are_called_ineffective(tmp_path, capl
         assert warn_about_driver_settings(cfg) == ["driver.memory"]
     [record] = caplog.records
     assert "spark.driver.memory in the [spark] table" in record.getMessage() and "has no effect" in record.getMessage()
+
+
+# Mutation testing found these bounds and parsing rules unguarded.
+
+def test_a_maximum_itself_and_int64_max_are_accepted(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    cfg = load_config(path, ["ingest.max_reject_fraction=1.0", "evaluate.gate.min_value=1.0",
+                             "ingest.lookback_days=36500", "ingest.max_id_length=9223372036854775807"])
+    assert cfg["ingest"]["max_reject_fraction"] == 1.0 and cfg["ingest"]["lookback_days"] == 36500
+    assert cfg["ingest"]["max_id_length"] == 2**63 - 1
+
+
+def test_a_boolean_is_not_an_integer(tmp_path):
+    with pytest.raises(ConfigError, match=r"key 'train\.rank': expected an integer"):
+        load_config(write(tmp_path, MINIMAL + "[train]\nrank = true\n"))
+
+
+def test_spark_properties_that_prefix_one_another_and_values_with_equals(tmp_path):
+    props = spark_properties(load_config(write(tmp_path, MINIMAL), [
+        "spark.speculation=true", "spark.speculation.multiplier=2", "spark.executor.extraJavaOptions=-Dx=1"]))
+    assert props["spark.speculation"] == "true" and props["spark.speculation.multiplier"] == "2"
+    assert props["spark.executor.extraJavaOptions"] == "-Dx=1"
+
+
+def test_a_relative_file_url_is_resolved_and_a_remote_input_url_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, MINIMAL)
+    assert load_config(path, ["output.root=file://rel/out"])["output"]["root"] == str(tmp_path / "rel" / "out")
+    assert load_config(path, ["input.path=s3a://bucket/events"])["input"]["path"] == "s3a://bucket/events"
+
+
+def test_a_set_without_a_section_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="must name a section and a key"):
+        load_config(write(tmp_path, MINIMAL), ["rank=64"])
+
+
+def test_loaded_configs_do_not_share_their_defaults(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    first = load_config(path)
+    first["evaluate"]["ks"].append(7)
+    first["evaluate"]["models"].clear()
+    second = load_config(path)
+    assert second["evaluate"]["ks"] == [10, 20, 50, 100] and second["evaluate"]["models"] == ["implicit_als", "popular"]

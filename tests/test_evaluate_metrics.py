@@ -258,3 +258,19 @@ def test_metric_means_do_not_depend_on_partitioning(spark):
     assert all(r == results[0] for r in results[1:])  # every value, bit for bit
     a, b = results[0]
     assert a["precision@20"] == b["precision@20"] == hits_a.sum() / (n_users * k)
+
+
+def test_duplicate_test_pairs_count_once(spark):
+    recs = spark.createDataFrame([(1, 1, 10), (1, 2, 11), (1, 3, 12), (1, 4, 13)], "user_idx int, rank int, item_idx int")
+    test = spark.createDataFrame([(1, 11), (1, 11), (1, 13), (1, 99)], "user_idx int, item_idx int")
+    row = per_user_metrics(recs, test, [4]).first()
+    assert row["n_test"] == 3 and row["recall@4"] == pytest.approx(2 / 3) and row["precision@4"] == 0.5
+
+
+def test_items_without_a_popularity_percentile_count_zero(spark):
+    """A list of only items unknown to training gave popularity@K None / n (a TypeError)."""
+    train = spark.createDataFrame([(1, 1), (2, 1), (2, 2)], "user_idx int, item_idx int")
+    recs = spark.createDataFrame([(1, 1, 7), (1, 2, 1)], "user_idx int, rank int, item_idx int")
+    test = spark.createDataFrame([(1, 5)], "user_idx int, item_idx int")
+    metrics = ranking_metrics(recs, test, [1, 2], popularity=item_popularity_percentile(train))
+    assert metrics["popularity@1"] == 0.0 and metrics["popularity@2"] == pytest.approx(0.5)

@@ -204,3 +204,63 @@ def test_merge_top_k_is_exact_over_chunks():
 def test_normalize_rows_keeps_zero_rows():
     out = normalize_rows(np.array([[3, 4], [0, 0]], dtype=np.float32))
     np.testing.assert_allclose(out, [[0.6, 0.8], [0, 0]])
+
+
+# Mutation testing found these branches unguarded (a changed line left every test passing).
+
+def test_rescue_when_the_gemm_underestimates_within_its_error_bound(monkeypatch):
+    """The exact rescue must fire when a true tie is split by GEMM rounding within (r+1) * 2**-24 of the
+    scores; this machine's OpenBLAS rounds identical rows identically, so a fake GEMM makes the split."""
+    from mf_spark.recommend import topk
+
+    rank = 4
+    src = np.full((1, rank), 0.5, np.float32)
+    dst = np.full((30, rank), 0.5, np.float32)  # every exact score is 1.0
+    real_matmul = np.matmul
+
+    def gemm(a, b, out):  # ids 9..29 4 ulp low, ids 0..8 5 ulp low: within the bound, wrong order
+        real_matmul(a, b, out=out)
+        out[:, 9:] = 1.0 - 4 * 2.0**-24
+        out[:, :9] = 1.0 - 5 * 2.0**-24
+        return out
+
+    monkeypatch.setattr(topk.np, "matmul", gemm)
+    result = block_top_k(np.array([0]), src, np.arange(30, dtype=np.int32), dst, 5)
+    assert result.dst.tolist() == [0, 1, 2, 3, 4] and result.score.tolist() == [1.0] * 5
+
+
+def test_a_non_finite_dst_row_does_not_switch_off_the_exact_rescue(monkeypatch):
+    """Not zeroed, an infinite dst row made every error bound infinite, and the exact rescue never ran."""
+    from mf_spark.recommend import topk
+
+    src_ids, src, _, dst = _identical_groups(n_groups=3, copies=40, n_src=5)
+    dst = np.vstack([dst, np.full((1, dst.shape[1]), np.inf, np.float32)])
+    calls = []
+    real = topk._exact_row_keys
+    monkeypatch.setattr(topk, "_exact_row_keys", lambda *a: calls.append(1) or real(*a))
+    block_top_k(src_ids, src, np.arange(len(dst), dtype=np.int32), dst, 5)
+    assert len(calls) == len(src_ids)  # every row's tie is wider than the margin
+
+
+def test_a_seen_id_between_the_chunks_ids_masks_nothing():
+    src, dst = np.array([[1.0]], np.float32), np.array([[1.0], [2.0], [3.0]], np.float32)
+    result = block_top_k(np.array([7]), src, np.array([0, 2, 4], np.int32), dst, 1,
+                         seen_indptr=np.array([0, 1]), seen_dst=np.array([3]))
+    assert result.dst.tolist() == [4]
+
+
+def test_exclude_self_for_a_src_outside_the_dst_chunk_masks_nothing():
+    src, dst = np.array([[1.0]], np.float32), np.array([[1.0], [2.0], [3.0]], np.float32)
+    result = block_top_k(np.array([3]), src, np.array([0, 2, 4], np.int32), dst, 1, exclude_self=True)
+    assert result.dst.tolist() == [4]
+
+
+def test_csr_from_pairs_drops_rows_not_asked_for():
+    indptr, grouped = csr_from_pairs(np.array([1, 5]), np.array([1, 3, 5, 9]), np.array([10, 30, 50, 90]))
+    assert indptr.tolist() == [0, 1, 2] and grouped.tolist() == [10, 50]
+
+
+def test_duplicate_dst_ids_are_refused():
+    ones = np.ones((2, 2), np.float32)
+    with pytest.raises(ValueError, match="sorted"):
+        block_top_k(np.arange(2), ones, np.array([1, 1]), ones, 1)
