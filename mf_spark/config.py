@@ -123,7 +123,8 @@ SCHEMA: dict[str, dict[str, Key | MapOf | dict[str, Key]]] = {
     "train": {
         "rank": Key("int", 32, "number of latent factors", minimum=1),
         "max_iter": Key("int", 10, "iterations of a cold start", minimum=1),
-        "reg_param": Key("float", 0.1, "regularisation lambda", minimum=0),
+        "reg_param": Key("float", 0.1, "regularisation lambda (scaled per train.regularization); 0 bounds nothing: a "
+                         "nearly singular system then solves without error to factors of huge norm", minimum=0),
         "alpha": Key("float", 10.0, "confidence scale: c = 1 + alpha * |r|", minimum=0),
         "solver": Key("str", "cg", "least-squares solver", choices=("cg", "cholesky")),
         "cg_steps": Key("int", 3, "conjugate gradient steps per half-iteration", minimum=1),
