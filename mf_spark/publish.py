@@ -1220,7 +1220,7 @@ def git_commit() -> str:
         try:
             out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_dir,
                                  capture_output=True, text=True, timeout=10, check=True)
-            toplevel, commit = out.stdout.split()
+            toplevel, commit = out.stdout.splitlines()  # a checkout path may hold spaces
             # Installed (not editable) into a venv inside some other repository, git would answer with
             # that repository's commit: only the checkout the package sits at the top of counts.
             if Path(toplevel).resolve() == package_dir.parent:

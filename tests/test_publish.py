@@ -665,11 +665,12 @@ def test_git_commit_is_the_checkouts_own_not_an_enclosing_repositorys(tmp_path, 
     monkeypatch.setattr(publish, "__file__", str(installed / "publish.py"))
     assert publish.git_commit() == "unknown"
 
-    checkout_commit = _git_repo(tmp_path / "checkout")
-    (tmp_path / "checkout" / "mf_spark").mkdir()
-    monkeypatch.setattr(publish, "__file__", str(tmp_path / "checkout" / "mf_spark" / "publish.py"))
+    checkout = tmp_path / "my checkout"  # a space in the path
+    checkout_commit = _git_repo(checkout)
+    (checkout / "mf_spark").mkdir()
+    monkeypatch.setattr(publish, "__file__", str(checkout / "mf_spark" / "publish.py"))
     assert publish.git_commit() == checkout_commit != host_commit
-    (tmp_path / "checkout" / "mf_spark" / "new.py").write_text("X = 1\n")
+    (checkout / "mf_spark" / "new.py").write_text("X = 1\n")
     assert publish.git_commit() == f"{checkout_commit}-dirty"  # as spark-submit.sh stamps its zip
 
 
