@@ -1201,8 +1201,8 @@ def git_commit() -> str:
 
     ``spark-submit.sh`` stamps it into the shipped zip as ``mf_spark/_build_info.json`` (the driver
     may run far from the checkout, e.g. YARN cluster mode); otherwise ``git rev-parse HEAD`` of the
-    checkout the package is the top-level ``mf_spark/`` of, with ``-dirty`` when that directory has
-    uncommitted changes; otherwise (an installed package) ``"unknown"``.
+    checkout that tracks the package's files, with ``-dirty`` when the package has uncommitted changes;
+    otherwise (an installed package) ``"unknown"``.
     """
     import pkgutil
 
@@ -1217,18 +1217,20 @@ def git_commit() -> str:
             pass
     package_dir = Path(__file__).resolve().parent
     if package_dir.is_dir():
+        def git(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True, timeout=10)
+
         try:
-            out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=package_dir,
-                                 capture_output=True, text=True, timeout=10, check=True)
-            toplevel, commit = out.stdout.splitlines()  # a checkout path may hold spaces
             # Installed (not editable) into a venv inside some other repository, git would answer with
-            # that repository's commit: only the checkout the package sits at the top of counts.
-            if Path(toplevel).resolve() == package_dir.parent:
-                status = subprocess.run(["git", "status", "--porcelain", "--", package_dir.name],
-                                        cwd=package_dir.parent, capture_output=True, text=True, timeout=10)
-                # as spark-submit.sh stamps its zip: uncommitted changes to the package are not the commit
-                return f"{commit}-dirty" if status.stdout.strip() else commit
-        except (OSError, ValueError, subprocess.SubprocessError):
+            # that repository's commit: only a checkout that tracks this package's files counts (at its
+            # top or deeper, as in a monorepo, where spark-submit.sh stamps the same commit).
+            if git("ls-files", "--error-unmatch", "--", "__init__.py").returncode == 0:
+                head = git("rev-parse", "HEAD")
+                if head.returncode == 0:
+                    # as spark-submit.sh stamps its zip: uncommitted changes to the package are not the commit
+                    dirty = git("status", "--porcelain", "--", ".").stdout.strip()
+                    return f"{head.stdout.strip()}-dirty" if dirty else head.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
             pass
     return "unknown"
 
@@ -1277,9 +1279,10 @@ def redact_argv(argv: list[str]) -> list[str]:
     out = [redacted(arg) for arg in argv]
     for i in range(1, len(out)):
         previous = argv[i - 1]
-        if previous.startswith("--") and "=" not in previous and _SECRET_NAME.search(previous) \
-                and not argv[i].startswith("-"):
-            out[i] = REDACTED  # --password value
+        if previous.startswith("--") and "=" not in previous and _SECRET_NAME.search(previous):
+            # --password value, also a value starting with "-"; a flag so named without a value hides the
+            # next argument: the safe side of guessing
+            out[i] = REDACTED
     return out
 
 

@@ -29,9 +29,10 @@ the key and the file (or the `--set` that set it). So do an empty string where t
 (a column name, a metric), an integer outside the 64-bit range, NaN or infinity, and a `[spark]` key
 written with its `spark.` prefix (Spark would ignore `spark.spark.sql...`). Relative paths (`input.path`,
 `output.root`, filter tables) are resolved against the directory the job starts in, and a leading `~` is
-the home directory. Environment variables (`$HOME`, `${DATA}`) are not expanded in the file, and a path
-holding one is refused (exit 2) rather than taken as a directory named `$HOME`: let the shell expand it in
-an override, `--set "output.root=$DATA/mf-spark"`.
+the home directory. Environment variables (`$HOME`, `${DATA}`) are not expanded in the file, and a local
+path written there holding one is refused (exit 2) rather than taken as a directory named `$HOME`: let the
+shell expand it in an override, `--set "output.root=$DATA/mf-spark"` (a `--set` value and a URL, where `$`
+is a legal character, are taken as they are).
 """
 
 

@@ -61,10 +61,14 @@ def test_the_report_opens_with_the_verdict_and_explains_its_columns():
     assert "- implicit_als: 3 iterations, loss 900 -> 480 (the last iteration changed it by -4.00%)" in report
 
 
-def test_verdicts_say_behind_too():
+def test_verdicts_say_behind_too_and_claim_nothing_from_one_user():
     result = copy.deepcopy(RESULT)
     result["models"]["mllib_als"]["primary_minus_model"]["ndcg@20"] = _difference(-0.01, -0.02, -0.001)
     assert verdict_lines(result)[0].endswith("behind by more than user sampling explains.")
+    # one shared user: low = high = mean, which read as "ahead by more than user sampling explains"
+    result["models"]["mllib_als"]["primary_minus_model"]["ndcg@20"] = {"mean": 0.5, "low": 0.5, "high": 0.5,
+                                                                        "n_users": 1}
+    assert verdict_lines(result)[0].endswith("one shared test user, so no interval to judge by.")
 
 
 def test_tuning_table_marks_the_pick_and_the_grid_edge_and_mllib_ignores_the_solver():

@@ -662,15 +662,22 @@ def test_git_commit_is_the_checkouts_own_not_an_enclosing_repositorys(tmp_path, 
     host_commit = _git_repo(tmp_path / "app")
     installed = tmp_path / "app" / ".venv" / "lib" / "site-packages" / "mf_spark"
     installed.mkdir(parents=True)
+    (installed / "__init__.py").write_text("")  # untracked: the app's repository does not hold the venv
     monkeypatch.setattr(publish, "__file__", str(installed / "publish.py"))
     assert publish.git_commit() == "unknown"
 
     checkout = tmp_path / "my checkout"  # a space in the path
-    checkout_commit = _git_repo(checkout)
-    (checkout / "mf_spark").mkdir()
-    monkeypatch.setattr(publish, "__file__", str(checkout / "mf_spark" / "publish.py"))
+    package = checkout / "tools" / "mf-spark" / "mf_spark"  # deeper than the top, as in a monorepo
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    _git_repo(checkout)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-C", str(checkout)]
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "package"], check=True)
+    checkout_commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(publish, "__file__", str(package / "publish.py"))
     assert publish.git_commit() == checkout_commit != host_commit
-    (checkout / "mf_spark" / "new.py").write_text("X = 1\n")
+    (package / "new.py").write_text("X = 1\n")
     assert publish.git_commit() == f"{checkout_commit}-dirty"  # as spark-submit.sh stamps its zip
 
 
@@ -1062,6 +1069,7 @@ def test_credentials_stay_out_of_the_lock_and_the_provenance(tmp_path, monkeypat
 
 def test_credential_named_options_are_redacted_in_both_forms():
     """--password=value and --password value were recorded verbatim (only key=value settings were covered)."""
-    argv = ["job.py", "--password=hunter2", "--access-key", "AKIA", "--date", "2011-12-09", "--token"]
+    argv = ["job.py", "--password=hunter2", "--access-key", "AKIA", "--date", "2011-12-09", "--secret", "-x9",
+            "--token"]
     assert publish.redact_argv(argv) == ["job.py", "--password=<redacted>", "--access-key", "<redacted>",
-                                         "--date", "2011-12-09", "--token"]
+                                         "--date", "2011-12-09", "--secret", "<redacted>", "--token"]

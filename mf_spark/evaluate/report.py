@@ -137,7 +137,9 @@ def verdict_lines(result: Mapping[str, Any], k: int | None = None) -> list[str]:
             continue
         theirs = run["metrics"].get(ndcg)
         relative = f", {difference['mean'] / theirs:+.1%} relative" if theirs else ""
-        if difference["low"] > 0:
+        if difference.get("n_users", 2) < 2:
+            reading = "one shared test user, so no interval to judge by"  # low = high = mean then
+        elif difference["low"] > 0:
             reading = "ahead by more than user sampling explains"
         elif difference["high"] < 0:
             reading = "behind by more than user sampling explains"
