@@ -25,7 +25,7 @@ PARAMS = {"rank": 32, "max_iter": 10, "reg_param": 0.1, "alpha": 10.0, "regulari
 TRIALS = [{"params": {"rank": r, "alpha": a}, "value": v, "fit_seconds": 1.0}
           for r, a, v in ((8, 1.0, 0.10), (16, 1.0, 0.12), (32, 1.0, 0.13), (32, 10.0, 0.13))]
 RESULT = {
-    "split": {"protocol": "user_random", "settings": {"test_fraction": 0.2, "seed": 42},
+    "split": {"protocol": "user_random", "settings": {"test_fraction": 0.2, "test_n": 0, "seed": 42},
               "counts": {"test_users": 50, "cold_test_users": 0, "test_interactions_not_positive": 7}},
     "data": {"users": 60, "items": 40, "interactions": 900},
     "ks": KS,
@@ -50,6 +50,7 @@ def test_the_report_opens_with_the_verdict_and_explains_its_columns():
     """report.md opened with a 500-character provenance line and a counts table; which model won, by how
     much and how surely came six sections later, and Pop. pct or Coverage were not explained."""
     report = render_markdown(copy.deepcopy(RESULT))
+    assert "Split: **user_random** (test_fraction=0.2, seed=42)." in report  # test_n = 0: the fraction is used
     summary = report.index("## Summary")
     assert summary < report.index("## Data") < report.index("## Results at K = 10")
     assert ("- implicit_als vs mllib_als: NDCG@20 +0.0025 [-3.3e-05, +0.0047], +1.1% relative: no difference "

@@ -188,7 +188,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     out = ["# Offline evaluation", ""]
     if result.get("source"):
         out += [f"Evaluated: {source_line(result['source'])}", ""]
-    settings = ", ".join(f"{k}={v}" for k, v in split["settings"].items())
+    # test_n = 0 means "use test_fraction": shown, it read as "no test rows"
+    settings = ", ".join(f"{k}={v}" for k, v in split["settings"].items() if not (k == "test_n" and v == 0))
     out += [
         f"Split: **{split['protocol']}** ({settings}). Models exclude each user's known items and "
         "recommend only items seen in training. Metric definitions: docs/evaluation.md.",
