@@ -299,7 +299,8 @@ def _tuning_section(result: dict[str, Any]) -> list[str]:
         "## Tuning",
         "",
         f"Chosen by {tuning['metric']} on a validation split carved from the training part "
-        f"({tuning['mode']} search); test metrics above are for the chosen parameters.",
+        f"({tuning['mode']} search); test metrics above are for the chosen parameters. \"fit s\" of the "
+        "first trials includes the start-up of Spark's Python workers and caches: compare later ones.",
         "",
     ]
     for name, run in result["models"].items():
