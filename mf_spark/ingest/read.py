@@ -30,7 +30,7 @@ from urllib.parse import unquote
 
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import AnalysisException, IllegalArgumentException
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, DataFrameReader, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -110,8 +110,24 @@ def read_raw(
         # or fails with a footer trace; one file's magic bytes tell the formats apart before Spark starts.
         _check_format_locally(path, input_format, options)
     reader = spark.read.format(input_format).options(**dict(options))
+    df = _load(reader, path, input_format, options)
+    _check_schema(df, path, input_format, options)
+    schema = _schema_as_written(df.schema, input_format, text_columns)
+    corrupt = _corrupt_record_name(options)
+    if input_format == "csv" and corrupt not in df.columns:
+        # Spark's CSV reader flags a record with too many or too few fields only when the schema has the
+        # corrupt-record column; with an inferred schema it cut or padded such rows silently. Reading
+        # again with the inferred schema plus that column costs no second inference.
+        schema = schema.add(corrupt, T.StringType())
+    if schema != df.schema:
+        df = reader.schema(schema).load(path)
+    return df
+
+
+def _load(reader: DataFrameReader, path: str, input_format: str, options: Mapping[str, str]) -> DataFrame:
+    """``reader.load(path)``, with what Spark cannot make of the files at load time as the input's error."""
     try:
-        df = reader.load(path)
+        return reader.load(path)
     except AnalysisException as exc:
         condition = exc.getCondition() or ""
         if condition == "PATH_NOT_FOUND":
@@ -140,32 +156,27 @@ def read_raw(
         # Listing the input failed in the JVM: an unreachable or malformed URI (hdfs:/// without a
         # name node, no FileSystem for the scheme), permissions. The input, not the job, is wrong.
         raise InputDataError(f"input.path = {path} cannot be read: {java_cause(exc)}") from None
-    _check_schema(df, path, input_format, options)
-    schema = df.schema
-    if input_format in ("csv", "json"):
-        # CSV holds only text, so any guess (number, boolean, date) becomes text again; in JSON only
-        # numbers do (a JSON boolean, array or object stays what it is and the type check refuses it)
-        as_written = {c.lower() for c in text_columns}
 
-        def guessed(dtype: T.DataType) -> bool:
-            if input_format == "csv":
-                return not isinstance(dtype, T.StringType)
-            return isinstance(dtype, T.NumericType)
 
-        schema = T.StructType([
-            T.StructField(f.name, T.StringType(), f.nullable)
-            if f.name.lower() in as_written and guessed(f.dataType) else f
-            for f in schema.fields
-        ])
-    corrupt = _corrupt_record_name(options)
-    if input_format == "csv" and corrupt not in df.columns:
-        # Spark's CSV reader flags a record with too many or too few fields only when the schema has the
-        # corrupt-record column; with an inferred schema it cut or padded such rows silently. Reading
-        # again with the inferred schema plus that column costs no second inference.
-        schema = schema.add(corrupt, T.StringType())
-    if schema != df.schema:
-        df = reader.schema(schema).load(path)
-    return df
+def _schema_as_written(schema: T.StructType, input_format: str, text_columns: Iterable[str]) -> T.StructType:
+    """``schema`` with the ``text_columns`` of a CSV or JSON input read as strings where inference guessed
+    another type."""
+    if input_format not in ("csv", "json"):
+        return schema
+    # CSV holds only text, so any guess (number, boolean, date) becomes text again; in JSON only
+    # numbers do (a JSON boolean, array or object stays what it is and the type check refuses it)
+    as_written = {c.lower() for c in text_columns}
+
+    def guessed(dtype: T.DataType) -> bool:
+        if input_format == "csv":
+            return not isinstance(dtype, T.StringType)
+        return isinstance(dtype, T.NumericType)
+
+    return T.StructType([
+        T.StructField(f.name, T.StringType(), f.nullable) if f.name.lower() in as_written and guessed(f.dataType)
+        else f
+        for f in schema.fields
+    ])
 
 
 #: How Spark reports a non-Parquet file met while inferring a Parquet schema.
