@@ -58,7 +58,7 @@ def validate(args: argparse.Namespace, cfg: dict[str, Any]) -> None:
 
 def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> None:
     from mf_spark.evaluate.holdout import evaluate_holdout, holdout_settings_from, report_dir
-    from mf_spark.evaluate.report import summary_table, verdict_lines
+    from mf_spark.evaluate.report import console_summary
     from mf_spark.publish import provenance
     from mf_spark.tables import INTERACTION_COLUMNS, read_parquet_table
 
@@ -69,8 +69,8 @@ def body(spark: SparkSession, cfg: dict[str, Any], args: argparse.Namespace) -> 
         source=provenance(interactions=path, run_date=args.date.isoformat()),
         **holdout_settings_from(cfg, tune=args.tune),
     )
-    print(summary_table(result))
-    print("\n".join(verdict_lines(result)))
+    gate = cfg["evaluate"]["gate"]
+    print(console_summary(result, gate["metric"] if gate["enabled"] else None, gate["min_value"]))
     print(f"report: {out}/report.md")
 
 

@@ -83,3 +83,14 @@ def test_a_previous_run_measured_differently_is_compared_like_with_like(caplog):
     # the counts change every day and do not matter: still compared (were they, no drop would be caught)
     dropped = evaluate_gate(measured(0.10, users=10), previous, "ndcg@20", 0.0, 0.5)
     assert not dropped.passed and dropped.previous_value == 0.30 and "not comparable" not in dropped.reason
+
+
+def test_a_standalone_evaluation_says_what_the_gate_minimum_would_say():
+    """The evaluate job checked that the gate metric was evaluated but never said whether it met the minimum."""
+    from mf_spark.evaluate.gate import minimum_check_line
+
+    assert minimum_check_line(_result(0.2), "ndcg@20", 0.1) == (
+        "the nightly's quality gate would pass its minimum: ndcg@20 = 0.20000 >= minimum 0.10000 "
+        "(its drop check against the previous published run is not made here)")
+    assert minimum_check_line(_result(0.04), "ndcg@20", 0.05).startswith(
+        "the nightly's quality gate would fail its minimum: ndcg@20 = 0.04000 is below the minimum 0.05000")

@@ -91,3 +91,12 @@ def test_plots_are_written_for_a_hand_made_result(tmp_path):
     written = write_report(copy.deepcopy(RESULT), tmp_path / "report")
     for name in ("metric_vs_k.png", "training_loss.png", "tuning_metric_vs_rank.png"):
         assert (tmp_path / "report" / name).stat().st_size > 5000, written
+
+
+def test_the_console_summary_ends_with_the_gate_minimum():
+    from mf_spark.evaluate.report import console_summary
+
+    printed = console_summary(copy.deepcopy(RESULT), "ndcg@20", 0.5)
+    assert printed.startswith("K = 20\n| model |") and "- implicit_als vs mllib_als: NDCG@20" in printed
+    assert printed.splitlines()[-1].startswith("the nightly's quality gate would fail its minimum: ndcg@20 = 0.24000")
+    assert "quality gate" not in console_summary(copy.deepcopy(RESULT))

@@ -253,6 +253,7 @@ def test_standalone_chain_ingest_train_recommend_evaluate(tmp_path):
             assert metrics["models"]["implicit_als"]["params"]["rank"] in (4, 8)
             assert metrics["ks"] == [10] and set(metrics["models"]) == {"implicit_als", "popular"}
             assert f"report: {report}/report.md" in out
+            assert "the nightly's quality gate would pass its minimum: ndcg@10 = " in out
 
     table = read_table(recs / "recommendations")
     history = read_table(interactions)

@@ -141,3 +141,12 @@ def check_gate(
         raise QualityGateError(f"quality gate failed: {result.reason}")
     log.info("quality gate passed: %s", result.reason)
     return result
+
+
+def minimum_check_line(metrics: dict[str, Any], metric: str, min_value: float) -> str:
+    """What the nightly's gate would say of a standalone evaluation: its minimum only (the drop check
+    needs the previous published run, which a standalone evaluation is not compared with)."""
+    result = evaluate_gate(metrics, None, metric, min_value, max_relative_drop=0.0)
+    verdict = "would pass" if result.passed else "would fail"
+    return (f"the nightly's quality gate {verdict} its minimum: {result.reason.split(';')[0]} "
+            "(its drop check against the previous published run is not made here)")

@@ -149,6 +149,17 @@ def verdict_lines(result: Mapping[str, Any], k: int | None = None) -> list[str]:
     return lines
 
 
+def console_summary(result: Mapping[str, Any], gate_metric: str | None = None, gate_min_value: float = 0.0) -> str:
+    """What the evaluate job prints: the K = 20 table, the verdict lines and, with ``gate_metric``, whether
+    the nightly's gate minimum would pass."""
+    from mf_spark.evaluate.gate import minimum_check_line
+
+    lines = [summary_table(result), *verdict_lines(result)]
+    if gate_metric:
+        lines.append(minimum_check_line(dict(result), gate_metric, gate_min_value))
+    return "\n".join(lines)
+
+
 #: What the table columns and count rows mean, for a reader without docs/evaluation.md at hand.
 GLOSSARY = (
     "P: hits in the top K / K. Recall: hits / the user's test items. Capped recall: hits / min(K, test "
