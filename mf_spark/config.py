@@ -420,15 +420,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> dict[st
                           "URL: publishing swaps files with rename(2) (docs/operations.md, Storage)")
     for section, key in (("input", "path"), ("output", "root"), ("recommend", "item_filter_path"), ("recommend", "allow_list_path")):
         value = cfg[section][key]
-        # Only a local path written in the file: `$` is legal in object-store keys (abfss://$logs@...,
-        # s3a://.../price$usd), and a --set value has been through the shell already.
-        variable = None if "://" in value or f"{section}.{key}" in overridden else _ENV_VARIABLE.search(value)
-        if variable:
-            # Not expanded: "$HOME/out" would quietly become a directory named "$HOME" in the working directory.
-            raise ConfigError(f"{origin(f'{section}.{key}')}: key '{section}.{key}' = {value!r}: environment variables "
-                              f"({variable.group(0)}) are not expanded in the config; let the shell expand it in an "
-                              f"override, --set \"{section}.{key}=...\" (a --set value is taken as it is)")
         if value and "://" not in value:
+            # Only a local path written in the file: `$` is legal in object-store keys (abfss://$logs@...,
+            # s3a://.../price$usd), and a --set value has been through the shell already.
+            variable = None if f"{section}.{key}" in overridden else _ENV_VARIABLE.search(value)
+            if variable:
+                # Not expanded: "$HOME/out" would quietly become a directory named "$HOME" in the working directory.
+                raise ConfigError(f"{origin(f'{section}.{key}')}: key '{section}.{key}' = {value!r}: environment "
+                                  f"variables ({variable.group(0)}) are not expanded in the config; let the shell "
+                                  f"expand it in an override, --set \"{section}.{key}=...\" (a --set value is taken "
+                                  "as it is)")
             try:
                 cfg[section][key] = str(Path(value).expanduser().resolve())
             except (OSError, RuntimeError, ValueError) as exc:  # ~nosuchuser, an embedded NUL

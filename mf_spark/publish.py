@@ -947,8 +947,8 @@ def previous_published(root: str, before: dt.date | None = None) -> dict[str, An
     # is the right baseline; the recorded one then belongs to an older history.
     if same_date and not (candidates and candidates[-1].run_id > same_date[-1].run_id):
         first = _read_manifest(root, same_date[-1].relative_path) or {}
-        if BASELINE_KEY in first or _warm_start_of(first):
-            baseline_id = first[BASELINE_KEY] if BASELINE_KEY in first else _warm_start_of(first)
+        baseline_id = first.get(BASELINE_KEY, _warm_start_of(first))
+        if BASELINE_KEY in first or baseline_id:
             if baseline_id is None:
                 return None
             recorded = [r for r in runs

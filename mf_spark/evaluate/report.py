@@ -16,6 +16,7 @@ from pathlib import Path
 from collections.abc import Mapping
 from typing import Any
 
+from mf_spark.evaluate.metrics import metric_name
 from mf_spark.evaluate.tuning import CONDITIONAL
 from mf_spark.publish import json_ready
 
@@ -114,7 +115,7 @@ def summary_table(result: Mapping[str, Any], k: int | None = None) -> str:
     """A Markdown table of the main metrics at ``k`` (default: 20 if evaluated, else the smallest K), with
     the primary model's NDCG@k lead over each other model and its paired 95% interval over test users."""
     k = _summary_k(result, k)
-    primary, ndcg = result["primary_model"], f"ndcg@{k}"
+    primary, ndcg = result["primary_model"], metric_name("ndcg", k)
     rows = [
         [name]
         + [run["metrics"].get(f"{m}@{k}") for m, _ in TABLE_METRICS]
@@ -129,7 +130,7 @@ def verdict_lines(result: Mapping[str, Any], k: int | None = None) -> list[str]:
     """One line per other model: the primary model's NDCG@k lead, its 95% interval, the relative lead, and
     whether the interval excludes 0 (more than which users were drawn)."""
     k = _summary_k(result, k)
-    primary, ndcg = result["primary_model"], f"ndcg@{k}"
+    primary, ndcg = result["primary_model"], metric_name("ndcg", k)
     lines = []
     for name, run in result["models"].items():
         difference = (run.get("primary_minus_model") or {}).get(ndcg)
